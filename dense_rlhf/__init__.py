@@ -1,0 +1,6 @@
+"""dense-rlhf: Attention-Based Credit (dense per-token RLHF rewards from the reward model's attention)."""
+
+from dense_rlhf.ops import dense_rewards, sparse_rewards, uniform_rewards
+
+__all__ = ["dense_rewards", "sparse_rewards", "uniform_rewards"]
+__version__ = "0.1.0"

@@ -1,0 +1,77 @@
+"""Reference implementation of Attention-Based Credit in vectorised PyTorch.
+
+This is the executable specification of ``dense_rewards``: the C++ and CUDA kernels are tested against it,
+edge cases included. Inputs are assumed already validated and normalised by :mod:`dense_rlhf.ops`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Per-row status codes shared by every backend. 0 means the row was computed as specified.
+STATUS_OK = 0
+STATUS_EMPTY_MASK = 1  # no completion token: the row is all zeros and its score is lost
+STATUS_BAD_SCORE = 2  # score is NaN or Inf: the row is all zeros
+STATUS_BAD_REWARD_INDEX = 3  # reward_index outside [0, L): the row falls back to the sparse reward
+STATUS_BAD_ATTENTION = 4  # NaN or Inf among the attention values used: the row falls back to sparse
+
+STATUS_MESSAGES = {
+    STATUS_EMPTY_MASK: "mask has no completion token, so the score would be lost",
+    STATUS_BAD_SCORE: "score is NaN or Inf",
+    STATUS_BAD_REWARD_INDEX: "reward_index is outside [0, L)",
+    STATUS_BAD_ATTENTION: "attn has NaN or Inf in the values used (the row at the reward position, "
+    "completion tokens)",
+}
+
+
+def last_true(mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last True in each row of a [B, L] bool mask, -1 for an empty row (int64 [B])."""
+    positions = torch.arange(mask.shape[1], device=mask.device)
+    return torch.where(mask, positions, -1).amax(dim=1)
+
+
+def dense_rewards_reference(
+    attn: torch.Tensor,
+    score: torch.Tensor,
+    mask: torch.Tensor,
+    beta: float,
+    reward_index: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """ABC rewards and per-row status from [B, H, R, L] attention, [B] float32 score, [B, L] bool mask.
+
+    Row layouts ([B, H, L] or [B, L]) arrive as stride-0 expansions to [B, H, L, L], so the row read is
+    the same whatever the reward position.
+
+        r_t = beta * score * alpha_t + (1 - beta) * score * [t == T]
+        alpha_t = mask_t * a_t / sum_s mask_s * a_s,   a_t = mean_h attn[h, r, t]
+    """
+    batch, _, _, length = attn.shape
+    rows_batch = torch.arange(batch, device=attn.device)
+    last = last_true(mask)  # T_b
+    has_token = last >= 0
+    reward_pos = last if reward_index is None else reward_index
+    index_ok = (reward_pos >= 0) & (reward_pos < attn.shape[2])
+    safe_pos = torch.where(index_ok & has_token, reward_pos, 0)
+
+    rows = attn[rows_batch, :, safe_pos, :]  # [B, H, L]: only the rows ABC needs are gathered
+    head_mean = rows.float().mean(dim=1)  # a_t, fp32 accumulation
+    masked = torch.where(mask, head_mean, 0.0)
+    total = masked.sum(dim=1, keepdim=True)
+    attn_ok = torch.isfinite(total).squeeze(1)
+    usable = attn_ok & index_ok & (total.squeeze(1) != 0)
+
+    one_hot = torch.zeros(batch, length, dtype=torch.float32, device=attn.device)
+    one_hot[rows_batch[has_token], last[has_token]] = 1.0
+    alpha = torch.where(usable[:, None], masked / torch.where(usable[:, None], total, 1.0), one_hot)
+    score_col = score[:, None]
+    out = beta * score_col * alpha + (1.0 - beta) * score_col * one_hot
+
+    score_ok = torch.isfinite(score)
+    out = torch.where((has_token & score_ok)[:, None] & mask, out, 0.0)
+
+    status = torch.full((batch,), STATUS_OK, dtype=torch.int32, device=attn.device)
+    status = torch.where(attn_ok, status, STATUS_BAD_ATTENTION)
+    status = torch.where(index_ok, status, STATUS_BAD_REWARD_INDEX)
+    status = torch.where(score_ok, status, STATUS_BAD_SCORE)
+    status = torch.where(has_token, status, STATUS_EMPTY_MASK)
+    return out, status
