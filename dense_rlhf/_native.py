@@ -19,12 +19,17 @@ def is_built() -> bool:
     return IMPORT_ERROR is None
 
 
+def _registered(dispatch_key: str) -> bool:
+    return is_built() and torch._C._dispatch_has_kernel_for_dispatch_key(_OP_NAME, dispatch_key)
+
+
+# Read once at import: a plain dict lookup is all that torch.compile has to trace on each call.
+KERNELS = {"cpu": _registered("CPU"), "cuda": _registered("CUDA")}
+
+
 def has_kernel(device_type: str) -> bool:
     """True when the native op has a kernel for this device type ("cpu", "cuda")."""
-    if not is_built():
-        return False
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
-    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(_OP_NAME, key)
+    return KERNELS.get(device_type, False)
 
 
 def build_hint(device_type: str) -> str:

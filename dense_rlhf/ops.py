@@ -107,10 +107,9 @@ def _normalise(attn, score, mask, beta, reward_index, backend, validate):
     if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not (0.0 <= beta <= 1.0):
         raise ValueError(f"beta must be a number in [0, 1], got {beta!r}")
 
-    score1, mask_b = _score_and_mask(score, mask, batch)
+    score1, mask_b = _score_and_mask(score, mask, batch, attn)
     if mask_b.shape[1] != length:
         raise ValueError(f"mask has L={mask_b.shape[1]} but attn {tuple(attn.shape)} has L={length}")
-    _same_device(attn, score=score, mask=mask)
 
     index = None
     if reward_index is not None:
@@ -131,7 +130,8 @@ def _normalise(attn, score, mask, beta, reward_index, backend, validate):
     return attn, score1, mask_b, index
 
 
-def _score_and_mask(score, mask, batch):
+def _score_and_mask(score, mask, batch, attn=None):
+    """Check score and mask against B (and attn's device); return float32 [B] score and bool mask."""
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
     if mask.dtype.is_floating_point or mask.dtype.is_complex:
@@ -146,7 +146,7 @@ def _score_and_mask(score, mask, batch):
         raise ValueError(f"score must be [B] or [B, 1] with B={batch}, got {tuple(score.shape)}")
     if mask.shape[0] != batch:
         raise ValueError(f"mask has B={mask.shape[0]} but attn/score have B={batch}")
-    _same_device(mask, score=score)
+    _same_device(mask if attn is None else attn, mask=mask, score=score)
     mask_b = mask if mask.dtype == torch.bool else mask != 0
     return score.detach().reshape(batch).float(), mask_b
 
@@ -154,7 +154,7 @@ def _score_and_mask(score, mask, batch):
 def _same_device(ref: torch.Tensor, **tensors: torch.Tensor) -> None:
     for name, tensor in tensors.items():
         if tensor.device != ref.device:
-            raise ValueError(f"{name} is on {tensor.device} but attn/mask are on {ref.device}")
+            raise ValueError(f"{name} is on {tensor.device} but the other inputs are on {ref.device}")
 
 
 def _check_mask_values(mask: torch.Tensor) -> None:

@@ -1,0 +1,74 @@
+"""Builds dense_rlhf._C: the C++ CPU op always, plus the CUDA kernel when torch has CUDA and nvcc is found.
+
+Environment variables:
+    DENSE_RLHF_CUDA      "1" forces the CUDA build (fails if it cannot), "0" disables it; unset: automatic.
+    TORCH_CUDA_ARCH_LIST GPU architectures to compile for, e.g. "8.0;9.0" (needed where no GPU can be queried).
+    MAX_JOBS             parallel compile jobs (ninja).
+"""
+
+import glob
+import os
+import sys
+
+from setuptools import find_packages, setup
+
+try:
+    import torch
+    from torch.utils import cpp_extension
+except ImportError:
+    sys.exit(
+        "dense-rlhf: building needs PyTorch importable in the build environment, and it must be the torch you run.\n"
+        "Install torch first (CPU: pip install torch==2.13.0; GPU: the CUDA build for your platform), then\n"
+        "    pip install --no-build-isolation .\n"
+        "(--no-build-isolation lets the build see that torch instead of a fresh, unrelated one.)"
+    )
+
+
+def want_cuda() -> bool:
+    flag = os.environ.get("DENSE_RLHF_CUDA", "").strip()
+    found = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+    if flag == "0":
+        return False
+    if flag == "1":
+        if not found:
+            sys.exit(
+                "dense-rlhf: DENSE_RLHF_CUDA=1 but "
+                + ("this torch has no CUDA" if torch.version.cuda is None else "nvcc/CUDA_HOME was not found")
+            )
+        return True
+    return found
+
+
+def extension():
+    sources = ["csrc/dense_rewards.cpp", "csrc/cpu/dense_rewards_cpu.cpp"]
+    cxx_flags = ["-O3", "-std=c++17"]
+    if not want_cuda():
+        return cpp_extension.CppExtension("dense_rlhf._C", sources, extra_compile_args={"cxx": cxx_flags})
+    sources += sorted(glob.glob("csrc/cuda/*.cpp")) + sorted(glob.glob("csrc/cuda/*.cu"))
+    return cpp_extension.CUDAExtension(
+        "dense_rlhf._C",
+        sources,
+        define_macros=[("DENSE_RLHF_WITH_CUDA", "1")],
+        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "-lineinfo"]},
+    )
+
+
+setup(
+    name="dense-rlhf",
+    version="0.1.0",
+    description="Dense per-token RLHF rewards from the reward model's attention (Attention-Based Credit)",
+    long_description=open("README.md", encoding="utf-8").read() if os.path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.10",
+    packages=find_packages(include=["dense_rlhf", "dense_rlhf.*"]),
+    ext_modules=[extension()],
+    cmdclass={"build_ext": cpp_extension.BuildExtension},
+    install_requires=["torch>=2.4", "numpy"],
+    extras_require={
+        "hf": ["transformers>=4.48"],
+        "demo": ["transformers>=4.48", "trl>=0.19", "datasets", "matplotlib", "rich", "tqdm"],
+        "test": ["pytest", "hypothesis", "expecttest"],
+    },
+    entry_points={"console_scripts": ["dense-rlhf=dense_rlhf.cli:main"]},
+)

@@ -1,0 +1,137 @@
+"""Every bad input is rejected with an error naming the argument; nothing is silently lost."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import dense_rlhf
+from dense_rlhf import _native
+from conftest import DEVICES, make_case
+
+BACKENDS = ["reference", pytest.param("native", marks=pytest.mark.skipif(not _native.has_kernel("cpu"),
+                                                                       reason="native CPU op not built"))]
+
+
+@pytest.fixture
+def case():
+    return make_case(3, 2, 8, prompt=2)
+
+
+def call(attn, score, mask, **kwargs):
+    return dense_rlhf.dense_rewards(attn, score, mask, **kwargs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_shape_and_type_errors(case, backend):
+    attn, score, mask, _ = case
+    bad = [
+        (TypeError, "attn must be a torch.Tensor", (attn.numpy(), score, mask), {}),
+        (TypeError, "attn must be float16", (attn.long(), score, mask), {}),
+        (ValueError, "attn must be \\[B, H, L, L\\]", (attn[0, 0, 0], score, mask), {}),
+        (ValueError, "attn must be \\[B, H, L, L\\]", (attn[None], score, mask), {}),
+        (ValueError, "square maps", (attn[..., :5, :], score, mask), {}),
+        (ValueError, "mask has L=8", (attn[..., :7, :7], score, mask), {}),
+        (ValueError, "mask has B=2 but attn/score have B=3", (attn, score, mask[:2]), {}),
+        (ValueError, "score must be \\[B\\] or \\[B, 1\\] with B=3", (attn, score[:2], mask), {}),
+        (ValueError, "score must be \\[B\\] or \\[B, 1\\]", (attn, score[:, None, None], mask), {}),
+        (TypeError, "score must be a float tensor", (attn, score.long(), mask), {}),
+        (TypeError, "score must be a torch.Tensor", (attn, 1.0, mask), {}),
+        (TypeError, "mask must be bool or an integer", (attn, score, mask.float()), {}),
+        (ValueError, "mask must be \\[B, L\\]", (attn, score, mask[0]), {}),
+        (ValueError, "beta must be a number in \\[0, 1\\]", (attn, score, mask), {"beta": 1.5}),
+        (ValueError, "beta must be a number in \\[0, 1\\]", (attn, score, mask), {"beta": -0.1}),
+        (ValueError, "beta must be a number in \\[0, 1\\]", (attn, score, mask), {"beta": math.nan}),
+        (TypeError, "reward_index must be an integer tensor", (attn, score, mask),
+         {"reward_index": torch.zeros(3)}),
+        (ValueError, "reward_index must be \\[B\\]=\\[3\\]", (attn, score, mask),
+         {"reward_index": torch.zeros(2, dtype=torch.long)}),
+    ]
+    for error, message, args, kwargs in bad:
+        with pytest.raises(error, match=message):
+            call(*args, backend=backend, **kwargs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_value_errors_name_the_rows(case, backend):
+    attn, score, mask, _ = case
+    empty = mask.clone()
+    empty[1] = False
+    with pytest.raises(ValueError, match=r"mask has no completion token.* rows \[1\]"):
+        call(attn, score, empty, backend=backend)
+    with pytest.raises(ValueError, match="mask must hold only 0 and 1"):
+        call(attn, score, mask.long() * 2, backend=backend)
+    nan_score = score.clone()
+    nan_score[2] = math.nan
+    with pytest.raises(ValueError, match=r"score is NaN or Inf in rows \[2\]"):
+        call(attn, nan_score, mask, backend=backend)
+    with pytest.raises(ValueError, match=r"reward_index is outside \[0, L\) in rows \[0\]"):
+        call(attn, score, mask, reward_index=torch.tensor([8, 0, 7]), backend=backend)
+    with pytest.raises(ValueError, match=r"reward_index is outside"):
+        call(attn, score, mask, reward_index=torch.tensor([0, -1, 7]), backend=backend)
+    last = torch.where(mask, torch.arange(8), -1).amax(1)
+    for bad_value in (math.nan, math.inf):
+        bad_attn = attn.clone()
+        bad_attn[0, 1, last[0], last[0]] = bad_value
+        with pytest.raises(ValueError, match=r"attn has NaN or Inf .* rows \[0\]"):
+            call(bad_attn, score, mask, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_outside_the_values_used_is_ignored(case, backend):
+    attn, score, mask, _ = case
+    poisoned = attn.clone()
+    poisoned[~mask[:, None, None, :].expand_as(attn)] = math.nan  # prompt and padding columns
+    last = torch.where(mask, torch.arange(8), -1).amax(1)
+    keep = torch.ones_like(poisoned[:, 0, :, 0], dtype=torch.bool)
+    keep[torch.arange(3), last] = False
+    poisoned[keep[:, None, :, None].expand_as(attn)] = math.nan  # every row that is not the reward row
+    torch.testing.assert_close(call(poisoned, score, mask, backend=backend), call(attn, score, mask, backend=backend))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_without_validation_the_output_never_holds_nan(device, backend):
+    attn, score, mask, _ = make_case(5, 2, 8, prompt=2, device=device)
+    last = torch.where(mask, torch.arange(8, device=device), -1).amax(1)
+    mask[0] = False  # empty row: zeros
+    score[1] = math.nan  # bad score: zeros
+    attn[2, :, last[2], last[2]] = math.inf  # bad attention: sparse fallback
+    index = last.clone()
+    index[3] = 99  # bad reward index: sparse fallback
+    out = call(attn, score, mask, reward_index=index, backend=backend, validate=False)
+    assert torch.isfinite(out).all()
+    assert (out[0] == 0).all() and (out[1] == 0).all()
+    for row in (2, 3):
+        expected = torch.zeros(8, device=device)
+        expected[last[row]] = score[row]
+        torch.testing.assert_close(out[row], expected)
+    torch.testing.assert_close(out[4].sum(), score[4])
+
+
+def test_devices_must_agree(case):
+    attn, score, mask, _ = case
+    with pytest.raises(ValueError, match="score is on meta"):
+        call(attn, score.to("meta"), mask)
+    with pytest.raises(ValueError, match="mask is on meta"):
+        call(attn, score, mask.to("meta"))
+    with pytest.raises(ValueError, match="reward_index is on meta"):
+        call(attn, score, mask, reward_index=torch.zeros(3, dtype=torch.long, device="meta"))
+
+
+@pytest.mark.skipif(not _native.is_built(), reason="native op not built")
+def test_raw_op_checks_its_inputs(case):
+    attn, score, mask, _ = case
+    op = torch.ops.dense_rlhf.dense_rewards
+    with pytest.raises(ValueError, match="mask must be a bool"):
+        op(attn, score, mask.long(), 0.8, None)
+    with pytest.raises(ValueError, match="score must be a float32"):
+        op(attn, score.double(), mask, 0.8, None)
+    with pytest.raises(ValueError, match="beta must be in"):
+        op(attn, score, mask, 2.0, None)
+    with pytest.raises(TypeError, match="attn must be float16"):
+        op(attn.int(), score, mask, 0.8, None)
+    with pytest.raises(ValueError, match="reward_index must be an int64"):
+        op(attn, score, mask, 0.8, torch.zeros(3, dtype=torch.int32))
