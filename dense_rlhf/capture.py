@@ -1,0 +1,543 @@
+"""Capture the reward model's attention rows from the reward position, without ``output_attentions``.
+
+ABC needs, from one layer of the reward model, each head's attention row from the token whose hidden state
+the score head reads. ``output_attentions=True`` forces eager attention and keeps every layer's
+[B, H, L, L] maps; this module instead computes only the B * H needed rows, inside the model's own
+attention implementation (sdpa, eager or flash attention), from the query and key tensors that the
+attention function receives (so after rotary embeddings, with grouped-query heads and the model's mask).
+
+How it works: an attention function is registered in transformers' ``AttentionInterface`` under the
+name ``"dense_rlhf_capture_<original>"`` (and the original's mask function under the same name in the
+``AttentionMaskInterface``: without it the model would silently build no padding mask at all). While a
+capture is open, the model's configs point at that name; the function calls the original implementation
+with unchanged arguments, and for the captured layer also computes
+``softmax(q[reward_index] . K^T * scaling + mask)`` in float32 for every query head.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from typing import Any
+
+import torch
+
+__all__ = ["RewardAttentionCapture", "capture_reward_attention", "score_and_densify"]
+
+PREFIX = "dense_rlhf_capture_"
+SUPPORTED = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flash_attention_4")
+
+_lock = threading.RLock()
+_swaps: dict[int, list[Any]] = {}  # id(config) -> [config, original _attn_implementation_internal, refcount]
+_by_config: dict[int, list["RewardAttentionCapture"]] = {}  # id(config) -> open captures on that config
+_registered: set[str] = set()
+_open_captures = 0
+
+
+def _kind(orig: str) -> str:
+    return "flash" if orig.startswith("flash_attention_") else orig
+
+
+# ----------------------------------------------------------------------------------------- registration
+
+
+def _register_attention(orig: str) -> None:
+    from transformers.modeling_utils import AttentionInterface
+
+    AttentionInterface.register(PREFIX + orig, _make_attention(orig))
+
+
+def _register_mask(orig: str) -> None:
+    """Give the new name the original's mask function. Without this, transformers' mask creation returns
+    None for an unknown name (see masking_utils._preprocess_mask_arguments) and padded batches are silently
+    attended as if unpadded."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    def mask_function(*args, **kwargs):
+        return ALL_MASK_ATTENTION_FUNCTIONS[orig](*args, **kwargs)
+
+    AttentionMaskInterface.register(PREFIX + orig, mask_function)
+
+
+def _unregister(orig: str) -> None:
+    from transformers.masking_utils import AttentionMaskInterface
+    from transformers.modeling_utils import AttentionInterface
+
+    AttentionInterface._global_mapping.pop(PREFIX + orig, None)
+    AttentionMaskInterface._global_mapping.pop(PREFIX + orig, None)
+
+
+def _original_function(orig: str, module: torch.nn.Module):
+    """The function the module itself would have called for ``orig``: looked up in the interface instance
+    of the module's modelling file (which may override entries locally), with that file's eager function
+    as the default, exactly as ``ALL_ATTENTION_FUNCTIONS.get_interface(name, eager_attention_forward)``."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+
+    source = sys.modules.get(type(module).__module__)
+    interface = getattr(source, "ALL_ATTENTION_FUNCTIONS", None)
+    if not isinstance(interface, AttentionInterface):
+        interface = ALL_ATTENTION_FUNCTIONS
+    default = getattr(source, "eager_attention_forward", None)
+    function = interface.get_interface(orig, default)
+    if function is None:
+        raise RuntimeError(
+            f"capture_reward_attention: {type(module).__name__} uses '{orig}' attention but its modelling file "
+            "has no eager_attention_forward to call"
+        )
+    return function
+
+
+class _ConfigView:
+    """Read-through view of a config that reports the original attention implementation (flash attention
+    loads its kernels by that name)."""
+
+    def __init__(self, config, orig):
+        self.__dict__["_config"] = config
+        self.__dict__["_attn_implementation"] = orig
+
+    def __getattr__(self, name):
+        return getattr(self.__dict__["_config"], name)
+
+
+class _ModuleView:
+    """Read-through view of an attention module whose ``config`` is a ``_ConfigView``."""
+
+    def __init__(self, module, orig):
+        self.__dict__["_module"] = module
+        self.__dict__["config"] = _ConfigView(module.config, orig)
+
+    def __getattr__(self, name):
+        return getattr(self.__dict__["_module"], name)
+
+
+def _make_attention(orig: str):
+    kind = _kind(orig)
+
+    def attention(module, query, key, value, attention_mask, *args, **kwargs):
+        captures = _by_config.get(id(getattr(module, "config", None)))
+        if captures:
+            for capture in tuple(captures):
+                capture._observe(module, query, key, attention_mask, kind, kwargs)
+        target = _ModuleView(module, orig) if kind == "flash" else module
+        return _original_function(orig, module)(target, query, key, value, attention_mask, *args, **kwargs)
+
+    attention.__name__ = f"{PREFIX}{orig}"
+    attention.__qualname__ = attention.__name__
+    return attention
+
+
+# ----------------------------------------------------------------------------------------- the rows
+
+
+def _reward_rows(query, key, attention_mask, index, *, kind, scaling, causal, sliding_window, softcap, position_bias):
+    """float32 [B, Hq, L]: softmax over keys of q[b, h, index[b]] . k[b, h // rep] * scaling + mask."""
+    batch, q_heads, q_len, dim = query.shape
+    kv_heads, length = key.shape[1], key.shape[2]
+    if q_heads % kv_heads:
+        raise ValueError(f"capture_reward_attention: {q_heads} query heads are not a multiple of {kv_heads} kv heads")
+    rows = torch.arange(batch, device=query.device)
+    q = query[rows, :, index, :].float().reshape(batch, kv_heads, q_heads // kv_heads, dim)
+    k = key.float()
+    scores = torch.matmul(q, k.transpose(-1, -2)).reshape(batch, q_heads, length)
+    scores = scores * (dim**-0.5 if scaling is None else scaling)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    if position_bias is not None:
+        bias = position_bias[..., :length].expand(batch, -1, -1, -1)
+        scores = scores + bias[rows, :, index, :].float()
+
+    lowest = torch.finfo(torch.float32).min
+    keys = torch.arange(length, device=query.device)
+    if kind in ("sdpa", "eager") and attention_mask is not None:
+        if attention_mask.dim() != 4:
+            raise NotImplementedError(
+                f"capture_reward_attention: expected a 4D attention mask for {kind}, got {tuple(attention_mask.shape)}"
+            )
+        mask = attention_mask[..., :length].expand(batch, -1, -1, -1)[rows, :, index, :]  # [B, 1 or H, L]
+        if mask.dtype == torch.bool:
+            scores = scores.masked_fill(~mask, lowest)
+        else:
+            scores = scores + mask.float()
+    else:
+        keep = torch.ones(batch, length, dtype=torch.bool, device=query.device)
+        if kind == "flash" and attention_mask is not None:
+            if attention_mask.dim() != 2:
+                raise NotImplementedError(
+                    f"capture_reward_attention: expected a 2D padding mask for flash attention, got "
+                    f"{tuple(attention_mask.shape)}"
+                )
+            keep = attention_mask[:, -length:].bool()
+        apply_causal = causal and (kind != "sdpa" or q_len > 1) and kind != "eager"
+        if apply_causal:
+            keep = keep & (keys[None, :] <= index[:, None])
+        if kind == "flash" and sliding_window is not None and length > sliding_window:
+            distance = index[:, None] - keys[None, :]
+            keep = keep & (distance < sliding_window) & (causal | (distance > -sliding_window))
+        scores = scores.masked_fill(~keep[:, None, :], lowest)
+    return torch.softmax(scores, dim=-1)
+
+
+# ----------------------------------------------------------------------------------------- the capture
+
+
+def _configs_of(model) -> list:
+    from transformers import PreTrainedConfig
+
+    found, seen = [], set()
+    stack = [getattr(m, "config", None) for m in model.modules()]
+    while stack:
+        config = stack.pop()
+        if not isinstance(config, PreTrainedConfig) or id(config) in seen:
+            continue
+        seen.add(id(config))
+        found.append(config)
+        stack.extend(getattr(config, key, None) for key in getattr(config, "sub_configs", {}) or {})
+    return found
+
+
+def _is_self_attention(module) -> bool:
+    name = type(module).__name__.lower()
+    return "attention" in name and "cross" not in name and not getattr(module, "is_cross_attention", False)
+
+
+class RewardAttentionCapture:
+    """Context manager returned by :func:`capture_reward_attention`; read ``rows`` after the forward."""
+
+    def __init__(self, model, *, layer: int = -1, reward_index=None):
+        from transformers import PreTrainedModel
+
+        if not isinstance(model, PreTrainedModel):
+            raise TypeError(
+                "capture_reward_attention needs a transformers PreTrainedModel whose attention goes through "
+                f"AttentionInterface, got {type(model).__name__}"
+            )
+        if isinstance(layer, bool) or not isinstance(layer, int):
+            raise TypeError(f"layer must be an int, got {type(layer).__name__}")
+        if reward_index is not None and not isinstance(reward_index, (int, torch.Tensor)) or isinstance(reward_index, bool):
+            raise TypeError(f"reward_index must be None, an int or a [B] integer tensor, got {type(reward_index).__name__}")
+        if isinstance(reward_index, torch.Tensor) and (
+            reward_index.dtype.is_floating_point or reward_index.dtype in (torch.bool, torch.complex64, torch.complex128)
+            or reward_index.dim() > 1
+        ):
+            raise TypeError(f"reward_index tensor must be integer with shape [B], got {reward_index.dtype} "
+                            f"{tuple(reward_index.shape)}")
+        self.model = model
+        self._reward_index_arg = reward_index
+        text_config = model.config.get_text_config()
+        n_layers = getattr(text_config, "num_hidden_layers", None)
+        if not isinstance(n_layers, int):
+            raise ValueError(f"{type(model).__name__}'s config has no num_hidden_layers; cannot resolve layer={layer}")
+        if not -n_layers <= layer < n_layers:
+            raise IndexError(f"layer={layer} is out of range for a model with {n_layers} layers "
+                             f"(use -{n_layers} .. {n_layers - 1})")
+        self.layer = layer % n_layers
+        self._pad_token_id = getattr(text_config, "pad_token_id", None)
+        self._targets = {id(m): m for m in model.modules()
+                         if getattr(m, "layer_idx", None) == self.layer and _is_self_attention(m)}
+        if not self._targets:
+            raise ValueError(f"capture_reward_attention: found no self-attention module with layer_idx={self.layer} "
+                             f"in {type(model).__name__}")
+        self._rows = None
+        self._index = None
+        self._error: str | None = None
+        self._forwards = 0
+        self._entered = False
+        self._exited = False
+
+    # -- the public results -------------------------------------------------------------------------------
+
+    @property
+    def rows(self) -> torch.Tensor:
+        """float32 [B, H, L]: per query head, the attention row from the reward position (last forward)."""
+        if self._error is not None:
+            raise RuntimeError(self._error)
+        if self._rows is None:
+            raise RuntimeError("capture_reward_attention: no forward of the model ran inside the capture")
+        return self._rows
+
+    @property
+    def reward_index(self) -> torch.Tensor:
+        """long [B]: the query position each row was taken from (last forward)."""
+        self.rows  # raises the same errors
+        return self._index
+
+    # -- entering and leaving -----------------------------------------------------------------------------
+
+    def __enter__(self) -> "RewardAttentionCapture":
+        global _open_captures
+        if self._entered:
+            raise RuntimeError("a capture_reward_attention object can be entered only once; create a new one")
+        model = self.model
+        if not type(model)._can_set_attn_implementation():
+            raise ValueError(f"{type(model).__name__} does not route its attention through transformers' "
+                             "AttentionInterface, so its attention cannot be captured")
+        target_configs = {id(m.config) for m in self._targets.values() if getattr(m, "config", None) is not None}
+        configs = []
+        for config in _configs_of(model):
+            impl = config._attn_implementation
+            orig = impl[len(PREFIX):] if isinstance(impl, str) and impl.startswith(PREFIX) else impl
+            if orig in SUPPORTED:
+                configs.append((config, orig))
+            elif id(config) in target_configs:
+                raise NotImplementedError(
+                    f"capture_reward_attention supports attention implementations {SUPPORTED}, "
+                    f"but layer {self.layer} uses {impl!r}"
+                )
+        if not any(id(c) in target_configs for c, _ in configs):
+            raise ValueError(f"capture_reward_attention: the attention modules of layer {self.layer} have no config "
+                             "to switch to the capturing implementation")
+        for config, orig in configs:
+            if orig == "eager" and any(getattr(m, "reorder_and_upcast_attn", False) for m in model.modules()):
+                raise NotImplementedError("capture_reward_attention: eager attention with reorder_and_upcast_attn=True "
+                                          "(GPT-2) bypasses AttentionInterface; use sdpa or disable it")
+        self._owner = threading.get_ident()
+        self._depth = 0
+        self._inputs = None
+        self._entered = True
+        with _lock:
+            self._configs = []
+            try:
+                for config, orig in configs:
+                    if orig not in _registered:
+                        _register_attention(orig)
+                        _register_mask(orig)
+                        _registered.add(orig)
+                    swap = _swaps.get(id(config))
+                    if swap is None:
+                        swap = _swaps[id(config)] = [config, config._attn_implementation_internal, 0]
+                        config._attn_implementation_internal = PREFIX + orig
+                    swap[2] += 1
+                    self._configs.append(config)
+                    _by_config.setdefault(id(config), []).append(self)
+                _open_captures += 1
+                self._hooks = [
+                    model.register_forward_pre_hook(self._pre_hook, with_kwargs=True),
+                    model.register_forward_hook(self._post_hook, with_kwargs=True, always_call=True),
+                ]
+            except BaseException:
+                self._release()
+                raise
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        global _open_captures
+        with _lock:
+            if not self._exited:
+                self._exited = True
+                for hook in getattr(self, "_hooks", ()):
+                    hook.remove()
+                _open_captures -= 1
+                self._release()
+        return False
+
+    def _release(self) -> None:
+        """Undo this capture's config swaps and registrations (called under the lock)."""
+        for config in self._configs:
+            captures = _by_config.get(id(config), [])
+            if self in captures:
+                captures.remove(self)
+            if not captures:
+                _by_config.pop(id(config), None)
+            swap = _swaps[id(config)]
+            swap[2] -= 1
+            if swap[2] == 0:
+                del _swaps[id(config)]
+                config._attn_implementation_internal = swap[1]
+        self._configs = []
+        if _open_captures == 0 and not _swaps:
+            for orig in list(_registered):
+                _unregister(orig)
+            _registered.clear()
+
+    # -- hooks --------------------------------------------------------------------------------------------
+
+    def _pre_hook(self, module, args, kwargs):
+        if threading.get_ident() != self._owner:
+            return None
+        if self._depth == 0:
+            input_ids = kwargs.get("input_ids", args[0] if args else None)
+            mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+            self._inputs = (
+                input_ids if isinstance(input_ids, torch.Tensor) else None,
+                mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None,
+            )
+            self._reached = False
+            self._saw_interface = False
+            self._error = None
+            self._rows = None
+            self._index = None
+        self._depth += 1
+        return None
+
+    def _post_hook(self, module, args, kwargs, output):
+        if threading.get_ident() != self._owner:
+            return None
+        self._depth -= 1
+        if self._depth == 0:
+            self._forwards += 1
+            self._inputs = None
+            if not self._reached and self._error is None:
+                if not self._saw_interface:
+                    self._error = (f"capture_reward_attention: the forward of {type(self.model).__name__} never called "
+                                   "an attention function through transformers' AttentionInterface; its attention "
+                                   "cannot be captured")
+                else:
+                    self._error = (f"capture_reward_attention: the forward never reached layer {self.layer}'s "
+                                   "attention, so there are no rows")
+        return None
+
+    # -- called from the attention function ---------------------------------------------------------------
+
+    def _observe(self, module, query, key, attention_mask, kind, kwargs) -> None:
+        if threading.get_ident() != self._owner or self._exited:
+            return
+        self._saw_interface = True
+        if id(module) not in self._targets:
+            return
+        batch, _, q_len, _ = query.shape
+        length = key.shape[2]
+        if q_len != length:
+            raise NotImplementedError(
+                f"capture_reward_attention: layer {self.layer} got {q_len} queries for {length} keys; capture needs a "
+                "full forward over the whole sequence (no cached prefix)"
+            )
+        if kwargs.get("s_aux") is not None:
+            raise NotImplementedError("capture_reward_attention: attention sinks (s_aux) are not supported")
+        is_causal = kwargs.get("is_causal")
+        causal = bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
+        if kind == "flash" and attention_mask is None:
+            if kwargs.get("cu_seq_lens_q") is not None:
+                raise NotImplementedError("capture_reward_attention: padding-free (cu_seq_lens) batches are not supported")
+            from transformers.modeling_flash_attention_utils import _is_packed_sequence
+
+            if _is_packed_sequence(kwargs.get("position_ids"), batch):
+                raise NotImplementedError("capture_reward_attention: packed sequences (position_ids) are not supported")
+
+        input_mask = self._inputs[1] if self._inputs is not None else None
+        if attention_mask is None and input_mask is not None and input_mask.shape[-1] == length \
+                and not bool(input_mask.bool().all()):
+            raise RuntimeError(
+                "capture_reward_attention: the batch is padded but the attention function received no mask. "
+                f"The mask function for '{PREFIX}...' is missing from transformers' AttentionMaskInterface, so the "
+                "model would attend to padding; this is a bug in dense_rlhf.capture"
+            )
+        index = self._resolve_index(batch, length, causal, query.device)
+        with torch.no_grad():
+            rows = _reward_rows(
+                query.detach(), key.detach(), attention_mask, index,
+                kind=kind, scaling=kwargs.get("scaling"), causal=causal,
+                sliding_window=kwargs.get("sliding_window"), softcap=kwargs.get("softcap"),
+                position_bias=kwargs.get("position_bias"),
+            )
+        self._rows, self._index, self._reached = rows, index, True
+
+    def _resolve_index(self, batch, length, causal, device) -> torch.Tensor:
+        given = self._reward_index_arg
+        if given is not None:
+            index = torch.as_tensor(given, device=device).long().reshape(-1)
+            if index.numel() == 1:
+                index = index.expand(batch)
+            if index.shape != (batch,):
+                raise ValueError(f"reward_index must be an int or [B]=[{batch}], got {tuple(index.shape)}")
+            bad = (index < -length) | (index >= length)
+            if bool(bad.any()):
+                raise ValueError(f"reward_index out of range for sequence length {length}: {given}")
+            return index % length
+        if not causal:  # bidirectional encoder (BERT-style): the classification head pools the first token
+            return torch.zeros(batch, dtype=torch.long, device=device)
+        if self._inputs is None:
+            raise RuntimeError(
+                "capture_reward_attention: the layer ran outside a forward of the captured model, so the reward "
+                "position is unknown; call the model passed to capture_reward_attention or pass reward_index"
+            )
+        input_ids = self._inputs[0]
+        if input_ids is None or self._pad_token_id is None:  # as transformers: the last position
+            return torch.full((batch,), length - 1, dtype=torch.long, device=device)
+        if input_ids.shape != (batch, length):
+            raise ValueError(f"capture_reward_attention: input_ids {tuple(input_ids.shape)} do not match the "
+                             f"attention's batch {batch} and length {length}")
+        # The rightmost token that is not pad_token_id (both left and right padding), as the
+        # *ForSequenceClassification heads of transformers pool it.
+        non_pad = (input_ids.to(device) != self._pad_token_id).to(torch.int32)
+        positions = torch.arange(length, device=device, dtype=torch.int32)
+        return (positions * non_pad).argmax(-1).long()
+
+
+def capture_reward_attention(model, *, layer: int = -1, reward_index=None) -> RewardAttentionCapture:
+    """Record, during the model's ordinary forward, each head's attention row from the reward position.
+
+    Usage::
+
+        with dense_rlhf.capture_reward_attention(rm) as cap:
+            logits = rm(input_ids=ids, attention_mask=mask).logits
+        rows = cap.rows  # float32 [B, H, L]
+
+    Args:
+        model: a transformers ``PreTrainedModel`` (e.g. ``LlamaForSequenceClassification``) whose attention
+            goes through ``AttentionInterface`` with ``attn_implementation`` "sdpa", "eager" or
+            "flash_attention_2/3/4" (flash: not tested here, no GPU).
+        layer: which layer's self-attention (``layer_idx``), negative counts from the end; default the last.
+        reward_index: the query position of the rows: an int or a [B] integer tensor (negative counts from
+            the end). Default: for causal models the rightmost token that is not ``pad_token_id`` (what
+            transformers' ``*ForSequenceClassification`` heads pool, left or right padding; the last position
+            if there is no pad_token_id or no input_ids); for bidirectional encoders (BERT-style), position 0.
+
+    After the forward, ``cap.rows`` is float32 [B, H, L] with H the number of query heads: softmax in
+    float32 of ``q[b, h, i_b] . k[b, h // (H / H_kv)] * scaling`` plus the model's mask (padding, causal,
+    sliding window), from the post-rotary query and key that the attention function receives. It equals
+    eager attention's ``output_attentions`` row up to float32 rounding. Attention dropout is not applied
+    (the probabilities before dropout; run reward models in eval mode). ``cap.reward_index`` gives the
+    positions used. If several forwards run inside the capture, the last one's rows are kept. Rows never
+    require grad.
+
+    Extra memory: the rows (B * H * L floats) plus, while the captured layer runs, a float32 copy of that
+    layer's key (only when the model is not float32) and [B, H, L] scores; never a [B, H, L, L] map.
+
+    Model outputs are bit-identical to a run without the capture: the original attention function gets
+    the same arguments. On exit (also when the forward raises) the configs' ``_attn_implementation`` are
+    restored exactly, the hooks are removed, and the registered names are removed from the interfaces once
+    no capture is open.
+
+    Several captures compose: in sequence, nested (also on the same model and layer; each gets its rows),
+    or on different models. Threads: entering and leaving are guarded by a lock; rows are recorded only
+    from forwards run in the thread that entered the capture. While a capture is open, forwards of the same
+    model in other threads also go through the capturing function (their outputs are unchanged, nothing is
+    recorded), so open captures on different models from different threads are independent. One capture
+    object must not be shared between threads, and torch.compile / CUDA-graph capture of the forward are
+    not supported.
+
+    Raises:
+        TypeError: ``model`` is not a ``PreTrainedModel``, or bad argument types.
+        IndexError: ``layer`` out of range.
+        ValueError: the model class does not route attention through ``AttentionInterface``; a bad
+            ``reward_index``.
+        NotImplementedError: an attention implementation other than sdpa/eager/flash, attention sinks,
+            cached prefixes, padding-free/packed flash batches.
+        RuntimeError (reading ``cap.rows``): no forward ran, the forward never reached the layer, or the
+            model's attention never went through the interface.
+    """
+    return RewardAttentionCapture(model, layer=layer, reward_index=reward_index)
+
+
+def score_and_densify(model, input_ids, attention_mask, completion_mask, *, beta: float = 0.8, layer: int = -1,
+                      reward_index=None):
+    """Run a reward model once and return ``(scores [B] float32, dense rewards [B, L] float32)``.
+
+    The score is the logit for a one-logit head, ``logit[1] - logit[0]`` for a two-logit head. The dense
+    rewards are :func:`dense_rlhf.dense_rewards` of the captured rows (heads averaged, restricted to
+    ``completion_mask``, normalised) with ``beta``. ``completion_mask`` [B, L] marks completion tokens in
+    the same positions as ``input_ids`` (prompt and padding False). Runs under ``torch.no_grad()``.
+    """
+    from dense_rlhf.ops import dense_rewards
+
+    with torch.no_grad():
+        with capture_reward_attention(model, layer=layer, reward_index=reward_index) as cap:
+            out = model(input_ids=input_ids, attention_mask=attention_mask)
+        logits = out.logits if hasattr(out, "logits") else out[0]
+        if logits.dim() != 2 or logits.shape[-1] not in (1, 2):
+            raise ValueError(f"score_and_densify needs [B, 1] or [B, 2] logits from the reward model, got "
+                             f"{tuple(logits.shape)}")
+        scores = logits[:, 0] if logits.shape[-1] == 1 else logits[:, 1] - logits[:, 0]
+        scores = scores.float()
+        rewards = dense_rewards(cap.rows, scores, completion_mask, beta=beta)
+    return scores, rewards
