@@ -41,7 +41,7 @@ def want_cuda() -> bool:
 
 def extension():
     sources = ["csrc/dense_rewards.cpp", "csrc/cpu/dense_rewards_cpu.cpp"]
-    cxx_flags = ["-O3", "-std=c++17"]
+    cxx_flags = ["-O3"]  # the C++ standard is the one torch's headers need (cpp_extension sets it)
     if not want_cuda():
         return cpp_extension.CppExtension("dense_rlhf._C", sources, extra_compile_args={"cxx": cxx_flags})
     sources += sorted(glob.glob("csrc/cuda/*.cpp")) + sorted(glob.glob("csrc/cuda/*.cu"))
@@ -49,7 +49,7 @@ def extension():
         "dense_rlhf._C",
         sources,
         define_macros=[("DENSE_RLHF_WITH_CUDA", "1")],
-        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "-lineinfo"]},
+        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo"]},
     )
 
 
