@@ -1,0 +1,66 @@
+# Two commands do all the set-up on a fresh machine, then run:
+#   make demo   the main job: train a small RLHF setup and compare sparse rewards with ABC
+#   make test   the test suite in a CPU environment, then a CUDA build check where nvcc is found
+# Both create a virtual environment in .venv with torch (CPU wheel by default) and build the native op.
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+PY := $(VENV)/bin/python
+
+# The CUDA build check: a second environment whose torch has CUDA 13.0 headers, matching nvcc 13.0.
+CUDA_VENV ?= .venv-cuda
+CUDA_TORCH ?= torch==2.14.1
+CUDA_ARCHS ?= 8.0;9.0;10.0
+NVCC := $(shell command -v nvcc 2>/dev/null)
+# The toolkit nvcc belongs to (nvcc may be a wrapper script outside it).
+CUDA_HOME ?= $(shell nvcc --dryrun -c -x cu /dev/null -o /dev/null 2>&1 | sed -n 's/^\#\$$ _HERE_=\(.*\)\/bin$$/\1/p')
+CORE_TESTS := tests/test_dense_rewards.py tests/test_bad_inputs.py tests/test_op_registration.py tests/test_cuda_sources.py
+
+SOURCES := setup.py requirements-dev.txt $(wildcard csrc/*.* csrc/*/*.*)
+
+.PHONY: demo test test-cpu test-cuda-build bench experiment clean
+
+demo: $(VENV)/.built
+	$(VENV)/bin/dense-rlhf demo $(ARGS)
+
+experiment: $(VENV)/.built
+	$(VENV)/bin/dense-rlhf experiment $(ARGS)
+
+bench: $(VENV)/.built
+	$(VENV)/bin/dense-rlhf bench $(ARGS)
+
+test: test-cpu test-cuda-build
+
+test-cpu: $(VENV)/.built
+	DENSE_RLHF_REQUIRE_NATIVE=1 $(PY) -m pytest -q tests
+
+$(VENV)/.built: $(SOURCES)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q --no-build-isolation -e .
+	touch $@
+
+test-cuda-build:
+ifeq ($(NVCC),)
+	@echo "test-cuda-build: nvcc not found, CUDA build check skipped"
+else
+	test -x $(CUDA_VENV)/bin/python || $(PYTHON) -m venv $(CUDA_VENV)
+	$(CUDA_VENV)/bin/python -m pip install -q --upgrade pip
+	$(CUDA_VENV)/bin/python -m pip install -q $(CUDA_TORCH) numpy ninja pytest hypothesis expecttest
+	# Built from a copy, so that the CPU environment's in-place build is left alone.
+	rm -rf $(CUDA_VENV)/src && mkdir -p $(CUDA_VENV)/src
+	cp -r setup.py README.md csrc dense_rlhf $(CUDA_VENV)/src/
+	rm -f $(CUDA_VENV)/src/dense_rlhf/_C*.so
+	# torch's CUDA headers include cuBLAS/cuSPARSE headers that its wheel dependencies carry.
+	export CUDA_HOME="$(CUDA_HOME)" TORCH_CUDA_ARCH_LIST="$(CUDA_ARCHS)" DENSE_RLHF_CUDA=1 \
+	  CPATH="$$($(CUDA_VENV)/bin/python -c 'import nvidia, os; print(os.path.join(nvidia.__path__[0], "cu13", "include"))')"; \
+	  $(CUDA_VENV)/bin/python -m pip install -q --no-build-isolation --no-deps --force-reinstall $(CUDA_VENV)/src
+	cd $(CUDA_VENV) && DENSE_RLHF_REQUIRE_NATIVE=1 DENSE_RLHF_REQUIRE_CUDA_KERNEL=1 \
+	  bin/python -m pytest -q -p no:cacheprovider --rootdir=$(CURDIR) $(addprefix $(CURDIR)/,$(CORE_TESTS))
+endif
+
+clean:
+	rm -rf build $(VENV) $(CUDA_VENV) dense_rlhf/_C*.so *.egg-info
