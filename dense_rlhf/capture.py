@@ -413,14 +413,8 @@ class RewardAttentionCapture:
             if _is_packed_sequence(kwargs.get("position_ids"), batch):
                 raise NotImplementedError("capture_reward_attention: packed sequences (position_ids) are not supported")
 
-        input_mask = self._inputs[1] if self._inputs is not None else None
-        if attention_mask is None and input_mask is not None and input_mask.shape[-1] == length \
-                and not bool(input_mask.bool().all()):
-            raise RuntimeError(
-                "capture_reward_attention: the batch is padded but the attention function received no mask. "
-                f"The mask function for '{PREFIX}...' is missing from transformers' AttentionMaskInterface, so the "
-                "model would attend to padding; this is a bug in dense_rlhf.capture"
-            )
+        if attention_mask is None:
+            self._check_mask_delivered(length)
         index = self._resolve_index(batch, length, causal, query.device)
         with torch.no_grad():
             rows = _reward_rows(
@@ -430,6 +424,17 @@ class RewardAttentionCapture:
                 position_bias=kwargs.get("position_bias"),
             )
         self._rows, self._index, self._reached = rows, index, True
+
+    def _check_mask_delivered(self, length) -> None:
+        """Fail loudly if the forward's 2D mask has padding but the attention function got no mask (what
+        happens when the new attention name has no mask function registered)."""
+        input_mask = self._inputs[1] if self._inputs is not None else None
+        if input_mask is not None and input_mask.shape[-1] == length and not bool(input_mask.bool().all()):
+            raise RuntimeError(
+                "capture_reward_attention: the batch is padded but the attention function received no mask. "
+                f"The mask function for '{PREFIX}...' is missing from transformers' AttentionMaskInterface, so the "
+                "model would attend to padding; this is a bug in dense_rlhf.capture"
+            )
 
     def _resolve_index(self, batch, length, causal, device) -> torch.Tensor:
         given = self._reward_index_arg
