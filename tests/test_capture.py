@@ -566,3 +566,21 @@ def test_score_and_densify_two_logits():
         logits = model(input_ids=ids, attention_mask=mask).logits
     torch.testing.assert_close(scores, logits[:, 1] - logits[:, 0])
     torch.testing.assert_close(rewards.sum(1), scores, atol=1e-5, rtol=1e-5)
+
+
+def test_bfloat16_model():
+    """Rows are computed in float32 from bf16 q and k; eager's bf16 rows agree to bf16 precision."""
+    model = copy.deepcopy(make_model("llama")).to(torch.bfloat16)
+    ref = copy.deepcopy(model)
+    ref.set_attn_implementation("eager")
+    ids, mask = make_batch("left")
+    index = expected_index("llama", ids)
+    with torch.no_grad():
+        plain = model(input_ids=ids, attention_mask=mask).logits
+        with capture_reward_attention(model) as cap:
+            logits = model(input_ids=ids, attention_mask=mask).logits
+        expected = ref(input_ids=ids, attention_mask=mask, output_attentions=True).attentions[-1]
+    assert torch.equal(logits, plain)
+    assert cap.rows.dtype == torch.float32
+    torch.testing.assert_close(cap.rows, expected[torch.arange(B), :, index, :].float(), atol=2e-2, rtol=0)
+    torch.testing.assert_close(cap.rows.sum(-1), torch.ones(B, 4), atol=1e-5, rtol=0)
