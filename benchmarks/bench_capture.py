@@ -1,0 +1,300 @@
+"""Benchmark: reward-model forward with plain SDPA, SDPA + capture_reward_attention, and eager attention
+with output_attentions=True (what the public ABC code does).
+
+A Llama-style reward model of about 100M parameters (random weights, built from a config, no download),
+B=8, L in {512, 2048}; half of the rows are right-padded by L/8 tokens so that the padding mask is used.
+Every measurement runs in its own subprocess:
+
+* time: plain SDPA and SDPA + capture alternate in one process (after one warm-up each), so that drifts in
+  machine load hit both equally; median of the repetitions. Eager runs in its own process.
+* memory: one process per (method, L): after building the model and inputs the kernel's peak-RSS counter
+  is reset (/proc/self/clear_refs), one forward runs, and VmHWM is read: the forward's peak RSS, process
+  total, including the model. The forward's own increment over the RSS before it is also reported.
+
+Usage:  python benchmarks/bench_capture.py [--lengths 512 2048] [--reps 5] [--out benchmarks/results/cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+BATCH = 8
+CONFIG = dict(
+    vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+    num_key_value_heads=4, max_position_embeddings=4096, pad_token_id=0, num_labels=1,
+)
+MEMORY_BUDGET_FRACTION = 0.6  # skip a run whose attention maps alone are projected above this share of RAM
+
+
+def _build(attn: str, length: int, batch: int):
+    import torch
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(0)
+    model = LlamaForSequenceClassification(LlamaConfig(**CONFIG, attn_implementation=attn)).eval()
+    ids = torch.randint(1, CONFIG["vocab_size"], (batch, length))
+    mask = torch.ones_like(ids)
+    mask[::2, length - length // 8:] = 0
+    ids[mask == 0] = CONFIG["pad_token_id"]
+    return model, ids, mask
+
+
+def _forward(method: str, model, ids, mask):
+    import torch
+
+    import dense_rlhf
+
+    with torch.inference_mode():
+        if method == "sdpa":
+            return model(input_ids=ids, attention_mask=mask).logits
+        if method == "capture":
+            with dense_rlhf.capture_reward_attention(model) as cap:
+                logits = model(input_ids=ids, attention_mask=mask).logits
+            cap.rows
+            return logits
+        if method == "eager":
+            out = model(input_ids=ids, attention_mask=mask, output_attentions=True)
+            assert len(out.attentions) == CONFIG["num_hidden_layers"]
+            return out.logits
+    raise ValueError(method)
+
+
+def _status(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+def worker_time(methods: list[str], length: int, reps: int, batch: int) -> dict:
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    from dense_rlhf import capture
+
+    attn = "eager" if methods == ["eager"] else "sdpa"
+    model, ids, mask = _build(attn, length, batch)
+    times = {m: [] for m in methods}
+    cpu_times = {m: [] for m in methods}
+    logits = {}
+    observe_times = []  # seconds spent computing the rows inside each captured forward
+    original_observe = capture.RewardAttentionCapture._observe
+
+    def timed_observe(self, *args):
+        start = time.perf_counter()
+        original_observe(self, *args)
+        observe_times[-1] += time.perf_counter() - start
+
+    capture.RewardAttentionCapture._observe = timed_observe
+    for m in methods:  # warm-up
+        observe_times.append(0.0)
+        logits[m] = _forward(m, model, ids, mask)
+    observe_times.clear()
+    for _ in range(reps):
+        for m in methods:
+            if m == "capture":
+                observe_times.append(0.0)
+            start, cpu_start = time.perf_counter(), time.process_time()
+            _forward(m, model, ids, mask)
+            times[m].append(time.perf_counter() - start)
+            cpu_times[m].append(time.process_time() - cpu_start)
+    capture.RewardAttentionCapture._observe = original_observe
+    result = {"times_s": times, "cpu_times_s": cpu_times}
+    if "capture" in methods:
+        result["capture_rows_s"] = observe_times
+        enter_exit = []
+        for _ in range(20):
+            start = time.perf_counter()
+            with capture.capture_reward_attention(model):
+                pass
+            enter_exit.append(time.perf_counter() - start)
+        result["capture_enter_exit_s"] = enter_exit
+    if "sdpa" in logits and "capture" in logits:
+        result["logits_identical"] = bool(torch.equal(logits["sdpa"], logits["capture"]))
+    return result
+
+
+def worker_memory(method: str, length: int, batch: int) -> dict:
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    model, ids, mask = _build("eager" if method == "eager" else "sdpa", length, batch)
+    import dense_rlhf  # noqa: F401  (imported before the reset, as in the other methods)
+
+    before = _status("VmRSS")
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM to the current RSS
+        reset = True
+    except OSError:
+        reset = False
+    _forward(method, model, ids, mask)
+    peak = _status("VmHWM")
+    return {"rss_before_bytes": before, "peak_rss_bytes": peak, "forward_increment_bytes": peak - before,
+            "peak_reset": reset}
+
+
+def _run_worker(args: list[str], timeout: float) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        return {"error": f"exit {proc.returncode}: {proc.stderr.strip()[-800:]}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _eager_projection_bytes(length: int, batch: int) -> int:
+    maps = CONFIG["num_hidden_layers"] * batch * CONFIG["num_attention_heads"] * length * length * 4
+    return maps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[512, 2048])
+    parser.add_argument("--reps", type=int, default=5, help="timed repetitions for L <= 512")
+    parser.add_argument("--reps-long", type=int, default=3, help="timed repetitions for L > 512")
+    parser.add_argument("--eager-reps-long", type=int, default=1)
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "cpu"))
+    parser.add_argument("--worker", nargs="*")
+    args = parser.parse_args()
+
+    if args.worker is not None:
+        kind, *rest = args.worker
+        if kind == "time":
+            methods, length, reps, batch = rest[0].split(","), int(rest[1]), int(rest[2]), int(rest[3])
+            print(json.dumps(worker_time(methods, length, reps, batch)))
+        else:
+            print(json.dumps(worker_memory(rest[0], int(rest[1]), int(rest[2]))))
+        return
+
+    import torch
+    import transformers
+
+    total_ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    results = {
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "ram_bytes": total_ram,
+                    "torch": torch.__version__, "transformers": transformers.__version__},
+        "config": {**CONFIG, "batch": BATCH, "padding": "rows 0,2,4,6 right-padded by L/8"},
+        "command": "python benchmarks/bench_capture.py " + " ".join(sys.argv[1:]),
+        "notes": [],
+        "runs": [],
+    }
+    for length in args.lengths:
+        reps = args.reps if length <= 512 else args.reps_long
+        row = {"L": length, "batch": BATCH}
+        print(f"L={length}: timing sdpa vs capture ({reps} reps, alternating)", flush=True)
+        row["time_sdpa_capture"] = _run_worker(["time", "sdpa,capture", str(length), str(reps), str(BATCH)], 3600)
+        for method in ("sdpa", "capture"):
+            print(f"L={length}: memory {method}", flush=True)
+            row[f"memory_{method}"] = _run_worker(["mem", method, str(length), str(BATCH)], 1800)
+
+        projected = _eager_projection_bytes(length, BATCH)
+        if projected > MEMORY_BUDGET_FRACTION * total_ram:
+            note = (f"L={length}: eager + output_attentions at B={BATCH} skipped: its attention maps alone would take "
+                    f"{projected / 2**30:.1f} GiB of {total_ram / 2**30:.1f} GiB RAM; measured at B=1 instead, "
+                    "the maps scale linearly in B")
+            results["notes"].append(note)
+            print(note, flush=True)
+            eager_batch, eager_reps = 1, args.eager_reps_long
+        else:
+            eager_batch, eager_reps = BATCH, (reps if length <= 512 else args.eager_reps_long)
+        if eager_reps < reps:
+            results["notes"].append(f"L={length}: eager timed with {eager_reps} repetition(s) (slow on this machine)")
+        row["eager_batch"] = eager_batch
+        print(f"L={length}: timing eager (B={eager_batch}, {eager_reps} reps)", flush=True)
+        row["time_eager"] = _run_worker(["time", "eager", str(length), str(eager_reps), str(eager_batch)], 3600)
+        print(f"L={length}: memory eager (B={eager_batch})", flush=True)
+        row["memory_eager"] = _run_worker(["mem", "eager", str(length), str(eager_batch)], 3600)
+        results["runs"].append(row)
+        _write(results, args.out)
+    _write(results, args.out)
+
+
+def _median(row, key, method, field="times_s"):
+    data = row.get(key, {})
+    times = data.get(field, {}).get(method)
+    return statistics.median(times) if times else None
+
+
+def _rel(value, base, percent_digits=1):
+    return f"{(value / base - 1) * 100:+.{percent_digits}f}%" if value and base else "n/a"
+
+
+def _write(results: dict, out: str) -> None:
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "capture.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    gib = 2**30
+    m = results["machine"]
+    lines = [
+        "# Reward-position attention capture: CPU benchmark",
+        "",
+        f"Reward-model forward, Llama-style config of ~100M parameters (12 layers, hidden 768, 12 query heads, "
+        f"4 kv heads, random weights), B={BATCH}, half of the rows right-padded by L/8. Machine: {m['cpus']} CPUs, "
+        f"{m['ram_bytes'] / gib:.0f} GiB RAM (shared with other jobs while measuring), torch {m['torch']}, "
+        f"transformers {m['transformers']}.",
+        "",
+        f"Command: `{results['command'].strip()}`",
+        "",
+        "Time: median wall and CPU (process) seconds per forward; plain SDPA and SDPA+capture alternate in one "
+        "process. Peak RSS: VmHWM of a separate process per (method, L), reset just before the forward "
+        "(process total, model included); 'forward +' is the peak minus the RSS before the forward.",
+        "",
+        "| L | method | B | wall median (s) | wall vs SDPA | CPU median (s) | CPU vs SDPA | peak RSS (GiB) "
+        "| peak vs SDPA | forward + (GiB) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in results["runs"]:
+        base_t = _median(row, "time_sdpa_capture", "sdpa")
+        base_c = _median(row, "time_sdpa_capture", "sdpa", "cpu_times_s")
+        base_m = row.get("memory_sdpa", {}).get("peak_rss_bytes")
+        for method, tkey, label in (("sdpa", "time_sdpa_capture", "SDPA"),
+                                    ("capture", "time_sdpa_capture", "SDPA + capture"),
+                                    ("eager", "time_eager", "eager + output_attentions")):
+            batch = row["eager_batch"] if method == "eager" else row["batch"]
+            same_batch = batch == row["batch"]
+            t = _median(row, tkey, method)
+            c = _median(row, tkey, method, "cpu_times_s")
+            mem = row.get(f"memory_{method}", {})
+            peak, inc = mem.get("peak_rss_bytes"), mem.get("forward_increment_bytes")
+            err = row.get(tkey, {}).get("error") or mem.get("error")
+            if err or not t or not peak:
+                lines.append(f"| {row['L']} | {label} | {batch} | error: {err} | | | | | | |")
+                continue
+            lines.append(
+                f"| {row['L']} | {label} | {batch} | {t:.2f} | {_rel(t, base_t) if same_batch else 'n/a'} | "
+                f"{c:.2f} | {_rel(c, base_c) if same_batch else 'n/a'} | {peak / gib:.3f} | "
+                f"{_rel(peak, base_m, 2) if same_batch else 'n/a'} | {inc / gib:.3f} |"
+            )
+    lines += ["", "Work the capture itself adds (measured inside the captured forwards):", ""]
+    for row in results["runs"]:
+        data = row.get("time_sdpa_capture", {})
+        rows_s, enter_exit = data.get("capture_rows_s"), data.get("capture_enter_exit_s")
+        base_t = _median(row, "time_sdpa_capture", "sdpa")
+        if rows_s and enter_exit and base_t:
+            work = statistics.median(rows_s) + statistics.median(enter_exit)
+            lines.append(
+                f"- L={row['L']}: row computation {statistics.median(rows_s) * 1e3:.1f} ms median, enter+exit "
+                f"{statistics.median(enter_exit) * 1e3:.2f} ms median: {work / base_t * 100:.2f}% of the SDPA forward; "
+                f"logits identical with and without capture: {data.get('logits_identical')}"
+            )
+    lines += ["", "Raw wall times (s):", ""]
+    for row in results["runs"]:
+        for key in ("time_sdpa_capture", "time_eager"):
+            for method, times in row.get(key, {}).get("times_s", {}).items():
+                lines.append(f"- L={row['L']} {method}: " + ", ".join(f"{x:.2f}" for x in times))
+    if results["notes"]:
+        lines += ["", "Notes:", ""] + [f"- {n}" for n in results["notes"]]
+    with open(os.path.join(out, "capture.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
