@@ -1,0 +1,99 @@
+import random
+
+import pytest
+import torch
+
+from dense_rlhf import sentiment_task as task
+from dense_rlhf.diagnostics import credit_diagnostics
+
+
+def words(text):
+    return text.split()
+
+
+@pytest.mark.parametrize(
+    "text, score",
+    [
+        ("the plot was good", 1.0),
+        ("the plot was great", 2.0),
+        ("the plot was very good", 2.0),
+        ("the plot was slightly bad", -0.5),
+        ("the plot was not good", -0.5),
+        ("the plot was not terrible", 1.0),
+        ("the plot was not very good", -1.0),
+        ("the plot was not . it was good", 1.0),  # negation closes at a clause boundary
+        ("very the plot was good", 1.0),  # an intensifier only touches the next word
+        ("a truly awful script and a lovely ending", -3.0),
+        ("the theatre was full", 0.0),
+    ],
+)
+def test_ground_truth_rules(text, score):
+    assert task.true_score(words(text)) == pytest.approx(score)
+
+
+def test_leave_one_out_credit_gives_modifiers_their_share():
+    credit = task.true_credit(words("the plot was"), words("not very good and it was nice"))
+    # not very good = -1; dropping "not" -> +2 (credit -3), "very" -> -0.5 (credit -0.5), "good" -> 0 (credit -1)
+    assert credit[:3] == pytest.approx([-3.0, -0.5, -1.0])
+    assert credit[3:6] == [0.0, 0.0, 0.0]
+    assert credit[6] == pytest.approx(1.0)
+
+
+def test_vocabulary_and_tokenizer_round_trip():
+    codec = task.Codec()
+    assert len(task.VOCAB) == len(set(task.VOCAB)) == codec.vocab_size
+    assert 150 <= codec.vocab_size <= 400
+    rng = random.Random(0)
+    texts = [task.sample_words(rng, task.Style()) for _ in range(50)]
+    ids = codec.encode(texts, eos=True)
+    assert ids.shape == (50, task.PROMPT_LEN + task.COMPLETION_LEN + 1)
+    assert (ids[:, 0] == codec.bos_id).all() and (ids[:, -1] == codec.eos_id).all()
+    unk = codec.tokenizer.convert_tokens_to_ids(task.UNK)
+    assert not (ids == unk).any()
+    assert codec.decode(ids[:, 1:-1]) == texts
+
+
+def test_prompts_carry_no_sentiment_and_texts_have_fixed_length():
+    rng = random.Random(1)
+    marked = set(task.SENTIMENT) | set(task.NEGATIONS) | set(task.INTENSIFIERS) | set(task.DOWNTONERS)
+    for prompt in task.sample_prompts(rng, 300):
+        assert len(prompt) == task.PROMPT_WORDS
+        assert not marked & set(prompt)
+    for n in (12, 20):
+        assert all(len(t) == task.PROMPT_WORDS + n for t in task.sft_texts(0, 20, n))
+
+
+def test_sft_data_is_roughly_neutral_and_deterministic():
+    scores = [task.true_score(t) for t in task.sft_texts(3, 2000)]
+    assert abs(sum(scores) / len(scores)) < 0.4
+    assert task.sft_texts(3, 5) == task.sft_texts(3, 5)
+
+
+def test_preference_labels_follow_bradley_terry():
+    ch, rj, sc, sr = task.preference_pairs(0, 3000)
+    untied = [(a, b) for a, b in zip(sc, sr) if a != b]
+    agree = sum(a > b for a, b in untied) / len(untied)
+    assert 0.75 < agree < 0.97  # mostly the higher score wins, but labels are noisy draws
+    assert all(task.true_score(c) == s for c, s in zip(ch[:50], sc[:50]))
+
+
+def test_scores_and_credits_of_token_batches():
+    codec = task.Codec()
+    texts = [words("i think the plot was very good and a dull ending while it"), words("the cast was not bad , it was dreadful")]
+    texts = [t + ["the"] * (task.PROMPT_WORDS + task.COMPLETION_LEN - len(t)) for t in texts]
+    seq = codec.encode(texts)
+    assert task.scores_of(codec, seq).tolist() == [1.0, -1.5]
+    credit = task.credits_of(codec, seq)
+    assert credit.shape == (2, task.COMPLETION_LEN)
+
+
+def test_credit_diagnostics_perfect_uniform_and_reversed():
+    credit = torch.tensor([[0.0, 2.0, 0.0, -1.0, 0.0, 0.0]] * 4)
+    perfect = credit_diagnostics(credit.abs() + 0.01, credit)
+    assert perfect["spearman"] == pytest.approx(1.0)
+    assert perfect["topk_overlap"] == 1.0
+    uniform = credit_diagnostics(torch.ones(4, 6), credit)
+    assert uniform["spearman"] == 0.0
+    assert uniform["mass_on_credited"] == pytest.approx(2 / 6)
+    reversed_ = credit_diagnostics(1.0 / (credit.abs() + 0.5), credit)
+    assert reversed_["spearman"] < -0.9 and reversed_["topk_overlap"] == 0.0
