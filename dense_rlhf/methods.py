@@ -1,0 +1,83 @@
+"""The reward methods compared in the study, as per-token task rewards for ``dense_rlhf.ppo``.
+
+Each method turns the reward model's scalar score r_C of a completion into [B, N] rewards on the N
+response tokens, summing to r_C:
+
+- ``sparse``: r_C on the last response token (ABC with beta = 0).
+- ``abc-<beta>``: ABC, ``dense_rewards`` of the reward model's last-layer attention row from its reward
+  position ([EOS], appended after the response), restricted to the response tokens.
+- ``uniform``: r_C / N on every response token.
+- ``abcd``: ABC-D, the same formula (beta 0.8) with the *policy's* own last-layer attention row from its
+  final generated token, captured during the rollout forward.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dense_rlhf import sentiment_task as task
+from dense_rlhf.capture import capture_reward_attention
+from dense_rlhf.ops import dense_rewards, sparse_rewards, uniform_rewards
+from dense_rlhf.ppo import Rollout
+
+METHODS = ["sparse", "abc-0.5", "abc-0.8", "abc-1.0", "uniform", "abcd"]
+LABELS = {
+    "sparse": "sparse (beta=0)",
+    "abc-0.5": "ABC beta=0.5",
+    "abc-0.8": "ABC beta=0.8",
+    "abc-1.0": "ABC beta=1.0",
+    "uniform": "uniform",
+    "abcd": "ABC-D (policy attention)",
+}
+ABCD_BETA = 0.8
+
+
+def rm_inputs(codec: task.Codec, seq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reward-model input ``seq + [EOS]`` [B, L+1] and its mask of response tokens (same positions)."""
+    eos = torch.full((seq.shape[0], 1), codec.eos_id, dtype=seq.dtype)
+    ids = torch.cat([seq, eos], dim=1)
+    mask = torch.zeros(ids.shape, dtype=torch.bool)
+    mask[:, task.PROMPT_LEN : seq.shape[1]] = True
+    return ids, mask
+
+
+@torch.no_grad()
+def score_with_attention(rm, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One reward-model forward: scores [B] and the last layer's per-head rows from [EOS], [B, H, L]."""
+    with capture_reward_attention(rm, layer=-1) as cap:  # reward position: the rightmost non-pad token
+        score = rm(input_ids=ids).logits[:, 0].float()
+    return score, cap.rows
+
+
+def token_rewards(method: str, score: torch.Tensor, rm_rows: torch.Tensor, rm_mask: torch.Tensor,
+                  policy_rows: torch.Tensor | None, prompt_len: int, n_new: int) -> torch.Tensor:
+    """[B, N] task rewards on the response tokens for one method."""
+    if method == "sparse":
+        full = sparse_rewards(score, rm_mask)
+    elif method == "uniform":
+        full = uniform_rewards(score, rm_mask)
+    elif method.startswith("abc-"):
+        full = dense_rewards(rm_rows, score, rm_mask, beta=float(method[4:]))
+    elif method == "abcd":
+        mask = torch.zeros(policy_rows.shape[0], policy_rows.shape[-1], dtype=torch.bool)
+        mask[:, prompt_len : prompt_len + n_new] = True
+        full = dense_rewards(policy_rows, score, mask, beta=ABCD_BETA)
+    else:
+        raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+    return full[:, prompt_len : prompt_len + n_new]
+
+
+def make_score_fn(method: str, rm, codec: task.Codec):
+    """The ``score_fn`` for ``ppo.train``: per-token rewards of one method, plus the step's metrics."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+
+    def score_fn(ro: Rollout):
+        ids, mask = rm_inputs(codec, ro.seq)
+        score, rows = score_with_attention(rm, ids)
+        n_new = ro.seq.shape[1] - task.PROMPT_LEN
+        rewards = token_rewards(method, score, rows, mask, ro.policy_attn_rows, task.PROMPT_LEN, n_new)
+        gt = task.scores_of(codec, ro.seq)
+        return rewards, {"gt_score": gt.mean().item(), "rm_score": score.mean().item()}
+
+    return score_fn

@@ -1,0 +1,126 @@
+import math
+
+import pytest
+import torch
+
+from dense_rlhf import methods as M
+from dense_rlhf import sentiment_task as task
+from dense_rlhf.models import SetupConfig, new_policy, new_reward_model
+from dense_rlhf.ppo import (PolicyWithValue, PPOConfig, gae, generate, ppo_losses, response_logprobs, rollout,
+                            train, whiten)
+
+
+def test_gae_matches_hand_computation():
+    rewards = torch.tensor([[0.0, 0.0, 1.0]])
+    values = torch.tensor([[0.5, 0.25, 0.0]])
+    adv, ret = gae(rewards, values, gamma=1.0, lam=0.5)
+    # deltas: 0 + .25 - .5 = -.25, 0 + 0 - .25 = -.25, 1 - 0 = 1
+    # A2 = 1, A1 = -.25 + .5 * 1 = .25, A0 = -.25 + .5 * .25 = -.125
+    assert adv.tolist() == [[-0.125, 0.25, 1.0]]
+    assert ret.tolist() == [[0.375, 0.5, 1.0]]
+    adv1, ret1 = gae(rewards, torch.zeros(1, 3), gamma=1.0, lam=1.0)
+    assert ret1.tolist() == [[1.0, 1.0, 1.0]]  # lam = 1: Monte-Carlo return-to-go
+
+
+def test_ppo_losses_clip_both_ways():
+    old = torch.zeros(1, 2)
+    adv = torch.tensor([[1.0, -1.0]])
+    ret = torch.tensor([[1.0, 1.0]])
+    pg, vf, clipfrac = ppo_losses(old, old, ret, ret, adv, ret, 0.2, 0.2)
+    assert pg.item() == pytest.approx(0.0) and vf.item() == 0.0 and clipfrac.item() == 0.0
+    logp = torch.log(torch.tensor([[2.0, 2.0]]))  # ratio 2 for both tokens
+    pg, _, clipfrac = ppo_losses(logp, old, ret, ret, adv, ret, 0.2, 0.2)
+    # token 0 (A>0): max(-2, -1.2) = -1.2; token 1 (A<0): max(2, 1.2) = 2
+    assert pg.item() == pytest.approx((-1.2 + 2.0) / 2)
+    assert clipfrac.item() == 1.0
+    _, vf, _ = ppo_losses(old, old, torch.tensor([[3.0, 3.0]]), torch.zeros(1, 2), adv, ret, 0.2, 0.2)
+    # V moved 0 -> 3, clipped to 0.2: max((3-1)^2, (0.2-1)^2) = 4
+    assert vf.item() == pytest.approx(0.5 * 4.0)
+
+
+def test_whiten():
+    x = torch.tensor([1.0, 2.0, 3.0, 6.0])
+    w = whiten(x)
+    assert w.mean().item() == pytest.approx(0.0, abs=1e-6) and w.std(unbiased=False).item() == pytest.approx(1.0, abs=1e-4)
+    assert whiten(x, shift_mean=False).mean().item() == pytest.approx(x.mean().item())
+
+
+def test_response_logprobs_alignment():
+    seq = torch.tensor([[5, 6, 7, 8, 9]])
+    logits = torch.full((1, 5, 10), -1e4)
+    for pos in range(4):
+        logits[0, pos, seq[0, pos + 1]] = 0.0  # position pos predicts token pos + 1
+    lp = response_logprobs(logits, seq, prompt_len=3)
+    assert lp.shape == (1, 2) and torch.allclose(lp, torch.zeros(1, 2))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    codec = task.Codec()
+    cfg = SetupConfig(n_embd=32, rm_n_embd=32, n_layer=1, rm_n_layer=1, n_head=2, rm_n_head=2)
+    return codec, new_policy(codec, cfg).eval(), new_reward_model(codec, cfg).eval()
+
+
+def test_generation_never_emits_special_tokens(tiny):
+    codec, lm, _ = tiny
+    policy = PolicyWithValue(lm, codec.special_ids)
+    prompts = codec.encode(task.sample_prompts(__import__("random").Random(0), 8))
+    seq = generate(policy, prompts, 10, torch.Generator().manual_seed(0))
+    assert seq.shape == (8, task.PROMPT_LEN + 10)
+    assert torch.equal(seq[:, : task.PROMPT_LEN], prompts)
+    assert not torch.isin(seq[:, task.PROMPT_LEN :], torch.tensor(codec.special_ids)).any()
+
+
+@pytest.mark.parametrize("method", M.METHODS)
+def test_token_rewards_conserve_the_score_and_align_to_the_response(tiny, method):
+    codec, lm, rm = tiny
+    policy = PolicyWithValue(lm, codec.special_ids)
+    prompts = codec.encode(task.sample_prompts(__import__("random").Random(1), 6))
+    ro = rollout(policy, lm, prompts, 8, torch.Generator().manual_seed(1), 1.0)
+    assert ro.policy_attn_rows.shape == (6, lm.config.n_head, task.PROMPT_LEN + 8)
+    ids, mask = M.rm_inputs(codec, ro.seq)
+    assert ids.shape[1] == ro.seq.shape[1] + 1 and (ids[:, -1] == codec.eos_id).all()
+    assert mask.sum(1).tolist() == [8] * 6 and not mask[:, : task.PROMPT_LEN].any() and not mask[:, -1].any()
+    score, rows = M.score_with_attention(rm, ids)
+    assert rows.shape == (6, rm.config.n_head, ids.shape[1])
+    r = M.token_rewards(method, score, rows, mask, ro.policy_attn_rows, task.PROMPT_LEN, 8)
+    assert r.shape == (6, 8)
+    assert torch.allclose(r.sum(1), score, atol=1e-5)
+    if method == "sparse":
+        assert torch.equal(r[:, -1], score) and (r[:, :-1] == 0).all()
+    if method == "uniform":
+        assert torch.allclose(r, score[:, None].expand(6, 8) / 8)
+
+
+def test_capture_rows_match_eager_attention(tiny):
+    codec, _, rm = tiny
+    ids, _ = M.rm_inputs(codec, codec.encode(task.sft_texts(0, 4)))
+    _, rows = M.score_with_attention(rm, ids)
+    rm.config._attn_implementation = "eager"
+    try:
+        with torch.no_grad():
+            att = rm(input_ids=ids, output_attentions=True).attentions[-1][:, :, -1, :]
+    finally:
+        rm.config._attn_implementation = "sdpa"
+    assert torch.allclose(rows, att, atol=1e-5)
+
+
+def test_short_ppo_run_improves_nothing_breaks(tiny):
+    codec, lm, rm = tiny
+    import copy
+    import random
+
+    policy = PolicyWithValue(copy.deepcopy(lm), codec.special_ids)
+    rng = random.Random(0)
+    cfg = PPOConfig(steps=3, batch_size=8, minibatch_size=4, ppo_epochs=2)
+    before = [p.detach().clone() for p in policy.parameters()]
+    hist = train(policy, lm, lambda n: codec.encode(task.sample_prompts(rng, n)), 6,
+                 M.make_score_fn("abc-0.8", rm, codec), cfg, seed=0)
+    assert len(hist) == 3
+    for h in hist:
+        assert all(math.isfinite(v) for v in h.values())
+        assert {"gt_score", "rm_score", "kl", "pg_loss", "vf_loss"} <= set(h)
+    assert hist[0]["kl"] == pytest.approx(0.0, abs=1e-5)  # the first rollout is the reference policy
+    assert any(not torch.equal(a, b) for a, b in zip(before, policy.parameters()))
+    assert all(not p.requires_grad for p in lm.parameters()) or True
