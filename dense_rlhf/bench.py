@@ -548,9 +548,9 @@ def plot(report: dict, path: Path) -> None:
     panels = sorted({(c["case"]["layout"], c["case"]["dtype"], c["case"]["heads"]) for c in measured})
     if not panels:
         return
-    cols = min(4, len(panels))
+    cols = min(2, len(panels))
     rows = math.ceil(len(panels) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.6 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.0 * cols, 3.6 * rows + 1.2), squeeze=False)
     colours = dict(zip(METHODS, ("tab:red", "tab:blue", "tab:green", "tab:gray")))
     batches = sorted({c["case"]["batch"] for c in measured})
     styles = dict(zip(batches, ("-", "--", "-.", ":", (0, (1, 3)))))
@@ -575,9 +575,10 @@ def plot(report: dict, path: Path) -> None:
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(8, len(labels)), fontsize=7)
+    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=7)
     fig.suptitle(f"dense_rewards on {report['meta']['device_name']}", fontsize=10)
-    fig.tight_layout(rect=(0, 0.08, 1, 0.96))
+    legend_inches = 0.2 * math.ceil(len(labels) / 4) + 0.2
+    fig.tight_layout(rect=(0, legend_inches / fig.get_figheight(), 1, 0.96))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
