@@ -45,6 +45,13 @@ DENSE_RLHF_CUDA=1 TORCH_CUDA_ARCH_LIST="$ARCH" MAX_JOBS=16 timeout 300 \
 build_rc=$?
 grep -iE "error|warning" "$SCRATCH/build.log" | head -n 20
 tail -n 3 "$SCRATCH/build.log"
+if [ "$build_rc" -ne 0 ]; then  # e.g. a pip or setuptools too old for offline editable installs
+  echo "pip failed (rc=$build_rc); building in place with setup.py instead"
+  DENSE_RLHF_CUDA=1 TORCH_CUDA_ARCH_LIST="$ARCH" MAX_JOBS=16 timeout 300 \
+    "$PYTHON" setup.py build_ext --inplace >"$SCRATCH/build_inplace.log" 2>&1
+  build_rc=$?
+  grep -iE "error" "$SCRATCH/build_inplace.log" | head -n 20
+fi
 "$PYTHON" -c 'from dense_rlhf import _native; import sys; print("kernels:", _native.KERNELS); sys.exit(0 if _native.has_kernel("cuda") else 1)'
 kernel_rc=$?
 echo "BUILD: rc=$build_rc, CUDA kernel registered: $([ "$kernel_rc" -eq 0 ] && echo yes || echo no) ($((SECONDS - build_start)) s)"
