@@ -39,6 +39,7 @@ import math
 import os
 import platform
 import re
+import shlex
 import statistics
 import sys
 import time
@@ -675,7 +676,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         notes.append("GPU: CUDA events around each call, L2 flushed (256 MiB memset) before each; peak extra "
                      "memory is torch.cuda.max_memory_allocated minus the allocation before the call.")
-    report = {"command": "dense-rlhf bench " + " ".join(list(sys.argv[1:] if argv is None else argv)),
+    report = {"command": shlex.join(["dense-rlhf", "bench"] + list(sys.argv[1:] if argv is None else argv)),
               "meta": meta, "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
               "cases": [], "targets": [], "notes": notes}
     out_dir = args.out or Path("benchmarks") / "results" / device_slug(device)
