@@ -91,6 +91,10 @@ class Case:
         return f"{LAYOUTS[self.layout]} {self.dtype} B={self.batch} H={self.heads} L={self.length}{threads}"
 
 
+def dtypes_for(device: str) -> list[str]:
+    return list(DTYPES) if device == "cuda" else ["fp32"]
+
+
 def full_grid(device: str) -> list[Case]:
     """Targets first. On CPU then layout by layout; on GPU shapes from small to large batch with every layout
     and dtype of a shape together, so that a run cut short by --max-wall-s loses the largest batches only."""
@@ -98,19 +102,18 @@ def full_grid(device: str) -> list[Case]:
     if device == "cpu":
         cases = [Case(layout, "fp32", *shape) for layout in LAYOUTS for shape in shapes]
     else:
-        cases = [Case(layout, dtype, *shape) for shape in shapes for layout in LAYOUTS for dtype in DTYPES]
+        cases = [Case(layout, dtype, *shape) for shape in shapes for layout in LAYOUTS for dtype in dtypes_for(device)]
     return target_cases(device) + cases
 
 
 def quick_grid(device: str) -> list[Case]:
-    dtypes = ["fp32", "bf16"] if device == "cuda" else ["fp32"]
-    cases = [Case(layout, dtype, 8, 12, length) for layout in LAYOUTS for dtype in dtypes for length in (128, 512)]
+    cases = [Case(layout, dtype, 8, 12, length)
+             for layout in LAYOUTS for dtype in dtypes_for(device) for length in (128, 512)]
     return target_cases(device) + cases
 
 
 def tiny_grid(device: str) -> list[Case]:
-    dtypes = ["fp32", "bf16"] if device == "cuda" else ["fp32"]
-    return [Case(layout, dtype, 3, 2, 24) for layout in LAYOUTS for dtype in dtypes]
+    return [Case(layout, dtype, 3, 2, 24) for layout in LAYOUTS for dtype in dtypes_for(device)]
 
 
 def target_cases(device: str) -> list[Case]:
@@ -132,7 +135,7 @@ def check_targets(cases: list[dict]) -> list[dict]:
         goal = case["case"]["target"]
         if not goal or case["skipped"]:
             continue
-        speedup, native = case["speedup"], case["methods"]["native"]
+        speedup, native = case["speedup"], case["methods"].get("native", {})
         if goal.startswith("cpu"):
             wanted = {"reference": 5.0, "official": 500.0}
         elif "bandwidth" in goal:
