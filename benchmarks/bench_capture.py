@@ -39,11 +39,19 @@ def _build(attn: str, length: int, batch: int):
 
     torch.manual_seed(0)
     model = LlamaForSequenceClassification(LlamaConfig(**CONFIG, attn_implementation=attn)).eval()
-    ids = torch.randint(1, CONFIG["vocab_size"], (batch, length))
+    _, ids, mask = _build_inputs(length, batch)
+    return model, ids, mask
+
+
+def _build_inputs(length: int, batch: int):
+    import torch
+
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, CONFIG["vocab_size"], (batch, length), generator=generator)
     mask = torch.ones_like(ids)
     mask[::2, length - length // 8:] = 0
     ids[mask == 0] = CONFIG["pad_token_id"]
-    return model, ids, mask
+    return None, ids, mask
 
 
 def _forward(method: str, model, ids, mask):
@@ -142,12 +150,68 @@ def worker_memory(method: str, length: int, batch: int) -> dict:
             "peak_reset": reset}
 
 
+def worker_rows(length: int, batch: int) -> dict:
+    """The capture's own work in isolation, on tensors of the benchmark's shapes: time of the row computation
+    (1 thread and all threads) and the bytes of every tensor it creates (a bound on its extra memory)."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from transformers.masking_utils import causal_mask_function, sdpa_mask
+
+    from dense_rlhf.capture import _reward_rows
+
+    heads, kv_heads = CONFIG["num_attention_heads"], CONFIG["num_key_value_heads"]
+    dim = CONFIG["hidden_size"] // heads
+    torch.manual_seed(0)
+    q, k = torch.randn(batch, heads, length, dim), torch.randn(batch, kv_heads, length, dim)
+    _, _, pad = _build_inputs(length, batch)
+    mask = sdpa_mask(batch_size=batch, q_length=length, kv_length=length, mask_function=causal_mask_function,
+                     attention_mask=pad.bool(), allow_is_causal_skip=False)
+    index = (torch.arange(length) * pad).argmax(-1)
+
+    def rows():
+        return _reward_rows(q, k, mask, index, kind="sdpa", scaling=dim**-0.5, causal=True, sliding_window=None,
+                            softcap=None, position_bias=None)
+
+    created = []
+
+    class Bytes(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            inputs = [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+            shared = {a.untyped_storage().data_ptr() for a in inputs}
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in shared:
+                    created.append(t.untyped_storage().nbytes())  # new storage, not a view of an input
+            return out
+
+    with Bytes():
+        rows()
+    result = {"created_bytes": sum(created), "rows_bytes": batch * heads * length * 4}
+    for threads in sorted({1, os.cpu_count() or 1}):
+        torch.set_num_threads(threads)
+        times = []
+        for _ in range(25):
+            start = time.perf_counter()
+            rows()
+            times.append(time.perf_counter() - start)
+        result[f"median_s_{threads}_threads"] = statistics.median(times)
+    return result
+
+
 def _run_worker(args: list[str], timeout: float) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         return {"error": f"exit {proc.returncode}: {proc.stderr.strip()[-800:]}"}
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _portable(arg: str) -> str:
+    """Command-line arguments as paths relative to the repository, so that results name no machine paths."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if os.path.isabs(arg) and os.path.abspath(arg).startswith(root + os.sep):
+        return os.path.relpath(arg, root)
+    return arg
 
 
 def _eager_projection_bytes(length: int, batch: int) -> int:
@@ -170,6 +234,8 @@ def main() -> None:
         if kind == "time":
             methods, length, reps, batch = rest[0].split(","), int(rest[1]), int(rest[2]), int(rest[3])
             print(json.dumps(worker_time(methods, length, reps, batch)))
+        elif kind == "rows":
+            print(json.dumps(worker_rows(int(rest[0]), int(rest[1]))))
         else:
             print(json.dumps(worker_memory(rest[0], int(rest[1]), int(rest[2]))))
         return
@@ -182,13 +248,15 @@ def main() -> None:
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "ram_bytes": total_ram,
                     "torch": torch.__version__, "transformers": transformers.__version__},
         "config": {**CONFIG, "batch": BATCH, "padding": "rows 0,2,4,6 right-padded by L/8"},
-        "command": "python benchmarks/bench_capture.py " + " ".join(sys.argv[1:]),
+        "command": "python benchmarks/bench_capture.py " + " ".join(_portable(a) for a in sys.argv[1:]),
         "notes": [],
         "runs": [],
     }
     for length in args.lengths:
         reps = args.reps if length <= 512 else args.reps_long
         row = {"L": length, "batch": BATCH}
+        print(f"L={length}: the capture's row computation in isolation", flush=True)
+        row["rows_isolated"] = _run_worker(["rows", str(length), str(BATCH)], 600)
         print(f"L={length}: timing sdpa vs capture ({reps} reps, alternating)", flush=True)
         row["time_sdpa_capture"] = _run_worker(["time", "sdpa,capture", str(length), str(reps), str(BATCH)], 3600)
         for method in ("sdpa", "capture"):
@@ -273,18 +341,34 @@ def _write(results: dict, out: str) -> None:
                 f"{c:.2f} | {_rel(c, base_c) if same_batch else 'n/a'} | {peak / gib:.3f} | "
                 f"{_rel(peak, base_m, 2) if same_batch else 'n/a'} | {inc / gib:.3f} |"
             )
-    lines += ["", "Work the capture itself adds (measured inside the captured forwards):", ""]
+    lines += ["", "Paired comparison (each capture run against the SDPA run just before it, same load):", ""]
+    for row in results["runs"]:
+        times = row.get("time_sdpa_capture", {}).get("times_s", {})
+        if times.get("sdpa") and times.get("capture"):
+            ratios = [c / p for p, c in zip(times["sdpa"], times["capture"])]
+            lines.append(f"- L={row['L']}: median capture/SDPA wall-time ratio {statistics.median(ratios):.3f} "
+                         f"(pairs: {', '.join(f'{r:.2f}' for r in ratios)})")
+    lines += ["", "The capture's own work:", ""]
     for row in results["runs"]:
         data = row.get("time_sdpa_capture", {})
         rows_s, enter_exit = data.get("capture_rows_s"), data.get("capture_enter_exit_s")
+        iso = row.get("rows_isolated", {})
         base_t = _median(row, "time_sdpa_capture", "sdpa")
-        if rows_s and enter_exit and base_t:
-            work = statistics.median(rows_s) + statistics.median(enter_exit)
-            lines.append(
-                f"- L={row['L']}: row computation {statistics.median(rows_s) * 1e3:.1f} ms median, enter+exit "
-                f"{statistics.median(enter_exit) * 1e3:.2f} ms median: {work / base_t * 100:.2f}% of the SDPA forward; "
-                f"logits identical with and without capture: {data.get('logits_identical')}"
-            )
+        if not (rows_s and enter_exit and base_t):
+            continue
+        line = (f"- L={row['L']}: inside the captured forwards the row computation took "
+                f"{statistics.median(rows_s) * 1e3:.1f} ms (median) and enter+exit "
+                f"{statistics.median(enter_exit) * 1e3:.2f} ms, together "
+                f"{(statistics.median(rows_s) + statistics.median(enter_exit)) / base_t * 100:.2f}% of the SDPA forward")
+        single = iso.get("median_s_1_threads")
+        if single is not None:
+            others = {k: v for k, v in iso.items() if k.startswith("median_s_") and k != "median_s_1_threads"}
+            line += (f"; in isolation on the same shapes {single * 1e3:.2f} ms with 1 thread"
+                     + "".join(f", {v * 1e3:.2f} ms with {k.split('_')[2]} threads" for k, v in others.items())
+                     + f". Tensors it creates: {iso['created_bytes'] / 2**20:.2f} MiB in all (the rows themselves "
+                     f"{iso['rows_bytes'] / 2**20:.2f} MiB), "
+                     f"{iso['created_bytes'] / row['memory_sdpa']['peak_rss_bytes'] * 100:.3f}% of SDPA's peak RSS")
+        lines.append(line + f"; logits identical with and without capture: {data.get('logits_identical')}")
     lines += ["", "Raw wall times (s):", ""]
     for row in results["runs"]:
         for key in ("time_sdpa_capture", "time_eager"):

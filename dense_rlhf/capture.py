@@ -213,11 +213,11 @@ class RewardAttentionCapture:
             )
         if isinstance(layer, bool) or not isinstance(layer, int):
             raise TypeError(f"layer must be an int, got {type(layer).__name__}")
-        if reward_index is not None and not isinstance(reward_index, (int, torch.Tensor)) or isinstance(reward_index, bool):
-            raise TypeError(f"reward_index must be None, an int or a [B] integer tensor, got {type(reward_index).__name__}")
+        if isinstance(reward_index, bool) or not isinstance(reward_index, (type(None), int, torch.Tensor)):
+            raise TypeError(f"reward_index must be None, an int or a [B] integer tensor, got {reward_index!r}")
         if isinstance(reward_index, torch.Tensor) and (
-            reward_index.dtype.is_floating_point or reward_index.dtype in (torch.bool, torch.complex64, torch.complex128)
-            or reward_index.dim() > 1
+            reward_index.dtype.is_floating_point or reward_index.dtype.is_complex
+            or reward_index.dtype == torch.bool or reward_index.dim() > 1
         ):
             raise TypeError(f"reward_index tensor must be integer with shape [B], got {reward_index.dtype} "
                             f"{tuple(reward_index.shape)}")
@@ -407,7 +407,8 @@ class RewardAttentionCapture:
         causal = bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
         if kind == "flash" and attention_mask is None:
             if kwargs.get("cu_seq_lens_q") is not None:
-                raise NotImplementedError("capture_reward_attention: padding-free (cu_seq_lens) batches are not supported")
+                raise NotImplementedError(
+                    "capture_reward_attention: padding-free (cu_seq_lens) batches are not supported")
             from transformers.modeling_flash_attention_utils import _is_packed_sequence
 
             if _is_packed_sequence(kwargs.get("position_ids"), batch):

@@ -456,7 +456,8 @@ def test_threads():
     for t in threads:
         t.join()
     assert not errors
-    torch.testing.assert_close(results["llama"], eager_rows("llama", ids, mask, -1, expected_index("llama", ids)), **TOL)
+    torch.testing.assert_close(results["llama"], eager_rows("llama", ids, mask, -1, expected_index("llama", ids)),
+                               **TOL)
     torch.testing.assert_close(results["qwen"], eager_rows("qwen2", ids2, mask2, -1, expected_index("qwen2", ids2)),
                                **TOL)
 
