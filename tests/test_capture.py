@@ -68,6 +68,15 @@ def _bert(attn):
         max_position_embeddings=64, pad_token_id=PAD, num_labels=1, attn_implementation=attn))
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The models are tiny: one intra-op thread is faster, and much faster on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 ARCHS = {"llama": _llama, "gpt2": _gpt2, "qwen2": _qwen2, "mistral": _mistral, "bert": _bert}
 _cache: dict = {}
 
