@@ -98,7 +98,7 @@ def make_batch(padding, seed=1):
     ids = torch.randint(1, VOCAB, (B, L), generator=g)
     mask = torch.ones(B, L, dtype=torch.long)
     for row, pad in enumerate([0, 4, 7][:B]):
-        if pad:
+        if pad and padding != "none":
             if padding == "left":
                 mask[row, :pad] = 0
             else:
@@ -136,7 +136,7 @@ def _no_registrations():
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
-@pytest.mark.parametrize("padding", ["right", "left"])
+@pytest.mark.parametrize("padding", ["right", "left", "none"])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_rows_match_eager_output_attentions(arch, padding, attn):
     model = make_model(arch, attn)
