@@ -41,15 +41,21 @@ def want_cuda() -> bool:
 
 def extension():
     sources = ["csrc/dense_rewards.cpp", "csrc/cpu/dense_rewards_cpu.cpp"]
-    cxx_flags = ["-O3"]  # the C++ standard is the one torch's headers need (cpp_extension sets it)
+    # The C++ standard is the one torch's headers need (cpp_extension sets it). -fopenmp: at::parallel_for
+    # is inline OpenMP code in torch's builds, a serial loop without it; it links the libgomp torch loaded.
+    cxx_flags = ["-O3", "-fopenmp"]
+    link_flags = ["-fopenmp"]
     if not want_cuda():
-        return cpp_extension.CppExtension("dense_rlhf._C", sources, extra_compile_args={"cxx": cxx_flags})
+        return cpp_extension.CppExtension(
+            "dense_rlhf._C", sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags
+        )
     sources += sorted(glob.glob("csrc/cuda/*.cpp")) + sorted(glob.glob("csrc/cuda/*.cu"))
     return cpp_extension.CUDAExtension(
         "dense_rlhf._C",
         sources,
         define_macros=[("DENSE_RLHF_WITH_CUDA", "1")],
         extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo"]},
+        extra_link_args=link_flags,
     )
 
 
