@@ -1,0 +1,287 @@
+"""Running and summarising the reward-method comparison: one PPO run per (method, seed), the summary
+statistics, the credit diagnostics, and the JSON / markdown / PNG outputs. Used by ``dense-rlhf demo``
+and ``dense-rlhf experiment``.
+
+Definitions (the issue's):
+- curve: the seed-mean ground-truth score per PPO step, smoothed by a trailing 5-step moving average.
+- threshold: 80% of the way from the SFT policy's score (mean over seeds of step 0) to the best method's
+  final score; steps-to-threshold is the first step whose smoothed seed-mean reaches it (per seed too).
+- final score: per seed, the mean over the last ``final_window`` steps; mean and std over seeds.
+- late-training spread: the std over seeds of the score at each step, averaged over the last quarter of
+  the steps.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from dense_rlhf import methods as M
+from dense_rlhf import sentiment_task as task
+from dense_rlhf.diagnostics import credit_diagnostics
+from dense_rlhf.models import SetupConfig, load_or_train
+from dense_rlhf.ppo import PolicyWithValue, PPOConfig, generate, train
+
+
+def prompt_sampler(codec: task.Codec, seed: int):
+    rng = random.Random(seed)
+
+    def sample(n: int) -> torch.Tensor:
+        return codec.encode(task.sample_prompts(rng, n))
+
+    return sample
+
+
+def run_one(method: str, seed: int, setup: SetupConfig, ppo: PPOConfig, cache_dir=None, on_step=None) -> dict:
+    """One PPO run from the cached SFT policy with one reward method; returns its per-step curves."""
+    codec, sft, rm, _ = load_or_train(setup, cache_dir, log=None)
+    torch.manual_seed(seed)
+    policy = PolicyWithValue(copy.deepcopy(sft), codec.special_ids)
+    t0 = time.time()
+    history = train(policy, sft, prompt_sampler(codec, 10_000 + seed), setup.completion_len,
+                    M.make_score_fn(method, rm, codec), ppo, seed, on_step)
+    curves = {key: [h[key] for h in history] for key in ("gt_score", "rm_score", "kl", "pg_loss", "vf_loss")}
+    return {"method": method, "seed": seed, "seconds": time.time() - t0, "curves": curves}
+
+
+def _run_job(args):
+    method, seed, setup, ppo, cache_dir, threads = args
+    torch.set_num_threads(threads)
+    return run_one(method, seed, setup, ppo, cache_dir)
+
+
+def run_many(jobs: list[tuple[str, int]], setup: SetupConfig, ppo: PPOConfig, cache_dir=None, workers: int = 1,
+             progress=None) -> list[dict]:
+    """All (method, seed) runs, in ``workers`` processes with one torch thread each (the models are tiny)."""
+    args = [(m, s, setup, ppo, str(cache_dir) if cache_dir else None, 1) for m, s in jobs]
+    results = []
+    if workers <= 1:
+        for a in args:
+            results.append(_run_job(a))
+            if progress:
+                progress(results[-1])
+        return results
+    import multiprocessing as mp
+
+    with mp.get_context("spawn").Pool(workers) as pool:
+        for res in pool.imap_unordered(_run_job, args):
+            results.append(res)
+            if progress:
+                progress(res)
+    results.sort(key=lambda r: (M.METHODS.index(r["method"]), r["seed"]))
+    return results
+
+
+# ------------------------------------------------------------------------------------------- statistics
+
+
+def moving_average(xs: list[float], window: int = 5) -> list[float]:
+    out = []
+    for i in range(len(xs)):
+        chunk = xs[max(0, i - window + 1) : i + 1]
+        out.append(sum(chunk) / len(chunk))
+    return out
+
+
+def _mean(xs):
+    return sum(xs) / len(xs)
+
+
+def _std(xs):
+    if len(xs) < 2:
+        return 0.0
+    m = _mean(xs)
+    return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+
+
+def first_reach(curve: list[float], threshold: float) -> int | None:
+    for i, v in enumerate(curve):
+        if v >= threshold:
+            return i
+    return None
+
+
+def summarise(results: list[dict], final_window: int = 10, key: str = "gt_score") -> dict:
+    """Per-method statistics of the ground-truth score curves (see the module docstring)."""
+    by_method: dict[str, list[list[float]]] = {}
+    for r in results:
+        by_method.setdefault(r["method"], []).append(r["curves"][key])
+    steps = min(len(c) for cs in by_method.values() for c in cs)
+    stats = {}
+    for m, curves in by_method.items():
+        curves = [c[:steps] for c in curves]
+        mean_curve = [_mean([c[i] for c in curves]) for i in range(steps)]
+        std_curve = [_std([c[i] for c in curves]) for i in range(steps)]
+        finals = [_mean(c[-final_window:]) for c in curves]
+        late = max(1, steps // 4)
+        stats[m] = {
+            "seeds": len(curves),
+            "mean_curve": mean_curve,
+            "std_curve": std_curve,
+            "start": mean_curve[0],
+            "final_mean": _mean(finals),
+            "final_std": _std(finals),
+            "late_spread": _mean(std_curve[-late:]),
+            "final_kl": _mean([_mean(r["curves"]["kl"][steps - final_window : steps]) for r in results
+                               if r["method"] == m]),
+        }
+    start = _mean([s["start"] for s in stats.values()])
+    best = max(s["final_mean"] for s in stats.values())
+    threshold = start + 0.8 * (best - start)
+    for m, s in stats.items():
+        s["steps_to_threshold"] = first_reach(moving_average(s["mean_curve"]), threshold)
+        per_seed = [first_reach(moving_average(r["curves"][key][:steps]), threshold) for r in results
+                    if r["method"] == m]
+        s["per_seed_steps_to_threshold"] = per_seed
+        reached = sorted(x for x in per_seed if x is not None)
+        s["seeds_reaching"] = len(reached)
+        s["median_seed_steps"] = _median_with_never(per_seed)
+    return {"steps": steps, "sft_score": start, "best_final": best, "threshold": threshold, "methods": stats}
+
+
+def _median_with_never(values: list[int | None]) -> float | None:
+    """Median where 'never' counts as larger than any step (None if the median itself is 'never')."""
+    keyed = sorted(values, key=lambda v: math.inf if v is None else v)
+    n = len(keyed)
+    mid = keyed[(n - 1) // 2], keyed[n // 2]
+    if mid[0] is None or mid[1] is None:
+        return None
+    return (mid[0] + mid[1]) / 2
+
+
+# ------------------------------------------------------------------------------------------ diagnostics
+
+
+@torch.no_grad()
+def credit_report(setup: SetupConfig, cache_dir=None, n: int = 512, seed: int = 123) -> dict:
+    """Diagnostics of ABC's alpha (RM attention), ABC-D's alpha (SFT policy attention) and uniform against
+    the leave-one-out true credit, on completions sampled from the SFT policy and on grammar texts."""
+    codec, sft, rm, _ = load_or_train(setup, cache_dir, log=None)
+    policy = PolicyWithValue(sft, codec.special_ids)
+    gen = torch.Generator().manual_seed(seed)
+    n_new = setup.completion_len
+    seq = generate(policy, prompt_sampler(codec, seed)(n), n_new, gen)
+    rng = random.Random(seed)
+    grammar = codec.encode([task.sample_words(rng, task.Style.random_for_preferences(rng), task.PROMPT_WORDS + n_new)
+                            for _ in range(n)])
+    out = {}
+    for name, s in (("sft_samples", seq), ("grammar_texts", grammar)):
+        credit = task.credits_of(codec, s)
+        ids, _ = M.rm_inputs(codec, s)
+        _, rows = M.score_with_attention(rm, ids)
+        p = task.PROMPT_LEN
+        from dense_rlhf.capture import capture_reward_attention
+
+        with capture_reward_attention(sft, layer=-1, reward_index=s.shape[1] - 1) as cap:
+            sft(input_ids=s, use_cache=False)
+        out[name] = {
+            "abc": credit_diagnostics(rows.mean(1)[:, p : p + n_new], credit),
+            "abcd": credit_diagnostics(cap.rows.mean(1)[:, p : p + n_new], credit),
+            "uniform": credit_diagnostics(torch.ones(s.shape[0], n_new), credit),
+        }
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ outputs
+
+
+def _fmt(x, digits=2):
+    return "never" if x is None else (f"{x:.{digits}f}" if isinstance(x, float) else str(x))
+
+
+def markdown_table(summary: dict, credit: dict | None, rm_metrics: dict | None) -> str:
+    lines = [
+        f"Threshold: {summary['threshold']:.2f} = SFT score {summary['sft_score']:.2f} + 80% of the way to the "
+        f"best method's final score {summary['best_final']:.2f} ({summary['steps']} PPO steps).",
+        "",
+        "| method | seeds | steps to threshold (seed mean, 5-step MA) | per-seed median steps (seeds reaching) "
+        "| final score mean ± std | late-training spread | final KL |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for m in M.METHODS:
+        s = summary["methods"].get(m)
+        if s is None:
+            continue
+        lines.append(
+            f"| {M.LABELS[m]} | {s['seeds']} | {_fmt(s['steps_to_threshold'])} | "
+            f"{_fmt(s['median_seed_steps'], 1)} ({s['seeds_reaching']}/{s['seeds']}) | "
+            f"{s['final_mean']:.2f} ± {s['final_std']:.2f} | {s['late_spread']:.2f} | {s['final_kl']:.2f} |"
+        )
+    sp, ab = summary["methods"].get("sparse"), summary["methods"].get("abc-0.8")
+    if sp and ab:
+        ratio = (ab["steps_to_threshold"] / sp["steps_to_threshold"]
+                 if ab["steps_to_threshold"] is not None and sp["steps_to_threshold"] else None)
+        lines += ["", f"ABC (beta=0.8) / sparse steps-to-threshold ratio: {_fmt(ratio)} (target <= 0.6)."]
+    if rm_metrics:
+        lines += ["", "Reward model, held-out preference pairs: accuracy against the Bradley-Terry labels "
+                  f"{rm_metrics['label_accuracy']:.3f}, against the hidden-score order "
+                  f"{rm_metrics['true_order_accuracy']:.3f}; corr(RM score, hidden score) "
+                  f"{rm_metrics['score_correlation']:.3f}."]
+    if credit:
+        lines += ["", "Credit diagnostics: alpha against |leave-one-out true credit| per completion "
+                  "(Spearman rho; top-k overlap with k = number of credited tokens; alpha mass on credited tokens).",
+                  "", "| texts | alpha | Spearman rho | top-k overlap | mass on credited | random top-k |",
+                  "|---|---|---|---|---|---|"]
+        names = {"abc": "ABC (RM last layer, from [EOS])", "abcd": "ABC-D (SFT policy last layer)",
+                 "uniform": "uniform"}
+        for texts, d in credit.items():
+            for k in ("abc", "abcd", "uniform"):
+                x = d[k]
+                lines.append(f"| {texts} | {names[k]} | {x['spearman']:.3f} | {x['topk_overlap']:.3f} | "
+                             f"{x['mass_on_credited']:.3f} | {x['random_topk_overlap']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: dict, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for m in M.METHODS:
+        s = summary["methods"].get(m)
+        if s is None:
+            continue
+        mean = moving_average(s["mean_curve"])
+        std = moving_average(s["std_curve"])
+        xs = list(range(len(mean)))
+        ax.plot(xs, mean, label=M.LABELS[m], lw=2 if m in ("sparse", "abc-0.8") else 1.2)
+        ax.fill_between(xs, [a - b for a, b in zip(mean, std)], [a + b for a, b in zip(mean, std)], alpha=0.15)
+    ax.axhline(summary["threshold"], color="k", ls=":", lw=1, label="threshold")
+    ax.set_xlabel("PPO step")
+    ax.set_ylabel("ground-truth score (5-step MA, ±1 std over seeds)")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_outputs(out_dir: Path, name: str, results: list[dict], summary: dict, credit: dict | None,
+                  meta: dict) -> dict:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out_dir / f"{name}.json", "table": out_dir / f"{name}.md", "plot": out_dir / f"{name}.png"}
+    rm_metrics = meta.get("reward_model")
+    table = markdown_table(summary, credit, rm_metrics)
+    paths["table"].write_text(f"# {meta.get('title', name)}\n\n{table}")
+    payload = {"meta": meta, "summary": summary, "credit_diagnostics": credit, "runs": results}
+    paths["json"].write_text(json.dumps(payload, indent=1))
+    plot(summary, paths["plot"], meta.get("title", name))
+    return {k: str(v) for k, v in paths.items()}
+
+
+def default_workers() -> int:
+    return max(1, min(2, os.cpu_count() or 1))
+
+
+def config_dict(setup: SetupConfig, ppo: PPOConfig) -> dict:
+    return {"setup": asdict(setup), "ppo": asdict(ppo)}

@@ -1,0 +1,33 @@
+"""End to end: ``dense-rlhf demo --quick`` (what CI runs) and a tiny ``dense-rlhf experiment``, in temp dirs."""
+
+import json
+
+from dense_rlhf import cli
+
+
+def test_demo_quick_then_tiny_experiment(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("DENSE_RLHF_CACHE", str(cache))
+    out = tmp_path / "demo"
+    assert cli.main(["demo", "--quick", "--out", str(out), "--examples", "2"]) == 0
+    for name in ("credit.html", "demo.png", "demo.md", "demo.json"):
+        assert (out / name).stat().st_size > 0
+    data = json.loads((out / "demo.json").read_text())
+    assert {r["method"] for r in data["runs"]} == {"sparse", "abc-0.8"}
+    for run in data["runs"]:
+        assert len(run["curves"]["gt_score"]) == len(run["curves"]["kl"]) == 12
+    assert 0.5 < data["meta"]["reward_model"]["label_accuracy"] <= 1.0
+    assert "<span" in (out / "credit.html").read_text()
+    setups = list(cache.glob("setup-*"))
+    assert len(setups) == 1  # trained once ...
+
+    res = tmp_path / "results"
+    argv = ["experiment", "--quick", "--steps", "2", "--seeds", "1", "--lam", "0.95", "--workers", "1",
+            "--methods", "sparse,abc-0.5,uniform,abcd", "--out", str(res)]
+    assert cli.main(argv) == 0
+    assert list(cache.glob("setup-*")) == setups  # ... and reused by the experiment
+    data = json.loads((res / "experiment_lam0.95.json").read_text())
+    assert len(data["runs"]) == 4
+    credit = data["credit_diagnostics"]["sft_samples"]
+    assert credit["uniform"]["spearman"] == 0.0 and credit["abc"]["n"] > 0
+    assert (res / "experiment.md").exists() and (res / "experiment_lam0.95.png").exists()
