@@ -200,10 +200,23 @@ def worker_rows(length: int, batch: int) -> dict:
 
 def _run_worker(args: list[str], timeout: float) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    env = dict(os.environ)
+    if args[0] == "mem":
+        # A fixed mmap threshold: glibc then serves every allocation of 64 KiB or more with mmap and unmaps it
+        # on free, so RSS follows the live tensors instead of heap fragmentation and its dynamic threshold.
+        env["MALLOC_MMAP_THRESHOLD_"] = str(64 * 1024)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     if proc.returncode != 0:
         return {"error": f"exit {proc.returncode}: {proc.stderr.strip()[-800:]}"}
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _median_memory(runs: list[dict]) -> dict:
+    good = [r for r in runs if "error" not in r]
+    if not good:
+        return runs[0]
+    return {key: statistics.median(r[key] for r in good) for key in ("rss_before_bytes", "peak_rss_bytes",
+                                                                     "forward_increment_bytes")}
 
 
 def _portable(arg: str) -> str:
@@ -225,6 +238,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5, help="timed repetitions for L <= 512")
     parser.add_argument("--reps-long", type=int, default=3, help="timed repetitions for L > 512")
     parser.add_argument("--eager-reps-long", type=int, default=1)
+    parser.add_argument("--memory-reps", type=int, default=2, help="peak-RSS processes per (method, L)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "cpu"))
     parser.add_argument("--worker", nargs="*")
     args = parser.parse_args()
@@ -259,9 +273,13 @@ def main() -> None:
         row["rows_isolated"] = _run_worker(["rows", str(length), str(BATCH)], 600)
         print(f"L={length}: timing sdpa vs capture ({reps} reps, alternating)", flush=True)
         row["time_sdpa_capture"] = _run_worker(["time", "sdpa,capture", str(length), str(reps), str(BATCH)], 3600)
+        for repeat in range(args.memory_reps):  # interleaved, one process each
+            for method in ("sdpa", "capture"):
+                print(f"L={length}: memory {method} ({repeat + 1}/{args.memory_reps})", flush=True)
+                row.setdefault(f"memory_{method}_all", []).append(
+                    _run_worker(["mem", method, str(length), str(BATCH)], 1800))
         for method in ("sdpa", "capture"):
-            print(f"L={length}: memory {method}", flush=True)
-            row[f"memory_{method}"] = _run_worker(["mem", method, str(length), str(BATCH)], 1800)
+            row[f"memory_{method}"] = _median_memory(row[f"memory_{method}_all"])
 
         projected = _eager_projection_bytes(length, BATCH)
         if projected > MEMORY_BUDGET_FRACTION * total_ram:
@@ -313,7 +331,8 @@ def _write(results: dict, out: str) -> None:
         "",
         "Time: median wall and CPU (process) seconds per forward; plain SDPA and SDPA+capture alternate in one "
         "process. Peak RSS: VmHWM of a separate process per (method, L), reset just before the forward "
-        "(process total, model included); 'forward +' is the peak minus the RSS before the forward.",
+        "(process total, model included; median over the processes, glibc's mmap threshold fixed at 64 KiB); "
+        "'forward +' is the peak minus the RSS before the forward.",
         "",
         "| L | method | B | wall median (s) | wall vs SDPA | CPU median (s) | CPU vs SDPA | peak RSS (GiB) "
         "| peak vs SDPA | forward + (GiB) |",
