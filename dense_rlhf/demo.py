@@ -31,6 +31,8 @@ def parse_args(argv):
     p.add_argument("--quick", action="store_true", help="tiny, fast version (smoke test)")
     p.add_argument("--seeds", type=int, default=None, help="seeds per method (default 3, quick 1)")
     p.add_argument("--steps", type=int, default=None, help="PPO steps per run (default 60, quick 12)")
+    p.add_argument("--lam", type=float, default=0.8,
+                   help="GAE lambda (default 0.8; at 0.95 ABC's lead is small, see experiments/README.md)")
     p.add_argument("--examples", type=int, default=4, help="completions to show")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="dense-rlhf-demo", help="output folder (default ./dense-rlhf-demo)")
@@ -53,7 +55,7 @@ def main(argv: list[str]) -> int:
     setup = replace(SETUP, seed=args.seed, **(QUICK_SETUP if args.quick else {}))
     steps = args.steps or (12 if args.quick else 60)
     n_seeds = args.seeds or (1 if args.quick else 3)
-    ppo = replace(PPO, steps=steps)
+    ppo = replace(PPO, steps=steps, lam=args.lam)
     cache = cache_root(args.cache_dir)
 
     console.rule("[bold]1. SFT policy and reward model")
@@ -81,7 +83,7 @@ def main(argv: list[str]) -> int:
     html_path.write_text(html_page(examples, "ABC per-token credit on SFT completions"))
     console.print(f"wrote {html_path}")
 
-    console.rule(f"[bold]3. PPO: sparse against ABC ({n_seeds} seed(s) x {steps} steps each)")
+    console.rule(f"[bold]3. PPO: sparse against ABC ({n_seeds} seed(s) x {steps} steps each, GAE lambda {args.lam:g})")
     results = []
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                   TimeElapsedColumn(), console=console) as progress:
@@ -97,7 +99,8 @@ def main(argv: list[str]) -> int:
 
     console.rule("[bold]4. Results")
     summary = study.summarise(results, final_window=min(10, max(1, steps // 4)))
-    meta = {"title": f"demo: sparse vs ABC, {n_seeds} seed(s), {steps} PPO steps" + (" (--quick)" if args.quick else ""),
+    meta = {"title": f"demo: sparse vs ABC, {n_seeds} seed(s), {steps} PPO steps, GAE lambda {args.lam:g}"
+            + (" (--quick)" if args.quick else ""),
             "command": "dense-rlhf demo " + " ".join(argv), "reward_model": rmm,
             "config": study.config_dict(setup, ppo)}
     paths = study.write_outputs(out, "demo", results, summary, None, meta)

@@ -39,6 +39,8 @@ def parse_args(argv):
     p.add_argument("--workers", type=int, default=study.default_workers(), help="parallel runs (1 thread each)")
     p.add_argument("--out", default="experiments/results", help="output folder")
     p.add_argument("--name", default="experiment", help="output file stem")
+    p.add_argument("--rm-layers", type=int, default=SETUP.rm_n_layer,
+                   help=f"reward-model layers (default {SETUP.rm_n_layer}); ABC reads the last one")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads of the main process (SFT/RM training); runs always use 1 each")
     p.add_argument("--quick", action="store_true", help="the demo's small SFT/RM setup (smoke test only)")
@@ -55,7 +57,7 @@ def main(argv: list[str]) -> int:
         if m not in M.METHODS:
             raise SystemExit(f"unknown method {m!r}; choose from {M.METHODS}")
     lams = [float(x) for x in args.lam.split(",") if x.strip()]
-    setup = replace(SETUP, seed=args.seed, **(QUICK_SETUP if args.quick else {}))
+    setup = replace(SETUP, seed=args.seed, rm_n_layer=args.rm_layers, **(QUICK_SETUP if args.quick else {}))
     base = replace(PPO, steps=args.steps, kl_coef=args.kl_coef, lr=args.lr, batch_size=args.batch_size,
                    whiten_rewards=args.whiten_rewards)
     cache = cache_root(args.cache_dir)
