@@ -28,7 +28,7 @@ from dense_rlhf.capture import capture_reward_attention
 
 @dataclass
 class PPOConfig:
-    steps: int = 60
+    steps: int = 100
     batch_size: int = 32
     minibatch_size: int = 16
     ppo_epochs: int = 4

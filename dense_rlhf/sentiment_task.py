@@ -28,7 +28,7 @@ PAD, BOS, EOS, UNK = "[PAD]", "[BOS]", "[EOS]", "[UNK]"
 SPECIAL_TOKENS = [PAD, BOS, EOS, UNK]
 PROMPT_WORDS = 3  # words after [BOS]
 PROMPT_LEN = PROMPT_WORDS + 1  # tokens, [BOS] included
-COMPLETION_LEN = 12
+COMPLETION_LEN = 20
 
 POSITIVE = {
     **dict.fromkeys(
