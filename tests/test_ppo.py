@@ -106,7 +106,7 @@ def test_capture_rows_match_eager_attention(tiny):
     assert torch.allclose(rows, att, atol=1e-5)
 
 
-def test_short_ppo_run_improves_nothing_breaks(tiny):
+def test_short_ppo_run_updates_the_policy_and_logs_finite_metrics(tiny):
     codec, lm, rm = tiny
     import copy
     import random
@@ -123,4 +123,4 @@ def test_short_ppo_run_improves_nothing_breaks(tiny):
         assert {"gt_score", "rm_score", "kl", "pg_loss", "vf_loss"} <= set(h)
     assert hist[0]["kl"] == pytest.approx(0.0, abs=1e-5)  # the first rollout is the reference policy
     assert any(not torch.equal(a, b) for a, b in zip(before, policy.parameters()))
-    assert all(not p.requires_grad for p in lm.parameters()) or True
+    assert all(not p.requires_grad for p in lm.parameters())  # the reference is frozen
