@@ -241,7 +241,13 @@ def main() -> None:
     parser.add_argument("--memory-reps", type=int, default=2, help="peak-RSS processes per (method, L)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "cpu"))
     parser.add_argument("--worker", nargs="*")
+    parser.add_argument("--render", action="store_true", help="only rewrite capture.md from capture.json in --out")
     args = parser.parse_args()
+
+    if args.render:
+        with open(os.path.join(args.out, "capture.json")) as f:
+            _write(json.load(f), args.out)
+        return
 
     if args.worker is not None:
         kind, *rest = args.worker
@@ -292,7 +298,7 @@ def main() -> None:
         else:
             eager_batch, eager_reps = BATCH, (reps if length <= 512 else args.eager_reps_long)
         if eager_reps < reps:
-            results["notes"].append(f"L={length}: eager timed with {eager_reps} repetition(s) (slow on this machine)")
+            results["notes"].append(f"L={length}: eager timed with {eager_reps} repetition(s), to keep the run short")
         row["eager_batch"] = eager_batch
         print(f"L={length}: timing eager (B={eager_batch}, {eager_reps} reps)", flush=True)
         row["time_eager"] = _run_worker(["time", "eager", str(length), str(eager_reps), str(eager_batch)], 3600)
@@ -360,6 +366,15 @@ def _write(results: dict, out: str) -> None:
                 f"{c:.2f} | {_rel(c, base_c) if same_batch else 'n/a'} | {peak / gib:.3f} | "
                 f"{_rel(peak, base_m, 2) if same_batch else 'n/a'} | {inc / gib:.3f} |"
             )
+    lines += ["", "Target: SDPA + capture at most 3% time and 2% peak memory over plain SDPA.", ""]
+    for row in results["runs"]:
+        t, base_t = _median(row, "time_sdpa_capture", "capture"), _median(row, "time_sdpa_capture", "sdpa")
+        peak = row.get("memory_capture", {}).get("peak_rss_bytes")
+        base_m = row.get("memory_sdpa", {}).get("peak_rss_bytes")
+        if t and base_t and peak and base_m:
+            dt, dm = (t / base_t - 1) * 100, (peak / base_m - 1) * 100
+            verdict = "met" if dt <= 3 and dm <= 2 else "NOT met"
+            lines.append(f"- L={row['L']}: time {dt:+.1f}%, peak RSS {dm:+.2f}%: {verdict}")
     lines += ["", "Paired comparison (each capture run against the SDPA run just before it, same load):", ""]
     for row in results["runs"]:
         times = row.get("time_sdpa_capture", {}).get("times_s", {})
