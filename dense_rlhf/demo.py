@@ -43,11 +43,12 @@ def parse_args(argv):
 
 def main(argv: list[str]) -> int:
     from rich.console import Console
-    from rich.markdown import Markdown
+    from rich.table import Table
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    study.quiet_transformers()
     console = Console()
     t0 = time.time()
     out = Path(args.out)
@@ -104,7 +105,13 @@ def main(argv: list[str]) -> int:
             "command": "dense-rlhf demo " + " ".join(argv), "reward_model": rmm,
             "config": study.config_dict(setup, ppo)}
     paths = study.write_outputs(out, "demo", results, summary, None, meta)
-    console.print(Markdown(study.markdown_table(summary, None, rmm)))
+    table = Table(title=f"true score, threshold {summary['threshold']:.2f} (SFT {summary['sft_score']:.2f})")
+    for col in ("method", "steps to threshold", "final mean ± std", "late spread", "final KL"):
+        table.add_column(col)
+    for method, s in summary["methods"].items():
+        table.add_row(M.LABELS[method], str(s["steps_to_threshold"] if s["steps_to_threshold"] is not None else "never"),
+                      f"{s['final_mean']:.2f} ± {s['final_std']:.2f}", f"{s['late_spread']:.2f}", f"{s['final_kl']:.1f}")
+    console.print(table)
     console.print(f"wrote {paths['plot']}, {paths['table']}, {paths['json']}, {html_path}")
     console.print(f"done in {time.time() - t0:.0f}s")
     return 0

@@ -51,6 +51,7 @@ def parse_args(argv):
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    study.quiet_transformers()
     t0 = time.time()
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for m in methods:

@@ -52,9 +52,17 @@ def run_one(method: str, seed: int, setup: SetupConfig, ppo: PPOConfig, cache_di
     return {"method": method, "seed": seed, "seconds": time.time() - t0, "curves": curves}
 
 
+def quiet_transformers() -> None:
+    """No weight-loading / shard-writing progress bars from transformers (they drown the CLI output)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def _run_job(args):
     method, seed, setup, ppo, cache_dir, threads = args
     torch.set_num_threads(threads)
+    quiet_transformers()
     return run_one(method, seed, setup, ppo, cache_dir)
 
 
@@ -217,9 +225,14 @@ def markdown_table(summary: dict, credit: dict | None, rm_metrics: dict | None) 
         )
     sp, ab = summary["methods"].get("sparse"), summary["methods"].get("abc-0.8")
     if sp and ab:
-        ratio = (ab["steps_to_threshold"] / sp["steps_to_threshold"]
-                 if ab["steps_to_threshold"] is not None and sp["steps_to_threshold"] else None)
-        lines += ["", f"ABC (beta=0.8) / sparse steps-to-threshold ratio: {_fmt(ratio)} (target <= 0.6)."]
+        a, b = ab["steps_to_threshold"], sp["steps_to_threshold"]
+        if a is not None and b:
+            verdict = f"{a / b:.2f}"
+        elif a is not None:
+            verdict = f"below {a / summary['steps']:.2f} (ABC at step {a}; sparse never within {summary['steps']} steps)"
+        else:
+            verdict = "undefined (ABC never reached the threshold)"
+        lines += ["", f"ABC (beta=0.8) / sparse steps-to-threshold ratio: {verdict} (target <= 0.6)."]
     if rm_metrics:
         lines += ["", "Reward model, held-out preference pairs: accuracy against the Bradley-Terry labels "
                   f"{rm_metrics['label_accuracy']:.3f}, against the hidden-score order "
