@@ -129,8 +129,18 @@ def _make_attention(orig: str):
 # ----------------------------------------------------------------------------------------- the rows
 
 
-def _reward_rows(query, key, attention_mask, index, *, kind, scaling, causal, sliding_window, softcap, position_bias):
-    """float32 [B, Hq, L]: softmax over keys of q[b, h, index[b]] . k[b, h // rep] * scaling + mask."""
+def _reward_rows(query, key, attention_mask, index, **kwargs):
+    """float32 [B, Hq, L]: softmax over keys of q[b, h, index[b]] . k[b, h // rep] * scaling + mask.
+
+    Autocast is switched off so that the rows stay float32 when the forward runs under it (trl trains reward
+    models with bf16 autocast, which stays on the trained model's forward).
+    """
+    with torch.autocast(query.device.type, enabled=False):
+        return _reward_rows_fp32(query, key, attention_mask, index, **kwargs)
+
+
+def _reward_rows_fp32(query, key, attention_mask, index, *, kind, scaling, causal, sliding_window, softcap,
+                      position_bias):
     batch, q_heads, q_len, dim = query.shape
     kv_heads, length = key.shape[1], key.shape[2]
     if q_heads % kv_heads:

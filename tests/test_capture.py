@@ -594,3 +594,17 @@ def test_bfloat16_model():
     assert cap.rows.dtype == torch.float32
     torch.testing.assert_close(cap.rows, expected[torch.arange(B), :, index, :].float(), atol=2e-2, rtol=0)
     torch.testing.assert_close(cap.rows.sum(-1), torch.ones(B, 4), atol=1e-5, rtol=0)
+
+
+def test_under_bfloat16_autocast():
+    """A reward model trained with bf16 autocast (trl's default) keeps it on its forward: rows stay float32."""
+    model = make_model("llama")
+    ids, mask = make_batch("left")
+    index = expected_index("llama", ids)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        with capture_reward_attention(model) as cap:
+            model(input_ids=ids, attention_mask=mask)
+    expected = eager_rows("llama", ids, mask, -1, index)
+    assert cap.rows.dtype == torch.float32
+    torch.testing.assert_close(cap.rows, expected, atol=3e-2, rtol=0)
+    torch.testing.assert_close(cap.rows.sum(-1), torch.ones_like(cap.rows[..., 0]), atol=1e-5, rtol=0)
