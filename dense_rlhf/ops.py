@@ -71,10 +71,10 @@ def dense_rewards(
 
 def sparse_rewards(score: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Standard RLHF reward: the whole score on the last completion token, zero elsewhere (float32 [B, L])."""
-    score1, mask_b = _score_and_mask(score, mask, mask.shape[0] if mask.dim() == 2 else None)
+    score1, mask_b = _score_and_mask(score, mask)
     _check_mask_values(mask)
     last = last_true(mask_b)
-    _raise_on_empty(last)
+    _raise_on_empty(last < 0)
     out = torch.zeros(mask_b.shape, dtype=torch.float32, device=mask_b.device)
     out[torch.arange(mask_b.shape[0], device=mask_b.device), last] = score1
     return out
@@ -82,10 +82,10 @@ def sparse_rewards(score: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def uniform_rewards(score: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """The paper's uniform baseline: score / n on each of the n completion tokens (float32 [B, L])."""
-    score1, mask_b = _score_and_mask(score, mask, mask.shape[0] if mask.dim() == 2 else None)
+    score1, mask_b = _score_and_mask(score, mask)
     _check_mask_values(mask)
     count = mask_b.sum(dim=1)
-    _raise_on_empty(torch.where(count > 0, 0, -1))
+    _raise_on_empty(count == 0)
     return mask_b.float() * (score1 / count.clamp(min=1))[:, None]
 
 
@@ -130,14 +130,15 @@ def _normalise(attn, score, mask, beta, reward_index, backend, validate):
     return attn, score1, mask_b, index
 
 
-def _score_and_mask(score, mask, batch, attn=None):
-    """Check score and mask against B (and attn's device); return float32 [B] score and bool mask."""
+def _score_and_mask(score, mask, batch=None, attn=None):
+    """Check score and mask against B (default: mask's) and attn's device; return float32 [B] score, bool mask."""
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
     if mask.dtype.is_floating_point or mask.dtype.is_complex:
         raise TypeError(f"mask must be bool or an integer 0/1 tensor, got {mask.dtype}")
     if mask.dim() != 2:
         raise ValueError(f"mask must be [B, L], got {tuple(mask.shape)}")
+    batch = mask.shape[0] if batch is None else batch
     if not isinstance(score, torch.Tensor):
         raise TypeError(f"score must be a torch.Tensor, got {type(score).__name__}")
     if not score.dtype.is_floating_point:
@@ -162,8 +163,8 @@ def _check_mask_values(mask: torch.Tensor) -> None:
         raise ValueError("mask must hold only 0 and 1 (or be bool)")
 
 
-def _raise_on_empty(last: torch.Tensor) -> None:
-    empty = (last < 0).nonzero().flatten().tolist()
+def _raise_on_empty(empty_rows: torch.Tensor) -> None:
+    empty = empty_rows.nonzero().flatten().tolist()
     if empty:
         raise ValueError(f"mask has no completion token in rows {empty[:10]}: their score would be lost")
 

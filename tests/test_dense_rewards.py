@@ -124,6 +124,10 @@ def test_baselines():
         dense_rlhf.sparse_rewards(score, torch.tensor([[0, 0, 0, 0], [1, 0, 0, 0]]))
     with pytest.raises(ValueError, match="no completion token"):
         dense_rlhf.uniform_rewards(score, torch.tensor([[1, 0, 0, 0], [0, 0, 0, 0]]))
+    with pytest.raises(TypeError, match="mask must be a torch.Tensor"):
+        dense_rlhf.sparse_rewards(score, [[0, 1, 1, 0], [1, 1, 1, 1]])
+    with pytest.raises(ValueError, match="score must be \\[B\\] or \\[B, 1\\] with B=2"):
+        dense_rlhf.uniform_rewards(score[:1], mask)
 
 
 @pytest.mark.parametrize("backend", ["reference", pytest.param("native", marks=needs_native_cpu)])
