@@ -2,7 +2,12 @@
 
 import json
 
-from dense_rlhf import cli
+import pytest
+
+for needed in ("transformers", "trl", "datasets", "matplotlib", "rich"):
+    pytest.importorskip(needed)  # the demo's own dependencies (requirements-dev.txt), not the op's
+
+from dense_rlhf import cli  # noqa: E402
 
 
 def test_demo_quick_then_tiny_experiment(tmp_path, monkeypatch):

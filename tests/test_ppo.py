@@ -3,6 +3,8 @@ import math
 import pytest
 import torch
 
+pytest.importorskip("transformers")
+
 from dense_rlhf import methods as M
 from dense_rlhf import sentiment_task as task
 from dense_rlhf.models import SetupConfig, new_policy, new_reward_model

@@ -3,6 +3,8 @@ import random
 import pytest
 import torch
 
+pytest.importorskip("transformers")
+
 from dense_rlhf import sentiment_task as task
 from dense_rlhf.diagnostics import credit_diagnostics
 
