@@ -9,6 +9,9 @@
 # has a time limit, and the benchmark gets what is left of the budget.
 #
 # Usage, in the repository root:   OUT=/path/to/out bash benchmarks/gpu_check.sh
+# Python packages the machine lacks (trl, datasets and expecttest were missing from its image: their tests skip)
+# can travel as x86-64 / Python 3.12 wheels in .whl/ (see the device notes); they are installed into a scratch
+# folder on PYTHONPATH first.
 # Environment: PYTHON (default python), DENSE_RLHF_NCU=1 (profile), CHECK_BUDGET_S (default 460),
 #              BENCH_ARGS (extra arguments for the benchmark, e.g. "--quick").
 set -uo pipefail
@@ -26,6 +29,12 @@ trap 'rm -rf "$SCRATCH"' EXIT
 
 stage() { printf '\n==== %s (at %ss)\n' "$1" "$SECONDS"; }
 left() { echo $((BUDGET_S - SECONDS)); }
+
+if compgen -G ".whl/*.whl" >/dev/null; then
+  stage "carried wheels"
+  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SCRATCH/site" \
+    .whl/*.whl && export PYTHONPATH="$SCRATCH/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
 
 stage "device"
 {
