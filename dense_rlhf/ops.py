@@ -56,7 +56,7 @@ def dense_rewards(
     Returns:
         float32 [B, L] rewards on attn's device, zero outside the mask; never requires grad.
     """
-    attn4, score1, mask_b, index = _normalise(attn, score, mask, beta, reward_index, backend, validate)
+    attn4, score1, mask_b, index = _normalise(attn, score, mask, beta, reward_index, backend)
     if validate:
         _check_mask_values(mask)
     with torch.no_grad():
@@ -89,7 +89,7 @@ def uniform_rewards(score: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return mask_b.float() * (score1 / count.clamp(min=1))[:, None]
 
 
-def _normalise(attn, score, mask, beta, reward_index, backend, validate):
+def _normalise(attn, score, mask, beta, reward_index, backend):
     """Check types and shapes (no device sync) and bring inputs to the op's canonical form."""
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
