@@ -224,3 +224,19 @@ def test_cuda_offsets_past_2_pow_31_in_real_memory():
     out = dense_rlhf.dense_rewards(attn, score, mask, reward_index=index, backend="native")
     expected = dense_rlhf.dense_rewards(rows, score, mask, backend="reference")
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["reference", pytest.param("native", marks=needs_native_cpu)])
+def test_masks_with_gaps(device, backend):
+    """Completion tokens need not be contiguous (e.g. several assistant turns): gaps get no reward."""
+    g = torch.Generator().manual_seed(7)
+    attn = torch.rand(12, 3, 33, 33, generator=g).to(device)
+    mask = (torch.rand(12, 33, generator=g) > 0.5).to(device)
+    mask[:, 20] = True  # no empty row
+    score = (torch.randn(12, generator=g) * 3).to(device)
+    out = dense_rlhf.dense_rewards(attn, score, mask, backend=backend, beta=0.7)
+    expected = dense_rlhf.dense_rewards(attn, score, mask, backend="reference", beta=0.7)
+    assert_close_fp32(out, expected, score)
+    assert (out[~mask] == 0).all()
+    torch.testing.assert_close(out.sum(1), score, rtol=1e-5, atol=1e-5)
