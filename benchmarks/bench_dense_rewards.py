@@ -4,12 +4,12 @@
     python benchmarks/bench_dense_rewards.py --threads 1        # the full CPU grid
     python benchmarks/bench_dense_rewards.py --device cuda      # the full GPU grid, fp32 and bf16
 
-Results go to benchmarks/results/<device>/dense_rewards.{json,md,png}; see dense_rlhf/bench.py.
+Results go to benchmarks/results/<device>/dense_rewards.{json,md,png}; see dense_rlhf/bench/.
 """
 
 import sys
 
-from dense_rlhf.bench import main
+from dense_rlhf.bench.run import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -6,9 +6,9 @@ import importlib
 import sys
 
 _COMMANDS = {
-    "demo": ("dense_rlhf.demo", "train a small RLHF setup and compare sparse rewards with ABC"),
-    "experiment": ("dense_rlhf.experiment", "the full multi-seed comparison of reward methods"),
-    "bench": ("dense_rlhf.bench", "microbenchmarks of dense_rewards against the alternatives"),
+    "demo": ("dense_rlhf.study.demo", "train a small RLHF setup and compare sparse rewards with ABC"),
+    "experiment": ("dense_rlhf.study.experiment", "the full multi-seed comparison of reward methods"),
+    "bench": ("dense_rlhf.bench.run", "microbenchmarks of dense_rewards against the alternatives"),
 }
 
 

@@ -9,7 +9,8 @@ import json
 
 import pytest
 
-from dense_rlhf import _native, bench
+from dense_rlhf import _native
+from dense_rlhf.bench import run as bench
 
 pytestmark = pytest.mark.skipif(not _native.has_kernel("cpu"), reason="native CPU op not built")
 

@@ -5,10 +5,10 @@ import torch
 
 pytest.importorskip("transformers")
 
-from dense_rlhf import methods as M
-from dense_rlhf import sentiment_task as task
-from dense_rlhf.models import SetupConfig, new_policy, new_reward_model
-from dense_rlhf.ppo import (PolicyWithValue, PPOConfig, gae, generate, ppo_losses, response_logprobs, rollout,
+from dense_rlhf.study import methods as M
+from dense_rlhf.study import sentiment_task as task
+from dense_rlhf.study.models import SetupConfig, new_policy, new_reward_model
+from dense_rlhf.rl.ppo import (PolicyWithValue, PPOConfig, gae, generate, ppo_losses, response_logprobs, rollout,
                             train, whiten)
 
 

@@ -5,8 +5,8 @@ import torch
 
 pytest.importorskip("transformers")
 
-from dense_rlhf import sentiment_task as task
-from dense_rlhf.diagnostics import credit_diagnostics
+from dense_rlhf.study import sentiment_task as task
+from dense_rlhf.study.diagnostics import credit_diagnostics
 
 
 def words(text):

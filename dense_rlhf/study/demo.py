@@ -17,13 +17,13 @@ from pathlib import Path
 
 import torch
 
-from dense_rlhf import methods as M
-from dense_rlhf import sentiment_task as task
-from dense_rlhf import study
-from dense_rlhf.credit_view import examples_from, html_page, rich_lines
-from dense_rlhf.experiment import PPO, SETUP
-from dense_rlhf.models import QUICK_SETUP, cache_root, load_or_train
-from dense_rlhf.ppo import PolicyWithValue, generate
+from dense_rlhf.study import methods as M
+from dense_rlhf.study import sentiment_task as task
+from dense_rlhf.study import runs as study
+from dense_rlhf.study.credit_view import examples_from, html_page, rich_lines
+from dense_rlhf.study.experiment import PPO, SETUP
+from dense_rlhf.study.models import QUICK_SETUP, cache_root, load_or_train
+from dense_rlhf.rl.ppo import PolicyWithValue, generate
 
 
 def parse_args(argv):

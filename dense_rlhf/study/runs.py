@@ -24,11 +24,11 @@ from pathlib import Path
 
 import torch
 
-from dense_rlhf import methods as M
-from dense_rlhf import sentiment_task as task
-from dense_rlhf.diagnostics import credit_diagnostics
-from dense_rlhf.models import SetupConfig, load_or_train
-from dense_rlhf.ppo import PolicyWithValue, PPOConfig, generate, train
+from dense_rlhf.study import methods as M
+from dense_rlhf.study import sentiment_task as task
+from dense_rlhf.study.diagnostics import credit_diagnostics
+from dense_rlhf.study.models import SetupConfig, load_or_train
+from dense_rlhf.rl.ppo import PolicyWithValue, PPOConfig, generate, train
 
 
 def prompt_sampler(codec: task.Codec, seed: int):

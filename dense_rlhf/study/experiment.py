@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 
-from dense_rlhf import methods as M
-from dense_rlhf import study
-from dense_rlhf.models import QUICK_SETUP, SetupConfig, cache_root, load_or_train
-from dense_rlhf.ppo import PPOConfig
+from dense_rlhf.study import methods as M
+from dense_rlhf.study import runs as study
+from dense_rlhf.study.models import QUICK_SETUP, SetupConfig, cache_root, load_or_train
+from dense_rlhf.rl.ppo import PPOConfig
 
 # The study's settings (see experiments/README.md for why these values).
 SETUP = SetupConfig()

@@ -1,4 +1,4 @@
-"""The reward methods compared in the study, as per-token task rewards for ``dense_rlhf.ppo``.
+"""The reward methods compared in the study, as per-token task rewards for ``dense_rlhf.rl.ppo``.
 
 Each method turns the reward model's scalar score r_C of a completion into [B, N] rewards on the N
 response tokens, summing to r_C:
@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import torch
 
-from dense_rlhf import sentiment_task as task
+from dense_rlhf.study import sentiment_task as task
 from dense_rlhf.capture import capture_reward_attention
 from dense_rlhf.ops import dense_rewards, sparse_rewards, uniform_rewards
-from dense_rlhf.ppo import Rollout
+from dense_rlhf.rl.ppo import Rollout
 
 METHODS = ["sparse", "abc-0.5", "abc-0.8", "abc-1.0", "uniform", "abcd"]
 LABELS = {

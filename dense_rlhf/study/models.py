@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from dense_rlhf import sentiment_task as task
+from dense_rlhf.study import sentiment_task as task
 
 
 @dataclass

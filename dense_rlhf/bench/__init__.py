@@ -1,0 +1,1 @@
+"""Microbenchmarks of ``dense_rewards`` against every alternative a user has (``dense-rlhf bench``)."""
