@@ -147,7 +147,7 @@ else
     --time-budget 0.12 --max-wall-s $((bench_budget - 40)) ${BENCH_ARGS:-} 2>&1 | grep -v -i "warn"
   bench_rc=${PIPESTATUS[0]}
   echo "BENCH: rc=$bench_rc (1: a method disagreed with the reference, 124: time limit)"
-  results=$("$PYTHON" -c 'from dense_rlhf.bench.run import device_slug; print("benchmarks/results/" + device_slug("cuda"))')
+  results=$("$PYTHON" -c 'from dense_rlhf.bench.report import device_slug; print("benchmarks/results/" + device_slug("cuda"))')
   cp "$results"/dense_rewards.json "$results"/dense_rewards.md "$OUT"/ 2>/dev/null
   cp "$results"/dense_rewards.png "$OUT"/ 2>/dev/null
   sed -n '/^Targets:/,/^Every method/p' "$OUT/dense_rewards.md" 2>/dev/null

@@ -10,7 +10,8 @@ import json
 import pytest
 
 from dense_rlhf import _native
-from dense_rlhf.bench import run as bench
+from dense_rlhf.bench import baselines, cases, run
+from dense_rlhf.bench.timers import CpuTimer
 
 pytestmark = pytest.mark.skipif(not _native.has_kernel("cpu"), reason="native CPU op not built")
 
@@ -18,7 +19,7 @@ pytestmark = pytest.mark.skipif(not _native.has_kernel("cpu"), reason="native CP
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    code = bench.main(["--tiny", "--device", "cpu", "--rounds", "1", "--out", str(out), "--name", "tiny"])
+    code = run.main(["--tiny", "--device", "cpu", "--rounds", "1", "--out", str(out), "--name", "tiny"])
     assert code == 0
     return out, json.loads((out / "tiny.json").read_text())
 
@@ -34,11 +35,11 @@ def test_structure(report):
     _, data = report
     assert {"command", "meta", "settings", "cases", "targets", "notes"} <= set(data)
     assert data["meta"]["device"] == "cpu"
-    assert len(data["cases"]) == len(bench.tiny_grid("cpu"))
+    assert len(data["cases"]) == len(cases.tiny_grid("cpu"))
     for case in data["cases"]:
         assert case["skipped"] is None
-        assert set(case["methods"]) == set(bench.METHODS)
-        assert set(case["speedup"]) == set(bench.ALTERNATIVES)
+        assert set(case["methods"]) == set(baselines.METHODS)
+        assert set(case["speedup"]) == set(baselines.ALTERNATIVES)
         assert case["bytes_to_move"] > 0
         for result in case["methods"].values():
             assert result["median_s"] > 0 and result["reps"] >= 1 and result["gbps"] > 0
@@ -53,24 +54,24 @@ def test_every_method_agrees_with_the_reference(report):
 
 
 def test_bytes_to_move_counts_completion_values_mask_score_and_outputs():
-    case = bench.Case("maps", "fp32", batch=2, heads=3, length=16)
-    inputs = bench.make_inputs(case, "cpu", seed=0)
-    spans = bench.spans_for(2, 16)
+    case = cases.Case("maps", "fp32", batch=2, heads=3, length=16)
+    inputs = cases.make_inputs(case, "cpu", seed=0)
+    spans = cases.spans_for(2, 16)
     assert spans == [(2, 14), (2, 12)]
     assert inputs.mask.sum().item() == 26
-    assert bench.bytes_to_move(case, inputs) == 3 * 26 * 4 + 2 * 16 + 2 * 4 + 2 * 16 * 4 + 2 * 4
+    assert cases.bytes_to_move(case, inputs) == 3 * 26 * 4 + 2 * 16 + 2 * 4 + 2 * 16 * 4 + 2 * 4
 
 
 def test_official_loop_matches_reference_on_rows_and_maps():
     for layout in ("maps", "rows"):
-        inputs = bench.make_inputs(bench.Case(layout, "fp32", 4, 5, 24), "cpu", seed=1)
-        expected = bench.reference_method(inputs)
-        assert bench.agreement(bench.official_method(inputs), expected, inputs.score) < 1e-5
+        inputs = cases.make_inputs(cases.Case(layout, "fp32", 4, 5, 24), "cpu", seed=1)
+        expected = baselines.reference_method(inputs)
+        assert baselines.agreement(baselines.official_method(inputs), expected, inputs.score) < 1e-5
 
 
 def test_case_over_memory_budget_is_skipped_with_a_reason():
-    args = bench.parse_args(["--device", "cpu", "--max-gib", "0.001"])
+    args = run.parse_args(["--device", "cpu", "--max-gib", "0.001"])
     args.max_input_bytes, args.copy_gbps = int(args.max_gib * 2**30), None
-    record = bench.run_case(bench.Case("maps", "fp32", 8, 12, 512), "cpu", args, bench.CpuTimer(), None)
+    record = run.run_case(cases.Case("maps", "fp32", 8, 12, 512), "cpu", args, CpuTimer(), None)
     assert record["skipped"].startswith("needs ~")
     assert record["methods"] == {}

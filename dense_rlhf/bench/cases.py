@@ -1,0 +1,148 @@
+"""The benchmark grid: cases (layout, dtype, shape), the issue's targets, and the inputs of a case.
+
+Inputs are real allocations (no stride-0 ``expand`` of a small tensor, which would keep rows cache-resident
+and flatter the native op). Each sequence is a prompt of L/8 tokens then its completion; odd rows are
+right-padded by L/8 tokens. "Bytes that must move" are the attention values at the reward position for the
+completion tokens of every head, plus the mask, the score and the outputs (rewards and row status).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+LAYOUTS = {"maps": "[B,H,L,L]", "rows": "[B,H,L]"}
+
+
+@dataclass(frozen=True)
+class Case:
+    layout: str  # "maps" ([B, H, L, L]) or "rows" ([B, H, L])
+    dtype: str  # "fp32" or "bf16"
+    batch: int
+    heads: int
+    length: int
+    target: str = ""  # the issue's target this case checks, if any
+    threads: int = 0  # CPU threads for this case; 0: the run's setting
+
+    @property
+    def element_bytes(self) -> int:
+        return torch.empty((), dtype=DTYPES[self.dtype]).element_size()
+
+    @property
+    def attn_bytes(self) -> int:
+        rows = self.length if self.layout == "maps" else 1
+        return self.batch * self.heads * rows * self.length * self.element_bytes
+
+    @property
+    def label(self) -> str:
+        threads = f" threads={self.threads}" if self.threads else ""
+        return f"{LAYOUTS[self.layout]} {self.dtype} B={self.batch} H={self.heads} L={self.length}{threads}"
+
+
+def dtypes_for(device: str) -> list[str]:
+    return list(DTYPES) if device == "cuda" else ["fp32"]
+
+
+def full_grid(device: str) -> list[Case]:
+    """Targets first. On CPU then layout by layout; on GPU shapes from small to large batch with every layout
+    and dtype of a shape together, so that a run cut short by --max-wall-s loses the largest batches only."""
+    shapes = list(itertools.product((1, 8, 64, 256), (12, 32), (128, 512, 2048, 8192)))
+    if device == "cpu":
+        cases = [Case(layout, "fp32", *shape) for layout in LAYOUTS for shape in shapes]
+    else:
+        cases = [Case(layout, dtype, *shape) for shape in shapes for layout in LAYOUTS for dtype in dtypes_for(device)]
+    return target_cases(device) + cases
+
+
+def quick_grid(device: str) -> list[Case]:
+    cases = [Case(layout, dtype, 8, 12, length)
+             for layout in LAYOUTS for dtype in dtypes_for(device) for length in (128, 512)]
+    return target_cases(device) + cases
+
+
+def tiny_grid(device: str) -> list[Case]:
+    return [Case(layout, dtype, 3, 2, 24) for layout in LAYOUTS for dtype in dtypes_for(device)]
+
+
+def target_cases(device: str) -> list[Case]:
+    if device == "cpu":  # the target names 2 cores: measured with both threads and with one
+        goal = "cpu: native >= 5x reference and >= 500x official"
+        return [Case("maps", "fp32", 64, 16, 512, target=goal, threads=threads) for threads in (2, 1)]
+    return [
+        Case("maps", "bf16", 64, 32, 2048, target="gpu: native >= 8x reference and >= 2x compiled"),
+        # [256, 64, 8192, 8192] maps would be 2 TB: the bandwidth target can only be the [B, H, L] layout.
+        Case("rows", "bf16", 256, 64, 8192, target="gpu: native >= 80% of copy bandwidth"),
+        Case("rows", "fp32", 256, 64, 8192, target="gpu: native >= 80% of copy bandwidth"),
+    ]
+
+
+def check_targets(cases: list[dict]) -> list[dict]:
+    """Evaluates the issue's targets on the measured cases that carry one."""
+    checks = []
+    for case in cases:
+        goal = case["case"]["target"]
+        if not goal or case["skipped"]:
+            continue
+        speedup, native = case["speedup"], case["methods"].get("native", {})
+        if goal.startswith("cpu"):
+            wanted = {"reference": 5.0, "official": 500.0}
+        elif "bandwidth" in goal:
+            pct = native.get("pct_copy_bandwidth")
+            checks.append({"case": case["label"], "goal": goal, "measured": {"pct_copy_bandwidth": pct},
+                           "met": pct is not None and pct >= 80.0})
+            continue
+        else:
+            wanted = {"reference": 8.0, "compiled": 2.0}
+        measured = {f"x_{name}": speedup.get(name) for name in wanted}
+        met = all(speedup.get(name) is not None and speedup[name] >= goal_x for name, goal_x in wanted.items())
+        checks.append({"case": case["label"], "goal": goal, "measured": measured, "met": met})
+    return checks
+
+
+@dataclass
+class Inputs:
+    attn: torch.Tensor
+    score: torch.Tensor
+    mask: torch.Tensor
+    spans: list[tuple[int, int]]  # (first completion token, completion length) per row
+    completion_tokens: int
+
+
+def spans_for(batch: int, length: int) -> list[tuple[int, int]]:
+    prompt = max(1, length // 8)
+    pad = length // 8
+    return [(prompt, length - prompt - (pad if b % 2 else 0)) for b in range(batch)]
+
+
+def make_inputs(case: Case, device: str, seed: int) -> Inputs:
+    """Positive random attention (every value a real, distinct allocation), scores and completion masks."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    shape = (case.batch, case.heads) + ((case.length,) if case.layout == "maps" else ()) + (case.length,)
+    attn = torch.empty(shape, dtype=DTYPES[case.dtype], device=device)
+    attn.uniform_(0.0, 1.0, generator=generator)
+    score = (torch.randn(case.batch, generator=generator, device=device) * 4).float()
+    spans = spans_for(case.batch, case.length)
+    mask = torch.zeros(case.batch, case.length, dtype=torch.bool)
+    for b, (first, count) in enumerate(spans):
+        mask[b, first:first + count] = True
+    return Inputs(attn, score, mask.to(device), spans, sum(count for _, count in spans))
+
+
+def bytes_to_move(case: Case, inputs: Inputs) -> int:
+    """Attention read (reward-position values of completion tokens, every head) + mask + score + outputs."""
+    rows = case.heads * inputs.completion_tokens * case.element_bytes
+    mask = case.batch * case.length  # bool
+    score = case.batch * 4
+    outputs = case.batch * case.length * 4 + case.batch * 4  # float32 rewards, int32 status
+    return rows + mask + score + outputs
+
+
+def extra_bytes_estimate(case: Case) -> int:
+    """Largest temporary any method allocates: the official loop's head-mean maps, or the reference's rows."""
+    official = case.batch * case.length * case.length * case.element_bytes + case.length * case.length * 4
+    reference = 6 * case.batch * case.heads * case.length * 4
+    return max(official if case.layout == "maps" else 0, reference)
+
