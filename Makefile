@@ -1,7 +1,9 @@
 # Two commands do all the set-up on a fresh machine, then run:
 #   make demo   the main job: train a small RLHF setup and compare sparse rewards with ABC
-#   make test   the test suite in a CPU environment, then a CUDA build check where nvcc is found
-# Both create a virtual environment in .venv with torch (CPU wheel by default) and build the native op.
+#   make test   the test suite in a CPU environment, the packaging checks, then a CUDA build check where
+#               nvcc is found
+# Both create a virtual environment in .venv with torch (CPU wheel by default) and install the package the
+# way the README's Install section says (the pip that venv ships, --no-build-isolation).
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -17,9 +19,9 @@ NVCC := $(shell command -v nvcc 2>/dev/null)
 CUDA_HOME ?= $(shell nvcc --dryrun -c -x cu /dev/null -o /dev/null 2>&1 | sed -n 's/^\#\$$ _HERE_=\(.*\)\/bin$$/\1/p')
 CORE_TESTS := tests/test_dense_rewards.py tests/test_bad_inputs.py tests/test_op_registration.py tests/test_cuda_sources.py
 
-SOURCES := setup.py requirements-dev.txt $(wildcard csrc/*.* csrc/*/*.*)
+SOURCES := setup.py pyproject.toml requirements-dev.txt $(wildcard csrc/*.* csrc/*/*.*)
 
-.PHONY: demo test test-cpu test-cuda-build bench experiment clean
+.PHONY: demo test test-cpu test-packaging test-cuda-build bench experiment clean
 
 demo: $(VENV)/.built
 	$(VENV)/bin/dense-rlhf demo $(ARGS)
@@ -30,14 +32,22 @@ experiment: $(VENV)/.built
 bench: $(VENV)/.built
 	$(VENV)/bin/dense-rlhf bench $(ARGS)
 
-test: test-cpu test-cuda-build
+test: test-cpu test-packaging test-cuda-build
 
 test-cpu: $(VENV)/.built
 	DENSE_RLHF_REQUIRE_NATIVE=1 $(PY) -m pytest -q tests
 
+# sdist and wheel from a clean copy, the sdist installed into a fresh venv, the editable install with the
+# pip that venv ships; SKIP_PACKAGING=1 skips it.
+test-packaging: $(VENV)/.built
+ifeq ($(SKIP_PACKAGING),1)
+	@echo "test-packaging: skipped (SKIP_PACKAGING=1)"
+else
+	DENSE_RLHF_TEST_PACKAGING=1 $(PY) -m pytest -q -p no:cacheprovider tests/test_packaging.py
+endif
+
 $(VENV)/.built: $(SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q -r requirements-dev.txt
 	$(PY) -m pip install -q --no-build-isolation -e .
@@ -48,11 +58,10 @@ ifeq ($(NVCC),)
 	@echo "test-cuda-build: nvcc not found, CUDA build check skipped"
 else
 	test -x $(CUDA_VENV)/bin/python || $(PYTHON) -m venv $(CUDA_VENV)
-	$(CUDA_VENV)/bin/python -m pip install -q --upgrade pip
 	$(CUDA_VENV)/bin/python -m pip install -q $(CUDA_TORCH) numpy ninja pytest hypothesis expecttest
 	# Built from a copy, so that the CPU environment's in-place build is left alone.
 	rm -rf $(CUDA_VENV)/src && mkdir -p $(CUDA_VENV)/src
-	cp -r setup.py README.md csrc dense_rlhf $(CUDA_VENV)/src/
+	cp -r setup.py pyproject.toml MANIFEST.in README.md LICENSE csrc dense_rlhf $(CUDA_VENV)/src/
 	rm -f $(CUDA_VENV)/src/dense_rlhf/_C*.so
 	# torch's CUDA headers include cuBLAS/cuSPARSE headers that its wheel dependencies carry.
 	export CUDA_HOME="$(CUDA_HOME)" TORCH_CUDA_ARCH_LIST="$(CUDA_ARCHS)" DENSE_RLHF_CUDA=1 \
@@ -63,4 +72,4 @@ else
 endif
 
 clean:
-	rm -rf build $(VENV) $(CUDA_VENV) dense_rlhf/_C*.so *.egg-info
+	rm -rf build dist $(VENV) $(CUDA_VENV) dense_rlhf/_C*.so *.egg-info

@@ -10,7 +10,7 @@ import glob
 import os
 import sys
 
-from setuptools import find_packages, setup
+from setuptools import setup
 
 try:
     import torch
@@ -59,22 +59,8 @@ def extension():
     )
 
 
+# Metadata, dependencies, extras and the console script are in pyproject.toml; only the extension needs code.
 setup(
-    name="dense-rlhf",
-    version="0.1.0",
-    description="Dense per-token RLHF rewards from the reward model's attention (Attention-Based Credit)",
-    long_description=open("README.md", encoding="utf-8").read() if os.path.exists("README.md") else "",
-    long_description_content_type="text/markdown",
-    license="MIT",
-    python_requires=">=3.10",
-    packages=find_packages(include=["dense_rlhf", "dense_rlhf.*"]),
     ext_modules=[extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension},
-    install_requires=["torch>=2.4", "numpy"],
-    extras_require={
-        "hf": ["transformers>=4.48"],
-        "demo": ["transformers>=4.48", "trl>=0.19", "datasets", "matplotlib", "rich", "tqdm"],
-        "test": ["pytest", "hypothesis", "expecttest"],
-    },
-    entry_points={"console_scripts": ["dense-rlhf=dense_rlhf.cli:main"]},
 )

@@ -1,8 +1,13 @@
-"""dense-rlhf: Attention-Based Credit (dense per-token RLHF rewards from the reward model's attention)."""
+"""dense-rlhf: Attention-Based Credit (dense per-token RLHF rewards from the reward model's attention).
 
+The library is what this module exports. ``dense_rlhf.rl`` holds the small trainers, ``dense_rlhf.study`` the
+synthetic task and study behind ``dense-rlhf demo`` / ``experiment``, ``dense_rlhf.bench`` the microbenchmarks;
+none of them is imported here, and neither is transformers (``capture`` imports it when first used).
+"""
+
+from dense_rlhf._version import __version__
 from dense_rlhf.ops import dense_rewards, sparse_rewards, uniform_rewards
 from dense_rlhf.capture import capture_reward_attention, score_and_densify
 
 __all__ = ["dense_rewards", "sparse_rewards", "uniform_rewards"]
-__all__ += ["capture_reward_attention", "score_and_densify"]
-__version__ = "0.1.0"
+__all__ += ["capture_reward_attention", "score_and_densify", "__version__"]

@@ -1,0 +1,45 @@
+"""The package's shape: the library imports light, the public API is where users find it, one version."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import dense_rlhf
+from dense_rlhf import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_import_dense_rlhf_leaves_the_study_and_heavy_libraries_alone():
+    code = ("import sys, dense_rlhf; print(' '.join(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('trl', 'transformers', 'matplotlib', 'datasets', 'rich') or m.startswith(('dense_rlhf.study', "
+            "'dense_rlhf.bench', 'dense_rlhf.rl', 'dense_rlhf.integrations')))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == ""
+
+
+def test_public_api_at_the_top():
+    for name in ("dense_rewards", "sparse_rewards", "uniform_rewards", "capture_reward_attention",
+                 "score_and_densify"):
+        assert callable(getattr(dense_rlhf, name)), name
+        assert name in dense_rlhf.__all__
+
+
+def test_every_cli_subcommand_resolves_to_a_module_with_main():
+    assert set(cli._COMMANDS) >= {"demo", "experiment", "bench"}
+    for module, _ in cli._COMMANDS.values():
+        assert callable(importlib.import_module(module).main), module
+
+
+def test_one_version_string():
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert 'dynamic = ["version"]' in pyproject and "dense_rlhf._version.__version__" in pyproject
+    assert "version=" not in (ROOT / "setup.py").read_text()
+    written = [p for p in (ROOT / "dense_rlhf").rglob("*.py") if re.search(r"^__version__ = ", p.read_text(), re.M)]
+    assert written == [ROOT / "dense_rlhf" / "_version.py"]
+    assert importlib.metadata.version("dense-rlhf") == dense_rlhf.__version__
