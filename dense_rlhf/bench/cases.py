@@ -15,6 +15,7 @@ import torch
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 LAYOUTS = {"maps": "[B,H,L,L]", "rows": "[B,H,L]"}
+BANDWIDTH_TARGET_PCT = 85.0  # of the copy bandwidth measured in the same run, at B=256 H=64 L=8192
 
 
 @dataclass(frozen=True)
@@ -74,8 +75,8 @@ def target_cases(device: str) -> list[Case]:
     return [
         Case("maps", "bf16", 64, 32, 2048, target="gpu: native >= 8x reference and >= 2x compiled"),
         # [256, 64, 8192, 8192] maps would be 2 TB: the bandwidth target can only be the [B, H, L] layout.
-        Case("rows", "bf16", 256, 64, 8192, target="gpu: native >= 80% of copy bandwidth"),
-        Case("rows", "fp32", 256, 64, 8192, target="gpu: native >= 80% of copy bandwidth"),
+        Case("rows", "bf16", 256, 64, 8192, target=f"gpu: native >= {BANDWIDTH_TARGET_PCT:g}% of copy bandwidth"),
+        Case("rows", "fp32", 256, 64, 8192, target=f"gpu: native >= {BANDWIDTH_TARGET_PCT:g}% of copy bandwidth"),
     ]
 
 
@@ -92,7 +93,7 @@ def check_targets(cases: list[dict]) -> list[dict]:
         elif "bandwidth" in goal:
             pct = native.get("pct_copy_bandwidth")
             checks.append({"case": case["label"], "goal": goal, "measured": {"pct_copy_bandwidth": pct},
-                           "met": pct is not None and pct >= 80.0})
+                           "met": pct is not None and pct >= BANDWIDTH_TARGET_PCT})
             continue
         else:
             wanted = {"reference": 8.0, "compiled": 2.0}
