@@ -17,7 +17,7 @@ CUDA_ARCHS ?= 8.0;9.0;10.0
 NVCC := $(shell command -v nvcc 2>/dev/null)
 # The toolkit nvcc belongs to (nvcc may be a wrapper script outside it).
 CUDA_HOME ?= $(shell nvcc --dryrun -c -x cu /dev/null -o /dev/null 2>&1 | sed -n 's/^\#\$$ _HERE_=\(.*\)\/bin$$/\1/p')
-CORE_TESTS := tests/test_dense_rewards.py tests/test_bad_inputs.py tests/test_op_registration.py tests/test_cuda_sources.py
+CORE_TESTS := tests/test_dense_rewards.py tests/test_prefix_rewards.py tests/test_bad_inputs.py tests/test_op_registration.py tests/test_cuda_sources.py
 
 SOURCES := setup.py pyproject.toml requirements-dev.txt $(wildcard csrc/*.* csrc/*/*.*)
 

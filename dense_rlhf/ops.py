@@ -1,18 +1,22 @@
-"""Public reward functions: ABC dense rewards and the two baselines it is compared with.
+"""Public reward functions: ABC dense rewards, prefix-difference rewards and the two baselines.
 
 ``dense_rewards`` validates and normalises its inputs here, in Python, then runs one backend: the native
 op ``torch.ops.dense_rlhf.dense_rewards`` (C++ on CPU, CUDA on GPU) or the PyTorch reference. Every backend
 returns the rewards and a per-row status code, so that bad rows are reported the same way everywhere.
+``prefix_rewards`` shares the checks and the status codes; it runs in PyTorch on any device.
 """
 
 from __future__ import annotations
 
+import numbers
+import sys
 import warnings
 
 import torch
 
 from dense_rlhf import _native
-from dense_rlhf.reference import STATUS_MESSAGES, dense_rewards_reference, last_true
+from dense_rlhf.reference import (PREFIX_STATUS_MESSAGES, STATUS_MESSAGES, dense_rewards_reference, last_true,
+                                  prefix_rewards_reference)
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _BACKENDS = ("auto", "native", "reference")
@@ -42,7 +46,8 @@ def dense_rewards(
             float16, bfloat16 or float32 (float64 accepted); any strides.
         score: [B] or [B, 1] reward-model scores, any float dtype.
         mask: [B, L] bool or 0/1 integer mask of completion tokens (prompt and padding are False).
-        beta: in [0, 1]; 0 is the sparse RLHF reward, 1 spreads all of the score by attention.
+        beta: a real number in [0, 1] (Python, NumPy or a 0-dim tensor); 0 is the sparse RLHF reward, 1
+            spreads all of the score by attention. Inside torch.compile pass a Python number.
         reward_index: optional [B] integer positions whose attention row produced the score; defaults to T_b.
             Used only with [B, H, L, L] maps.
         backend: "auto" (native if built, else the reference with a one-time warning), "native" or
@@ -56,17 +61,113 @@ def dense_rewards(
     Returns:
         float32 [B, L] rewards on attn's device, zero outside the mask; never requires grad.
     """
-    attn4, score1, mask_b, index = _normalise(attn, score, mask, beta, reward_index, backend)
+    attn4, score1, mask_b, index = _normalise(attn, score, mask, reward_index, backend)
+    beta = check_beta(beta)
     if validate:
         _check_mask_values(mask)
     with torch.no_grad():
         if _use_native(attn4.device, backend):
-            out, status = torch.ops.dense_rlhf.dense_rewards(attn4, score1, mask_b, float(beta), index)
+            out, status = torch.ops.dense_rlhf.dense_rewards(attn4, score1, mask_b, beta, index)
         else:
-            out, status = dense_rewards_reference(attn4, score1, mask_b, float(beta), index)
+            out, status = dense_rewards_reference(attn4, score1, mask_b, beta, index)
     if validate:
         _raise_on_status(status)
     return out
+
+
+def prefix_rewards(
+    prefix_scores: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    beta: float = 0.8,
+    reward_index: torch.Tensor | None = None,
+    validate: bool = True,
+) -> torch.Tensor:
+    """Prefix-difference rewards (R3HF / RED): each completion token gets how much it moved the score.
+
+    ``prefix_scores[b, t]`` is the reward model's score read at position t, i.e. the score of the prefix
+    ending at t (for a causal reward model one forward gives every position; see
+    :func:`dense_rlhf.capture_prefix_scores`). With c_1 < ... < c_n the completion positions of row b and r
+    its reward position, the dense part d gives s[c_1] to c_1, s[c_k] - s[c_(k-1)] to c_k, and adds
+    s[r] - s[c_n] to c_n, so it sums to s[r], the score. ``beta`` mixes it with the sparse reward exactly as in
+    :func:`dense_rewards`::
+
+        out[b, t] = beta * d[b, t] + (1 - beta) * s[b, r] * [t == c_n]
+
+    Each row sums to s[b, r]. Unlike ABC's shares, d can have either sign on any token: a token that lowers
+    the score is penalised even when the final score is positive.
+
+    Args:
+        prefix_scores: [B, L] per-position scores, float16, bfloat16, float32 or float64; any strides. Only
+            the completion positions and the reward position are read.
+        mask: [B, L] bool or 0/1 integer mask of completion tokens (prompt and padding are False).
+        beta: a real number in [0, 1] (Python, NumPy or a 0-dim tensor); 0 is the sparse reward.
+            Inside torch.compile pass a Python number.
+        reward_index: optional [B] integer positions at which the score is read; defaults to c_n. A reward
+            model that reads its score at a token after the completion (e.g. an appended EOS) needs it.
+        validate: check values, which costs one device-to-host sync: empty mask rows, non-0/1 masks,
+            reward_index out of range, NaN or Inf in the scores used all raise ValueError naming the rows.
+            Pass False inside CUDA graph capture or torch.compile(fullgraph=True); the output then never
+            holds NaN: a row with an empty mask, a bad reward_index or a non-finite score at r is all zeros,
+            a row with non-finite scores at completion positions falls back to the sparse reward.
+
+    Returns:
+        float32 [B, L] rewards on prefix_scores' device, zero outside the mask; never requires grad.
+
+    There is no native kernel: the computation is a handful of elementwise passes and one running maximum
+    over [B, L], far cheaper than the reward-model forward that produced the scores, and in PyTorch it runs on
+    every device and fuses under torch.compile (``benchmarks/bench_prefix_rewards.py`` measures it).
+    """
+    scores, mask_b, index = _normalise_prefix(prefix_scores, mask, reward_index)
+    beta = check_beta(beta)
+    if validate:
+        _check_mask_values(mask)
+    with torch.no_grad():
+        out, status = prefix_rewards_reference(scores, mask_b, beta, index)
+    if validate:
+        _raise_on_status(status, "prefix_rewards", PREFIX_STATUS_MESSAGES)
+    return out
+
+
+def check_beta(beta) -> float:
+    """beta as a Python float, checked: any real number in [0, 1], given as a Python number, a NumPy scalar
+    or 0-dim array, or a 0-dim real tensor (read with one host sync). Anything else is a TypeError naming
+    its type; a value outside [0, 1] (NaN included) is a ValueError."""
+    value = None
+    if isinstance(beta, torch.Tensor):
+        if beta.dim() == 0 and not (beta.dtype.is_complex or beta.dtype == torch.bool):
+            value = float(beta.detach().item())
+    elif isinstance(beta, numbers.Real) and not _is_boolean(beta):
+        value = float(beta)
+    elif _is_numpy_real_0d(beta):
+        value = float(beta)
+    if value is None:
+        raise TypeError(f"beta must be a real number in [0, 1] (a Python or NumPy number or a 0-dim real tensor), "
+                        f"got {_describe(beta)}")
+    if not 0.0 <= value <= 1.0:  # also False for NaN
+        raise ValueError(f"beta must be a number in [0, 1], got {value!r}")
+    return value
+
+
+def _is_boolean(value) -> bool:
+    numpy = sys.modules.get("numpy")
+    return isinstance(value, bool) or (numpy is not None and isinstance(value, numpy.bool_))
+
+
+def _is_numpy_real_0d(value) -> bool:
+    numpy = sys.modules.get("numpy")  # never imported here: a NumPy value means NumPy is loaded already
+    return (numpy is not None and isinstance(value, numpy.ndarray) and value.ndim == 0
+            and value.dtype.kind in "fiu")
+
+
+def _describe(value) -> str:
+    kind = type(value)
+    name = kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+    if isinstance(value, torch.Tensor):
+        return f"{name} of shape {tuple(value.shape)} and dtype {value.dtype}"
+    if getattr(value, "shape", None) is not None and getattr(value, "dtype", None) is not None:
+        return f"{name} of shape {tuple(value.shape)} and dtype {value.dtype}"
+    return name
 
 
 def sparse_rewards(score: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -89,7 +190,7 @@ def uniform_rewards(score: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return mask_b.float() * (score1 / count.clamp(min=1))[:, None]
 
 
-def _normalise(attn, score, mask, beta, reward_index, backend):
+def _normalise(attn, score, mask, reward_index, backend):
     """Check types and shapes (no device sync) and bring inputs to the op's canonical form."""
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
@@ -104,23 +205,11 @@ def _normalise(attn, score, mask, beta, reward_index, backend):
     if attn.dim() == 4 and attn.shape[2] != attn.shape[3]:
         raise ValueError(f"attn as [B, H, L, L] must have square maps, got {tuple(attn.shape)}")
     batch, length = attn.shape[0], attn.shape[-1]
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not (0.0 <= beta <= 1.0):
-        raise ValueError(f"beta must be a number in [0, 1], got {beta!r}")
 
     score1, mask_b = _score_and_mask(score, mask, batch, attn)
     if mask_b.shape[1] != length:
         raise ValueError(f"mask has L={mask_b.shape[1]} but attn {tuple(attn.shape)} has L={length}")
-
-    index = None
-    if reward_index is not None:
-        if not isinstance(reward_index, torch.Tensor):
-            raise TypeError(f"reward_index must be a torch.Tensor, got {type(reward_index).__name__}")
-        if reward_index.dtype.is_floating_point or reward_index.dtype.is_complex or reward_index.dtype == torch.bool:
-            raise TypeError(f"reward_index must be an integer tensor, got {reward_index.dtype}")
-        if reward_index.shape != (batch,):
-            raise ValueError(f"reward_index must be [B]=[{batch}], got {tuple(reward_index.shape)}")
-        _same_device(attn, reward_index=reward_index)
-        index = reward_index.long()
+    index = _reward_index(reward_index, batch, attn)
 
     attn = attn.detach()
     if attn.dim() == 3:  # [B, H, L] rows: a stride-0 view makes every reward position read the same row
@@ -130,14 +219,51 @@ def _normalise(attn, score, mask, beta, reward_index, backend):
     return attn, score1, mask_b, index
 
 
-def _score_and_mask(score, mask, batch=None, attn=None):
-    """Check score and mask against B (default: mask's) and attn's device; return float32 [B] score, bool mask."""
+def _normalise_prefix(prefix_scores, mask, reward_index):
+    """Check prefix_rewards' inputs (no device sync); return float32 [B, L] scores, bool mask, long index."""
+    if not isinstance(prefix_scores, torch.Tensor):
+        raise TypeError(f"prefix_scores must be a torch.Tensor, got {type(prefix_scores).__name__}")
+    if prefix_scores.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"prefix_scores must be float16, bfloat16, float32 or float64, got {prefix_scores.dtype}")
+    if prefix_scores.dim() != 2:
+        raise ValueError(f"prefix_scores must be [B, L], got {tuple(prefix_scores.shape)}")
+    mask_b = _mask(mask)
+    if mask_b.shape != prefix_scores.shape:
+        raise ValueError(f"mask {tuple(mask_b.shape)} and prefix_scores {tuple(prefix_scores.shape)} must have the "
+                         "same [B, L]")
+    _same_device(prefix_scores, mask=mask)
+    index = _reward_index(reward_index, prefix_scores.shape[0], prefix_scores)
+    return prefix_scores.detach().float(), mask_b, index
+
+
+def _reward_index(reward_index, batch, ref):
+    """Check an optional [B] integer reward_index on ref's device; return it as int64 (or None)."""
+    if reward_index is None:
+        return None
+    if not isinstance(reward_index, torch.Tensor):
+        raise TypeError(f"reward_index must be a torch.Tensor, got {type(reward_index).__name__}")
+    if reward_index.dtype.is_floating_point or reward_index.dtype.is_complex or reward_index.dtype == torch.bool:
+        raise TypeError(f"reward_index must be an integer tensor, got {reward_index.dtype}")
+    if reward_index.shape != (batch,):
+        raise ValueError(f"reward_index must be [B]=[{batch}], got {tuple(reward_index.shape)}")
+    _same_device(ref, reward_index=reward_index)
+    return reward_index.long()
+
+
+def _mask(mask):
+    """Check the type and rank of a completion mask; return it as bool."""
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
     if mask.dtype.is_floating_point or mask.dtype.is_complex:
         raise TypeError(f"mask must be bool or an integer 0/1 tensor, got {mask.dtype}")
     if mask.dim() != 2:
         raise ValueError(f"mask must be [B, L], got {tuple(mask.shape)}")
+    return mask if mask.dtype == torch.bool else mask != 0
+
+
+def _score_and_mask(score, mask, batch=None, attn=None):
+    """Check score and mask against B (default: mask's) and attn's device; return float32 [B] score, bool mask."""
+    mask_b = _mask(mask)
     batch = mask.shape[0] if batch is None else batch
     if not isinstance(score, torch.Tensor):
         raise TypeError(f"score must be a torch.Tensor, got {type(score).__name__}")
@@ -148,7 +274,6 @@ def _score_and_mask(score, mask, batch=None, attn=None):
     if mask.shape[0] != batch:
         raise ValueError(f"mask has B={mask.shape[0]} but attn/score have B={batch}")
     _same_device(mask if attn is None else attn, mask=mask, score=score)
-    mask_b = mask if mask.dtype == torch.bool else mask != 0
     return score.detach().reshape(batch).float(), mask_b
 
 
@@ -169,7 +294,7 @@ def _raise_on_empty(empty_rows: torch.Tensor) -> None:
         raise ValueError(f"mask has no completion token in rows {empty[:10]}: their score would be lost")
 
 
-def _raise_on_status(status: torch.Tensor) -> None:
+def _raise_on_status(status: torch.Tensor, function: str = "dense_rewards", messages=STATUS_MESSAGES) -> None:
     bad = status.nonzero().flatten()
     if bad.numel() == 0:
         return
@@ -178,8 +303,8 @@ def _raise_on_status(status: torch.Tensor) -> None:
     problems = {}
     for row, code in zip(rows, codes):
         problems.setdefault(code, []).append(row)
-    lines = [f"{STATUS_MESSAGES[code]} in rows {rows_[:10]}" for code, rows_ in sorted(problems.items())]
-    raise ValueError("dense_rewards: " + "; ".join(lines))
+    lines = [f"{messages[code]} in rows {rows_[:10]}" for code, rows_ in sorted(problems.items())]
+    raise ValueError(f"{function}: " + "; ".join(lines))
 
 
 def _use_native(device: torch.device, backend: str) -> bool:

@@ -1,7 +1,9 @@
-"""Reference implementation of Attention-Based Credit in vectorised PyTorch.
+"""Reference implementations in vectorised PyTorch: Attention-Based Credit and prefix-difference rewards.
 
-This is the executable specification of ``dense_rewards``: the C++ and CUDA kernels are tested against it,
-edge cases included. Inputs are assumed already validated and normalised by :mod:`dense_rlhf.ops`.
+``dense_rewards_reference`` is the executable specification of ``dense_rewards``: the C++ and CUDA kernels are
+tested against it, edge cases included. ``prefix_rewards_reference`` is the only implementation of
+``prefix_rewards`` (a few elementwise passes over [B, L]; see ``ops.prefix_rewards`` for why it has no kernel).
+Inputs are assumed already validated and normalised by :mod:`dense_rlhf.ops`.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ STATUS_OK = 0
 STATUS_EMPTY_MASK = 1  # no completion token: the row is all zeros and its score is lost
 STATUS_BAD_SCORE = 2  # score is NaN or Inf: the row is all zeros
 STATUS_BAD_REWARD_INDEX = 3  # reward_index outside [0, L): the row falls back to the sparse reward
-STATUS_BAD_ATTENTION = 4  # NaN or Inf among the attention values used: the row falls back to sparse
+STATUS_BAD_ATTENTION = 4  # NaN or Inf among the dense weights' inputs used: the row falls back to sparse
 
 STATUS_MESSAGES = {
     STATUS_EMPTY_MASK: "mask has no completion token, so the score would be lost",
@@ -21,6 +23,15 @@ STATUS_MESSAGES = {
     STATUS_BAD_REWARD_INDEX: "reward_index is outside [0, L)",
     STATUS_BAD_ATTENTION: "attn has NaN or Inf in the values used (the row at the reward position, "
     "completion tokens)",
+}
+
+# prefix_rewards reads its score at the reward position of prefix_scores: the same codes, worded for it. A bad
+# reward index leaves no score to give, so that row is all zeros (dense_rewards falls back to sparse instead).
+PREFIX_STATUS_MESSAGES = {
+    STATUS_EMPTY_MASK: STATUS_MESSAGES[STATUS_EMPTY_MASK],
+    STATUS_BAD_SCORE: "prefix_scores is NaN or Inf at the reward position",
+    STATUS_BAD_REWARD_INDEX: STATUS_MESSAGES[STATUS_BAD_REWARD_INDEX],
+    STATUS_BAD_ATTENTION: "prefix_scores has NaN or Inf at completion positions",
 }
 
 
@@ -73,5 +84,57 @@ def dense_rewards_reference(
     status = torch.where(attn_ok, status, STATUS_BAD_ATTENTION)
     status = torch.where(index_ok, status, STATUS_BAD_REWARD_INDEX)
     status = torch.where(score_ok, status, STATUS_BAD_SCORE)
+    status = torch.where(has_token, status, STATUS_EMPTY_MASK)
+    return out, status
+
+
+def prefix_rewards_reference(
+    prefix_scores: torch.Tensor,
+    mask: torch.Tensor,
+    beta: float,
+    reward_index: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prefix-difference rewards and per-row status from [B, L] float32 scores and a [B, L] bool mask.
+
+    With c_1 < ... < c_n the completion positions of a row, r its reward position (default c_n) and s its
+    scores, the dense part d gives s[c_1] to c_1 and s[c_k] - s[c_(k-1)] to c_k, and s[r] - s[c_n] is added
+    to c_n (computed as s[r] - s[c_(n-1)] there, one rounding fewer); it sums to s[r]. Then
+
+        r_t = beta * d_t + (1 - beta) * s[r] * [t == c_n]
+
+    Rows with status 1-3 are all zeros; a row whose completion scores are not finite (status 4) falls back to
+    the sparse reward s[r] at c_n. Only the completion positions and r are read: other columns may hold
+    anything, NaN included. Pure tensor operations, no host sync, so it traces under torch.compile.
+    """
+    batch, length = prefix_scores.shape
+    rows = torch.arange(batch, device=mask.device)
+    positions = torch.arange(length, device=mask.device)
+    last = last_true(mask)  # c_n
+    has_token = last >= 0
+    safe_last = last.clamp(min=0)
+    reward_pos = last if reward_index is None else reward_index
+    index_ok = (reward_pos >= 0) & (reward_pos < length)
+    safe_pos = torch.where(index_ok & has_token, reward_pos, 0)
+
+    scores = prefix_scores.float()
+    score = scores[rows, safe_pos]  # s[r]
+    through = torch.where(mask, positions, -1).cummax(dim=1).values  # last completion position <= t
+    filled = scores.gather(1, through.clamp(min=0)).masked_fill_(through < 0, 0.0)
+    previous = torch.nn.functional.pad(filled[:, :-1], (1, 0))  # s[c_(k-1)] at c_k, 0 at c_1
+    dense = (scores - previous).masked_fill_(~mask, 0.0)
+    dense[rows, safe_last] = score - previous[rows, safe_last]  # c_n's difference runs up to s[r]
+
+    sparse = torch.zeros_like(scores)
+    sparse[rows, safe_last] = score
+    out = dense.mul_(beta).add_(sparse, alpha=1.0 - beta)
+    completion_ok = (torch.isfinite(scores) | ~mask).all(dim=1)
+    out = torch.where(completion_ok[:, None], out, sparse)
+    score_ok = torch.isfinite(score)
+    out = out.masked_fill_(~((has_token & index_ok & score_ok)[:, None] & mask), 0.0)
+
+    status = torch.full((batch,), STATUS_OK, dtype=torch.int32, device=mask.device)
+    status = torch.where(completion_ok, status, STATUS_BAD_ATTENTION)
+    status = torch.where(score_ok, status, STATUS_BAD_SCORE)
+    status = torch.where(index_ok, status, STATUS_BAD_REWARD_INDEX)
     status = torch.where(has_token, status, STATUS_EMPTY_MASK)
     return out, status

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
+import numpy as np
 import pytest
 import torch
 
@@ -135,3 +137,53 @@ def test_raw_op_checks_its_inputs(case):
         op(attn.int(), score, mask, 0.8, None)
     with pytest.raises(ValueError, match="reward_index must be an int64"):
         op(attn, score, mask, 0.8, torch.zeros(3, dtype=torch.int32))
+
+
+# ----------------------------------------------------------------------------------------- beta, everywhere
+
+
+def _dense(beta, backend="reference"):
+    attn, score, mask, _ = make_case(3, 2, 8, prompt=2)
+    return dense_rlhf.dense_rewards(attn, score, mask, beta=beta, backend=backend)
+
+
+def _prefix(beta):
+    scores = torch.randn(3, 8, generator=torch.Generator().manual_seed(0))
+    mask = torch.zeros(3, 8, dtype=torch.bool)
+    mask[:, 2:6] = True
+    return dense_rlhf.prefix_rewards(scores, mask, beta=beta)
+
+
+BETA_FUNCTIONS = {"dense_rewards reference": _dense, "prefix_rewards": _prefix}
+if _native.has_kernel("cpu"):
+    BETA_FUNCTIONS["dense_rewards native"] = lambda beta: _dense(beta, "native")
+
+
+@pytest.mark.parametrize("function", list(BETA_FUNCTIONS))
+def test_beta_accepts_any_real_number(function):
+    """Configs read through NumPy or torch hand over NumPy scalars and 0-dim tensors."""
+    rewards = BETA_FUNCTIONS[function]
+    expected = rewards(0.5)
+    for beta in (np.float32(0.5), np.float64(0.5), np.array(0.5), np.array(0.5, dtype=np.float16),
+                 torch.tensor(0.5), torch.tensor(0.5, dtype=torch.float64), torch.tensor(0.5).requires_grad_(),
+                 Fraction(1, 2)):
+        torch.testing.assert_close(rewards(beta), expected, rtol=0, atol=0, msg=f"beta={beta!r}")
+    for whole in (0, 1, np.int64(1), torch.tensor(0), np.array(1, dtype=np.uint8)):
+        torch.testing.assert_close(rewards(whole), rewards(float(whole)), rtol=0, atol=0, msg=f"beta={whole!r}")
+
+
+@pytest.mark.parametrize("function", list(BETA_FUNCTIONS))
+def test_beta_rejects_the_rest_naming_the_type(function):
+    rewards = BETA_FUNCTIONS[function]
+    wrong_type = [
+        ("0.5", "got str"), (None, "got NoneType"), ([0.5], "got list"), (True, "got bool"),
+        (np.bool_(True), "got numpy.bool"), (0.5 + 0j, "got complex"), (np.complex64(0.5), "got numpy.complex64"),
+        (torch.tensor([0.5]), r"got torch.Tensor of shape \(1,\)"), (torch.tensor(True), "dtype torch.bool"),
+        (np.array([0.5]), r"got numpy.ndarray of shape \(1,\)"),
+    ]
+    for beta, named in wrong_type:
+        with pytest.raises(TypeError, match="beta must be a real number in \\[0, 1\\].*" + named):
+            rewards(beta)
+    for beta in (1.5, -0.1, math.nan, math.inf, np.float32(2.0), torch.tensor(-1.0), np.array(1.01)):
+        with pytest.raises(ValueError, match="beta must be a number in \\[0, 1\\], got"):
+            rewards(beta)
