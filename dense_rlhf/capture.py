@@ -1,4 +1,5 @@
-"""Capture the reward model's attention rows from the reward position, without ``output_attentions``.
+"""What a reward model's ordinary forward gives for free: its attention rows from the reward position (for ABC),
+without ``output_attentions``, and its score at every position (for prefix-difference rewards).
 
 ABC needs, from one layer of the reward model, each head's attention row from the token whose hidden state
 the score head reads. ``output_attentions=True`` forces eager attention and keeps every layer's
@@ -12,6 +13,10 @@ name ``"dense_rlhf_capture_<original>"`` (and the original's mask function under
 capture is open, the model's configs point at that name; the function calls the original implementation
 with unchanged arguments, and for the captured layer also computes
 ``softmax(q[reward_index] . K^T * scaling + mask)`` in float32 for every query head.
+
+Prefix scores need no attention at all: a decoder ``*ForSequenceClassification`` model applies its ``score``
+head at every position before pooling the last non-pad one, so a forward hook on that head
+(``capture_prefix_scores``) reads the score of every prefix in the same forward.
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["RewardAttentionCapture", "capture_reward_attention", "score_and_densify"]
+__all__ = ["RewardAttentionCapture", "PrefixScoreCapture", "capture_reward_attention", "capture_prefix_scores",
+           "score_and_densify"]
 
 PREFIX = "dense_rlhf_capture_"
 SUPPORTED = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flash_attention_4")
@@ -472,11 +478,15 @@ class RewardAttentionCapture:
         if input_ids.shape != (batch, length):
             raise ValueError(f"capture_reward_attention: input_ids {tuple(input_ids.shape)} do not match the "
                              f"attention's batch {batch} and length {length}")
-        # The rightmost token that is not pad_token_id (both left and right padding), as the
-        # *ForSequenceClassification heads of transformers pool it.
-        non_pad = (input_ids.to(device) != self._pad_token_id).to(torch.int32)
-        positions = torch.arange(length, device=device, dtype=torch.int32)
-        return (positions * non_pad).argmax(-1).long()
+        return _last_non_pad(input_ids.to(device), self._pad_token_id)
+
+
+def _last_non_pad(input_ids: torch.Tensor, pad_token_id: int) -> torch.Tensor:
+    """The rightmost token that is not pad_token_id (left or right padding), as the *ForSequenceClassification
+    heads of transformers pool it. long [B]."""
+    non_pad = (input_ids != pad_token_id).to(torch.int32)
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device, dtype=torch.int32)
+    return (positions * non_pad).argmax(-1).long()
 
 
 def capture_reward_attention(model, *, layer: int = -1, reward_index=None) -> RewardAttentionCapture:
@@ -535,25 +545,256 @@ def capture_reward_attention(model, *, layer: int = -1, reward_index=None) -> Re
     return RewardAttentionCapture(model, layer=layer, reward_index=reward_index)
 
 
-def score_and_densify(model, input_ids, attention_mask, completion_mask, *, beta: float = 0.8, layer: int = -1,
-                      reward_index=None):
-    """Run a reward model once and return ``(scores [B] float32, dense rewards [B, L] float32)``.
+# ----------------------------------------------------------------------------------------- prefix scores
 
-    The score is the logit for a one-logit head, ``logit[1] - logit[0]`` for a two-logit head. The dense
-    rewards are :func:`dense_rlhf.dense_rewards` of the captured rows (heads averaged, restricted to
-    ``completion_mask``, normalised) with ``beta``. ``completion_mask`` [B, L] marks completion tokens in
-    the same positions as ``input_ids`` (prompt and padding False). Runs under ``torch.no_grad()``.
+
+def _score_of(logits: torch.Tensor, what: str) -> torch.Tensor:
+    """The score of [..., 1] or [..., 2] logits in float32: the logit, or logit[1] - logit[0]."""
+    if logits.shape[-1] not in (1, 2):
+        raise ValueError(f"{what} must have 1 or 2 logits per position (a one-logit score or a two-class head), "
+                         f"got {tuple(logits.shape)}")
+    logits = logits.float()
+    return logits[..., 0] if logits.shape[-1] == 1 else logits[..., 1] - logits[..., 0]
+
+
+def _bidirectional_reason(model) -> str | None:
+    """Why the model's positions are not prefixes (an encoder-decoder or non-causal self-attention), or None."""
+    if getattr(model.config, "is_encoder_decoder", False):
+        return "it is an encoder-decoder"
+    for module in model.modules():
+        if _is_self_attention(module) and getattr(module, "is_causal", None) is False:
+            return f"its self-attention {type(module).__name__} is bidirectional (is_causal=False)"
+    return None
+
+
+class PrefixScoreCapture:
+    """Context manager returned by :func:`capture_prefix_scores`; read ``prefix_scores`` after the forward."""
+
+    def __init__(self, model):
+        from transformers import PreTrainedModel
+
+        if not isinstance(model, PreTrainedModel):
+            raise TypeError(f"capture_prefix_scores needs a transformers PreTrainedModel, got {type(model).__name__}")
+        reason = _bidirectional_reason(model)
+        if reason is not None:
+            raise ValueError(
+                f"capture_prefix_scores: {type(model).__name__} is not a causal decoder ({reason}), so its score "
+                "head's output at position t depends on later tokens and is not the score of the prefix ending "
+                "at t. Prefix scores need a decoder reward model (e.g. LlamaForSequenceClassification)"
+            )
+        head = getattr(model, "score", None)
+        if not isinstance(head, torch.nn.Module):
+            raise ValueError(
+                f"capture_prefix_scores: {type(model).__name__} has no `score` head. It needs a decoder "
+                "*ForSequenceClassification model, whose `score` module maps every position's hidden state to "
+                "logits before the last non-pad position is pooled"
+            )
+        self.model, self._head = model, head
+        self._pad_token_id = getattr(model.config.get_text_config(), "pad_token_id", None)
+        self._entered = self._exited = False
+        self._hooks = []
+        self._reset()
+
+    def _reset(self):
+        self._input_ids = None
+        self._head_out = None
+        self._prefix_scores = self._score = self._index = None
+        self._error: str | None = None
+        self._depth = 0
+
+    @property
+    def prefix_scores(self) -> torch.Tensor:
+        """float32 [B, L]: the score read at every position, i.e. the score of the prefix ending there."""
+        if self._error is not None:
+            raise RuntimeError(self._error)
+        if self._prefix_scores is None:
+            raise RuntimeError("capture_prefix_scores: no forward of the model ran inside the capture")
+        return self._prefix_scores
+
+    @property
+    def reward_index(self) -> torch.Tensor:
+        """long [B]: the position the model pooled its score from (last forward)."""
+        self.prefix_scores  # raises the same errors
+        return self._index
+
+    @property
+    def score(self) -> torch.Tensor:
+        """float32 [B]: the model's pooled score (equal to ``prefix_scores`` at ``reward_index``)."""
+        self.prefix_scores
+        return self._score
+
+    def __enter__(self) -> "PrefixScoreCapture":
+        if self._entered:
+            raise RuntimeError("a capture_prefix_scores object can be entered only once; create a new one")
+        self._entered = True
+        self._owner = threading.get_ident()
+        self._hooks = [
+            self.model.register_forward_pre_hook(self._pre_hook, with_kwargs=True),
+            self._head.register_forward_hook(self._head_hook),
+            self.model.register_forward_hook(self._post_hook, with_kwargs=True, always_call=True),
+        ]
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        if not self._exited:
+            self._exited = True
+            for hook in self._hooks:
+                hook.remove()
+        return False
+
+    def _pre_hook(self, module, args, kwargs):
+        if threading.get_ident() != self._owner:
+            return None
+        if self._depth == 0:
+            self._reset()
+            input_ids = kwargs.get("input_ids", args[0] if args else None)
+            self._input_ids = input_ids if isinstance(input_ids, torch.Tensor) else None
+        self._depth += 1
+        return None
+
+    def _head_hook(self, module, args, output):
+        if threading.get_ident() == self._owner and self._depth > 0 and isinstance(output, torch.Tensor):
+            self._head_out = output.detach()
+
+    def _post_hook(self, module, args, kwargs, output):
+        if threading.get_ident() != self._owner:
+            return None
+        self._depth -= 1
+        if self._depth == 0:
+            self._finish(output)
+        return None
+
+    def _finish(self, output) -> None:
+        """Turn the head's [B, L, C] output into scores, find the pooled position, check it against the output."""
+        name = type(self.model).__name__
+        head_out, input_ids = self._head_out, self._input_ids
+        self._head_out = self._input_ids = None
+        logits = getattr(output, "logits", None)
+        if logits is None and isinstance(output, (tuple, list)) and output:
+            logits = output[0]
+        if head_out is None:
+            self._error = f"capture_prefix_scores: the forward of {name} never called its `score` head"
+            return
+        if head_out.dim() != 3 or not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+            self._error = (f"capture_prefix_scores: expected the `score` head to give [B, L, C] logits and the model "
+                           f"pooled [B, C] logits, got {tuple(head_out.shape)} and "
+                           f"{tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__}")
+            return
+        with torch.no_grad():
+            try:
+                scores = _score_of(head_out, "the score head's output")
+                pooled = _score_of(logits.detach(), "the model's logits")
+            except ValueError as error:
+                self._error = f"capture_prefix_scores: {error}"
+                return
+            batch, length = scores.shape
+            if input_ids is None or self._pad_token_id is None:  # as transformers: the last position
+                index = torch.full((batch,), length - 1, dtype=torch.long, device=scores.device)
+            else:
+                index = _last_non_pad(input_ids.to(scores.device), self._pad_token_id)
+            at_index = scores[torch.arange(batch, device=scores.device), index]
+            if pooled.shape != at_index.shape or not torch.allclose(at_index, pooled, rtol=1e-5, atol=1e-5,
+                                                                    equal_nan=True):
+                self._error = (f"capture_prefix_scores: {name}'s pooled score is not its score head's output at the "
+                               "last non-pad position, so the head's per-position outputs cannot be read as prefix "
+                               "scores")
+                return
+        self._prefix_scores, self._score, self._index = scores, pooled, index
+
+
+def capture_prefix_scores(model) -> PrefixScoreCapture:
+    """Record, during the reward model's ordinary forward, its score at every position: the prefix scores.
+
+    A decoder ``*ForSequenceClassification`` model applies its ``score`` head to every position's hidden
+    state and then pools the logits of the last non-pad token. In a causal model position t sees only the
+    tokens up to t, so the head's output there is the score the model would give the sequence truncated at
+    t: one forward yields the score of every prefix, which is what :func:`dense_rlhf.prefix_rewards` needs.
+
+    Usage::
+
+        with torch.no_grad(), dense_rlhf.capture_prefix_scores(rm) as cap:
+            rm(input_ids=ids, attention_mask=mask)
+        rewards = dense_rlhf.prefix_rewards(cap.prefix_scores, completion_mask, reward_index=cap.reward_index)
+
+    After the forward: ``cap.prefix_scores`` float32 [B, L] (the logit of a one-logit head, or
+    ``logit[1] - logit[0]`` of a two-logit head, at every position; values at padding are meaningless),
+    ``cap.reward_index`` long [B] (the position the model pooled: the rightmost token that is not
+    ``pad_token_id``, or the last position without one) and ``cap.score`` float32 [B] (the model's pooled
+    score). The capture checks that the pooled score equals the head's output at ``reward_index``, so a model
+    that pools some other way fails loudly instead of giving wrong prefix scores. A forward hook on the head
+    (removed on exit) is all it adds: outputs are unchanged, the extra memory is the [B, L] scores. Only
+    forwards in the thread that entered the capture are recorded; with several, the last one is kept.
+
+    Prefix scores are out of distribution when the reward model was trained on complete sequences only (or
+    reads its score at an appended end token): how informative they are is a property of the reward model.
+
+    Raises:
+        TypeError: ``model`` is not a ``PreTrainedModel``.
+        ValueError: a bidirectional encoder (BERT-style) or encoder-decoder, whose positions are not prefixes;
+            a model without a ``score`` head.
+        RuntimeError (reading the results): no forward ran, the head was not called, its output is not
+            [B, L, 1 or 2], or the pooled score does not match it.
     """
-    from dense_rlhf.ops import dense_rewards
+    return PrefixScoreCapture(model)
 
+
+# ----------------------------------------------------------------------------------------- score_and_densify
+
+METHODS = ("abc", "prefix", "sparse", "uniform")
+
+
+def score_and_densify(model, input_ids, attention_mask, completion_mask, *, method: str = "abc", beta=0.8,
+                      layer: int = -1, reward_index=None):
+    """Run a reward model once and return ``(scores [B] float32, rewards [B, L] float32)``.
+
+    The score is the logit for a one-logit head, ``logit[1] - logit[0]`` for a two-logit head (in float32).
+    ``completion_mask`` [B, L] marks completion tokens in the same positions as ``input_ids`` (prompt and
+    padding False). Every method takes one forward, under ``torch.no_grad()``, and each row of the rewards
+    sums to its score:
+
+    - ``"abc"`` (default): :func:`dense_rlhf.dense_rewards` of the attention rows captured from ``layer``
+      (:func:`capture_reward_attention`) at the reward position (``reward_index``, default the position the
+      model pools), heads averaged, restricted to ``completion_mask`` and normalised, mixed by ``beta``.
+    - ``"prefix"``: :func:`dense_rlhf.prefix_rewards` of the score at every position
+      (:func:`capture_prefix_scores`; decoder ``*ForSequenceClassification`` models only), with the reward
+      position where the model pools its score, mixed by ``beta``.
+    - ``"sparse"``: the score on the last completion token; ``"uniform"``: score / n on each of the n.
+
+    ``beta`` is checked for every method and used by "abc" and "prefix"; ``layer`` applies to "abc" only, and
+    so does ``reward_index`` (any other method raises if it is given: the prefix method reads the score where
+    the model pools it).
+    """
+    from dense_rlhf.ops import check_beta, dense_rewards, prefix_rewards, sparse_rewards, uniform_rewards
+
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    beta = check_beta(beta)
+    if reward_index is not None and method != "abc":
+        raise ValueError(f"reward_index applies to method='abc' (the attention row), not to method={method!r}")
     with torch.no_grad():
-        with capture_reward_attention(model, layer=layer, reward_index=reward_index) as cap:
+        if method == "abc":
+            capture = capture_reward_attention(model, layer=layer, reward_index=reward_index)
+        elif method == "prefix":
+            capture = capture_prefix_scores(model)
+        else:
+            capture = None
+        if capture is None:
             out = model(input_ids=input_ids, attention_mask=attention_mask)
+        else:
+            with capture:
+                out = model(input_ids=input_ids, attention_mask=attention_mask)
         logits = out.logits if hasattr(out, "logits") else out[0]
         if logits.dim() != 2 or logits.shape[-1] not in (1, 2):
             raise ValueError(f"score_and_densify needs [B, 1] or [B, 2] logits from the reward model, got "
                              f"{tuple(logits.shape)}")
-        scores = logits[:, 0] if logits.shape[-1] == 1 else logits[:, 1] - logits[:, 0]
-        scores = scores.float()
-        rewards = dense_rewards(cap.rows, scores, completion_mask, beta=beta)
+        scores = _score_of(logits, "the reward model's logits")
+        if method == "abc":
+            rewards = dense_rewards(capture.rows, scores, completion_mask, beta=beta)
+        elif method == "prefix":
+            rewards = prefix_rewards(capture.prefix_scores, completion_mask, beta=beta,
+                                     reward_index=capture.reward_index)
+        elif method == "sparse":
+            rewards = sparse_rewards(scores, completion_mask)
+        else:
+            rewards = uniform_rewards(scores, completion_mask)
     return scores, rewards

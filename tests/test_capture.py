@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import threading
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -608,3 +609,179 @@ def test_under_bfloat16_autocast():
     assert cap.rows.dtype == torch.float32
     torch.testing.assert_close(cap.rows, expected, atol=3e-2, rtol=0)
     torch.testing.assert_close(cap.rows.sum(-1), torch.ones_like(cap.rows[..., 0]), atol=1e-5, rtol=0)
+
+
+# ----------------------------------------------------------------------------------------- prefix scores
+
+
+def truncated_prefix_scores(model, ids, mask):
+    """The naive computation: the model run on every truncated prefix ids[b, :t + 1] (padding kept), its pooled
+    score read; NaN at padding positions, which are not prefixes of anything."""
+    out = torch.full(ids.shape, float("nan"))
+    with torch.no_grad():
+        for b in range(ids.shape[0]):
+            for t in range(ids.shape[1]):
+                if mask[b, t]:
+                    logits = model(input_ids=ids[b : b + 1, : t + 1], attention_mask=mask[b : b + 1, : t + 1]).logits
+                    out[b, t] = logits[0, 0].float()
+    return out
+
+
+def differenced(prefix, completion):
+    """Prefix-difference rewards (beta 1) from per-prefix scores, by a plain loop over each row's tokens."""
+    out = torch.zeros(prefix.shape)
+    for b in range(prefix.shape[0]):
+        previous = 0.0
+        for t in completion[b].nonzero().flatten().tolist():
+            out[b, t] = prefix[b, t] - previous
+            previous = prefix[b, t]
+    return out
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("padding", ["right", "left"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefix_scores_match_running_every_truncated_prefix(arch, padding, dtype):
+    model = make_model(arch)
+    if dtype != torch.float32:
+        model = copy.deepcopy(model).to(dtype)
+    ids, mask = make_batch(padding)
+    completion = mask.bool() & (torch.arange(L)[None] >= torch.tensor([[4], [2], [0]]) + (L - mask.sum(1, keepdim=True))
+                                * int(padding == "left"))
+    naive = truncated_prefix_scores(model, ids, mask)
+    with torch.no_grad(), dense_rlhf.capture_prefix_scores(model) as cap:
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    real = mask.bool()
+    tol = dict(atol=1e-5, rtol=0) if dtype == torch.float32 else dict(atol=4e-3, rtol=0)  # bf16: ~1 ulp at 0.5
+    assert cap.prefix_scores.dtype == torch.float32 and cap.prefix_scores.shape == (B, L)
+    torch.testing.assert_close(cap.prefix_scores[real], naive[real], **tol)
+    assert torch.equal(cap.reward_index, expected_index(arch, ids))
+    torch.testing.assert_close(cap.score, logits[:, 0].float(), atol=0, rtol=0)
+
+    scores, rewards = score_and_densify(model, ids, mask, completion, method="prefix", beta=1.0)
+    torch.testing.assert_close(scores, logits[:, 0].float(), atol=0, rtol=0)
+    torch.testing.assert_close(rewards, differenced(naive, completion), **tol)
+    torch.testing.assert_close(rewards.sum(1), scores, atol=1e-5, rtol=1e-5)
+    assert bool((rewards[~completion] == 0).all())
+    mixed = score_and_densify(model, ids, mask, completion, method="prefix", beta=0.8)[1]
+    torch.testing.assert_close(mixed, 0.8 * rewards + 0.2 * dense_rlhf.sparse_rewards(scores, completion),
+                               atol=1e-6, rtol=1e-6)
+    assert len(model.score._forward_hooks) == 0 and len(model._forward_hooks) == 0
+
+
+def test_prefix_scores_guard_padding_and_position_matter():
+    """Guards for the test above: padding and the prefix boundary both change the scores, so agreement means
+    the capture reads prefixes, not a sequence that merely looks like one."""
+    model = make_model("gpt2")
+    ids, mask = make_batch("left")
+    with torch.no_grad():
+        with dense_rlhf.capture_prefix_scores(model) as cap:
+            model(input_ids=ids, attention_mask=mask)
+        unpadded = model(input_ids=ids[2:, 7:]).logits[0, 0]
+        whole = model(input_ids=ids[:1], attention_mask=mask[:1]).logits[0, 0]
+    assert (cap.prefix_scores[2, -1] - unpadded).abs() > 1e-4  # GPT-2's absolute positions see the pads
+    assert (cap.prefix_scores[0, 5] - whole).abs() > 1e-4
+
+
+def test_prefix_scores_two_logit_head():
+    torch.manual_seed(0)
+    model = GPT2ForSequenceClassification(GPT2Config(
+        vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=64, pad_token_id=PAD, num_labels=2)).eval()
+    ids, mask = make_batch("right")
+    completion = mask.bool() & (torch.arange(L)[None] >= 2)
+    naive = torch.full(ids.shape, float("nan"))
+    with torch.no_grad():
+        for b in range(B):
+            for t in range(int(mask[b].sum())):
+                logits = model(input_ids=ids[b : b + 1, : t + 1]).logits[0]
+                naive[b, t] = logits[1] - logits[0]
+    scores, rewards = score_and_densify(model, ids, mask, completion, method="prefix", beta=1.0)
+    torch.testing.assert_close(rewards, differenced(naive, completion), atol=1e-5, rtol=0)
+    torch.testing.assert_close(rewards.sum(1), scores, atol=1e-5, rtol=1e-5)
+
+
+def test_prefix_and_attention_captures_share_one_forward():
+    model = make_model("llama")
+    ids, mask = make_batch("left")
+    with torch.no_grad(), capture_reward_attention(model) as rows, dense_rlhf.capture_prefix_scores(model) as prefix:
+        model(input_ids=ids, attention_mask=mask)
+    with torch.no_grad(), dense_rlhf.capture_prefix_scores(model) as alone:
+        model(input_ids=ids, attention_mask=mask)
+    torch.testing.assert_close(prefix.prefix_scores, alone.prefix_scores, atol=0, rtol=0)
+    torch.testing.assert_close(rows.rows, eager_rows("llama", ids, mask, -1, expected_index("llama", ids)), **TOL)
+    assert _no_registrations()
+
+
+def test_prefix_scores_refuse_encoders_and_models_without_a_score_head():
+    with pytest.raises(ValueError, match="BertForSequenceClassification is not a causal decoder.*is_causal=False"):
+        dense_rlhf.capture_prefix_scores(make_model("bert"))
+    with pytest.raises(ValueError, match="not a causal decoder"):
+        score_and_densify(make_model("bert"), *make_batch("right"), torch.ones(B, L, dtype=torch.bool),
+                          method="prefix")
+    torch.manual_seed(0)
+    lm = transformers.LlamaForCausalLM(LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1))
+    with pytest.raises(ValueError, match="LlamaForCausalLM has no `score` head"):
+        dense_rlhf.capture_prefix_scores(lm)
+    with pytest.raises(TypeError, match="PreTrainedModel"):
+        dense_rlhf.capture_prefix_scores(torch.nn.Linear(2, 2))
+
+
+def test_prefix_scores_check_the_pooled_position(monkeypatch):
+    """A model that pools somewhere else than the capture reads fails loudly instead of giving wrong scores."""
+    model = copy.deepcopy(make_model("llama"))
+    ids, mask = make_batch("right")
+    with torch.no_grad(), dense_rlhf.capture_prefix_scores(model) as cap:
+        model.config.pad_token_id = None  # the model now pools the last position, the capture the last non-pad
+        model(input_ids=ids[:1], attention_mask=mask[:1])
+        model.config.pad_token_id = PAD
+        model(input_ids=ids, attention_mask=mask)  # the last forward counts: consistent again
+    assert torch.equal(cap.reward_index, expected_index("llama", ids))
+    model.config.pad_token_id = PAD
+    capture = dense_rlhf.capture_prefix_scores(model)
+    model.config.pad_token_id = None
+    with torch.no_grad(), capture:
+        model(input_ids=ids[1:2], attention_mask=mask[1:2])
+    with pytest.raises(RuntimeError, match="pooled score is not its score head's output"):
+        capture.prefix_scores
+    with pytest.raises(RuntimeError, match="no forward"):
+        dense_rlhf.capture_prefix_scores(make_model("llama")).prefix_scores
+
+
+def test_score_and_densify_methods_take_one_forward():
+    model = make_model("gpt2")
+    ids, mask = make_batch("left")
+    completion = mask.bool() & (torch.arange(L)[None] >= L - 4)
+    calls = []
+    handle = model.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        results = {}
+        for method in ("abc", "prefix", "sparse", "uniform"):
+            calls.clear()
+            results[method] = score_and_densify(model, ids, mask, completion, method=method, beta=np.float32(0.8))
+            assert len(calls) == 1, method
+    finally:
+        handle.remove()
+    scores = results["abc"][0]
+    for method, (s, r) in results.items():
+        torch.testing.assert_close(s, scores, atol=0, rtol=0)
+        torch.testing.assert_close(r.sum(1), scores, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(results["sparse"][1], dense_rlhf.sparse_rewards(scores, completion))
+    torch.testing.assert_close(results["uniform"][1], dense_rlhf.uniform_rewards(scores, completion))
+    default = score_and_densify(model, ids, mask, completion, beta=0.8)  # "abc" stays the default
+    torch.testing.assert_close(default[1], results["abc"][1], atol=0, rtol=0)
+
+
+def test_score_and_densify_argument_errors():
+    model = make_model("llama")
+    ids, mask = make_batch("right")
+    completion = mask.bool()
+    with pytest.raises(ValueError, match="method must be one of"):
+        score_and_densify(model, ids, mask, completion, method="red")
+    with pytest.raises(ValueError, match="reward_index applies to method='abc'"):
+        score_and_densify(model, ids, mask, completion, method="prefix", reward_index=3)
+    with pytest.raises(TypeError, match="beta must be a real number.*got str"):
+        score_and_densify(model, ids, mask, completion, method="sparse", beta="0.8")
+    with pytest.raises(ValueError, match="beta must be a number in"):
+        score_and_densify(model, ids, mask, completion, beta=torch.tensor(1.2))

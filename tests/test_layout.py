@@ -24,8 +24,8 @@ def test_import_dense_rlhf_leaves_the_study_and_heavy_libraries_alone():
 
 
 def test_public_api_at_the_top():
-    for name in ("dense_rewards", "sparse_rewards", "uniform_rewards", "capture_reward_attention",
-                 "score_and_densify"):
+    for name in ("dense_rewards", "prefix_rewards", "sparse_rewards", "uniform_rewards", "capture_reward_attention",
+                 "capture_prefix_scores", "score_and_densify"):
         assert callable(getattr(dense_rlhf, name)), name
         assert name in dense_rlhf.__all__
 
