@@ -28,11 +28,26 @@ def test_demo_quick_then_tiny_experiment(tmp_path, monkeypatch):
 
     res = tmp_path / "results"
     argv = ["experiment", "--quick", "--steps", "2", "--seeds", "1", "--lam", "0.95", "--workers", "1",
-            "--methods", "sparse,abc-0.5,uniform,abcd", "--out", str(res)]
+            "--methods", "sparse,abc-0.5,prefix-1.0,uniform,abcd", "--out", str(res)]
     assert cli.main(argv) == 0
     assert list(cache.glob("setup-*")) == setups  # ... and reused by the experiment
     data = json.loads((res / "experiment_lam0.95.json").read_text())
-    assert len(data["runs"]) == 4
+    assert len(data["runs"]) == 5
     credit = data["credit_diagnostics"]["sft_samples"]
     assert credit["uniform"]["spearman"] == 0.0 and credit["abc"]["n"] > 0
+    assert credit["prefix"]["n"] == credit["abc"]["n"] and 0.0 <= credit["prefix"]["sign_agreement"] <= 1.0
     assert (res / "experiment.md").exists() and (res / "experiment_lam0.95.png").exists()
+    assert "prefix diff. beta=1.0" in (res / "experiment_lam0.95.md").read_text()
+
+    # the length study's whole pipeline on the length already trained (the quick setup is 20 tokens)
+    argv = ["experiment", "--study", "length", "--lengths", "20", "--quick", "--steps", "3", "--seeds", "2",
+            "--workers", "1", "--out", str(res)]
+    assert cli.main(argv) == 0
+    assert list(cache.glob("setup-*")) == setups
+    data = json.loads((res / "length_study.json").read_text())
+    length = data["per_length"]["20"]
+    assert {r["method"] for r in length["runs"]} == {"sparse", "abc-0.8", "prefix-0.8", "uniform"}
+    assert len(length["runs"]) == 8 and data["meta"]["config"]["ppo"]["lam"] == 0.95
+    assert set(length["ratios"]) == {"abc-0.8", "prefix-0.8", "uniform"}
+    assert all(len(r["per_seed"]) == 2 for r in length["ratios"].values())
+    assert (res / "length_study.md").exists() and (res / "length_study.png").stat().st_size > 0

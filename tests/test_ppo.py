@@ -84,15 +84,50 @@ def test_token_rewards_conserve_the_score_and_align_to_the_response(tiny, method
     ids, mask = M.rm_inputs(codec, ro.seq)
     assert ids.shape[1] == ro.seq.shape[1] + 1 and (ids[:, -1] == codec.eos_id).all()
     assert mask.sum(1).tolist() == [8] * 6 and not mask[:, : task.PROMPT_LEN].any() and not mask[:, -1].any()
-    score, rows = M.score_with_attention(rm, ids)
-    assert rows.shape == (6, rm.config.n_head, ids.shape[1])
-    r = M.token_rewards(method, score, rows, mask, ro.policy_attn_rows, task.PROMPT_LEN, 8)
+    fwd = M.rm_forward(rm, ids)
+    score, rows = fwd.score, fwd.rows
+    assert rows.shape == (6, rm.config.n_head, ids.shape[1]) and fwd.prefix_scores.shape == ids.shape
+    assert (fwd.reward_index == ids.shape[1] - 1).all()  # [EOS]
+    torch.testing.assert_close(fwd.prefix_scores[:, -1], score, atol=0, rtol=0)
+    r = M.token_rewards(method, score, rows, mask, ro.policy_attn_rows, task.PROMPT_LEN, 8, fwd.prefix_scores,
+                        fwd.reward_index)
     assert r.shape == (6, 8)
     assert torch.allclose(r.sum(1), score, atol=1e-5)
     if method == "sparse":
         assert torch.equal(r[:, -1], score) and (r[:, :-1] == 0).all()
     if method == "uniform":
         assert torch.allclose(r, score[:, None].expand(6, 8) / 8)
+    if method == "prefix-1.0":  # token t: s(prefix through t) - s(prefix before t); the last also the step to [EOS]
+        s = fwd.prefix_scores[:, task.PROMPT_LEN - 1 : -1]
+        expected = s[:, 1:] - s[:, :-1]
+        expected[:, 0] = s[:, 1]
+        expected[:, -1] += score - s[:, -1]
+        torch.testing.assert_close(r, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("length", [10, 80])
+def test_longer_completions_fit_the_models_and_the_loop(length):
+    """The length study's layouts: positions for [BOS] + prompt + completion + [EOS], a PPO step, every method."""
+    from dense_rlhf.study.models import n_positions
+
+    assert n_positions(SetupConfig()) == 64  # the 20-token models (and their cache keys) are unchanged
+    codec = task.Codec()
+    cfg = SetupConfig(completion_len=length, n_embd=16, rm_n_embd=16, n_layer=1, rm_n_layer=1, n_head=2, rm_n_head=2)
+    lm, rm = new_policy(codec, cfg).eval(), new_reward_model(codec, cfg).eval()
+    assert lm.config.n_positions >= task.PROMPT_LEN + length + 1 <= rm.config.n_positions
+    words = task.sft_texts(0, 3, length)
+    assert all(len(w) == task.PROMPT_WORDS + length for w in words)
+    assert task.credits_of(codec, codec.encode(words)).shape == (3, length)
+    import copy
+    import random
+
+    rng = random.Random(0)
+    cfg_ppo = PPOConfig(steps=1, batch_size=4, minibatch_size=2, ppo_epochs=1)
+    for method in ("sparse", "abc-0.8", "prefix-0.8", "uniform"):
+        policy = PolicyWithValue(copy.deepcopy(lm), codec.special_ids)
+        hist = train(policy, lm, lambda n: codec.encode(task.sample_prompts(rng, n)), length,
+                     M.make_score_fn(method, rm, codec), cfg_ppo, seed=0)
+        assert all(math.isfinite(v) for v in hist[0].values())
 
 
 def test_capture_rows_match_eager_attention(tiny):

@@ -99,3 +99,21 @@ def test_credit_diagnostics_perfect_uniform_and_reversed():
     assert uniform["mass_on_credited"] == pytest.approx(2 / 6)
     reversed_ = credit_diagnostics(1.0 / (credit.abs() + 0.5), credit)
     assert reversed_["spearman"] < -0.9 and reversed_["topk_overlap"] == 0.0
+
+
+def test_length_study_ratios_pair_seeds_and_count_never_as_the_run_length():
+    from dense_rlhf.study.length import ratios
+
+    summary = {"methods": {
+        "sparse": {"steps_to_threshold": 40, "per_seed_steps_to_threshold": [40, None, 50]},
+        "abc-0.8": {"steps_to_threshold": 20, "per_seed_steps_to_threshold": [10, 30, None]},
+        "uniform": {"steps_to_threshold": None, "per_seed_steps_to_threshold": [None, None, None]},
+    }}
+    out = ratios(summary, ["sparse", "abc-0.8", "uniform"], steps=100)
+    abc = out["abc-0.8"]
+    assert abc["mean_curve_ratio"] == 0.5 and abc["text"] == "0.50"
+    assert abc["per_seed"] == [0.25, 0.3, 2.0] and abc["per_seed_censored"] == [False, True, True]
+    assert abc["per_seed_median"] == 0.3
+    assert out["uniform"]["mean_curve_ratio"] is None and out["uniform"]["text"] == "never"
+    summary["methods"]["sparse"]["steps_to_threshold"] = None
+    assert ratios(summary, ["sparse", "abc-0.8"], steps=100)["abc-0.8"]["text"] == "< 0.20 (sparse never)"

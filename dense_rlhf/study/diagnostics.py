@@ -7,6 +7,9 @@ For each completion with at least one credited token (nonzero leave-one-out cred
 - top-k overlap: with k = the number of credited tokens, the fraction of alpha's k largest tokens that are
   credited tokens. A random order scores k / N on average; uniform alpha is scored with random tie-breaking.
 - mass on credited tokens: sum of alpha over credited tokens (uniform: k / N).
+- sign agreement (when the method's signed per-token shares are given): the fraction of credited tokens
+  whose share has the sign of their true credit. ABC and uniform give every token the score's sign; prefix
+  differences can give a token a sign of its own (alpha is then |share|).
 """
 
 from __future__ import annotations
@@ -29,17 +32,23 @@ def _average_ranks(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def credit_diagnostics(alpha: torch.Tensor, credit: torch.Tensor, seed: int = 0) -> dict:
-    """alpha [B, N] nonnegative weights (rows may be unnormalised), credit [B, N] signed true credit."""
+def credit_diagnostics(alpha: torch.Tensor, credit: torch.Tensor, seed: int = 0,
+                       shares: torch.Tensor | None = None) -> dict:
+    """alpha [B, N] nonnegative weights (rows may be unnormalised), credit [B, N] signed true credit, shares
+    [B, N] optional signed per-token rewards of the method (adds ``sign_agreement``)."""
     alpha = alpha.double()
     c = credit.abs().double()
     credited = c > 1e-9
     k = credited.sum(1)
     keep = k > 0
+    sign = None
+    if shares is not None:
+        agree = (torch.sign(shares.double()) == torch.sign(credit.double())) & credited
+        sign = (agree[keep].sum() / credited[keep].sum().clamp(min=1)).item()
     alpha, c, credited, k = alpha[keep], c[keep], credited[keep], k[keep]
     if alpha.shape[0] == 0:
         return {"spearman": float("nan"), "topk_overlap": float("nan"), "mass_on_credited": float("nan"),
-                "random_topk_overlap": float("nan"), "n": 0}
+                "random_topk_overlap": float("nan"), "n": 0, **({} if sign is None else {"sign_agreement": sign})}
     gen = torch.Generator().manual_seed(seed)
     jitter = torch.rand(alpha.shape, generator=gen, dtype=torch.float64) * 1e-12  # random tie-breaking
     ra, rc = _average_ranks(alpha), _average_ranks(c)
@@ -60,4 +69,5 @@ def credit_diagnostics(alpha: torch.Tensor, credit: torch.Tensor, seed: int = 0)
         "mass_on_credited": (norm_alpha * credited).sum(1).mean().item(),
         "random_topk_overlap": (k.double() / alpha.shape[1]).mean().item(),
         "n": int(alpha.shape[0]),
+        **({} if sign is None else {"sign_agreement": sign}),
     }

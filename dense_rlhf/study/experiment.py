@@ -3,6 +3,7 @@
 Trains (or reuses from the cache) the SFT policy and the reward model, measures the credit diagnostics,
 runs PPO for every (method, seed), and writes ``<name>.json`` (every curve), ``<name>.md`` (the table) and
 ``<name>.png`` (mean curves with seed bands) under ``--out``. Everything follows from ``--seed``.
+``--study length`` runs the completion-length sweep instead (``dense_rlhf.study.length``).
 """
 
 from __future__ import annotations
@@ -28,17 +29,24 @@ def parse_args(argv):
     p = argparse.ArgumentParser(prog="dense-rlhf experiment", description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, default=5, help="PPO seeds per method (default 5)")
     p.add_argument("--steps", type=int, default=PPO.steps, help=f"PPO steps per run (default {PPO.steps})")
-    p.add_argument("--methods", default=",".join(M.METHODS), help="comma-separated subset of " + ",".join(M.METHODS))
+    p.add_argument("--study", choices=("methods", "length"), default="methods",
+                   help="methods: every reward method at one completion length (default); length: the "
+                        "completion-length sweep (sparse, ABC 0.8, prefix 0.8, uniform by default)")
+    p.add_argument("--lengths", default="10,20,40,80", help="completion lengths of --study length (default 10,20,40,80)")
+    p.add_argument("--methods", default=None,
+                   help="comma-separated subset of " + ",".join(M.METHODS) + " (default: all; --study length: "
+                        "sparse,abc-0.8,prefix-0.8,uniform)")
     p.add_argument("--seed", type=int, default=0, help="master seed: SFT/RM training and the PPO seeds")
     p.add_argument("--kl-coef", type=float, default=PPO.kl_coef)
     p.add_argument("--lr", type=float, default=PPO.lr)
     p.add_argument("--batch-size", type=int, default=PPO.batch_size)
-    p.add_argument("--lam", default="0.95,0.8",
-                   help="GAE lambda; a comma-separated list runs one study per value (default 0.95,0.8)")
+    p.add_argument("--lam", default=None,
+                   help="GAE lambda; a comma-separated list runs one study per value (default 0.95,0.8; "
+                        "--study length: one value, default 0.95)")
     p.add_argument("--whiten-rewards", action="store_true")
     p.add_argument("--workers", type=int, default=study.default_workers(), help="parallel runs (1 thread each)")
     p.add_argument("--out", default="experiments/results", help="output folder")
-    p.add_argument("--name", default="experiment", help="output file stem")
+    p.add_argument("--name", default=None, help="output file stem (default experiment, or length_study)")
     p.add_argument("--rm-layers", type=int, default=SETUP.rm_n_layer,
                    help=f"reward-model layers (default {SETUP.rm_n_layer}); ABC reads the last one")
     p.add_argument("--threads", type=int, default=1,
@@ -53,14 +61,20 @@ def main(argv: list[str]) -> int:
     torch.set_num_threads(args.threads)
     study.quiet_transformers()
     t0 = time.time()
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    methods = [m.strip() for m in (args.methods or ",".join(M.METHODS)).split(",") if m.strip()]
     for m in methods:
         if m not in M.METHODS:
             raise SystemExit(f"unknown method {m!r}; choose from {M.METHODS}")
-    lams = [float(x) for x in args.lam.split(",") if x.strip()]
     setup = replace(SETUP, seed=args.seed, rm_n_layer=args.rm_layers, **(QUICK_SETUP if args.quick else {}))
     base = replace(PPO, steps=args.steps, kl_coef=args.kl_coef, lr=args.lr, batch_size=args.batch_size,
                    whiten_rewards=args.whiten_rewards)
+    if args.study == "length":
+        from dense_rlhf.study import length
+
+        args.name = args.name or "length_study"
+        return length.main(args, argv, setup, base)
+    args.name = args.name or "experiment"
+    lams = [float(x) for x in (args.lam or "0.95,0.8").split(",") if x.strip()]
     cache = cache_root(args.cache_dir)
     print(f"[1/3] SFT policy and reward model (cache: {cache})")
     _, _, _, info = load_or_train(setup, cache)

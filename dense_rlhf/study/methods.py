@@ -6,6 +6,9 @@ response tokens, summing to r_C:
 - ``sparse``: r_C on the last response token (ABC with beta = 0).
 - ``abc-<beta>``: ABC, ``dense_rewards`` of the reward model's last-layer attention row from its reward
   position ([EOS], appended after the response), restricted to the response tokens.
+- ``prefix-<beta>``: prefix-difference rewards (R3HF), ``prefix_rewards`` of the reward model's score read at
+  every position in the same forward (``capture_prefix_scores``): response token t gets s(x, y<=t) -
+  s(x, y<t), the last one also the step to the score at [EOS].
 - ``uniform``: r_C / N on every response token.
 - ``abcd``: ABC-D, the same formula (beta 0.8) with the *policy's* own last-layer attention row from its
   final generated token, captured during the rollout forward.
@@ -13,19 +16,23 @@ response tokens, summing to r_C:
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from dense_rlhf.study import sentiment_task as task
-from dense_rlhf.capture import capture_reward_attention
-from dense_rlhf.ops import dense_rewards, sparse_rewards, uniform_rewards
+from dense_rlhf.capture import capture_prefix_scores, capture_reward_attention
+from dense_rlhf.ops import dense_rewards, prefix_rewards, sparse_rewards, uniform_rewards
 from dense_rlhf.rl.ppo import Rollout
 
-METHODS = ["sparse", "abc-0.5", "abc-0.8", "abc-1.0", "uniform", "abcd"]
+METHODS = ["sparse", "abc-0.5", "abc-0.8", "abc-1.0", "prefix-0.8", "prefix-1.0", "uniform", "abcd"]
 LABELS = {
     "sparse": "sparse (beta=0)",
     "abc-0.5": "ABC beta=0.5",
     "abc-0.8": "ABC beta=0.8",
     "abc-1.0": "ABC beta=1.0",
+    "prefix-0.8": "prefix diff. beta=0.8",
+    "prefix-1.0": "prefix diff. beta=1.0",
     "uniform": "uniform",
     "abcd": "ABC-D (policy attention)",
 }
@@ -41,23 +48,42 @@ def rm_inputs(codec: task.Codec, seq: torch.Tensor) -> tuple[torch.Tensor, torch
     return ids, mask
 
 
+class RewardForward(NamedTuple):
+    """What one reward-model forward gives every method."""
+
+    score: torch.Tensor  # [B] float32, read at [EOS]
+    rows: torch.Tensor  # [B, H, L] last-layer attention rows from [EOS]
+    prefix_scores: torch.Tensor  # [B, L] the score read at every position
+    reward_index: torch.Tensor  # [B] the position the score is read at ([EOS])
+
+
 @torch.no_grad()
+def rm_forward(rm, ids: torch.Tensor) -> RewardForward:
+    """One reward-model forward: scores, the last layer's rows and the per-position scores, all from it."""
+    with capture_reward_attention(rm, layer=-1) as cap, capture_prefix_scores(rm) as prefix:
+        score = rm(input_ids=ids).logits[:, 0].float()  # reward position: the rightmost non-pad token
+    return RewardForward(score, cap.rows, prefix.prefix_scores, prefix.reward_index)
+
+
 def score_with_attention(rm, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """One reward-model forward: scores [B] and the last layer's per-head rows from [EOS], [B, H, L]."""
-    with capture_reward_attention(rm, layer=-1) as cap:  # reward position: the rightmost non-pad token
-        score = rm(input_ids=ids).logits[:, 0].float()
-    return score, cap.rows
+    out = rm_forward(rm, ids)
+    return out.score, out.rows
 
 
 def token_rewards(method: str, score: torch.Tensor, rm_rows: torch.Tensor, rm_mask: torch.Tensor,
-                  policy_rows: torch.Tensor | None, prompt_len: int, n_new: int) -> torch.Tensor:
-    """[B, N] task rewards on the response tokens for one method."""
+                  policy_rows: torch.Tensor | None, prompt_len: int, n_new: int,
+                  prefix_scores: torch.Tensor | None = None, reward_index: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, N] task rewards on the response tokens for one method (``prefix-*`` needs ``prefix_scores`` and the
+    ``reward_index`` they were pooled at)."""
     if method == "sparse":
         full = sparse_rewards(score, rm_mask)
     elif method == "uniform":
         full = uniform_rewards(score, rm_mask)
     elif method.startswith("abc-"):
         full = dense_rewards(rm_rows, score, rm_mask, beta=float(method[4:]))
+    elif method.startswith("prefix-"):
+        full = prefix_rewards(prefix_scores, rm_mask, beta=float(method[7:]), reward_index=reward_index)
     elif method == "abcd":
         mask = torch.zeros(policy_rows.shape[0], policy_rows.shape[-1], dtype=torch.bool)
         mask[:, prompt_len : prompt_len + n_new] = True
@@ -74,9 +100,9 @@ def make_score_fn(method: str, rm, codec: task.Codec):
 
     def score_fn(ro: Rollout):
         ids, mask = rm_inputs(codec, ro.seq)
-        score, rows = score_with_attention(rm, ids)
+        score, rows, prefix, index = rm_forward(rm, ids)
         n_new = ro.seq.shape[1] - task.PROMPT_LEN
-        rewards = token_rewards(method, score, rows, mask, ro.policy_attn_rows, task.PROMPT_LEN, n_new)
+        rewards = token_rewards(method, score, rows, mask, ro.policy_attn_rows, task.PROMPT_LEN, n_new, prefix, index)
         gt = task.scores_of(codec, ro.seq)
         return rewards, {"gt_score": gt.mean().item(), "rm_score": score.mean().item()}
 

@@ -62,12 +62,18 @@ def cache_root(override: str | os.PathLike | None = None) -> Path:
     return Path(env) if env else Path.home() / ".cache" / "dense-rlhf"
 
 
-def _gpt2_config(codec: task.Codec, n_embd: int, n_layer: int, n_head: int, **extra):
+def n_positions(cfg: SetupConfig) -> int:
+    """Learned positions of both models: the reward model's [BOS] + prompt + completion + [EOS], at least 64
+    (the value every completion length up to 59 has used, so that their cached models stay valid)."""
+    return max(64, task.PROMPT_LEN + cfg.completion_len + 1)
+
+
+def _gpt2_config(codec: task.Codec, n_embd: int, n_layer: int, n_head: int, positions: int, **extra):
     from transformers import GPT2Config
 
     return GPT2Config(
         vocab_size=codec.vocab_size,
-        n_positions=64,
+        n_positions=positions,
         n_embd=n_embd,
         n_layer=n_layer,
         n_head=n_head,
@@ -85,7 +91,7 @@ def new_policy(codec: task.Codec, cfg: SetupConfig):
     from transformers import GPT2LMHeadModel
 
     torch.manual_seed(cfg.seed)
-    config = _gpt2_config(codec, cfg.n_embd, cfg.n_layer, cfg.n_head)
+    config = _gpt2_config(codec, cfg.n_embd, cfg.n_layer, cfg.n_head, n_positions(cfg))
     return GPT2LMHeadModel(config)
 
 
@@ -93,7 +99,7 @@ def new_reward_model(codec: task.Codec, cfg: SetupConfig):
     from transformers import GPT2ForSequenceClassification
 
     torch.manual_seed(cfg.seed + 1)
-    config = _gpt2_config(codec, cfg.rm_n_embd, cfg.rm_n_layer, cfg.rm_n_head, num_labels=1)
+    config = _gpt2_config(codec, cfg.rm_n_embd, cfg.rm_n_layer, cfg.rm_n_head, n_positions(cfg), num_labels=1)
     return GPT2ForSequenceClassification(config)
 
 

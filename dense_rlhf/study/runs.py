@@ -170,8 +170,12 @@ def _median_with_never(values: list[int | None]) -> float | None:
 
 @torch.no_grad()
 def credit_report(setup: SetupConfig, cache_dir=None, n: int = 512, seed: int = 123) -> dict:
-    """Diagnostics of ABC's alpha (RM attention), ABC-D's alpha (SFT policy attention) and uniform against
-    the leave-one-out true credit, on completions sampled from the SFT policy and on grammar texts."""
+    """Diagnostics of ABC's alpha (RM attention), prefix differences (the RM's score at every position),
+    ABC-D's alpha (SFT policy attention) and uniform against the leave-one-out true credit, on completions
+    sampled from the SFT policy and on grammar texts."""
+    from dense_rlhf.capture import capture_reward_attention
+    from dense_rlhf.ops import prefix_rewards
+
     codec, sft, rm, _ = load_or_train(setup, cache_dir, log=None)
     policy = PolicyWithValue(sft, codec.special_ids)
     gen = torch.Generator().manual_seed(seed)
@@ -181,19 +185,25 @@ def credit_report(setup: SetupConfig, cache_dir=None, n: int = 512, seed: int = 
     grammar = codec.encode([task.sample_words(rng, task.Style.random_for_preferences(rng), task.PROMPT_WORDS + n_new)
                             for _ in range(n)])
     out = {}
+    p = task.PROMPT_LEN
     for name, s in (("sft_samples", seq), ("grammar_texts", grammar)):
         credit = task.credits_of(codec, s)
-        ids, _ = M.rm_inputs(codec, s)
-        _, rows = M.score_with_attention(rm, ids)
-        p = task.PROMPT_LEN
-        from dense_rlhf.capture import capture_reward_attention
-
+        ids, mask = M.rm_inputs(codec, s)
+        fwd = M.rm_forward(rm, ids)
+        alpha = fwd.rows.mean(1)[:, p : p + n_new]
+        alpha = alpha / alpha.sum(1, keepdim=True)
+        dense = prefix_rewards(fwd.prefix_scores, mask, beta=1.0, reward_index=fwd.reward_index)[:, p : p + n_new]
         with capture_reward_attention(sft, layer=-1, reward_index=s.shape[1] - 1) as cap:
             sft(input_ids=s, use_cache=False)
+        policy_alpha = cap.rows.mean(1)[:, p : p + n_new]
+        policy_alpha = policy_alpha / policy_alpha.sum(1, keepdim=True)
+        score = fwd.score[:, None]
         out[name] = {
-            "abc": credit_diagnostics(rows.mean(1)[:, p : p + n_new], credit),
-            "abcd": credit_diagnostics(cap.rows.mean(1)[:, p : p + n_new], credit),
-            "uniform": credit_diagnostics(torch.ones(s.shape[0], n_new), credit),
+            "abc": credit_diagnostics(alpha, credit, shares=score * alpha),
+            "prefix": credit_diagnostics(dense.abs(), credit, shares=dense),
+            "abcd": credit_diagnostics(policy_alpha, credit, shares=score * policy_alpha),
+            "uniform": credit_diagnostics(torch.ones(s.shape[0], n_new), credit,
+                                          shares=score.expand(-1, n_new) / n_new),
         }
     return out
 
@@ -223,16 +233,20 @@ def markdown_table(summary: dict, credit: dict | None, rm_metrics: dict | None) 
             f"{_fmt(s['median_seed_steps'], 1)} ({s['seeds_reaching']}/{s['seeds']}) | "
             f"{s['final_mean']:.2f} ± {s['final_std']:.2f} | {s['late_spread']:.2f} | {s['final_kl']:.2f} |"
         )
-    sp, ab = summary["methods"].get("sparse"), summary["methods"].get("abc-0.8")
-    if sp and ab:
-        a, b = ab["steps_to_threshold"], sp["steps_to_threshold"]
+    sp = summary["methods"].get("sparse")
+    for method, name, target in (("abc-0.8", "ABC", " (target <= 0.6)"), ("prefix-0.8", "prefix diff.", "")):
+        dense = summary["methods"].get(method)
+        if not (sp and dense):
+            continue
+        a, b = dense["steps_to_threshold"], sp["steps_to_threshold"]
         if a is not None and b:
             verdict = f"{a / b:.2f}"
         elif a is not None:
-            verdict = f"below {a / summary['steps']:.2f} (ABC at step {a}; sparse never within {summary['steps']} steps)"
+            verdict = (f"below {a / summary['steps']:.2f} ({name} at step {a}; sparse never within {summary['steps']} "
+                       "steps)")
         else:
-            verdict = "undefined (ABC never reached the threshold)"
-        lines += ["", f"ABC (beta=0.8) / sparse steps-to-threshold ratio: {verdict} (target <= 0.6)."]
+            verdict = f"undefined ({name} never reached the threshold)"
+        lines += ["", f"{name} (beta=0.8) / sparse steps-to-threshold ratio: {verdict}{target}."]
     if rm_metrics:
         lines += ["", "Reward model, held-out preference pairs: accuracy against the Bradley-Terry labels "
                   f"{rm_metrics['label_accuracy']:.3f}, against the hidden-score order "
@@ -240,16 +254,20 @@ def markdown_table(summary: dict, credit: dict | None, rm_metrics: dict | None) 
                   f"{rm_metrics['score_correlation']:.3f}."]
     if credit:
         lines += ["", "Credit diagnostics: alpha against |leave-one-out true credit| per completion "
-                  "(Spearman rho; top-k overlap with k = number of credited tokens; alpha mass on credited tokens).",
-                  "", "| texts | alpha | Spearman rho | top-k overlap | mass on credited | random top-k |",
-                  "|---|---|---|---|---|---|"]
-        names = {"abc": "ABC (RM last layer, from [EOS])", "abcd": "ABC-D (SFT policy last layer)",
-                 "uniform": "uniform"}
+                  "(Spearman rho; top-k overlap with k = number of credited tokens; alpha mass on credited tokens; "
+                  "sign agreement: share of credited tokens whose reward has the sign of their credit). For prefix "
+                  "differences alpha is |d_t|, the size of each token's score difference.",
+                  "", "| texts | alpha | Spearman rho | top-k overlap | mass on credited | sign agreement "
+                  "| random top-k |", "|---|---|---|---|---|---|---|"]
+        names = {"abc": "ABC (RM last layer, from [EOS])", "prefix": "prefix differences (RM score per position)",
+                 "abcd": "ABC-D (SFT policy last layer)", "uniform": "uniform"}
         for texts, d in credit.items():
-            for k in ("abc", "abcd", "uniform"):
+            for k in (k for k in names if k in d):
                 x = d[k]
+                sign = x.get("sign_agreement")
                 lines.append(f"| {texts} | {names[k]} | {x['spearman']:.3f} | {x['topk_overlap']:.3f} | "
-                             f"{x['mass_on_credited']:.3f} | {x['random_topk_overlap']:.3f} |")
+                             f"{x['mass_on_credited']:.3f} | {'' if sign is None else f'{sign:.3f}'} | "
+                             f"{x['random_topk_overlap']:.3f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -267,7 +285,7 @@ def plot(summary: dict, path: Path, title: str) -> None:
         mean = moving_average(s["mean_curve"])
         std = moving_average(s["std_curve"])
         xs = list(range(len(mean)))
-        ax.plot(xs, mean, label=M.LABELS[m], lw=2 if m in ("sparse", "abc-0.8") else 1.2)
+        ax.plot(xs, mean, label=M.LABELS[m], lw=2 if m in ("sparse", "abc-0.8", "prefix-0.8") else 1.2)
         ax.fill_between(xs, [a - b for a, b in zip(mean, std)], [a + b for a, b in zip(mean, std)], alpha=0.15)
     ax.axhline(summary["threshold"], color="k", ls=":", lw=1, label="threshold")
     ax.set_xlabel("PPO step")

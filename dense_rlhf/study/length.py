@@ -1,0 +1,282 @@
+"""``dense-rlhf experiment --study length``: does dense credit help more as completions get longer?
+
+Under the sparse reward, GAE carries the terminal score back to token t scaled by about lambda^(T - t) while
+the critic is still poor; dense rewards put it where it was earned. That predicts that the edge of a dense
+method over sparse grows with the completion length T. This study measures it: for each completion length
+(default 10, 20, 40, 80 tokens) an SFT policy and a reward model are trained for that length, the credit
+diagnostics are measured, and PPO runs every (method, seed) at one GAE lambda (default 0.95, the paper's).
+
+Per length, the usual summary (``runs.summarise``: the threshold is 80% of the way from the SFT score to that
+length's best final score), then each dense method's steps-to-threshold ratio against sparse: from the
+seed-mean curves (the point), and per seed, paired with the sparse run of the same seed (same prompts); a run
+that never reaches the threshold counts as the number of PPO steps and is marked as censored.
+
+Everything (training, diagnostics, runs) goes through one pool of single-threaded worker processes, the longest
+lengths first. Writes ``<name>.json`` (every curve), ``<name>.md`` (tables) and ``<name>.png`` (the ratios
+against completion length, with every seed) under ``--out``.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from dense_rlhf.study import methods as M
+from dense_rlhf.study import runs as study
+from dense_rlhf.study.models import load_or_train
+
+LENGTHS = (10, 20, 40, 80)
+METHODS = ("sparse", "abc-0.8", "prefix-0.8", "uniform")
+LAM = 0.95
+
+
+# ------------------------------------------------------------------------------------------------ the work
+
+
+def _prepare(job):
+    """Train (or load) the SFT policy and reward model of one length, then its credit diagnostics."""
+    setup, cache, threads = job
+    torch.set_num_threads(threads)
+    study.quiet_transformers()
+    t0 = time.time()
+    _, _, _, info = load_or_train(setup, cache, log=None)
+    t1 = time.time()
+    credit = study.credit_report(setup, cache)
+    return {"completion_len": setup.completion_len, "info": info, "credit": credit,
+            "train_seconds": t1 - t0, "diagnostics_seconds": time.time() - t1}
+
+
+def _run(job):
+    """One PPO run, tagged with its completion length."""
+    result = study._run_job(job)
+    result["completion_len"] = job[2].completion_len
+    return result
+
+
+def _pool_map(fn, jobs, workers, progress=None):
+    if workers <= 1:
+        out = []
+        for job in jobs:
+            out.append(fn(job))
+            if progress:
+                progress(out[-1])
+        return out
+    out = []
+    with mp.get_context("spawn").Pool(workers) as pool:
+        for res in pool.imap_unordered(fn, jobs):
+            out.append(res)
+            if progress:
+                progress(res)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ statistics
+
+
+def ratios(summary: dict, methods, steps: int) -> dict:
+    """Each dense method's steps-to-threshold ratio against sparse: seed-mean curves and paired per seed."""
+    sparse = summary["methods"]["sparse"]
+    out = {}
+    for m in methods:
+        if m == "sparse" or m not in summary["methods"]:
+            continue
+        s = summary["methods"][m]
+        a, b = s["steps_to_threshold"], sparse["steps_to_threshold"]
+        mean_ratio = a / b if a is not None and b else None
+        if a is None:
+            text = "never"
+        elif b is None:
+            text = f"< {a / steps:.2f} (sparse never)"
+        elif b == 0:
+            text = "n/a (sparse at step 0)"
+        else:
+            text = f"{mean_ratio:.2f}"
+        per_seed, censored = [], []
+        for x, y in zip(s["per_seed_steps_to_threshold"], sparse["per_seed_steps_to_threshold"]):
+            x_, y_ = steps if x is None else x, steps if y is None else y
+            per_seed.append(x_ / max(y_, 1))
+            censored.append(x is None or y is None)
+        out[m] = {"mean_curve_ratio": mean_ratio, "text": text, "steps": a, "sparse_steps": b, "per_seed": per_seed,
+                  "per_seed_censored": censored, "per_seed_median": _median(per_seed)}
+    return out
+
+
+def _median(xs):
+    xs = sorted(xs)
+    n = len(xs)
+    return None if n == 0 else (xs[(n - 1) // 2] + xs[n // 2]) / 2
+
+
+# ------------------------------------------------------------------------------------------------ outputs
+
+
+def markdown(per_length: dict, meta: dict) -> str:
+    lengths = sorted(per_length)
+    dense = [m for m in meta["methods"] if m != "sparse"]
+    lines = [
+        f"# {meta['title']}",
+        "",
+        f"Command: `{meta['command']}`; wall time {meta['wall_seconds'] / 60:.1f} min ({meta['workers']} workers, "
+        f"one torch thread each; training and diagnostics {meta['prepare_seconds'] / 60:.1f} min, PPO runs "
+        f"{meta['runs_seconds'] / 60:.1f} min). Every curve is in `{meta['name']}.json`.",
+        "",
+        "## Steps to threshold, dense method / sparse",
+        "",
+        "Seed-mean curves (5-step moving average; the threshold is 80% of the way from the SFT score to the best "
+        "method's final score at that length), and in brackets the median and range of the per-seed ratios "
+        "(dense seed s against sparse seed s; * = some run never reached the threshold and counts as "
+        f"{meta['steps']} steps). Below 1: the dense method is faster.",
+        "",
+        "| completion tokens | sparse steps | " + " | ".join(M.LABELS[m] for m in dense) + " |",
+        "|---|---|" + "---|" * len(dense),
+    ]
+    for length in lengths:
+        d = per_length[length]
+        cells = []
+        for m in dense:
+            r = d["ratios"][m]
+            seeds = r["per_seed"]
+            star = "*" if any(r["per_seed_censored"]) else ""
+            steps = "" if r["steps"] is None else f" ({r['steps']} steps)"
+            cells.append(f"{r['text']}{steps} [{r['per_seed_median']:.2f}; {min(seeds):.2f}-{max(seeds):.2f}{star}]")
+        sparse_steps = d["summary"]["methods"]["sparse"]["steps_to_threshold"]
+        lines.append(f"| {length} | {sparse_steps if sparse_steps is not None else 'never'} | " + " | ".join(cells) + " |")
+    lines += ["", "## Per length", ""]
+    for length in lengths:
+        d = per_length[length]
+        rm = d["info"]["reward_model"]
+        lines += [
+            f"### {length} completion tokens",
+            "",
+            f"Reward model (held-out pairs): accuracy {rm['label_accuracy']:.3f} against the Bradley-Terry labels, "
+            f"{rm['true_order_accuracy']:.3f} against the hidden-score order, corr(RM score, hidden score) "
+            f"{rm['score_correlation']:.3f}. Training {d['train_seconds']:.0f} s, diagnostics "
+            f"{d['diagnostics_seconds']:.0f} s, PPO runs {d['run_seconds']:.0f} s of worker time.",
+            "",
+            study.markdown_table(d["summary"], d["credit"], None).strip(),
+            "",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def plot(per_length: dict, methods, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lengths = sorted(per_length)
+    dense = [m for m in methods if m != "sparse"]
+    colours = {"abc-0.8": "tab:blue", "prefix-0.8": "tab:orange", "uniform": "tab:gray"}
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for k, m in enumerate(dense):
+        colour = colours.get(m, f"C{k + 3}")
+        offset = (k - (len(dense) - 1) / 2) * 0.035
+        xs = [length * 2 ** offset for length in lengths]
+        points = [per_length[length]["ratios"][m]["mean_curve_ratio"] for length in lengths]
+        ax.plot([x for x, p in zip(xs, points) if p is not None], [p for p in points if p is not None], "o-",
+                color=colour, lw=2, ms=7, label=f"{M.LABELS[m]} (seed-mean curves)")
+        for x, length in zip(xs, lengths):
+            r = per_length[length]["ratios"][m]
+            for value, censored in zip(r["per_seed"], r["per_seed_censored"]):
+                ax.scatter([x], [value], s=18, color=colour, alpha=0.45, marker="x" if censored else ".",
+                           linewidths=1)
+    ax.axhline(1.0, color="k", lw=1, ls=":")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(lengths, [str(x) for x in lengths])
+    ax.minorticks_off()
+    ax.set_xlabel("completion length (tokens)")
+    ax.set_ylabel("steps to threshold, method / sparse")
+    ax.set_title(title, fontsize=10)
+    ax.scatter([], [], s=18, color="k", alpha=0.45, marker=".", label="per seed (paired with sparse)")
+    ax.scatter([], [], s=18, color="k", alpha=0.45, marker="x", label="per seed, a run never reached it")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------------ the command
+
+
+def main(args, argv: list[str], setup, ppo) -> int:
+    """Run the study from ``dense-rlhf experiment``'s parsed arguments and its base setup and PPO settings."""
+    t0 = time.time()
+    lengths = sorted((int(x) for x in args.lengths.split(",") if x.strip()), reverse=True)
+    methods = [m.strip() for m in (args.methods or ",".join(METHODS)).split(",") if m.strip()]
+    if "sparse" not in methods:
+        raise SystemExit("the length study compares against sparse: include it in --methods")
+    lams = [float(x) for x in (args.lam or str(LAM)).split(",") if x.strip()]
+    if len(lams) != 1:
+        raise SystemExit("the length study runs one GAE lambda (--lam)")
+    ppo = replace(ppo, lam=lams[0])
+    cache = str(args.cache_dir) if args.cache_dir else None
+    setups = {length: replace(setup, completion_len=length) for length in lengths}
+    seeds = [args.seed * 1000 + i for i in range(args.seeds)]
+
+    print(f"[1/2] SFT policy, reward model and credit diagnostics for completion lengths {sorted(lengths)} "
+          f"({args.workers} workers)", flush=True)
+    prepared = {}
+
+    def prepared_one(res):
+        prepared[res["completion_len"]] = res
+        rm = res["info"]["reward_model"]
+        print(f"  {res['completion_len']:3d} tokens: reward model hidden-order accuracy {rm['true_order_accuracy']:.3f}, "
+              f"corr {rm['score_correlation']:.3f}; ABC Spearman "
+              f"{res['credit']['sft_samples']['abc']['spearman']:.2f}, prefix Spearman "
+              f"{res['credit']['sft_samples']['prefix']['spearman']:.2f} ({res['train_seconds']:.0f}s + "
+              f"{res['diagnostics_seconds']:.0f}s, {time.time() - t0:.0f}s elapsed)", flush=True)
+
+    _pool_map(_prepare, [(setups[length], cache, 1) for length in lengths], args.workers, prepared_one)
+    t_prepared = time.time()
+
+    jobs = [(m, s, setups[length], ppo, cache, 1) for length in lengths for m in methods for s in seeds]
+    print(f"[2/2] {len(jobs)} PPO runs ({len(lengths)} lengths x {len(methods)} methods x {len(seeds)} seeds, "
+          f"{ppo.steps} steps, GAE lambda {ppo.lam:g}), longest completions first", flush=True)
+    done = [0]
+
+    def progress(res):
+        done[0] += 1
+        tail = res["curves"]["gt_score"][-10:]
+        print(f"  {done[0]:3d}/{len(jobs)}  {res['completion_len']:3d} tokens  {res['method']:10s} seed {res['seed']:5d}  "
+              f"final true score {sum(tail) / len(tail):+.2f}  ({res['seconds']:.0f}s, {time.time() - t0:.0f}s elapsed)",
+              flush=True)
+
+    results = _pool_map(_run, jobs, args.workers, progress)
+    t_runs = time.time()
+
+    per_length = {}
+    for length in sorted(lengths):
+        mine = sorted((r for r in results if r["completion_len"] == length),
+                      key=lambda r: (methods.index(r["method"]), r["seed"]))
+        summary = study.summarise(mine)
+        per_length[length] = {
+            "summary": summary, "ratios": ratios(summary, methods, ppo.steps), "runs": mine,
+            "info": prepared[length]["info"], "credit": prepared[length]["credit"],
+            "train_seconds": prepared[length]["train_seconds"],
+            "diagnostics_seconds": prepared[length]["diagnostics_seconds"],
+            "run_seconds": sum(r["seconds"] for r in mine),
+        }
+    meta = {
+        "title": f"Completion-length study: dense credit against sparse, GAE lambda {ppo.lam:g}, {len(seeds)} seeds, "
+                 f"{ppo.steps} PPO steps",
+        "command": "dense-rlhf experiment " + " ".join(argv), "name": args.name, "methods": methods,
+        "lengths": sorted(lengths), "seeds": seeds, "steps": ppo.steps, "workers": args.workers,
+        "wall_seconds": time.time() - t0, "prepare_seconds": t_prepared - t0, "runs_seconds": t_runs - t_prepared,
+        "config": study.config_dict(setup, ppo),
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{args.name}.json").write_text(json.dumps(
+        {"meta": meta, "per_length": {str(k): v for k, v in per_length.items()}}, indent=1))
+    (out / f"{args.name}.md").write_text(markdown(per_length, meta))
+    plot(per_length, methods, out / f"{args.name}.png", meta["title"])
+    print()
+    print(markdown(per_length, meta).split("## Per length")[0])
+    print(f"wrote {out / args.name}.json/.md/.png ({meta['wall_seconds']:.0f}s)")
+    return 0
