@@ -48,6 +48,7 @@ def test_demo_quick_then_tiny_experiment(tmp_path, monkeypatch):
     length = data["per_length"]["20"]
     assert {r["method"] for r in length["runs"]} == {"sparse", "abc-0.8", "prefix-0.8", "uniform"}
     assert len(length["runs"]) == 8 and data["meta"]["config"]["ppo"]["lam"] == 0.95
-    assert set(length["ratios"]) == {"abc-0.8", "prefix-0.8", "uniform"}
-    assert all(len(r["per_seed"]) == 2 for r in length["ratios"].values())
+    for threshold in ("sparse_level", "best_threshold"):
+        assert set(length[threshold]["ratios"]) == {"abc-0.8", "prefix-0.8", "uniform"}
+        assert all(len(r["per_seed"]) == 2 for r in length[threshold]["ratios"].values())
     assert (res / "length_study.md").exists() and (res / "length_study.png").stat().st_size > 0

@@ -102,18 +102,27 @@ def test_credit_diagnostics_perfect_uniform_and_reversed():
 
 
 def test_length_study_ratios_pair_seeds_and_count_never_as_the_run_length():
-    from dense_rlhf.study.length import ratios
+    from dense_rlhf.study.length import ratios, sparse_level, steps_to
 
-    summary = {"methods": {
-        "sparse": {"steps_to_threshold": 40, "per_seed_steps_to_threshold": [40, None, 50]},
-        "abc-0.8": {"steps_to_threshold": 20, "per_seed_steps_to_threshold": [10, 30, None]},
-        "uniform": {"steps_to_threshold": None, "per_seed_steps_to_threshold": [None, None, None]},
-    }}
-    out = ratios(summary, ["sparse", "abc-0.8", "uniform"], steps=100)
+    steps = {
+        "sparse": {"steps": 40, "per_seed": [40, None, 50]},
+        "abc-0.8": {"steps": 20, "per_seed": [10, 30, None]},
+        "uniform": {"steps": None, "per_seed": [None, None, None]},
+    }
+    out = ratios(steps, ["sparse", "abc-0.8", "uniform"], n_steps=100)
     abc = out["abc-0.8"]
     assert abc["mean_curve_ratio"] == 0.5 and abc["text"] == "0.50"
     assert abc["per_seed"] == [0.25, 0.3, 2.0] and abc["per_seed_censored"] == [False, True, True]
     assert abc["per_seed_median"] == 0.3
     assert out["uniform"]["mean_curve_ratio"] is None and out["uniform"]["text"] == "never"
-    summary["methods"]["sparse"]["steps_to_threshold"] = None
-    assert ratios(summary, ["sparse", "abc-0.8"], steps=100)["abc-0.8"]["text"] == "< 0.20 (sparse never)"
+    steps["sparse"]["steps"] = None
+    assert ratios(steps, ["sparse", "abc-0.8"], n_steps=100)["abc-0.8"]["text"] == "< 0.20 (sparse never)"
+
+    curve = [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]
+    runs = [{"method": "sparse", "seed": s, "curves": {"gt_score": [x * (s + 1) for x in curve]}} for s in (1, 0)]
+    summary = {"steps": 8, "sft_score": 0.0, "methods": {"sparse": {
+        "mean_curve": [x * 1.5 for x in curve], "final_mean": 10.0}}}
+    assert sparse_level(summary) == 8.0
+    found = steps_to(summary, runs, 3.0)["sparse"]
+    # moving averages: seed 0 reaches 3.0 at step 5 (mean of 1..5), seed 1 (doubled) at step 3, the mean (x1.5) at 4
+    assert found == {"steps": 4, "per_seed": [5, 3]}

@@ -6,9 +6,11 @@ method over sparse grows with the completion length T. This study measures it: f
 (default 10, 20, 40, 80 tokens) an SFT policy and a reward model are trained for that length, the credit
 diagnostics are measured, and PPO runs every (method, seed) at one GAE lambda (default 0.95, the paper's).
 
-Per length, the usual summary (``runs.summarise``: the threshold is 80% of the way from the SFT score to that
-length's best final score), then each dense method's steps-to-threshold ratio against sparse: from the
-seed-mean curves (the point), and per seed, paired with the sparse run of the same seed (same prompts); a run
+Per length, each dense method's steps to threshold against sparse's, for two thresholds, both 80% of the way
+from the SFT score: to sparse's own final score ("sparse's level", the primary measure: sparse reaches it by
+construction, so the ratio is always defined and does not depend on which other methods are run) and to the best
+method's final score (``runs.summarise``, the definition of ``dense-rlhf experiment``). Each ratio is taken from
+the seed-mean curves (the point) and per seed, paired with the sparse run of the same seed (same prompts); a run
 that never reaches the threshold counts as the number of PPO steps and is marked as censored.
 
 Everything (training, diagnostics, runs) goes through one pool of single-threaded worker processes, the longest
@@ -78,32 +80,49 @@ def _pool_map(fn, jobs, workers, progress=None):
 # ------------------------------------------------------------------------------------------------ statistics
 
 
-def ratios(summary: dict, methods, steps: int) -> dict:
-    """Each dense method's steps-to-threshold ratio against sparse: seed-mean curves and paired per seed."""
-    sparse = summary["methods"]["sparse"]
+def steps_to(summary: dict, runs: list[dict], threshold: float) -> dict:
+    """Per method: steps for the 5-step moving average of the seed-mean curve, and of each seed's curve (in
+    seed order), to reach the threshold (None: never)."""
+    out = {}
+    for m, s in summary["methods"].items():
+        mine = sorted((r for r in runs if r["method"] == m), key=lambda r: r["seed"])
+        out[m] = {"steps": study.first_reach(study.moving_average(s["mean_curve"]), threshold),
+                  "per_seed": [study.first_reach(study.moving_average(r["curves"]["gt_score"][: summary["steps"]]),
+                                                 threshold) for r in mine]}
+    return out
+
+
+def ratios(steps: dict, methods, n_steps: int) -> dict:
+    """Each dense method's steps-to-threshold ratio against sparse: seed-mean curves, and paired per seed."""
+    sparse = steps["sparse"]
     out = {}
     for m in methods:
-        if m == "sparse" or m not in summary["methods"]:
+        if m == "sparse" or m not in steps:
             continue
-        s = summary["methods"][m]
-        a, b = s["steps_to_threshold"], sparse["steps_to_threshold"]
+        a, b = steps[m]["steps"], sparse["steps"]
         mean_ratio = a / b if a is not None and b else None
         if a is None:
             text = "never"
         elif b is None:
-            text = f"< {a / steps:.2f} (sparse never)"
+            text = f"< {a / n_steps:.2f} (sparse never)"
         elif b == 0:
             text = "n/a (sparse at step 0)"
         else:
             text = f"{mean_ratio:.2f}"
         per_seed, censored = [], []
-        for x, y in zip(s["per_seed_steps_to_threshold"], sparse["per_seed_steps_to_threshold"]):
-            x_, y_ = steps if x is None else x, steps if y is None else y
+        for x, y in zip(steps[m]["per_seed"], sparse["per_seed"]):
+            x_, y_ = n_steps if x is None else x, n_steps if y is None else y
             per_seed.append(x_ / max(y_, 1))
             censored.append(x is None or y is None)
         out[m] = {"mean_curve_ratio": mean_ratio, "text": text, "steps": a, "sparse_steps": b, "per_seed": per_seed,
                   "per_seed_censored": censored, "per_seed_median": _median(per_seed)}
     return out
+
+
+def sparse_level(summary: dict, fraction: float = 0.8) -> float:
+    """The primary threshold: ``fraction`` of the way from the SFT score to sparse's final score."""
+    start = summary["sft_score"]
+    return start + fraction * (summary["methods"]["sparse"]["final_mean"] - start)
 
 
 def _median(xs):
@@ -115,37 +134,63 @@ def _median(xs):
 # ------------------------------------------------------------------------------------------------ outputs
 
 
-def markdown(per_length: dict, meta: dict) -> str:
-    lengths = sorted(per_length)
-    dense = [m for m in meta["methods"] if m != "sparse"]
-    lines = [
-        f"# {meta['title']}",
-        "",
-        f"Command: `{meta['command']}`; wall time {meta['wall_seconds'] / 60:.1f} min ({meta['workers']} workers, "
-        f"one torch thread each; training and diagnostics {meta['prepare_seconds'] / 60:.1f} min, PPO runs "
-        f"{meta['runs_seconds'] / 60:.1f} min). Every curve is in `{meta['name']}.json`.",
-        "",
-        "## Steps to threshold, dense method / sparse",
-        "",
-        "Seed-mean curves (5-step moving average; the threshold is 80% of the way from the SFT score to the best "
-        "method's final score at that length), and in brackets the median and range of the per-seed ratios "
-        "(dense seed s against sparse seed s; * = some run never reached the threshold and counts as "
-        f"{meta['steps']} steps). Below 1: the dense method is faster.",
-        "",
-        "| completion tokens | sparse steps | " + " | ".join(M.LABELS[m] for m in dense) + " |",
-        "|---|---|" + "---|" * len(dense),
-    ]
-    for length in lengths:
-        d = per_length[length]
+def _ratio_table(per_length: dict, key: str, dense: list[str], steps: int) -> list[str]:
+    lines = ["| completion tokens | threshold | sparse steps | " + " | ".join(M.LABELS[m] for m in dense) + " |",
+             "|---|---|---|" + "---|" * len(dense)]
+    for length in sorted(per_length):
+        d = per_length[length][key]
         cells = []
         for m in dense:
             r = d["ratios"][m]
             seeds = r["per_seed"]
             star = "*" if any(r["per_seed_censored"]) else ""
-            steps = "" if r["steps"] is None else f" ({r['steps']} steps)"
-            cells.append(f"{r['text']}{steps} [{r['per_seed_median']:.2f}; {min(seeds):.2f}-{max(seeds):.2f}{star}]")
-        sparse_steps = d["summary"]["methods"]["sparse"]["steps_to_threshold"]
-        lines.append(f"| {length} | {sparse_steps if sparse_steps is not None else 'never'} | " + " | ".join(cells) + " |")
+            if r["steps"] is None or r["sparse_steps"] is None or r["sparse_steps"] == 0:
+                head = r["text"] if r["steps"] is None else f"{r['text'].split(' (')[0]} ({r['steps']} steps; " + (
+                    "sparse never)" if r["sparse_steps"] is None else "sparse at step 0)")
+            else:
+                head = f"{r['text']} ({r['steps']} steps)"
+            cells.append(f"{head} [{r['per_seed_median']:.2f}; {min(seeds):.2f}-{max(seeds):.2f}{star}]")
+        sparse_steps = d["ratios"][dense[0]]["sparse_steps"] if dense else None
+        lines.append(f"| {length} | {d['threshold']:.2f} | {sparse_steps if sparse_steps is not None else 'never'} | "
+                     + " | ".join(cells) + " |")
+    return lines
+
+
+def markdown(per_length: dict, meta: dict) -> str:
+    lengths = sorted(per_length)
+    methods = meta["methods"]
+    dense = [m for m in methods if m != "sparse"]
+    lines = [
+        f"# {meta['title']}",
+        "",
+        f"Command: `{meta['command']}`; wall time {meta['wall_seconds'] / 60:.1f} min ({meta['workers']} workers, "
+        f"one torch thread each; training and diagnostics {meta['prepare_seconds'] / 60:.1f} min, PPO runs "
+        f"{meta['runs_seconds'] / 60:.1f} min). Every curve is in `{meta['name']}.json`; the figure is "
+        f"`{meta['name']}.png`.",
+        "",
+        "Each cell: the dense method's steps to the threshold over sparse's, from the seed-mean curves (5-step moving "
+        "average), the method's own steps in brackets; then [median; range] of the per-seed ratios (dense seed s "
+        f"against sparse seed s; * = some run never reached the threshold and counts as {meta['steps']} steps). "
+        "Below 1: faster than sparse.",
+        "",
+        "## Steps to sparse's level (80% of the way from the SFT score to sparse's own final score)",
+        "",
+        *_ratio_table(per_length, "sparse_level", dense, meta["steps"]),
+        "",
+        "## Steps to the experiment's threshold (80% of the way to the best method's final score)",
+        "",
+        *_ratio_table(per_length, "best_threshold", dense, meta["steps"]),
+        "",
+        "## Final true score (mean ± std over seeds of the last 10 steps) and final KL",
+        "",
+        "| completion tokens | " + " | ".join(M.LABELS[m] for m in methods) + " |",
+        "|---|" + "---|" * len(methods),
+    ]
+    for length in lengths:
+        stats = per_length[length]["summary"]["methods"]
+        lines.append(f"| {length} | " + " | ".join(
+            f"{stats[m]['final_mean']:.2f} ± {stats[m]['final_std']:.2f} (KL {stats[m]['final_kl']:.1f})"
+            for m in methods) + " |")
     lines += ["", "## Per length", ""]
     for length in lengths:
         d = per_length[length]
@@ -178,11 +223,11 @@ def plot(per_length: dict, methods, path: Path, title: str) -> None:
         colour = colours.get(m, f"C{k + 3}")
         offset = (k - (len(dense) - 1) / 2) * 0.035
         xs = [length * 2 ** offset for length in lengths]
-        points = [per_length[length]["ratios"][m]["mean_curve_ratio"] for length in lengths]
+        points = [per_length[length]["sparse_level"]["ratios"][m]["mean_curve_ratio"] for length in lengths]
         ax.plot([x for x, p in zip(xs, points) if p is not None], [p for p in points if p is not None], "o-",
                 color=colour, lw=2, ms=7, label=f"{M.LABELS[m]} (seed-mean curves)")
         for x, length in zip(xs, lengths):
-            r = per_length[length]["ratios"][m]
+            r = per_length[length]["sparse_level"]["ratios"][m]
             for value, censored in zip(r["per_seed"], r["per_seed_censored"]):
                 ax.scatter([x], [value], s=18, color=colour, alpha=0.45, marker="x" if censored else ".",
                            linewidths=1)
@@ -191,7 +236,7 @@ def plot(per_length: dict, methods, path: Path, title: str) -> None:
     ax.set_xticks(lengths, [str(x) for x in lengths])
     ax.minorticks_off()
     ax.set_xlabel("completion length (tokens)")
-    ax.set_ylabel("steps to threshold, method / sparse")
+    ax.set_ylabel("steps to sparse's level, method / sparse")
     ax.set_title(title, fontsize=10)
     ax.scatter([], [], s=18, color="k", alpha=0.45, marker=".", label="per seed (paired with sparse)")
     ax.scatter([], [], s=18, color="k", alpha=0.45, marker="x", label="per seed, a run never reached it")
@@ -250,18 +295,7 @@ def main(args, argv: list[str], setup, ppo) -> int:
     results = _pool_map(_run, jobs, args.workers, progress)
     t_runs = time.time()
 
-    per_length = {}
-    for length in sorted(lengths):
-        mine = sorted((r for r in results if r["completion_len"] == length),
-                      key=lambda r: (methods.index(r["method"]), r["seed"]))
-        summary = study.summarise(mine)
-        per_length[length] = {
-            "summary": summary, "ratios": ratios(summary, methods, ppo.steps), "runs": mine,
-            "info": prepared[length]["info"], "credit": prepared[length]["credit"],
-            "train_seconds": prepared[length]["train_seconds"],
-            "diagnostics_seconds": prepared[length]["diagnostics_seconds"],
-            "run_seconds": sum(r["seconds"] for r in mine),
-        }
+    per_length = analyse(results, prepared, methods, ppo.steps)
     meta = {
         "title": f"Completion-length study: dense credit against sparse, GAE lambda {ppo.lam:g}, {len(seeds)} seeds, "
                  f"{ppo.steps} PPO steps",
@@ -270,13 +304,40 @@ def main(args, argv: list[str], setup, ppo) -> int:
         "wall_seconds": time.time() - t0, "prepare_seconds": t_prepared - t0, "runs_seconds": t_runs - t_prepared,
         "config": study.config_dict(setup, ppo),
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{args.name}.json").write_text(json.dumps(
-        {"meta": meta, "per_length": {str(k): v for k, v in per_length.items()}}, indent=1))
-    (out / f"{args.name}.md").write_text(markdown(per_length, meta))
-    plot(per_length, methods, out / f"{args.name}.png", meta["title"])
+    write_outputs(per_length, meta, Path(args.out))
     print()
-    print(markdown(per_length, meta).split("## Per length")[0])
-    print(f"wrote {out / args.name}.json/.md/.png ({meta['wall_seconds']:.0f}s)")
+    print(markdown(per_length, meta).split("## Final true score")[0])
+    print(f"wrote {Path(args.out) / args.name}.json/.md/.png ({meta['wall_seconds']:.0f}s)")
     return 0
+
+
+def analyse(results: list[dict], prepared: dict, methods: list[str], n_steps: int) -> dict:
+    """Per completion length: the summary, the ratios against sparse for both thresholds, the runs, the models'
+    metrics and credit diagnostics, and the time each part took."""
+    per_length = {}
+    for length in sorted(prepared):
+        mine = sorted((r for r in results if r["completion_len"] == length),
+                      key=lambda r: (methods.index(r["method"]), r["seed"]))
+        summary = study.summarise(mine)
+        level = sparse_level(summary)
+        per_length[length] = {
+            "summary": summary,
+            "sparse_level": {"threshold": level, "ratios": ratios(steps_to(summary, mine, level), methods, n_steps)},
+            "best_threshold": {"threshold": summary["threshold"],
+                               "ratios": ratios(steps_to(summary, mine, summary["threshold"]), methods, n_steps)},
+            "runs": mine,
+            "info": prepared[length]["info"], "credit": prepared[length]["credit"],
+            "train_seconds": prepared[length]["train_seconds"],
+            "diagnostics_seconds": prepared[length]["diagnostics_seconds"],
+            "run_seconds": sum(r["seconds"] for r in mine),
+        }
+    return per_length
+
+
+def write_outputs(per_length: dict, meta: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    name = meta["name"]
+    (out / f"{name}.json").write_text(json.dumps(
+        {"meta": meta, "per_length": {str(k): v for k, v in per_length.items()}}, indent=1))
+    (out / f"{name}.md").write_text(markdown(per_length, meta))
+    plot(per_length, meta["methods"], out / f"{name}.png", meta["title"])
