@@ -36,6 +36,7 @@ def test_demo_quick_then_tiny_experiment(tmp_path, monkeypatch):
     credit = data["credit_diagnostics"]["sft_samples"]
     assert credit["uniform"]["spearman"] == 0.0 and credit["abc"]["n"] > 0
     assert credit["prefix"]["n"] == credit["abc"]["n"] and 0.0 <= credit["prefix"]["sign_agreement"] <= 1.0
+    assert -1.0 <= credit["prefix_tracking"] <= 1.0
     assert (res / "experiment.md").exists() and (res / "experiment_lam0.95.png").exists()
     assert "prefix diff. beta=1.0" in (res / "experiment_lam0.95.md").read_text()
 

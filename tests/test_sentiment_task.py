@@ -126,3 +126,14 @@ def test_length_study_ratios_pair_seeds_and_count_never_as_the_run_length():
     found = steps_to(summary, runs, 3.0)["sparse"]
     # moving averages: seed 0 reaches 3.0 at step 5 (mean of 1..5), seed 1 (doubled) at step 3, the mean (x1.5) at 4
     assert found == {"steps": 4, "per_seed": [5, 3]}
+
+
+def test_running_scores_score_every_prefix():
+    codec = task.Codec()
+    words = [["the", "plot", "was", "not", "very", "good", "and", "a", "great", "cast"]]
+    seq = codec.encode(words)
+    running = task.running_scores_of(codec, seq)
+    n = len(words[0]) - task.PROMPT_WORDS
+    # not (open) very good -> -0.5 * 2 * 1 = -1 at "good"; "great" adds +2
+    assert running.tolist() == [[0.0, 0.0, -1.0, -1.0, -1.0, 1.0, 1.0]] and running.shape == (1, n)
+    torch.testing.assert_close(running[:, -1], task.scores_of(codec, seq))

@@ -191,6 +191,28 @@ def markdown(per_length: dict, meta: dict) -> str:
         lines.append(f"| {length} | " + " | ".join(
             f"{stats[m]['final_mean']:.2f} ± {stats[m]['final_std']:.2f} (KL {stats[m]['final_kl']:.1f})"
             for m in methods) + " |")
+    lines += [
+        "",
+        "## Reward models and credit diagnostics by length (completions sampled from each SFT policy)",
+        "",
+        "Spearman rho and top-k overlap of |share| against |leave-one-out credit|, sign agreement on credited tokens "
+        "(see `dense_rlhf/study/diagnostics.py`); prefix tracking: Pearson r between the reward model's score of "
+        "each prefix and the hidden score of the same prefix.",
+        "",
+        "| completion tokens | RM accuracy vs hidden order | corr(RM, hidden score) | ABC: Spearman / top-k / sign "
+        "| prefix diff.: Spearman / top-k / sign | prefix tracking | random top-k |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for length in lengths:
+        d = per_length[length]
+        rm, credit = d["info"]["reward_model"], d["credit"]["sft_samples"]
+        abc, prefix = credit["abc"], credit["prefix"]
+        tracking = credit.get("prefix_tracking")
+        lines.append(
+            f"| {length} | {rm['true_order_accuracy']:.3f} | {rm['score_correlation']:.3f} | "
+            f"{abc['spearman']:.2f} / {abc['topk_overlap']:.2f} / {abc['sign_agreement']:.2f} | "
+            f"{prefix['spearman']:.2f} / {prefix['topk_overlap']:.2f} / {prefix['sign_agreement']:.2f} | "
+            f"{'' if tracking is None else f'{tracking:.2f}'} | {abc['random_topk_overlap']:.2f} |")
     lines += ["", "## Per length", ""]
     for length in lengths:
         d = per_length[length]

@@ -172,7 +172,8 @@ def _median_with_never(values: list[int | None]) -> float | None:
 def credit_report(setup: SetupConfig, cache_dir=None, n: int = 512, seed: int = 123) -> dict:
     """Diagnostics of ABC's alpha (RM attention), prefix differences (the RM's score at every position),
     ABC-D's alpha (SFT policy attention) and uniform against the leave-one-out true credit, on completions
-    sampled from the SFT policy and on grammar texts."""
+    sampled from the SFT policy and on grammar texts; and ``prefix_tracking``, the Pearson correlation over all
+    completion positions between the RM's score of each prefix and the hidden score of the same prefix."""
     from dense_rlhf.capture import capture_reward_attention
     from dense_rlhf.ops import prefix_rewards
 
@@ -198,7 +199,10 @@ def credit_report(setup: SetupConfig, cache_dir=None, n: int = 512, seed: int = 
         policy_alpha = cap.rows.mean(1)[:, p : p + n_new]
         policy_alpha = policy_alpha / policy_alpha.sum(1, keepdim=True)
         score = fwd.score[:, None]
+        prefix = fwd.prefix_scores[:, p : p + n_new].flatten()
+        running = task.running_scores_of(codec, s).flatten()
         out[name] = {
+            "prefix_tracking": torch.corrcoef(torch.stack([prefix, running]))[0, 1].item(),
             "abc": credit_diagnostics(alpha, credit, shares=score * alpha),
             "prefix": credit_diagnostics(dense.abs(), credit, shares=dense),
             "abcd": credit_diagnostics(policy_alpha, credit, shares=score * policy_alpha),
@@ -268,6 +272,10 @@ def markdown_table(summary: dict, credit: dict | None, rm_metrics: dict | None) 
                 lines.append(f"| {texts} | {names[k]} | {x['spearman']:.3f} | {x['topk_overlap']:.3f} | "
                              f"{x['mass_on_credited']:.3f} | {'' if sign is None else f'{sign:.3f}'} | "
                              f"{x['random_topk_overlap']:.3f} |")
+        tracking = {texts: d["prefix_tracking"] for texts, d in credit.items() if "prefix_tracking" in d}
+        if tracking:
+            lines += ["", "Prefix scores against the hidden score of the same prefix (Pearson r over all completion "
+                      "positions): " + ", ".join(f"{t} {r:.3f}" for t, r in tracking.items()) + "."]
     return "\n".join(lines) + "\n"
 
 

@@ -280,6 +280,14 @@ def credits_of(codec: Codec, seq: torch.Tensor) -> torch.Tensor:
     )
 
 
+def running_scores_of(codec: Codec, seq: torch.Tensor) -> torch.Tensor:
+    """Ground-truth score [B, N] of every prefix: column t scores the prompt and completion tokens 0..t."""
+    words = codec.decode(seq[:, 1:])
+    n = seq.shape[1] - PROMPT_LEN
+    return torch.tensor([[true_score(w[: PROMPT_WORDS + t + 1]) for t in range(n)] for w in words],
+                        dtype=torch.float32)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Data sets
 # ----------------------------------------------------------------------------------------------------------
