@@ -6,6 +6,8 @@ installed stack that accepts a [B, response_len] reward tensor. This file is tha
 function per stage, the equations next to the lines, no hidden state beyond the models and the optimiser.
 Larger frameworks already take token-level rewards: in verl, hand ``dense_rewards(...)[:, P:P + N]`` (the
 columns of the response tokens) as ``token_level_scores`` [B, response_len]; see experiments/README.md.
+Sampling, log-probabilities, the KL estimate, the clipped surrogate and the step loop are shared with the
+critic-free trainer ``grpo.py`` (``common.py``).
 
 Layout (fixed lengths, no padding): ``seq = [BOS] prompt (P tokens in all) | response (N tokens)``.
 Response token t (0-based) is ``seq[:, P + t]``; its log-probability and the value of the state before it
@@ -14,16 +16,18 @@ are read at position ``P + t - 1``. Every per-token tensor below is [B, N], alig
 
 from __future__ import annotations
 
-import math
-import time
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dense_rlhf.capture import capture_reward_attention
+from dense_rlhf.rl.common import (Policy, clipped_policy_loss, freeze, generate, kl_k1, reference_logprobs,
+                                  response_logprobs, run_steps, whiten)
+
+__all__ = ["PPOConfig", "PolicyWithValue", "Rollout", "gae", "generate", "ppo_losses", "ppo_step",
+           "response_logprobs", "rollout", "train", "whiten"]
 
 
 @dataclass
@@ -44,18 +48,15 @@ class PPOConfig:
     temperature: float = 1.0
 
 
-class PolicyWithValue(nn.Module):
+class PolicyWithValue(Policy):
     """A causal LM with a scalar value head on its last hidden state (shared trunk, as in trl's
     ``AutoModelForCausalLMWithValueHead`` that the paper's PPO used)."""
 
     def __init__(self, lm: nn.Module, banned_ids: list[int]):
-        super().__init__()
-        self.lm = lm
+        super().__init__(lm, banned_ids)
         self.v_head = nn.Linear(lm.config.n_embd, 1)
         nn.init.zeros_(self.v_head.weight)
         nn.init.zeros_(self.v_head.bias)
-        self.register_buffer("logit_bias", torch.zeros(lm.config.vocab_size))
-        self.logit_bias[banned_ids] = float("-inf")  # special tokens are never generated
 
     def forward(self, ids: torch.Tensor):
         """Returns (logits [B, L, V], values [B, L])."""
@@ -63,33 +64,6 @@ class PolicyWithValue(nn.Module):
         logits = out.logits.float() + self.logit_bias
         values = self.v_head(out.hidden_states[-1]).squeeze(-1).float()
         return logits, values
-
-
-@torch.no_grad()
-def generate(policy: PolicyWithValue, prompts: torch.Tensor, n_new: int, gen: torch.Generator,
-             temperature: float = 1.0) -> torch.Tensor:
-    """Ancestral sampling, full vocabulary (no top-k/top-p), with the KV cache: y_t ~ pi(. | x, y_<t)."""
-    ids, x, cache = prompts, prompts, None
-    for _ in range(n_new):
-        out = policy.lm(input_ids=x, cache=cache, use_cache=True)
-        cache = out.cache
-        logits = out.logits[:, -1].float() / temperature + policy.logit_bias
-        x = torch.multinomial(torch.softmax(logits, -1), 1, generator=gen)
-        ids = torch.cat([ids, x], dim=1)
-    return ids
-
-
-def response_logprobs(logits: torch.Tensor, seq: torch.Tensor, prompt_len: int) -> torch.Tensor:
-    """log pi(y_t | x, y_<t) for the response tokens: logits at P+t-1 scored against seq[:, P+t]. [B, N]."""
-    logp = torch.log_softmax(logits[:, prompt_len - 1 : -1], dim=-1)
-    return logp.gather(-1, seq[:, prompt_len:, None]).squeeze(-1)
-
-
-def whiten(x: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
-    """(x - mean) / std over the whole batch; with shift_mean=False the mean is added back."""
-    mean, var = x.mean(), x.var(unbiased=False)
-    out = (x - mean) * torch.rsqrt(var + eps)
-    return out if shift_mean else out + mean
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, gamma: float, lam: float):
@@ -118,11 +92,9 @@ def ppo_losses(logp, old_logp, values, old_values, adv, returns, cliprange, clip
         V_clip  = V_old + clip(V - V_old, -eps_v, eps_v)
         L_vf    = 0.5 mean_t max((V - R_t)^2, (V_clip - R_t)^2)
     """
-    ratio = torch.exp(logp - old_logp)
-    pg = torch.max(-adv * ratio, -adv * ratio.clamp(1 - cliprange, 1 + cliprange)).mean()
+    pg, clipfrac = clipped_policy_loss(logp, old_logp, adv, cliprange)
     v_clipped = old_values + (values - old_values).clamp(-cliprange_value, cliprange_value)
     vf = 0.5 * torch.max((values - returns) ** 2, (v_clipped - returns) ** 2).mean()
-    clipfrac = ((ratio - 1).abs() > cliprange).float().mean()
     return pg, vf, clipfrac
 
 
@@ -158,8 +130,7 @@ def rollout(policy: PolicyWithValue, ref_lm: nn.Module, prompts: torch.Tensor, n
     with capture_reward_attention(policy.lm, layer=-1, reward_index=seq.shape[1] - 1) as cap:
         logits, values = policy(seq)
     old_logp = response_logprobs(logits / temperature, seq, p)
-    ref_logits = ref_lm(input_ids=seq, use_cache=False).logits.float() + policy.logit_bias
-    ref_logp = response_logprobs(ref_logits / temperature, seq, p)
+    ref_logp = reference_logprobs(ref_lm, seq, p, temperature, policy.logit_bias)
     return Rollout(seq, old_logp, ref_logp, values[:, p - 1 : -1], cap.rows)
 
 
@@ -174,7 +145,7 @@ def ppo_step(state: PPOTrainerState, ro: Rollout, token_scores: torch.Tensor, cf
     """
     policy = state.policy
     p = ro.seq.shape[1] - token_scores.shape[1]
-    kl = ro.old_logp - ro.ref_logp  # [B, N]
+    kl = kl_k1(ro.old_logp, ro.ref_logp)  # [B, N]
     rewards = token_scores - cfg.kl_coef * kl
     if cfg.whiten_rewards:
         rewards = whiten(rewards, shift_mean=False)
@@ -217,21 +188,15 @@ def train(policy: PolicyWithValue, ref_lm: nn.Module, sample_prompts: Callable[[
     """Run cfg.steps PPO steps; returns one metrics dict per step (score_fn's metrics included)."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    ref_lm.eval()
-    for param in ref_lm.parameters():
-        param.requires_grad_(False)
+    freeze(ref_lm)
     state = PPOTrainerState(policy, ref_lm, torch.optim.Adam(policy.parameters(), lr=cfg.lr, eps=1e-5))
-    for step in range(cfg.steps):
-        t0 = time.perf_counter()
+
+    def one_step(step: int) -> dict:
         ro = rollout(policy, ref_lm, sample_prompts(cfg.batch_size), n_new, gen, cfg.temperature)
         token_scores, metrics = score_fn(ro)
         stats = ppo_step(state, ro, token_scores, cfg, gen)
         stats.update(metrics)
-        stats["step"] = step
-        stats["seconds"] = time.perf_counter() - t0
-        if not all(math.isfinite(v) for v in stats.values() if isinstance(v, float)):
-            raise FloatingPointError(f"non-finite PPO statistics at step {step}: {stats}")
-        state.history.append(stats)
-        if on_step:
-            on_step(step, stats)
+        return stats
+
+    state.history = run_steps(cfg.steps, one_step, "PPO", on_step)
     return state.history
