@@ -1,4 +1,5 @@
-"""The ``dense-rlhf`` command: ``demo`` (the main job), ``experiment`` (the full study) and ``bench``."""
+"""The ``dense-rlhf`` command: ``demo`` (the main job), ``experiment`` (the full study), ``grpo-study`` (GRPO with
+ABC's token-level credit) and ``bench``."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import sys
 _COMMANDS = {
     "demo": ("dense_rlhf.study.demo", "train a small RLHF setup and compare sparse rewards with ABC"),
     "experiment": ("dense_rlhf.study.experiment", "the full multi-seed comparison of reward methods"),
+    "grpo-study": ("dense_rlhf.study.grpo_study", "GRPO with ABC's token-level advantages beside PPO"),
     "bench": ("dense_rlhf.bench.run", "microbenchmarks of dense_rewards against the alternatives"),
 }
 
