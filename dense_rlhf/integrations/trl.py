@@ -1,0 +1,206 @@
+"""ABC's token-level credit in trl's ``GRPOTrainer`` (trl 1.16; the ``trl`` extra pins it).
+
+``ABCGRPOTrainer`` is trl's GRPOTrainer with the reward computed by a Hugging Face reward model under
+:func:`dense_rlhf.capture_reward_attention`, so that every completion also gets ABC's credit ``alpha`` (the
+reward model's last-layer attention from its scoring token, over the completion tokens, summing to 1), and
+with trl's one-advantage-per-completion replaced by per-token advantages of one of the schemes of
+:mod:`dense_rlhf.rl.grpo`:
+
+- ``"credit"`` (scheme 2): ``A[i, t] = A_i * n_i * (credit_beta * alpha[i, t] + (1 - credit_beta) / n_i)``,
+  with trl's own group-normalised ``A_i``; the mean over each completion stays ``A_i``.
+- ``"dense"`` (scheme 3): the return-to-go of ABC's rewards ``dense_rewards(alpha, score, beta=abc_beta)``,
+  centred on the mean over the group's still-generating completions at the same step and divided by the
+  group's score std (``args.scale_rewards``: ``"group"``, ``"batch"`` or ``"none"``).
+- ``"plain"`` (scheme 1): ``A[i, t] = A_i``, trl's usual update through the same reward path (for A/B runs).
+
+```python
+from dense_rlhf.integrations.trl import ABCGRPOTrainer
+trainer = ABCGRPOTrainer(model=policy, reward_model=rm, args=GRPOConfig(...), train_dataset=prompts,
+                         processing_class=tokenizer, scheme="credit")
+trainer.train()
+```
+
+How it hooks into trl 1.16 (three overrides, no trl code copied):
+- ``_generate`` is called as is; the override keeps the prompt token ids it returns, because trl hands reward
+  functions the completion ids but not the prompt ids.
+- The reward is a reward function that trl calls with the local completions: it runs the reward model on
+  ``prompt ids + completion ids (+ reward_suffix_ids)`` inside the capture, returns the scores to trl (which
+  normalises them into ``A_i`` and logs them as usual) and keeps ``alpha``.
+- ``_generate_and_score_completions`` calls trl's, then replaces ``output["advantages"]`` [B] by the [B, T]
+  token advantages; trl's ``_compute_loss`` accepts [B, T] advantages (it unsqueezes only 1-D ones), and
+  the buffering, shuffling and splitting between generation and loss index rows only.
+
+Requirements: the reward model reads the policy's token ids (same tokenizer; ``reward_suffix_ids`` appends,
+e.g., the token whose hidden state the reward model was trained to score). It must be a sequence classifier
+with one logit (the score) or two (``logit[1] - logit[0]``) whose attention goes through transformers'
+``AttentionInterface`` (see ``capture_reward_attention``). Tool calling and environments are not supported
+(tool tokens inside a completion would take credit that the loss masks out). Multi-process training gathers
+ABC's credit across processes for scheme 3 as trl gathers the rewards; it is tested on one process only.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from trl import GRPOTrainer
+
+from dense_rlhf.capture import capture_reward_attention
+from dense_rlhf.ops import dense_rewards
+from dense_rlhf.rl import grpo
+
+__all__ = ["ABCGRPOTrainer", "TESTED_TRL"]
+
+TESTED_TRL = "1.16"
+
+
+def _check_trl_version() -> None:
+    import trl
+
+    if not trl.__version__.startswith(TESTED_TRL + "."):
+        warnings.warn(f"ABCGRPOTrainer overrides GRPOTrainer methods of trl {TESTED_TRL}; trl {trl.__version__} is "
+                      "installed and may have changed them", RuntimeWarning, stacklevel=3)
+
+
+class ABCGRPOTrainer(GRPOTrainer):
+    """trl's GRPOTrainer with a reward model's score as the reward and ABC's per-token advantages (see the module
+    docstring). Every argument of ``GRPOTrainer`` except ``reward_funcs`` and ``reward_processing_classes`` is
+    passed on.
+
+    Args:
+        reward_model: a ``*ForSequenceClassification`` model with 1 or 2 labels that reads the policy's token ids;
+            it is put in eval mode and moved to the trainer's device.
+        scheme: ``"credit"`` (default), ``"dense"`` or ``"plain"``.
+        credit_beta: scheme 2's share of the advantage spread by attention; 0.5 keeps half of every token's plain
+            advantage (the value used in the study, experiments/README.md).
+        abc_beta: scheme 3's ABC mix of dense and terminal reward (the paper's 0.8).
+        reward_suffix_ids: token ids appended after each completion before the reward model reads it.
+        reward_layer: the reward-model layer whose attention is ABC's credit (default the last).
+    """
+
+    def __init__(self, model, reward_model: torch.nn.Module, *, scheme: str = "credit", credit_beta: float = 0.5,
+                 abc_beta: float = 0.8, reward_suffix_ids: list[int] | None = None, reward_layer: int = -1,
+                 **kwargs):
+        _check_trl_version()
+        for name in ("reward_funcs", "reward_processing_classes"):
+            if kwargs.get(name) is not None:
+                raise TypeError(f"ABCGRPOTrainer computes the reward with reward_model; do not pass {name}")
+        for name in ("tools", "environment_factory"):
+            if kwargs.get(name):
+                raise ValueError(f"ABCGRPOTrainer does not support {name}: tool or environment tokens inside a "
+                                 "completion would take credit that the loss masks out")
+        if scheme not in grpo.SCHEMES:
+            raise ValueError(f"scheme must be one of {grpo.SCHEMES}, got {scheme!r}")
+        if not 0.0 <= credit_beta <= 1.0:
+            raise ValueError(f"credit_beta must be in [0, 1], got {credit_beta}")
+        if not 0.0 <= abc_beta <= 1.0:
+            raise ValueError(f"abc_beta must be in [0, 1], got {abc_beta}")
+        args = kwargs.get("args")
+        if args is not None:
+            if args.reward_weights is not None:
+                raise ValueError("args.reward_weights must be None: the reward model is the only reward")
+            if args.multi_objective_aggregation != "sum_then_normalize":
+                raise ValueError("args.multi_objective_aggregation must be 'sum_then_normalize': the reward model is "
+                                 "the only reward")
+        self.abc_scheme = scheme
+        self.abc_credit_beta = credit_beta
+        self.abc_beta = abc_beta
+        self.abc_reward_model = reward_model
+        self.abc_suffix_ids = list(reward_suffix_ids or [])
+        self.abc_layer = reward_layer
+        self._abc_prompt_ids: list[list[int]] | None = None
+        self._abc_credit: dict | None = None
+        super().__init__(model, reward_funcs=[self.abc_reward], **kwargs)
+        self.abc_reward_model.to(self.accelerator.device).eval()
+
+    # -------------------------------------------------------------------------------- hooks into trl 1.16
+
+    def _generate(self, prompts: list):
+        result = super()._generate(prompts)
+        self._abc_prompt_ids = [[int(t) for t in ids] for ids in result[0]]
+        return result
+
+    def abc_reward(self, prompts, completions, completion_ids, **kwargs) -> list[float]:
+        """trl reward function: the reward model's score of each local completion. Keeps ABC's credit alpha
+        [B, T] (completion-aligned, right-padded) and the completion mask for the advantages."""
+        prompt_ids = self._abc_prompt_ids
+        if prompt_ids is None or len(prompt_ids) != len(completion_ids):
+            raise RuntimeError("ABCGRPOTrainer: the prompt ids of this batch were not recorded by _generate")
+        scores, alpha, mask = self.score_with_credit(prompt_ids, completion_ids)
+        self._abc_credit = {"alpha": alpha, "mask": mask, "scores": scores}
+        return scores.tolist()
+
+    def _generate_and_score_completions(self, inputs):
+        self._abc_credit = None
+        output = super()._generate_and_score_completions(inputs)
+        if "tool_mask" in output:
+            raise ValueError("ABCGRPOTrainer does not support env_mask/tool_mask from a rollout_func")
+        credit, self._abc_credit, self._abc_prompt_ids = self._abc_credit, None, None
+        if credit is None:
+            raise RuntimeError("ABCGRPOTrainer: the reward function did not run for this batch")
+        width = output["completion_mask"].shape[1]  # trl may pad further (pad_to_multiple_of)
+        alpha = _pad_columns(credit["alpha"], width)
+        mask = _pad_columns(credit["mask"], width)
+        advantages = self.token_advantages(output["advantages"], credit["scores"], alpha, mask)
+        output["advantages"] = advantages * output["completion_mask"]  # also zero on rows trl masked out
+        return output
+
+    # ---------------------------------------------------------------------------------------- the credit
+
+    @torch.no_grad()
+    def score_with_credit(self, prompt_ids: list[list[int]], completion_ids: list[list[int]]):
+        """Reward-model scores [B] and ABC's credit alpha [B, T] on the completion tokens (mask [B, T] bool, T the
+        longest completion), from one reward-model forward over ``prompt + completion + suffix``, right-padded."""
+        rm = self.abc_reward_model
+        device = self.accelerator.device
+        rows = [list(p) + list(c) + self.abc_suffix_ids for p, c in zip(prompt_ids, completion_ids)]
+        length = max(len(r) for r in rows)
+        pad_id = rm.config.pad_token_id if rm.config.pad_token_id is not None else 0
+        ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros(len(rows), length, dtype=torch.long)
+        completion_mask = torch.zeros(len(rows), length, dtype=torch.bool)
+        for i, (row, p, c) in enumerate(zip(rows, prompt_ids, completion_ids)):
+            ids[i, : len(row)] = torch.tensor(row)
+            attention_mask[i, : len(row)] = 1
+            completion_mask[i, len(p) : len(p) + len(c)] = True
+        ids, attention_mask, completion_mask = ids.to(device), attention_mask.to(device), completion_mask.to(device)
+        with capture_reward_attention(rm, layer=self.abc_layer) as cap:
+            logits = rm(input_ids=ids, attention_mask=attention_mask).logits
+        if logits.dim() != 2 or logits.shape[-1] not in (1, 2):
+            raise ValueError(f"reward_model must return [B, 1] or [B, 2] logits, got {tuple(logits.shape)}")
+        scores = (logits[:, 0] if logits.shape[-1] == 1 else logits[:, 1] - logits[:, 0]).float()
+        alpha_full = dense_rewards(cap.rows, torch.ones_like(scores), completion_mask, beta=1.0)  # [B, L]
+        # completion-aligned: alpha[i, t] = alpha_full[i, len(prompt_i) + t]
+        width = max(len(c) for c in completion_ids)
+        starts = torch.tensor([len(p) for p in prompt_ids], device=device)
+        cols = (starts[:, None] + torch.arange(width, device=device)).clamp(max=length - 1)
+        mask = torch.tensor([[t < len(c) for t in range(width)] for c in completion_ids], device=device)
+        alpha = alpha_full.gather(1, cols) * mask
+        return scores, alpha, mask
+
+    def token_advantages(self, advantages: torch.Tensor, scores: torch.Tensor, alpha: torch.Tensor,
+                         mask: torch.Tensor) -> torch.Tensor:
+        """[B, T] advantages of the local completions. ``advantages``: trl's A_i [B] (schemes 1 and 2 weight
+        them); scheme 3 needs every group member's credit and score, gathered across processes."""
+        if self.abc_scheme == "plain":
+            return grpo.plain_advantages(advantages, mask)
+        if self.abc_scheme == "credit":
+            return grpo.credit_weighted_advantages(advantages, alpha, mask, self.abc_credit_beta)
+        mode = "train" if self.model.training else "eval"
+        group_size = self.num_generations if mode == "train" else self.num_generations_eval
+        local, width = alpha.shape
+        acc = self.accelerator
+        all_alpha = acc.gather(acc.pad_across_processes(alpha, dim=1))
+        all_mask = acc.gather(acc.pad_across_processes(mask, dim=1))
+        all_scores = acc.gather(scores)
+        adv = grpo.token_advantages("dense", all_scores, all_alpha, all_mask, group_size, abc_beta=self.abc_beta,
+                                    scale=self.scale_rewards)
+        start = acc.process_index * local
+        return adv[start : start + local, :width]
+
+
+def _pad_columns(x: torch.Tensor, width: int) -> torch.Tensor:
+    """Zero (False) columns on the right up to ``width``."""
+    if x.shape[1] >= width:
+        return x
+    return torch.cat([x, x.new_zeros(x.shape[0], width - x.shape[1])], dim=1)
