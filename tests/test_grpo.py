@@ -10,8 +10,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from dense_rlhf.rl.common import Policy
 from dense_rlhf.rl.grpo import (GRPOConfig, credit_weighted_advantages, dense_return_advantages, group_advantages,
-                                grpo_losses, plain_advantages, token_advantages)
+                                grpo_losses, plain_advantages, rollout, token_advantages, train)
+from dense_rlhf.study import sentiment_task as task
+from dense_rlhf.study.grpo_study import make_score_fn
 
 EPS = 1e-4
 
@@ -204,19 +207,14 @@ def test_grpo_losses_clip_and_k3_kl_by_hand():
     assert clipfrac.item() == 1.0
 
 
-# -------------------------------------------------------------------------------------- the training loop
-
-transformers = pytest.importorskip("transformers")
-
-from dense_rlhf.rl.common import Policy  # noqa: E402
-from dense_rlhf.rl.grpo import rollout, train  # noqa: E402
-from dense_rlhf.study import sentiment_task as task  # noqa: E402
-from dense_rlhf.study.grpo_study import make_score_fn  # noqa: E402
-from dense_rlhf.study.models import SetupConfig, new_policy, new_reward_model  # noqa: E402
+# ------------------------------------------------------------------------------ the training loop (transformers)
 
 
 @pytest.fixture(scope="module")
 def tiny():
+    pytest.importorskip("transformers")
+    from dense_rlhf.study.models import SetupConfig, new_policy, new_reward_model
+
     torch.manual_seed(0)
     codec = task.Codec()
     cfg = SetupConfig(n_embd=32, rm_n_embd=32, n_layer=1, rm_n_layer=1, n_head=2, rm_n_head=2)
@@ -267,3 +265,47 @@ def test_train_rejects_an_unknown_scheme(tiny):
     with pytest.raises(ValueError, match="scheme"):
         train(Policy(lm, codec.special_ids), lm, lambda n: None, 4, make_score_fn(rm, codec),
               GRPOConfig(scheme="oracle"), seed=0)
+
+
+# ---------------------------------------------------------------------------------------------- the study
+
+
+def test_study_method_names():
+    from dense_rlhf.study.grpo_study import kl_coef_of, parse_method
+
+    assert parse_method("grpo-plain") == ("grpo", {"scheme": "plain"})
+    assert parse_method("grpo-credit-0.5@kl0.15") == ("grpo", {"scheme": "credit", "credit_beta": 0.5,
+                                                                "kl_coef": 0.15})
+    assert parse_method("grpo-dense-1") == ("grpo", {"scheme": "dense", "abc_beta": 1.0})
+    assert parse_method("ppo-abc-0.8") == ("ppo", "abc-0.8")
+    assert kl_coef_of("grpo-plain", 0.05) == 0.05 and kl_coef_of("grpo-plain@kl0.2", 0.05) == 0.2
+    assert kl_coef_of("ppo-sparse", 0.05) is None
+    for bad in ("grpo", "grpo-credit-x", "grpo-plain@klx", "ppo-sparse@kl0.1", "ppo-abc-0.3"):
+        with pytest.raises(ValueError, match="unknown method"):
+            parse_method(bad)
+
+
+def test_study_threshold_is_plain_grpos_and_steps_are_counted_on_the_moving_average():
+    from dense_rlhf.study.grpo_study import summarise
+
+    def run(method, seed, scores, kl):
+        return {"method": method, "seed": seed, "curves": {"gt_score": scores, "kl": kl}}
+
+    n = 40
+    ramp = [min(10.0, i / 2) for i in range(n)]  # reaches 10 at step 20
+    fast = [min(10.0, i) for i in range(n)]  # reaches 10 at step 10
+    results = [run("grpo-plain", s, ramp, [i / 2 for i in range(n)]) for s in (0, 1)]
+    results += [run("grpo-dense-0.8", s, fast, [float(i) for i in range(n)]) for s in (0, 1)]
+    results += [run("ppo-sparse", s, [0.0] * n, [0.0] * n) for s in (0, 1)]
+    summary = summarise(results, ["grpo-plain", "grpo-dense-0.8", "ppo-sparse"], 0.05)
+    (sec,) = summary["sections"]
+    assert sec["kl_coef"] == 0.05 and sec["reference"] == "grpo-plain"
+    assert sec["threshold"] == pytest.approx(0.8 * 10.0)  # SFT score 0, plain's final 10
+    ma = [sum(fast[max(0, i - 4) : i + 1]) / len(fast[max(0, i - 4) : i + 1]) for i in range(n)]
+    assert sec["rows"]["grpo-dense-0.8"]["steps_to_threshold"] == next(i for i, v in enumerate(ma) if v >= 8.0)
+    assert sec["rows"]["ppo-sparse"]["steps_to_threshold"] is None
+    assert sec["rows"]["grpo-plain"]["seeds_reaching"] == 2
+    # score at KL 10: plain's MA KL first reaches 10 at step 22 (mean of i/2 over i = 18..22); its MA score there is
+    # the mean of 9, 9.5, 10, 10, 10
+    assert summary["methods"]["grpo-plain"]["score_at_kl"]["10"] == (pytest.approx(9.7), 2)
+    assert summary["methods"]["ppo-sparse"]["score_at_kl"]["10"] == (None, 0)

@@ -9,15 +9,15 @@ import torch
 pytest.importorskip("trl")
 pytest.importorskip("datasets")
 
-from datasets import Dataset  # noqa: E402
-from tokenizers import Tokenizer  # noqa: E402
-from tokenizers.models import WordLevel  # noqa: E402
-from tokenizers.pre_tokenizers import WhitespaceSplit  # noqa: E402
-from transformers import (GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel,  # noqa: E402
+from datasets import Dataset
+from tokenizers import Tokenizer
+from tokenizers.models import WordLevel
+from tokenizers.pre_tokenizers import WhitespaceSplit
+from transformers import (GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel,
                           PreTrainedTokenizerFast)
-from trl import GRPOConfig  # noqa: E402
+from trl import GRPOConfig
 
-from dense_rlhf.integrations.trl import ABCGRPOTrainer  # noqa: E402
+from dense_rlhf.integrations.trl import ABCGRPOTrainer
 
 SPECIALS = ["[PAD]", "[BOS]", "[EOS]", "[UNK]"]
 WORDS = [f"w{i}" for i in range(24)]

@@ -10,11 +10,13 @@ Adam updates per step (4 epochs of 2 minibatches of 16) at the same learning rat
 - ``ppo-<method>``: ``dense_rlhf.rl.ppo`` with a method of ``dense-rlhf experiment`` (``ppo-sparse``,
   ``ppo-abc-0.8`` ...), GAE lambda 0.95, re-run here so that every curve comes from this code and command.
 
+GRPO names take an optional ``@kl<coefficient>`` (GRPO's KL-loss coefficient; default ``--kl-coef``).
 ``alpha`` is ABC's credit: the reward model's last-layer attention row from ``[EOS]``, captured with
 ``capture_reward_attention``, restricted to the completion and normalised (``dense_rewards`` with beta 1 and
-score 1). The schemes are in ``dense_rlhf.rl.grpo``; the statistics (threshold, steps to threshold, final
-score, late spread, final KL) are ``dense_rlhf.study.runs.summarise``'s. Writes ``<name>.json`` (every curve),
-``<name>.md`` (the table) and ``<name>.png`` under ``--out``.
+score 1). The schemes are in ``dense_rlhf.rl.grpo``. Final score, late spread and final KL are
+``dense_rlhf.study.runs.summarise``'s; the threshold is plain GRPO's (see :func:`summarise`), and the score at
+a KL budget compares methods at equal distance from the reference. Writes ``<name>.json`` (every curve),
+``<name>.md`` (the tables) and ``<name>.png`` under ``--out``.
 """
 
 from __future__ import annotations
@@ -37,39 +39,60 @@ from dense_rlhf.study import runs
 from dense_rlhf.study import sentiment_task as task
 from dense_rlhf.study.models import QUICK_SETUP, SetupConfig, cache_root, load_or_train
 
-# Headline methods (scheme 2 and 3 settings fixed before any run; see experiments/README.md), then the two
-# sensitivity rows (all of the credit on attention; ABC beta 1), then the PPO baselines.
-METHODS = ["grpo-plain", "grpo-credit-0.5", "grpo-dense-0.8", "grpo-credit-1.0", "grpo-dense-1.0", "ppo-sparse",
-           "ppo-abc-0.8"]
-GRPO = grpo.GRPOConfig()
+# GRPO's KL-loss coefficients: the first (the default of --kl-coef) is the usual small one (DeepSeekMath used
+# 0.04); the second, chosen by a pilot of plain GRPO on other seeds, holds plain GRPO near PPO's final KL.
+KL_COEFS = (0.05, 0.15)
+# Headline GRPO methods (scheme 2 and 3 settings fixed before any run; see experiments/README.md), the two
+# sensitivity rows (all of the credit on attention; ABC beta 1), the headline methods again at the second KL
+# coefficient, and the PPO baselines.
+HEADLINE = ["grpo-plain", "grpo-credit-0.5", "grpo-dense-0.8"]
+METHODS = (HEADLINE + ["grpo-credit-1.0", "grpo-dense-1.0"] + [f"{m}@kl{KL_COEFS[1]:g}" for m in HEADLINE]
+           + ["ppo-sparse", "ppo-abc-0.8"])
+KL_BUDGETS = (10.0, 20.0)  # nats per completion: near PPO's final KL, and twice that
+GRPO = grpo.GRPOConfig(kl_coef=KL_COEFS[0])
 PPO = PPOConfig(lam=0.95)
 
 
 def parse_method(name: str) -> tuple[str, dict | str]:
-    """("grpo", GRPOConfig overrides) or ("ppo", the reward method of dense_rlhf.study.methods)."""
-    if name == "grpo-plain":
-        return "grpo", {"scheme": "plain"}
+    """("grpo", GRPOConfig overrides) or ("ppo", the reward method of dense_rlhf.study.methods). GRPO names
+    take an optional ``@kl<coefficient>`` suffix; without it the run uses ``--kl-coef``."""
+    base, _, kl = name.partition("@kl")
+    spec = None
+    if base == "grpo-plain":
+        spec = {"scheme": "plain"}
     for prefix, scheme, key in (("grpo-credit-", "credit", "credit_beta"), ("grpo-dense-", "dense", "abc_beta")):
-        if name.startswith(prefix):
+        if base.startswith(prefix):
             try:
-                return "grpo", {"scheme": scheme, key: float(name[len(prefix):])}
+                spec = {"scheme": scheme, key: float(base[len(prefix):])}
             except ValueError:
-                break
-    if name.startswith("ppo-") and name[4:] in M.METHODS:
-        return "ppo", name[4:]
-    raise ValueError(f"unknown method {name!r}: use grpo-plain, grpo-credit-<beta>, grpo-dense-<abc beta> or "
-                     f"ppo-<one of {M.METHODS}>")
+                spec = None
+    if spec is not None:
+        try:
+            return "grpo", {**spec, **({"kl_coef": float(kl)} if kl else {})}
+        except ValueError:
+            pass
+    elif base.startswith("ppo-") and base[4:] in M.METHODS and not kl:
+        return "ppo", base[4:]
+    raise ValueError(f"unknown method {name!r}: use grpo-plain, grpo-credit-<beta> or grpo-dense-<abc beta>, each "
+                     f"with an optional @kl<coefficient>, or ppo-<one of {M.METHODS}>")
+
+
+def kl_coef_of(name: str, default: float) -> float | None:
+    """GRPO's KL coefficient of a method (None for PPO)."""
+    kind, spec = parse_method(name)
+    return spec.get("kl_coef", default) if kind == "grpo" else None
 
 
 def label(name: str) -> str:
     kind, spec = parse_method(name)
     if kind == "ppo":
         return f"PPO, {M.LABELS[spec]}"
+    kl = f", KL {spec['kl_coef']:g}" if "kl_coef" in spec else ""
     if spec["scheme"] == "plain":
-        return "GRPO plain (scheme 1)"
+        return f"GRPO plain (scheme 1){kl}"
     if spec["scheme"] == "credit":
-        return f"GRPO credit-weighted, beta={spec['credit_beta']:g} (scheme 2)"
-    return f"GRPO dense returns, ABC beta={spec['abc_beta']:g} (scheme 3)"
+        return f"GRPO credit-weighted, beta={spec['credit_beta']:g} (scheme 2){kl}"
+    return f"GRPO dense returns, ABC beta={spec['abc_beta']:g} (scheme 3){kl}"
 
 
 def make_score_fn(rm, codec: task.Codec):
@@ -133,6 +156,61 @@ def run_many(jobs, setup, grpo_cfg, ppo_cfg, cache_dir=None, workers=1, progress
     return results
 
 
+# ------------------------------------------------------------------------------------------------ summary
+
+
+def _score_at_kl(runs_of_method: list[dict], budget: float) -> tuple[float | None, int]:
+    """Mean over seeds of the 5-step-MA score at the first step whose 5-step-MA KL reaches ``budget``, and the
+    number of seeds whose KL got there."""
+    values = []
+    for r in runs_of_method:
+        kl, score = runs.moving_average(r["curves"]["kl"]), runs.moving_average(r["curves"]["gt_score"])
+        step = runs.first_reach(kl, budget)
+        if step is not None:
+            values.append(score[step])
+    return (sum(values) / len(values) if values else None), len(values)
+
+
+def summarise(results: list[dict], methods: list[str], default_kl: float) -> dict:
+    """``runs.summarise``'s per-method statistics (final score, late spread, final KL), the score at each KL
+    budget, and one section per GRPO KL coefficient whose threshold is plain GRPO's at that coefficient:
+
+        threshold = SFT score + 0.8 (final score of plain GRPO - SFT score)
+
+    with steps to threshold measured as in ``runs.summarise`` (seed mean, 5-step trailing MA; per seed too).
+    PPO rows are in every section, for reference."""
+    base = runs.summarise(results)
+    stats = base["methods"]
+    for m in stats:
+        for key in ("steps_to_threshold", "per_seed_steps_to_threshold", "seeds_reaching", "median_seed_steps"):
+            del stats[m][key]  # against runs.summarise's best-method threshold; the sections hold ours
+        mine = [r for r in results if r["method"] == m]
+        stats[m]["score_at_kl"] = {f"{k:g}": _score_at_kl(mine, k) for k in KL_BUDGETS}
+        stats[m]["kl_curve"] = [sum(step) / len(step) for step in zip(*(r["curves"]["kl"] for r in mine))]
+    coefs = list(dict.fromkeys(kl_coef_of(m, default_kl) for m in methods if m.startswith("grpo-")))
+    sections = []
+    for coef in coefs:
+        members = [m for m in methods if kl_coef_of(m, default_kl) in (coef, None) and m in stats]
+        plain = next((m for m in members if m.startswith("grpo-") and parse_method(m)[1]["scheme"] == "plain"), None)
+        threshold = None
+        if plain is not None:
+            threshold = base["sft_score"] + 0.8 * (stats[plain]["final_mean"] - base["sft_score"])
+        rows = {}
+        for m in members:
+            row = {"steps_to_threshold": None, "per_seed_steps_to_threshold": [], "seeds_reaching": 0,
+                   "median_seed_steps": None}
+            if threshold is not None:
+                curves = [r["curves"]["gt_score"][: base["steps"]] for r in results if r["method"] == m]
+                per_seed = [runs.first_reach(runs.moving_average(c), threshold) for c in curves]
+                row = {"steps_to_threshold": runs.first_reach(runs.moving_average(stats[m]["mean_curve"]), threshold),
+                       "per_seed_steps_to_threshold": per_seed,
+                       "seeds_reaching": sum(x is not None for x in per_seed),
+                       "median_seed_steps": runs._median_with_never(per_seed)}
+            rows[m] = row
+        sections.append({"kl_coef": coef, "reference": plain, "threshold": threshold, "rows": rows})
+    return {"steps": base["steps"], "sft_score": base["sft_score"], "methods": stats, "sections": sections}
+
+
 # ------------------------------------------------------------------------------------------------ outputs
 
 
@@ -143,65 +221,82 @@ def _fmt(x, digits=1):
 def _versus_plain(steps, base, n_steps) -> tuple[str, bool]:
     """Steps to threshold relative to plain GRPO's, as text, and whether it meets the target (<= 0.8x)."""
     if steps is None:
-        return "never reached", False
+        return "never", False
     if base is None:
-        return f"below {steps / n_steps:.2f} (plain GRPO never within {n_steps} steps)", True
+        return f"below {steps / n_steps:.2f} (plain never within {n_steps} steps)", True
     return f"{steps / base:.2f}", steps / base <= 0.8
 
 
-def markdown_table(summary: dict, methods: list[str]) -> str:
-    st = summary["methods"]
-    base = st.get("grpo-plain", {}).get("steps_to_threshold")
-    lines = [
-        f"Threshold: {summary['threshold']:.2f} = SFT score {summary['sft_score']:.2f} + 80% of the way to the best "
-        f"method's final score {summary['best_final']:.2f} ({summary['steps']} steps of 32 completions each).",
-        "",
-        "| method | seeds | steps to threshold (seed mean, 5-step MA) | x plain GRPO | per-seed median steps "
-        "(seeds reaching) | final score mean ± std | late-training spread | final KL |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for m in methods:
-        s = st.get(m)
-        if s is None:
-            continue
-        ratio = _versus_plain(s["steps_to_threshold"], base, summary["steps"])[0] if "grpo-plain" in st else ""
-        lines.append(
-            f"| {label(m)} | {s['seeds']} | {_fmt(s['steps_to_threshold'])} | {ratio} | "
-            f"{_fmt(s['median_seed_steps'])} ({s['seeds_reaching']}/{s['seeds']}) | "
-            f"{s['final_mean']:.2f} ± {s['final_std']:.2f} | {s['late_spread']:.2f} | {s['final_kl']:.2f} |"
-        )
-    if "grpo-plain" in st:
-        lines += ["", "Target: scheme 2 or 3 reaches the threshold in at most 0.8x plain GRPO's steps."]
-        for m in methods:
-            if m in st and m != "grpo-plain" and m.startswith("grpo-"):
-                text, met = _versus_plain(st[m]["steps_to_threshold"], base, summary["steps"])
-                lines.append(f"- {label(m)}: {text} x plain GRPO's steps ({'met' if met else 'not met'})")
+def markdown_table(summary: dict) -> str:
+    stats, n_steps = summary["methods"], summary["steps"]
+    budgets = [f"{k:g}" for k in KL_BUDGETS]
+    lines = [f"SFT score {summary['sft_score']:.2f} (mean of every run's first step); {n_steps} steps of 32 "
+             "completions each. Score at KL k: the 5-step-MA score when the 5-step-MA KL first reaches k nats, "
+             "mean over the seeds that got there (count in brackets)."]
+    for sec in summary["sections"]:
+        ref = sec["reference"]
+        base = sec["rows"][ref]["steps_to_threshold"] if ref else None
+        head = (f"threshold {sec['threshold']:.2f} = SFT score + 80% of plain GRPO's gain at this coefficient"
+                if ref else "no plain GRPO run at this coefficient: no threshold")
+        columns = ["method", "steps to threshold", "x plain GRPO", "per-seed median steps (seeds reaching)",
+                   "final score mean ± std", "late-training spread", "final KL"] + [f"score at KL {b}" for b in budgets]
+        lines += ["", f"### GRPO KL coefficient {sec['kl_coef']:g}: {head}", "",
+                  "| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
+        for m, row in sec["rows"].items():
+            s = stats[m]
+            ratio = _versus_plain(row["steps_to_threshold"], base, n_steps)[0] if ref else ""
+            at_kl = [f"{_fmt(v, 2)} ({n})" for v, n in (s["score_at_kl"][b] for b in budgets)]
+            lines.append(f"| {label(m)} | {_fmt(row['steps_to_threshold'])} | {ratio} | "
+                         f"{_fmt(row['median_seed_steps'])} ({row['seeds_reaching']}/{s['seeds']}) | "
+                         f"{s['final_mean']:.2f} ± {s['final_std']:.2f} | {s['late_spread']:.2f} | "
+                         f"{s['final_kl']:.2f} | " + " | ".join(at_kl) + " |")
+        if ref:
+            lines += ["", "Target: scheme 2 or 3 reaches the threshold in at most 0.8x plain GRPO's steps."]
+            for m, row in sec["rows"].items():
+                if m.startswith("grpo-") and m != ref:
+                    text, met = _versus_plain(row["steps_to_threshold"], base, n_steps)
+                    lines.append(f"- {label(m)}: {text} ({'met' if met else 'not met'})")
     return "\n".join(lines) + "\n"
 
 
-def plot(summary: dict, methods: list[str], path: Path, title: str) -> None:
+def plot(summary: dict, path: Path, title: str) -> None:
+    """One panel of score against step per KL section, and one of score against KL for every method."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for m in methods:
-        s = summary["methods"].get(m)
-        if s is None:
-            continue
-        mean, std = runs.moving_average(s["mean_curve"]), runs.moving_average(s["std_curve"])
-        xs = list(range(len(mean)))
-        headline = m in METHODS[:3] or m.startswith("ppo-")
-        ax.plot(xs, mean, label=label(m), ls="--" if m.startswith("ppo-") else "-", lw=1.8 if headline else 1.0)
-        ax.fill_between(xs, [a - b for a, b in zip(mean, std)], [a + b for a, b in zip(mean, std)], alpha=0.12)
-    ax.axhline(summary["threshold"], color="k", ls=":", lw=1, label="threshold")
-    ax.set_xlabel("step (32 completions each)")
-    ax.set_ylabel("ground-truth score (5-step MA, ±1 std over seeds)")
-    ax.set_title(title)
+    sections = summary["sections"]
+    fig, axes = plt.subplots(1, len(sections) + 1, figsize=(6 * (len(sections) + 1), 5), squeeze=False)
+    colours = {}
+    for ax, sec in zip(axes[0], sections):
+        for m in sec["rows"]:
+            s = summary["methods"][m]
+            mean, std = runs.moving_average(s["mean_curve"]), runs.moving_average(s["std_curve"])
+            xs = range(len(mean))
+            line, = ax.plot(xs, mean, label=label(m), ls="--" if m.startswith("ppo-") else "-",
+                            color=colours.get(m))
+            colours[m] = line.get_color()
+            ax.fill_between(xs, [a - b for a, b in zip(mean, std)], [a + b for a, b in zip(mean, std)],
+                            color=line.get_color(), alpha=0.1)
+        if sec["threshold"] is not None:
+            ax.axhline(sec["threshold"], color="k", ls=":", lw=1, label="threshold")
+        ax.set_title(f"GRPO KL coefficient {sec['kl_coef']:g}", fontsize=10)
+        ax.set_xlabel("step (32 completions each)")
+        ax.set_ylabel("ground-truth score (5-step MA, ±1 std over seeds)")
+        ax.legend(fontsize=7)
+    ax = axes[0][-1]
+    for m, s in summary["methods"].items():
+        ax.plot(runs.moving_average(s["kl_curve"]), runs.moving_average(s["mean_curve"]), label=label(m),
+                ls="--" if m.startswith("ppo-") else "-", color=colours.get(m), lw=1.2)
+    ax.set_xscale("log")
+    ax.set_xlabel("KL to the reference, nats per completion (seed mean, 5-step MA; log scale)")
+    ax.set_ylabel("ground-truth score (seed mean, 5-step MA)")
+    ax.set_title("score against KL", fontsize=10)
     ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
@@ -211,10 +306,12 @@ def plot(summary: dict, methods: list[str], path: Path, title: str) -> None:
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="dense-rlhf grpo-study", description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, default=5, help="seeds per method (default 5)")
+    p.add_argument("--first-seed", type=int, default=None, help="run seeds start here (default 1000 x --seed)")
     p.add_argument("--steps", type=int, default=GRPO.steps, help=f"steps per run (default {GRPO.steps})")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated; default " + ",".join(METHODS))
     p.add_argument("--seed", type=int, default=0, help="master seed: SFT/RM training and the run seeds")
-    p.add_argument("--kl-coef", type=float, default=GRPO.kl_coef, help="GRPO's KL loss coefficient")
+    p.add_argument("--kl-coef", type=float, default=GRPO.kl_coef,
+                   help=f"GRPO's KL loss coefficient where a method has no @kl suffix (default {GRPO.kl_coef:g})")
     p.add_argument("--group-size", type=int, default=GRPO.group_size,
                    help=f"G (default {GRPO.group_size}); prompts per step = PPO's batch / G")
     p.add_argument("--workers", type=int, default=runs.default_workers(), help="parallel runs (1 thread each)")
@@ -246,7 +343,8 @@ def main(argv: list[str]) -> int:
     cache = cache_root(args.cache_dir)
     print(f"[1/2] SFT policy and reward model (cache: {cache})")
     _, _, _, info = load_or_train(setup, cache)
-    seeds = [args.seed * 1000 + i for i in range(args.seeds)]
+    first = args.seed * 1000 if args.first_seed is None else args.first_seed
+    seeds = list(range(first, first + args.seeds))
     jobs = [(m, s) for m in methods for s in seeds]
     print(f"[2/2] {len(jobs)} runs ({len(methods)} methods x {len(seeds)} seeds, {args.steps} steps, "
           f"{args.workers} workers)")
@@ -254,23 +352,24 @@ def main(argv: list[str]) -> int:
 
     def progress(res):
         done[0] += 1
-        tail = res["curves"]["gt_score"][-10:]
-        print(f"  {done[0]:3d}/{len(jobs)}  {res['method']:16s} seed {res['seed']:5d}  final true score "
-              f"{sum(tail) / len(tail):+.2f}  ({res['seconds']:.0f}s, {time.time() - t0:.0f}s elapsed)", flush=True)
+        tail, kl = res["curves"]["gt_score"][-10:], res["curves"]["kl"][-10:]
+        print(f"  {done[0]:3d}/{len(jobs)}  {res['method']:22s} seed {res['seed']:5d}  final true score "
+              f"{sum(tail) / len(tail):+6.2f}  KL {sum(kl) / len(kl):6.1f}  ({res['seconds']:.0f}s, "
+              f"{time.time() - t0:.0f}s elapsed)", flush=True)
 
     t_runs = time.time()
     results = run_many(jobs, setup, grpo_cfg, ppo_cfg, cache, workers=args.workers, progress=progress)
-    summary = runs.summarise(results)
+    summary = summarise(results, methods, args.kl_coef)
     wall = time.time() - t0
     title = f"Sentiment task: GRPO with ABC token-level advantages vs PPO, {len(seeds)} seeds, {args.steps} steps"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    table = markdown_table(summary, methods)
-    command = "dense-rlhf grpo-study " + " ".join(argv)
+    table = markdown_table(summary)
+    command = " ".join(["dense-rlhf grpo-study", *argv])
     models = "models from the cache" if info.get("cached") else "models trained in this command"
     meta = {
         "title": title,
-        "command": command.strip(),
+        "command": command,
         "wall_seconds": wall,
         "runs_seconds": time.time() - t_runs,
         "workers": args.workers,
@@ -279,13 +378,12 @@ def main(argv: list[str]) -> int:
         "config": {"setup": asdict(setup), "grpo": asdict(grpo_cfg), "ppo": asdict(ppo_cfg)},
         "seeds": seeds,
     }
-    (out / f"{args.name}.json").write_text(
-        json.dumps({"meta": meta, "summary": summary, "runs": results}, indent=1))
+    (out / f"{args.name}.json").write_text(json.dumps({"meta": meta, "summary": summary, "runs": results},
+                                                      indent=1))
     (out / f"{args.name}.md").write_text(
-        f"# {title}\n\nCommand: `{command.strip()}`; wall time {wall / 60:.1f} min on this machine "
-        f"({args.workers} workers, {models}). Every curve is in `{args.name}.json`.\n\n"
-        f"![curves]({args.name}.png)\n\n{table}")
-    plot(summary, methods, out / f"{args.name}.png", title)
+        f"# {title}\n\nCommand: `{command}`; wall time {wall / 60:.1f} min on this machine ({args.workers} workers, "
+        f"{models}). Every curve is in `{args.name}.json`.\n\n![curves]({args.name}.png)\n\n{table}")
+    plot(summary, out / f"{args.name}.png", title)
     print()
     print(table)
     print(f"wrote {out / args.name}.json/.md/.png ({wall:.0f}s)")
