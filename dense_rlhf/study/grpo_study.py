@@ -260,25 +260,35 @@ def markdown_table(summary: dict) -> str:
 
 
 def plot(summary: dict, path: Path, title: str) -> None:
-    """One panel of score against step per KL section, and one of score against KL for every method."""
+    """One panel of score against step per KL section, and one of score against KL for every method. A method's
+    colour is its scheme; solid lines are GRPO at the first KL coefficient, dash-dotted at the others, dashed PPO."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     sections = summary["sections"]
-    fig, axes = plt.subplots(1, len(sections) + 1, figsize=(6 * (len(sections) + 1), 5), squeeze=False)
-    colours = {}
+    bases = list(dict.fromkeys(m.partition("@kl")[0] for m in summary["methods"]))
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colour = {b: cycle[i % len(cycle)] for i, b in enumerate(bases)}
+    first_coef = sections[0]["kl_coef"] if sections else None
+
+    def style(m):
+        if m.startswith("ppo-"):
+            ls = "--"
+        else:
+            ls = "-" if kl_coef_of(m, first_coef) == first_coef else "-."
+        return {"color": colour[m.partition("@kl")[0]], "ls": ls}
+
+    fig, axes = plt.subplots(1, len(sections) + 1, figsize=(6 * (len(sections) + 1), 5.5), squeeze=False)
     for ax, sec in zip(axes[0], sections):
         for m in sec["rows"]:
             s = summary["methods"][m]
             mean, std = runs.moving_average(s["mean_curve"]), runs.moving_average(s["std_curve"])
             xs = range(len(mean))
-            line, = ax.plot(xs, mean, label=label(m), ls="--" if m.startswith("ppo-") else "-",
-                            color=colours.get(m))
-            colours[m] = line.get_color()
+            ax.plot(xs, mean, label=label(m), **style(m))
             ax.fill_between(xs, [a - b for a, b in zip(mean, std)], [a + b for a, b in zip(mean, std)],
-                            color=line.get_color(), alpha=0.1)
+                            color=style(m)["color"], alpha=0.1)
         if sec["threshold"] is not None:
             ax.axhline(sec["threshold"], color="k", ls=":", lw=1, label="threshold")
         ax.set_title(f"GRPO KL coefficient {sec['kl_coef']:g}", fontsize=10)
@@ -287,12 +297,12 @@ def plot(summary: dict, path: Path, title: str) -> None:
         ax.legend(fontsize=7)
     ax = axes[0][-1]
     for m, s in summary["methods"].items():
-        ax.plot(runs.moving_average(s["kl_curve"]), runs.moving_average(s["mean_curve"]), label=label(m),
-                ls="--" if m.startswith("ppo-") else "-", color=colours.get(m), lw=1.2)
+        ax.plot(runs.moving_average(s["kl_curve"]), runs.moving_average(s["mean_curve"]), label=label(m), lw=1.2,
+                **style(m))
     ax.set_xscale("log")
     ax.set_xlabel("KL to the reference, nats per completion (seed mean, 5-step MA; log scale)")
     ax.set_ylabel("ground-truth score (seed mean, 5-step MA)")
-    ax.set_title("score against KL", fontsize=10)
+    ax.set_title("score against KL, every method", fontsize=10)
     ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
