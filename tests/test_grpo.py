@@ -309,3 +309,12 @@ def test_study_threshold_is_plain_grpos_and_steps_are_counted_on_the_moving_aver
     # the mean of 9, 9.5, 10, 10, 10
     assert summary["methods"]["grpo-plain"]["score_at_kl"]["10"] == (pytest.approx(9.7), 2)
     assert summary["methods"]["ppo-sparse"]["score_at_kl"]["10"] == (None, 0)
+
+
+def test_study_ratio_to_plain_handles_never_and_step_zero():
+    from dense_rlhf.study.grpo_study import _versus_plain
+
+    assert _versus_plain(40, 50, 100) == ("0.80", True)
+    assert _versus_plain(None, 50, 100) == ("never", False)
+    assert _versus_plain(40, None, 100)[1] is True
+    assert _versus_plain(3, 0, 100) == ("undefined (plain at step 0)", False)

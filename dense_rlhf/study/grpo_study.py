@@ -224,6 +224,8 @@ def _versus_plain(steps, base, n_steps) -> tuple[str, bool]:
         return "never", False
     if base is None:
         return f"below {steps / n_steps:.2f} (plain never within {n_steps} steps)", True
+    if base == 0:  # plain GRPO's threshold lies at or below the start: no ratio
+        return "undefined (plain at step 0)", False
     return f"{steps / base:.2f}", steps / base <= 0.8
 
 
@@ -250,12 +252,12 @@ def markdown_table(summary: dict) -> str:
                          f"{_fmt(row['median_seed_steps'])} ({row['seeds_reaching']}/{s['seeds']}) | "
                          f"{s['final_mean']:.2f} ± {s['final_std']:.2f} | {s['late_spread']:.2f} | "
                          f"{s['final_kl']:.2f} | " + " | ".join(at_kl) + " |")
-        if ref:
+        schemes = [m for m in sec["rows"] if m.startswith("grpo-") and m != ref]
+        if ref and schemes:
             lines += ["", "Target: scheme 2 or 3 reaches the threshold in at most 0.8x plain GRPO's steps."]
-            for m, row in sec["rows"].items():
-                if m.startswith("grpo-") and m != ref:
-                    text, met = _versus_plain(row["steps_to_threshold"], base, n_steps)
-                    lines.append(f"- {label(m)}: {text} ({'met' if met else 'not met'})")
+            for m in schemes:
+                text, met = _versus_plain(sec["rows"][m]["steps_to_threshold"], base, n_steps)
+                lines.append(f"- {label(m)}: {text} ({'met' if met else 'not met'})")
     return "\n".join(lines) + "\n"
 
 
