@@ -20,7 +20,7 @@ trainer = ABCGRPOTrainer(model=policy, reward_model=rm, args=GRPOConfig(...), tr
 trainer.train()
 ```
 
-How it hooks into trl 1.16 (three overrides, no trl code copied):
+How it hooks into trl 1.16 (two overrides and a reward function; no trl code copied):
 - ``_generate`` is called as is; the override keeps the prompt token ids it returns, because trl hands reward
   functions the completion ids but not the prompt ids.
 - The reward is a reward function that trl calls with the local completions: it runs the reward model on
