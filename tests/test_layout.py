@@ -25,7 +25,7 @@ def test_import_dense_rlhf_leaves_the_study_and_heavy_libraries_alone():
 
 def test_public_api_at_the_top():
     for name in ("dense_rewards", "prefix_rewards", "sparse_rewards", "uniform_rewards", "capture_reward_attention",
-                 "capture_prefix_scores", "score_and_densify"):
+                 "capture_prefix_scores", "score_and_densify", "score_and_densify_text"):
         assert callable(getattr(dense_rlhf, name)), name
         assert name in dense_rlhf.__all__
 
