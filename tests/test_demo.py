@@ -28,15 +28,17 @@ def test_demo_quick_then_tiny_experiment(tmp_path, monkeypatch):
 
     res = tmp_path / "results"
     argv = ["experiment", "--quick", "--steps", "2", "--seeds", "1", "--lam", "0.95", "--workers", "1",
-            "--methods", "sparse,abc-0.5,prefix-1.0,uniform,abcd", "--out", str(res)]
+            "--methods", "sparse,abc-0.5,prefix-1.0,uniform,abcd,bpe-abc-0.8", "--out", str(res)]
     assert cli.main(argv) == 0
     assert list(cache.glob("setup-*")) == setups  # ... and reused by the experiment
+    assert len(list(setups[0].glob("chat-rm-*/rm"))) == 1  # the BPE chat reward model, cached beside them
     data = json.loads((res / "experiment_lam0.95.json").read_text())
-    assert len(data["runs"]) == 5
+    assert len(data["runs"]) == 6
     credit = data["credit_diagnostics"]["sft_samples"]
-    assert credit["uniform"]["spearman"] == 0.0 and credit["abc"]["n"] > 0
+    assert credit["uniform"]["spearman"] == 0.0 and credit["abc"]["n"] > 0 and credit["abc_aligned"]["n"] > 0
     assert credit["prefix"]["n"] == credit["abc"]["n"] and 0.0 <= credit["prefix"]["sign_agreement"] <= 1.0
     assert -1.0 <= credit["prefix_tracking"] <= 1.0
+    assert 0.5 < data["meta"]["chat_reward_model"]["label_accuracy"] <= 1.0
     assert (res / "experiment.md").exists() and (res / "experiment_lam0.95.png").exists()
     assert "prefix diff. beta=1.0" in (res / "experiment_lam0.95.md").read_text()
 

@@ -130,6 +130,38 @@ def test_longer_completions_fit_the_models_and_the_loop(length):
         assert all(math.isfinite(v) for v in hist[0].values())
 
 
+@pytest.mark.parametrize("method", M.ALIGNED_METHODS)
+def test_aligned_methods_reward_the_policys_tokens_through_the_chat_reward_model(tiny, method):
+    """The reward model with its own byte-level BPE tokenizer and chat template: rewards on the policy's word
+    tokens, summing to its score; ABC's dense part is its attention projected from the BPE pieces."""
+    from dense_rlhf.study.models import build_rm_tokenizer, new_chat_reward_model, rm_chat
+
+    codec, lm, _ = tiny
+    rm_tokenizer = build_rm_tokenizer(0)
+    cfg = SetupConfig(rm_n_embd=32, rm_n_head=2)
+    rm = new_chat_reward_model(rm_tokenizer, cfg).eval()
+    policy = PolicyWithValue(lm, codec.special_ids)
+    prompts = codec.encode(task.sample_prompts(__import__("random").Random(2), 5))
+    ro = rollout(policy, lm, prompts, 8, torch.Generator().manual_seed(2), 1.0)
+    score_fn = M.make_score_fn(method, None, codec, (rm_tokenizer, rm))
+    rewards, stats = score_fn(ro)
+    score, dense = M.aligned_rewards((rm_tokenizer, rm), codec, ro.seq, beta=1.0)
+    assert rewards.shape == dense.shape == (5, 8)
+    torch.testing.assert_close(rewards.sum(1), score, atol=1e-5, rtol=0)
+    assert stats["rm_score"] == pytest.approx(score.mean().item(), abs=1e-6)
+    if method == "bpe-sparse":
+        assert torch.equal(rewards[:, -1], score) and (rewards[:, :-1] == 0).all()
+    else:
+        torch.testing.assert_close(rewards, 0.8 * dense + 0.2 * torch.nn.functional.one_hot(
+            torch.full((5,), 7), 8) * score[:, None], atol=1e-5, rtol=0)
+    words = codec.decode(ro.seq[:1])[0]
+    rendered = rm_tokenizer.apply_chat_template(rm_chat(words[1:task.PROMPT_LEN], words[task.PROMPT_LEN:]),
+                                                tokenize=False)
+    with torch.no_grad():
+        direct = rm(**rm_tokenizer(rendered, add_special_tokens=False, return_tensors="pt")).logits[0, 0]
+    assert float(score[0]) == pytest.approx(float(direct), abs=1e-5)  # the RM read the rendered chat
+
+
 def test_capture_rows_match_eager_attention(tiny):
     codec, _, rm = tiny
     ids, _ = M.rm_inputs(codec, codec.encode(task.sft_texts(0, 4)))

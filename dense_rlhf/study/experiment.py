@@ -17,7 +17,7 @@ import torch
 
 from dense_rlhf.study import methods as M
 from dense_rlhf.study import runs as study
-from dense_rlhf.study.models import QUICK_SETUP, SetupConfig, cache_root, load_or_train
+from dense_rlhf.study.models import QUICK_SETUP, SetupConfig, cache_root, load_or_train, load_or_train_chat_rm
 from dense_rlhf.rl.ppo import PPOConfig
 
 # The study's settings (see experiments/README.md for why these values).
@@ -34,8 +34,8 @@ def parse_args(argv):
                         "completion-length sweep (sparse, ABC 0.8, prefix 0.8, uniform by default)")
     p.add_argument("--lengths", default="10,20,40,80", help="completion lengths of --study length (default 10,20,40,80)")
     p.add_argument("--methods", default=None,
-                   help="comma-separated subset of " + ",".join(M.METHODS) + " (default: all; --study length: "
-                        "sparse,abc-0.8,prefix-0.8,uniform)")
+                   help="comma-separated subset of " + ",".join(M.ALL_METHODS) + " (default: all but bpe-*; "
+                        "--study length: sparse,abc-0.8,prefix-0.8,uniform)")
     p.add_argument("--seed", type=int, default=0, help="master seed: SFT/RM training and the PPO seeds")
     p.add_argument("--kl-coef", type=float, default=PPO.kl_coef)
     p.add_argument("--lr", type=float, default=PPO.lr)
@@ -63,8 +63,8 @@ def main(argv: list[str]) -> int:
     t0 = time.time()
     methods = [m.strip() for m in (args.methods or ",".join(M.METHODS)).split(",") if m.strip()]
     for m in methods:
-        if m not in M.METHODS:
-            raise SystemExit(f"unknown method {m!r}; choose from {M.METHODS}")
+        if m not in M.ALL_METHODS:
+            raise SystemExit(f"unknown method {m!r}; choose from {M.ALL_METHODS}")
     setup = replace(SETUP, seed=args.seed, rm_n_layer=args.rm_layers, **(QUICK_SETUP if args.quick else {}))
     base = replace(PPO, steps=args.steps, kl_coef=args.kl_coef, lr=args.lr, batch_size=args.batch_size,
                    whiten_rewards=args.whiten_rewards)
@@ -78,8 +78,12 @@ def main(argv: list[str]) -> int:
     cache = cache_root(args.cache_dir)
     print(f"[1/3] SFT policy and reward model (cache: {cache})")
     _, _, _, info = load_or_train(setup, cache)
+    aligned = any(m in M.ALIGNED_METHODS for m in methods)
+    if aligned:
+        _, _, chat_info = load_or_train_chat_rm(setup, cache)
+        info["chat_reward_model"] = chat_info["reward_model"]
     print("[2/3] credit diagnostics")
-    credit = study.credit_report(setup, cache)
+    credit = study.credit_report(setup, cache, aligned=aligned)
     seeds = [args.seed * 1000 + i for i in range(args.seeds)]
     jobs = [(m, s) for m in methods for s in seeds]
     sections = []
@@ -104,11 +108,13 @@ def main(argv: list[str]) -> int:
             "command": "dense-rlhf experiment " + " ".join(argv),
             "study_seconds": time.time() - t_study,
             "reward_model": info["reward_model"],
+            "chat_reward_model": info.get("chat_reward_model"),
             "config": study.config_dict(setup, ppo),
             "seeds": seeds,
         }
         paths = study.write_outputs(Path(args.out), name, results, summary, credit, meta)
-        table = study.markdown_table(summary, credit if k == 0 else None, info["reward_model"] if k == 0 else None)
+        table = study.markdown_table(summary, credit if k == 0 else None, info["reward_model"] if k == 0 else None,
+                                     info.get("chat_reward_model") if k == 0 else None)
         sections.append(f"## GAE lambda = {lam:g}\n\n![curves]({Path(paths['plot']).name})\n\n{table}")
         print()
         print(table)

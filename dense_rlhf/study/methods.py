@@ -12,6 +12,13 @@ response tokens, summing to r_C:
 - ``uniform``: r_C / N on every response token.
 - ``abcd``: ABC-D, the same formula (beta 0.8) with the *policy's* own last-layer attention row from its
   final generated token, captured during the rollout forward.
+
+With a reward model that has its own tokenizer and chat template (``ALIGNED_METHODS``: a byte-level BPE trained
+on the task's text, see ``models.load_or_train_chat_rm``), through ``dense_rlhf.score_and_densify_text``:
+
+- ``bpe-sparse``: that reward model's score on the last response token (beta = 0).
+- ``bpe-abc-0.8``: ABC through alignment: its last-layer row from its final ``<|end|>``, projected onto the
+  policy's word tokens by byte overlap, beta 0.8.
 """
 
 from __future__ import annotations
@@ -37,6 +44,9 @@ LABELS = {
     "abcd": "ABC-D (policy attention)",
 }
 ABCD_BETA = 0.8
+ALIGNED_METHODS = ["bpe-sparse", "bpe-abc-0.8"]
+ALL_METHODS = METHODS + ALIGNED_METHODS
+LABELS.update({"bpe-sparse": "sparse, BPE chat RM", "bpe-abc-0.8": "ABC through alignment, BPE chat RM"})
 
 
 def rm_inputs(codec: task.Codec, seq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,10 +103,34 @@ def token_rewards(method: str, score: torch.Tensor, rm_rows: torch.Tensor, rm_ma
     return full[:, prompt_len : prompt_len + n_new]
 
 
-def make_score_fn(method: str, rm, codec: task.Codec):
-    """The ``score_fn`` for ``ppo.train``: per-token rewards of one method, plus the step's metrics."""
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+@torch.no_grad()
+def aligned_rewards(chat_rm, codec: task.Codec, seq: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores [B] and [B, N] rewards on the policy's response tokens from the reward model with its own tokenizer
+    and chat template (``chat_rm`` = (tokenizer, model)): the text path, ``score_and_densify_text``."""
+    from dense_rlhf.align import score_and_densify_text
+    from dense_rlhf.study.models import rm_chat
+
+    rm_tokenizer, rm = chat_rm
+    prompts = [rm_chat(words) for words in codec.decode(seq[:, 1 : task.PROMPT_LEN])]
+    response = seq[:, task.PROMPT_LEN :]
+    return score_and_densify_text(rm, rm_tokenizer, prompts, response, policy_tokenizer=codec.tokenizer,
+                                  response_mask=torch.ones_like(response, dtype=torch.bool), beta=beta)
+
+
+def make_score_fn(method: str, rm, codec: task.Codec, chat_rm=None):
+    """The ``score_fn`` for ``ppo.train``: per-token rewards of one method, plus the step's metrics.
+    ``chat_rm`` (tokenizer, model) is the reward model of ``ALIGNED_METHODS``."""
+    if method not in ALL_METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {ALL_METHODS}")
+    if method in ALIGNED_METHODS:
+        beta = 0.0 if method == "bpe-sparse" else float(method.rsplit("-", 1)[1])
+
+        def aligned_score_fn(ro: Rollout):
+            score, rewards = aligned_rewards(chat_rm, codec, ro.seq, beta)
+            gt = task.scores_of(codec, ro.seq)
+            return rewards, {"gt_score": gt.mean().item(), "rm_score": score.mean().item()}
+
+        return aligned_score_fn
 
     def score_fn(ro: Rollout):
         ids, mask = rm_inputs(codec, ro.seq)

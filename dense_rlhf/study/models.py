@@ -146,11 +146,18 @@ def train_reward_model(codec: task.Codec, cfg: SetupConfig, workdir: Path, log=p
     Returns the model and a dict of held-out metrics: accuracy against the drawn labels and against the
     hidden score's ordering (ties excluded), and the correlation of the RM score with the hidden score.
     """
-    from trl import RewardConfig, RewardTrainer
-
     model = new_reward_model(codec, cfg)
     ch, rj, _, _ = task.preference_pairs(cfg.seed + 10, cfg.rm_pairs, cfg.bt_temperature, cfg.completion_len)
-    train = _pairs_dataset(codec, ch, rj)
+    model = _fit_reward_model(model, _pairs_dataset(codec, ch, rj), codec.tokenizer, cfg, workdir)
+    metrics = evaluate_reward_model(codec, model, cfg)
+    _log_rm_metrics(metrics, log)
+    return model, metrics
+
+
+def _fit_reward_model(model, train, tokenizer, cfg: SetupConfig, workdir: Path):
+    """trl's RewardTrainer with the study's settings; returns the trained model in eval mode."""
+    from trl import RewardConfig, RewardTrainer
+
     args = RewardConfig(
         output_dir=str(workdir / "rm_trainer"),
         per_device_train_batch_size=cfg.rm_batch,
@@ -170,16 +177,17 @@ def train_reward_model(codec: task.Codec, cfg: SetupConfig, workdir: Path, log=p
         center_rewards_coefficient=0.01,
         dataloader_num_workers=0,
     )
-    trainer = RewardTrainer(model=model, args=args, train_dataset=train, processing_class=codec.tokenizer)
+    trainer = RewardTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer)
     trainer.train()
-    model = trainer.model.eval()
-    metrics = evaluate_reward_model(codec, model, cfg)
+    return trainer.model.eval()
+
+
+def _log_rm_metrics(metrics: dict, log) -> None:
     if log:
         log(
             "  reward model held-out: accuracy vs drawn labels {label_accuracy:.3f}, vs hidden-score order "
-            "{true_order_accuracy:.3f}, corr(RM, hidden score) {score_correlation:.3f}".format(**metrics)
+            "{true_order_accuracy:.3f}, corr(RM score, hidden score) {score_correlation:.3f}".format(**metrics)
         )
-    return model, metrics
 
 
 @torch.no_grad()
@@ -191,9 +199,14 @@ def rm_scores(model, ids: torch.Tensor, batch: int = 512) -> torch.Tensor:
 
 
 def evaluate_reward_model(codec: task.Codec, model, cfg: SetupConfig) -> dict:
+    return _evaluate_scores(lambda texts: rm_scores(model, codec.encode(texts, eos=True)), cfg)
+
+
+def _evaluate_scores(score_texts, cfg: SetupConfig) -> dict:
+    """Held-out metrics of a reward model given as ``score_texts(word lists) -> [n] scores``."""
     ch, rj, sc, sr = task.preference_pairs(cfg.seed + 999, cfg.rm_eval_pairs, cfg.bt_temperature, cfg.completion_len)
-    rc = rm_scores(model, codec.encode(ch, eos=True))
-    rr = rm_scores(model, codec.encode(rj, eos=True))
+    rc = score_texts(ch)
+    rr = score_texts(rj)
     sc_t, sr_t = torch.tensor(sc), torch.tensor(sr)
     untied = sc_t != sr_t
     true_order = torch.where(sc_t > sr_t, rc > rr, rr > rc)
@@ -242,3 +255,103 @@ def load_or_train(cfg: SetupConfig, cache_dir=None, log=print):
     info_path.write_text(json.dumps(info, indent=2))
     info["cached"] = False
     return codec, policy, rm, info
+
+
+# ------------------------------------------------------------------------------------------------------------
+# A reward model with its own tokenizer and chat template (the study's "ABC through alignment")
+# ------------------------------------------------------------------------------------------------------------
+
+RM_BPE_VOCAB = 800  # byte-level: 1.16 tokens per word; 32 of the 70 sentiment words split into 2-4 pieces
+RM_SPECIAL_TOKENS = ["<|pad|>", "<|user|>", "<|assistant|>", "<|end|>"]
+RM_CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] | trim }}<|end|>"
+                    "{% if not loop.last %}\n{% endif %}{% endfor %}")
+
+
+def build_rm_tokenizer(seed: int, vocab_size: int = RM_BPE_VOCAB):
+    """A byte-level BPE (as GPT-2, Llama-3 or Qwen) trained on the task's text, with a chat template that trims
+    the message content, as Llama-3's does. The reward model reads its score at the final ``<|end|>``."""
+    import random
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    rng = random.Random(seed + 20)
+    texts = [" ".join(task.sample_words(rng, task.Style.random_for_preferences(rng))) for _ in range(20000)]
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    core.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=RM_SPECIAL_TOKENS,
+        show_progress=False))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<|pad|>", eos_token="<|end|>")
+    tokenizer.chat_template = RM_CHAT_TEMPLATE
+    return tokenizer
+
+
+def rm_chat(prompt: list[str], completion: list[str] | None = None) -> list[dict]:
+    """The task's prompt (and completion) as chat messages for the reward model's template."""
+    messages = [{"role": "user", "content": " ".join(prompt)}]
+    if completion is not None:
+        messages.append({"role": "assistant", "content": " ".join(completion)})
+    return messages
+
+
+def _chat_ids(tokenizer, texts: list[list[str]]) -> list[list[int]]:
+    rendered = [tokenizer.apply_chat_template(rm_chat(*task.split_prompt(t)), tokenize=False) for t in texts]
+    return tokenizer(rendered, add_special_tokens=False)["input_ids"]
+
+
+@torch.no_grad()
+def chat_rm_scores(model, tokenizer, texts: list[list[str]], batch: int = 512) -> torch.Tensor:
+    out = []
+    for i in range(0, len(texts), batch):
+        enc = tokenizer.pad({"input_ids": _chat_ids(tokenizer, texts[i : i + batch])}, return_tensors="pt")
+        out.append(model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits[:, 0].float())
+    return torch.cat(out)
+
+
+def new_chat_reward_model(tokenizer, cfg: SetupConfig):
+    """The same GPT-2 reward model as ``new_reward_model``, sized for the BPE tokenizer's vocabulary and lengths."""
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    torch.manual_seed(cfg.seed + 1)
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=256, n_embd=cfg.rm_n_embd, n_layer=cfg.rm_n_layer,
+                        n_head=cfg.rm_n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+                        pad_token_id=tokenizer.pad_token_id, num_labels=1)
+    return GPT2ForSequenceClassification(config)
+
+
+def load_or_train_chat_rm(cfg: SetupConfig, cache_dir=None, log=print):
+    """(rm_tokenizer, reward_model, info): a reward model with the BPE tokenizer and chat template, trained
+    exactly as the word-level one (same pairs, seed, trl RewardTrainer settings), cached beside it."""
+    from datasets import Dataset
+    from transformers import GPT2ForSequenceClassification, PreTrainedTokenizerFast
+
+    folder = cache_root(cache_dir) / f"setup-{cfg.key()}" / f"chat-rm-bpe{RM_BPE_VOCAB}"
+    info_path = folder / "info.json"
+    if info_path.exists():
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(str(folder / "tokenizer"))
+        rm = GPT2ForSequenceClassification.from_pretrained(str(folder / "rm")).eval()
+        info = json.loads(info_path.read_text())
+        info["cached"] = True
+        return tokenizer, rm, info
+    folder.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    tokenizer = build_rm_tokenizer(cfg.seed)
+    if log:
+        log("training the reward model with its own BPE tokenizer and chat template (trl RewardTrainer) ...")
+    ch, rj, _, _ = task.preference_pairs(cfg.seed + 10, cfg.rm_pairs, cfg.bt_temperature, cfg.completion_len)
+    train = Dataset.from_dict({"chosen_ids": _chat_ids(tokenizer, ch), "rejected_ids": _chat_ids(tokenizer, rj)})
+    rm = _fit_reward_model(new_chat_reward_model(tokenizer, cfg), train, tokenizer, cfg, folder)
+    metrics = _evaluate_scores(lambda texts: chat_rm_scores(rm, tokenizer, texts), cfg)
+    _log_rm_metrics(metrics, log)
+    words = [w for t in ch[:2000] for w in t]
+    pieces = tokenizer([" ".join(t) for t in ch[:2000]], add_special_tokens=False)["input_ids"]
+    metrics["tokens_per_word"] = sum(map(len, pieces)) / len(words)
+    tokenizer.save_pretrained(str(folder / "tokenizer"))
+    rm.save_pretrained(str(folder / "rm"))
+    info = {"reward_model": metrics, "vocab_size": len(tokenizer), "rm_seconds": time.time() - t0}
+    info_path.write_text(json.dumps(info, indent=2))
+    info["cached"] = False
+    return tokenizer, rm, info

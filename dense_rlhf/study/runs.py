@@ -27,7 +27,7 @@ import torch
 from dense_rlhf.study import methods as M
 from dense_rlhf.study import sentiment_task as task
 from dense_rlhf.study.diagnostics import credit_diagnostics
-from dense_rlhf.study.models import SetupConfig, load_or_train
+from dense_rlhf.study.models import SetupConfig, load_or_train, load_or_train_chat_rm
 from dense_rlhf.rl.ppo import PolicyWithValue, PPOConfig, generate, train
 
 
@@ -43,11 +43,12 @@ def prompt_sampler(codec: task.Codec, seed: int):
 def run_one(method: str, seed: int, setup: SetupConfig, ppo: PPOConfig, cache_dir=None, on_step=None) -> dict:
     """One PPO run from the cached SFT policy with one reward method; returns its per-step curves."""
     codec, sft, rm, _ = load_or_train(setup, cache_dir, log=None)
+    chat_rm = load_or_train_chat_rm(setup, cache_dir, log=None)[:2] if method in M.ALIGNED_METHODS else None
     torch.manual_seed(seed)
     policy = PolicyWithValue(copy.deepcopy(sft), codec.special_ids)
     t0 = time.time()
     history = train(policy, sft, prompt_sampler(codec, 10_000 + seed), setup.completion_len,
-                    M.make_score_fn(method, rm, codec), ppo, seed, on_step)
+                    M.make_score_fn(method, rm, codec, chat_rm), ppo, seed, on_step)
     curves = {key: [h[key] for h in history] for key in ("gt_score", "rm_score", "kl", "pg_loss", "vf_loss")}
     return {"method": method, "seed": seed, "seconds": time.time() - t0, "curves": curves}
 
@@ -84,7 +85,7 @@ def run_many(jobs: list[tuple[str, int]], setup: SetupConfig, ppo: PPOConfig, ca
             results.append(res)
             if progress:
                 progress(res)
-    results.sort(key=lambda r: (M.METHODS.index(r["method"]), r["seed"]))
+    results.sort(key=lambda r: (M.ALL_METHODS.index(r["method"]), r["seed"]))
     return results
 
 
@@ -169,15 +170,18 @@ def _median_with_never(values: list[int | None]) -> float | None:
 
 
 @torch.no_grad()
-def credit_report(setup: SetupConfig, cache_dir=None, n: int = 512, seed: int = 123) -> dict:
+def credit_report(setup: SetupConfig, cache_dir=None, n: int = 512, seed: int = 123, aligned: bool = False) -> dict:
     """Diagnostics of ABC's alpha (RM attention), prefix differences (the RM's score at every position),
     ABC-D's alpha (SFT policy attention) and uniform against the leave-one-out true credit, on completions
     sampled from the SFT policy and on grammar texts; and ``prefix_tracking``, the Pearson correlation over all
-    completion positions between the RM's score of each prefix and the hidden score of the same prefix."""
+    completion positions between the RM's score of each prefix and the hidden score of the same prefix. With
+    ``aligned``, also ABC through alignment: the BPE chat reward model's alpha projected onto the policy's tokens
+    (``score_and_densify_text`` with beta 1, divided by the score)."""
     from dense_rlhf.capture import capture_reward_attention
     from dense_rlhf.ops import prefix_rewards
 
     codec, sft, rm, _ = load_or_train(setup, cache_dir, log=None)
+    chat_rm = load_or_train_chat_rm(setup, cache_dir, log=None)[:2] if aligned else None
     policy = PolicyWithValue(sft, codec.special_ids)
     gen = torch.Generator().manual_seed(seed)
     n_new = setup.completion_len
@@ -209,6 +213,9 @@ def credit_report(setup: SetupConfig, cache_dir=None, n: int = 512, seed: int = 
             "uniform": credit_diagnostics(torch.ones(s.shape[0], n_new), credit,
                                           shares=score.expand(-1, n_new) / n_new),
         }
+        if chat_rm is not None:
+            chat_score, shares = M.aligned_rewards(chat_rm, codec, s, beta=1.0)
+            out[name]["abc_aligned"] = credit_diagnostics(shares / chat_score[:, None], credit, shares=shares)
     return out
 
 
@@ -219,7 +226,8 @@ def _fmt(x, digits=2):
     return "never" if x is None else (f"{x:.{digits}f}" if isinstance(x, float) else str(x))
 
 
-def markdown_table(summary: dict, credit: dict | None, rm_metrics: dict | None) -> str:
+def markdown_table(summary: dict, credit: dict | None, rm_metrics: dict | None,
+                   chat_rm_metrics: dict | None = None) -> str:
     lines = [
         f"Threshold: {summary['threshold']:.2f} = SFT score {summary['sft_score']:.2f} + 80% of the way to the "
         f"best method's final score {summary['best_final']:.2f} ({summary['steps']} PPO steps).",
@@ -228,7 +236,7 @@ def markdown_table(summary: dict, credit: dict | None, rm_metrics: dict | None) 
         "| final score mean ± std | late-training spread | final KL |",
         "|---|---|---|---|---|---|---|",
     ]
-    for m in M.METHODS:
+    for m in M.ALL_METHODS:
         s = summary["methods"].get(m)
         if s is None:
             continue
@@ -237,25 +245,33 @@ def markdown_table(summary: dict, credit: dict | None, rm_metrics: dict | None) 
             f"{_fmt(s['median_seed_steps'], 1)} ({s['seeds_reaching']}/{s['seeds']}) | "
             f"{s['final_mean']:.2f} ± {s['final_std']:.2f} | {s['late_spread']:.2f} | {s['final_kl']:.2f} |"
         )
-    sp = summary["methods"].get("sparse")
-    for method, name, target in (("abc-0.8", "ABC", " (target <= 0.6)"), ("prefix-0.8", "prefix diff.", "")):
-        dense = summary["methods"].get(method)
+    pairs = (("abc-0.8", "sparse", "ABC", "sparse", " (target <= 0.6)"),
+             ("prefix-0.8", "sparse", "prefix diff.", "sparse", ""),
+             ("bpe-abc-0.8", "bpe-sparse", "ABC through alignment", "sparse with the BPE chat RM", ""))
+    for method, baseline, name, base_name, target in pairs:
+        dense, sp = summary["methods"].get(method), summary["methods"].get(baseline)
         if not (sp and dense):
             continue
         a, b = dense["steps_to_threshold"], sp["steps_to_threshold"]
         if a is not None and b:
             verdict = f"{a / b:.2f}"
         elif a is not None:
-            verdict = (f"below {a / summary['steps']:.2f} ({name} at step {a}; sparse never within {summary['steps']} "
-                       "steps)")
+            verdict = (f"below {a / summary['steps']:.2f} ({name} at step {a}; {base_name} never within "
+                       f"{summary['steps']} steps)")
         else:
             verdict = f"undefined ({name} never reached the threshold)"
-        lines += ["", f"{name} (beta=0.8) / sparse steps-to-threshold ratio: {verdict}{target}."]
+        lines += ["", f"{name} (beta=0.8) / {base_name} steps-to-threshold ratio: {verdict}{target}."]
     if rm_metrics:
         lines += ["", "Reward model, held-out preference pairs: accuracy against the Bradley-Terry labels "
                   f"{rm_metrics['label_accuracy']:.3f}, against the hidden-score order "
                   f"{rm_metrics['true_order_accuracy']:.3f}; corr(RM score, hidden score) "
                   f"{rm_metrics['score_correlation']:.3f}."]
+    if chat_rm_metrics:
+        lines += ["", "BPE chat reward model (own byte-level BPE tokenizer, "
+                  f"{chat_rm_metrics['tokens_per_word']:.2f} tokens per word, and chat template; trained the same "
+                  f"way): accuracy against the labels {chat_rm_metrics['label_accuracy']:.3f}, against the "
+                  f"hidden-score order {chat_rm_metrics['true_order_accuracy']:.3f}; corr(RM score, hidden score) "
+                  f"{chat_rm_metrics['score_correlation']:.3f}."]
     if credit:
         lines += ["", "Credit diagnostics: alpha against |leave-one-out true credit| per completion "
                   "(Spearman rho; top-k overlap with k = number of credited tokens; alpha mass on credited tokens; "
@@ -264,7 +280,8 @@ def markdown_table(summary: dict, credit: dict | None, rm_metrics: dict | None) 
                   "", "| texts | alpha | Spearman rho | top-k overlap | mass on credited | sign agreement "
                   "| random top-k |", "|---|---|---|---|---|---|---|"]
         names = {"abc": "ABC (RM last layer, from [EOS])", "prefix": "prefix differences (RM score per position)",
-                 "abcd": "ABC-D (SFT policy last layer)", "uniform": "uniform"}
+                 "abcd": "ABC-D (SFT policy last layer)", "uniform": "uniform",
+                 "abc_aligned": "ABC through alignment (BPE chat RM, projected)"}
         for texts, d in credit.items():
             for k in (k for k in names if k in d):
                 x = d[k]
@@ -286,14 +303,15 @@ def plot(summary: dict, path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5))
-    for m in M.METHODS:
+    for m in M.ALL_METHODS:
         s = summary["methods"].get(m)
         if s is None:
             continue
         mean = moving_average(s["mean_curve"])
         std = moving_average(s["std_curve"])
         xs = list(range(len(mean)))
-        ax.plot(xs, mean, label=M.LABELS[m], lw=2 if m in ("sparse", "abc-0.8", "prefix-0.8") else 1.2)
+        bold = ("sparse", "abc-0.8", "prefix-0.8", "bpe-sparse", "bpe-abc-0.8")
+        ax.plot(xs, mean, label=M.LABELS[m], lw=2 if m in bold else 1.2)
         ax.fill_between(xs, [a - b for a, b in zip(mean, std)], [a + b for a, b in zip(mean, std)], alpha=0.15)
     ax.axhline(summary["threshold"], color="k", ls=":", lw=1, label="threshold")
     ax.set_xlabel("PPO step")
@@ -310,7 +328,7 @@ def write_outputs(out_dir: Path, name: str, results: list[dict], summary: dict, 
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / f"{name}.json", "table": out_dir / f"{name}.md", "plot": out_dir / f"{name}.png"}
     rm_metrics = meta.get("reward_model")
-    table = markdown_table(summary, credit, rm_metrics)
+    table = markdown_table(summary, credit, rm_metrics, meta.get("chat_reward_model"))
     paths["table"].write_text(f"# {meta.get('title', name)}\n\n{table}")
     payload = {"meta": meta, "summary": summary, "credit_diagnostics": credit, "runs": results}
     paths["json"].write_text(json.dumps(payload, indent=1))
