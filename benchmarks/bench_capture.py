@@ -12,6 +12,13 @@ Every measurement runs in its own subprocess:
   total, including the model. The forward's own increment over the RSS before it is also reported.
 
 Usage:  python benchmarks/bench_capture.py [--lengths 512 2048] [--reps 5] [--out benchmarks/results/cpu]
+
+``--text-path`` measures instead what the text path costs: ``score_and_densify_text`` (decode the policy's
+responses, render the reward model's chat template, tokenise with offsets, capture, project onto the policy's
+tokens) against ``score_and_densify`` on the reward model's token ids of the very same input, with the same
+~100M-parameter reward model, B=8, reward-model inputs of up to L tokens (half of the rows L/8 shorter). The two
+tokenizers are trained here on generated text: a byte-level BPE for the policy and a SentencePiece-style BPE with
+byte fallback and a chat template for the reward model. Written to ``capture_text.{json,md}``.
 """
 
 from __future__ import annotations
@@ -34,13 +41,16 @@ MEMORY_BUDGET_FRACTION = 0.6  # skip a run whose attention maps alone are projec
 
 
 def _build(attn: str, length: int, batch: int):
+    _, ids, mask = _build_inputs(length, batch)
+    return _model(attn), ids, mask
+
+
+def _model(attn: str):
     import torch
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
     torch.manual_seed(0)
-    model = LlamaForSequenceClassification(LlamaConfig(**CONFIG, attn_implementation=attn)).eval()
-    _, ids, mask = _build_inputs(length, batch)
-    return model, ids, mask
+    return LlamaForSequenceClassification(LlamaConfig(**CONFIG, attn_implementation=attn)).eval()
 
 
 def _build_inputs(length: int, batch: int):
@@ -198,6 +208,195 @@ def worker_rows(length: int, batch: int) -> dict:
     return result
 
 
+# ----------------------------------------------------------------------------------------- the text path
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] | trim }}<|end|>\n{% endfor %}")
+
+
+def _text_corpus(seed: int, n: int) -> list[str]:
+    """Generated prose: made-up words of two to four syllables, some accented, CJK or emoji words, punctuation."""
+    import random
+
+    rng = random.Random(seed)
+    syllables = ["ka", "lo", "ven", "tri", "mar", "so", "qui", "ber", "na", "dol", "esh", "ump", "ri", "ta", "gon"]
+    words = ["".join(rng.choice(syllables) for _ in range(rng.randint(2, 4))) for _ in range(3000)]
+    words += ["café", "naïve", "über", "façade", "déjà", "señor", "你好", "世界", "电影", "🙂", "🚀", "👍🏽"]
+    out = []
+    for _ in range(n):
+        sentence = [rng.choice(words) for _ in range(rng.randint(6, 18))]
+        out.append(" ".join(sentence) + rng.choice([".", ",", "!", "?"]))
+    return out
+
+
+def _text_tokenizers():
+    """(policy tokenizer, reward-model tokenizer), both fast tokenizers trained here on generated text."""
+    import json as json_
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    texts = _text_corpus(0, 20000)
+    policy = Tokenizer(models.BPE())
+    policy.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    policy.decoder = decoders.ByteLevel()
+    policy.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=8000, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=["<|pad|>", "<|endoftext|>"], show_progress=False))
+    base = Tokenizer(models.BPE(unk_token="<unk>"))
+    base.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    base.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=6000, special_tokens=["<pad>", "<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|end|>"],
+        show_progress=False))
+    state = json_.loads(base.to_str())
+    for byte in range(256):
+        state["model"]["vocab"].setdefault(f"<0x{byte:02X}>", len(state["model"]["vocab"]))
+    state["model"]["byte_fallback"] = True
+    rm = Tokenizer.from_str(json_.dumps(state))
+    rm.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                    decoders.Strip(" ", 1, 0)])
+    rm.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", rm.token_to_id("<s>"))])
+    policy_tok = PreTrainedTokenizerFast(tokenizer_object=policy, pad_token="<|pad|>", eos_token="<|endoftext|>")
+    rm_tok = PreTrainedTokenizerFast(tokenizer_object=rm, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                     unk_token="<unk>")
+    rm_tok.chat_template = CHAT_TEMPLATE
+    assert len(rm_tok) <= CONFIG["vocab_size"] and rm_tok.pad_token_id == CONFIG["pad_token_id"]
+    return policy_tok, rm_tok
+
+
+def _text_batch(policy_tok, rm_tok, length: int, batch: int):
+    """Chat prompts and the policy's [B, R] response ids (EOS included), sized so that the reward model's input
+    is ``length`` tokens for even rows and about ``length - length // 8`` for odd rows; and the same batch as the
+    reward model's token ids with a completion mask (its tokens that overlap the response), for the ids path."""
+    import torch
+
+    texts = iter(_text_corpus(1, 100000))
+    prompts, responses = [], []
+    for b in range(batch):
+        target = length - (length // 8 if b % 2 else 0)
+        prompt = " ".join(next(texts) for _ in range(3))
+        messages = [{"role": "user", "content": prompt}]
+        response = ""
+        while True:
+            candidate = (response + " " + next(texts)).strip()
+            rendered = rm_tok.apply_chat_template(messages + [{"role": "assistant", "content": candidate}],
+                                                  tokenize=False)
+            if len(rm_tok(rendered, add_special_tokens=False)["input_ids"]) > target:
+                break
+            response = candidate
+        prompts.append(messages)
+        responses.append(response)
+    rows = [policy_tok(r, add_special_tokens=False)["input_ids"] + [policy_tok.eos_token_id] for r in responses]
+    width = max(map(len, rows))
+    response_ids = torch.full((batch, width), policy_tok.pad_token_id, dtype=torch.long)
+    for b, row in enumerate(rows):
+        response_ids[b, :len(row)] = torch.tensor(row)
+
+    rendered = [rm_tok.apply_chat_template(p + [{"role": "assistant", "content": r}], tokenize=False)
+                for p, r in zip(prompts, responses)]
+    encoded = rm_tok(rendered, add_special_tokens=False, return_offsets_mapping=True, padding=True,
+                     return_tensors="pt")
+    completion = torch.zeros(encoded["input_ids"].shape, dtype=torch.bool)
+    for b, (text, response) in enumerate(zip(rendered, responses)):
+        start = text.rindex(response)
+        offsets = encoded["offset_mapping"][b]
+        completion[b] = (offsets[:, 0] < start + len(response)) & (offsets[:, 1] > start)
+    return prompts, response_ids, encoded["input_ids"], encoded["attention_mask"], completion
+
+
+def worker_text(length: int, reps: int, batch: int) -> dict:
+    """Alternating score_and_densify (ids) and score_and_densify_text on the same reward-model input; the forward's
+    own time inside each call is taken with hooks, so the rest is each path's own work."""
+    import torch
+
+    import dense_rlhf
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    model = _model("sdpa")
+    policy_tok, rm_tok = _text_tokenizers()
+    prompts, response_ids, ids, mask, completion = _text_batch(policy_tok, rm_tok, length, batch)
+    forward = []
+    model.register_forward_pre_hook(lambda *a: forward.append(-time.perf_counter()))
+    model.register_forward_hook(lambda *a: forward.__setitem__(-1, forward[-1] + time.perf_counter()))
+
+    def ids_path():
+        return dense_rlhf.score_and_densify(model, ids, mask, completion)
+
+    def text_path():
+        return dense_rlhf.score_and_densify_text(model, rm_tok, prompts, response_ids, policy_tokenizer=policy_tok)
+
+    scores_ids, rewards_ids = ids_path()  # warm-up, and the two paths read the same input
+    scores_text, rewards_text = text_path()
+    result = {"rm_lengths": mask.sum(1).tolist(), "response_tokens": (response_ids != policy_tok.pad_token_id)
+              .sum(1).tolist(), "scores_identical": bool(torch.equal(scores_ids, scores_text)),
+              "rows_sum_to_score": bool(torch.allclose(rewards_text.sum(1), scores_text, atol=1e-5)),
+              "times_s": {"ids": [], "text": []}, "forward_s": {"ids": [], "text": []}}
+    for _ in range(reps):
+        for name, call in (("ids", ids_path), ("text", text_path)):
+            forward.clear()
+            start = time.perf_counter()
+            with torch.inference_mode():
+                call()
+            result["times_s"][name].append(time.perf_counter() - start)
+            result["forward_s"][name].append(sum(forward))
+    # each path's work outside the model's forward: for the text path decode, render, tokenise, project
+    for name in ("ids", "text"):
+        result[f"{name}_own_s"] = [t - f for t, f in zip(result["times_s"][name], result["forward_s"][name])]
+    return result
+
+
+def _write_text(results: dict, out: str) -> None:
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "capture_text.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    m = results["machine"]
+    lines = [
+        "# Text path: score_and_densify_text against score_and_densify on token ids (CPU)",
+        "",
+        f"Reward model: the Llama-style ~100M-parameter config of `capture.md` (random weights), B={BATCH}. The text "
+        "path decodes the policy's responses (byte-level BPE, EOS included), renders the reward model's chat "
+        "template (SentencePiece-style BPE with byte fallback, trained here on generated text), tokenises with "
+        "offsets, runs the model inside the capture, projects its row onto the policy's tokens and calls "
+        "dense_rewards; the ids path is score_and_densify on the reward model's ids of the same rendered text. "
+        f"Machine: {m['cpus']} CPUs (shared), torch {m['torch']}, transformers {m['transformers']}.",
+        "",
+        f"Command: `{results['command'].strip()}`",
+        "",
+        "| L (max RM tokens) | ids path median (s) | text path median (s) | text / ids, paired median | "
+        "text path's extra work outside the forward (ms) | of the ids call |",
+        "|---|---|---|---|---|---|",
+    ]
+    notes = []
+    for row in results["runs"]:
+        data = row["text_path"]
+        if "error" in data:
+            lines.append(f"| {row['L']} | error: {data['error']} | | | | |")
+            continue
+        t_ids, t_text = statistics.median(data["times_s"]["ids"]), statistics.median(data["times_s"]["text"])
+        ratios = [t / i for i, t in zip(data["times_s"]["ids"], data["times_s"]["text"])]
+        own = statistics.median(data["text_own_s"]) - statistics.median(data["ids_own_s"])
+        lines.append(f"| {row['L']} | {t_ids:.2f} | {t_text:.2f} | {statistics.median(ratios):.3f} | "
+                     f"{own * 1e3:.1f} | {own / t_ids * 100:.2f}% |")
+        notes.append(f"- L={row['L']}: paired ratios {', '.join(f'{r:.3f}' for r in ratios)}; reward-model input "
+                     f"lengths {data['rm_lengths']}, policy response tokens {data['response_tokens']}; scores "
+                     f"identical on both paths: {data['scores_identical']}; text-path rows sum to the score: "
+                     f"{data['rows_sum_to_score']}; forward medians inside the calls "
+                     f"{statistics.median(data['forward_s']['ids']):.2f} s (ids) and "
+                     f"{statistics.median(data['forward_s']['text']):.2f} s (text)")
+    lines += ["", "Target: the text path adds at most 5% to the call.", ""]
+    for row in results["runs"]:
+        data = row["text_path"]
+        if "error" not in data:
+            own = (statistics.median(data["text_own_s"]) - statistics.median(data["ids_own_s"])) / \
+                statistics.median(data["times_s"]["ids"]) * 100
+            ratio = statistics.median(t / i for i, t in zip(data["times_s"]["ids"], data["times_s"]["text"]))
+            verdict = "met" if own <= 5 and ratio <= 1.05 else "NOT met"
+            lines.append(f"- L={row['L']}: extra work {own:.2f}% of the ids call, paired wall-time ratio "
+                         f"{ratio:.3f}: {verdict}")
+    lines += ["", "Details:", ""] + notes
+    with open(os.path.join(out, "capture_text.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
 def _run_worker(args: list[str], timeout: float) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", *args]
     env = dict(os.environ)
@@ -242,6 +441,8 @@ def main() -> None:
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "cpu"))
     parser.add_argument("--worker", nargs="*")
     parser.add_argument("--render", action="store_true", help="only rewrite capture.md from capture.json in --out")
+    parser.add_argument("--text-path", action="store_true",
+                        help="measure score_and_densify_text against score_and_densify instead (capture_text.*)")
     args = parser.parse_args()
 
     if args.render:
@@ -256,6 +457,8 @@ def main() -> None:
             print(json.dumps(worker_time(methods, length, reps, batch)))
         elif kind == "rows":
             print(json.dumps(worker_rows(int(rest[0]), int(rest[1]))))
+        elif kind == "text":
+            print(json.dumps(worker_text(int(rest[0]), int(rest[1]), int(rest[2]))))
         else:
             print(json.dumps(worker_memory(rest[0], int(rest[1]), int(rest[2]))))
         return
@@ -272,6 +475,14 @@ def main() -> None:
         "notes": [],
         "runs": [],
     }
+    if args.text_path:
+        for length in args.lengths:
+            print(f"L={length}: timing score_and_densify vs score_and_densify_text ({args.reps} reps, alternating)",
+                  flush=True)
+            results["runs"].append({"L": length, "batch": BATCH, "text_path": _run_worker(
+                ["text", str(length), str(args.reps), str(BATCH)], 3600)})
+            _write_text(results, args.out)
+        return
     for length in args.lengths:
         reps = args.reps if length <= 512 else args.reps_long
         row = {"L": length, "batch": BATCH}
