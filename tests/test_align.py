@@ -908,6 +908,6 @@ def test_errors():
         score_and_densify_text(mismatched.eval(), rm_tok, ["x", "a longer prompt"], ids, policy_tokenizer=policy)
 
 
-def test_import_stays_light_and_the_function_is_at_the_top():
+def test_exported_at_the_package_top():
     assert dense_rlhf.score_and_densify_text is score_and_densify_text
     assert "score_and_densify_text" in dense_rlhf.__all__
