@@ -1,7 +1,7 @@
 # Two commands do all the set-up on a fresh machine, then run:
 #   make demo   the main job: train a small RLHF setup and compare sparse rewards with ABC
-#   make test   the test suite in a CPU environment, the packaging checks, then a CUDA build check where
-#               nvcc is found
+#   make test   the test suite in a CPU environment, the packaging checks, the verl integration's tests in an
+#               environment with the pinned verl, then a CUDA build check where nvcc is found
 # Both create a virtual environment in .venv with torch (CPU wheel by default) and install the package the
 # way the README's Install section says (the pip that venv ships, --no-build-isolation).
 
@@ -17,11 +17,16 @@ CUDA_ARCHS ?= 8.0;9.0;10.0
 NVCC := $(shell command -v nvcc 2>/dev/null)
 # The toolkit nvcc belongs to (nvcc may be a wrapper script outside it).
 CUDA_HOME ?= $(shell nvcc --dryrun -c -x cu /dev/null -o /dev/null 2>&1 | sed -n 's/^\#\$$ _HERE_=\(.*\)\/bin$$/\1/p')
+# The verl integration: a third environment with the `verl` extra's pins (pyproject.toml) and the same torch; it
+# imports the package from this tree, whose native op the CPU environment built in place for that torch.
+VERL_VENV ?= .venv-verl
+VERL_TESTS := tests/test_verl.py tests/test_capture.py
+
 CORE_TESTS := tests/test_dense_rewards.py tests/test_prefix_rewards.py tests/test_bad_inputs.py tests/test_op_registration.py tests/test_cuda_sources.py
 
 SOURCES := setup.py pyproject.toml requirements-dev.txt $(wildcard csrc/*.* csrc/*/*.*)
 
-.PHONY: demo test test-cpu test-packaging test-cuda-build bench experiment clean
+.PHONY: demo test test-cpu test-packaging test-verl test-cuda-build bench experiment clean
 
 demo: $(VENV)/.built
 	$(VENV)/bin/dense-rlhf demo $(ARGS)
@@ -32,7 +37,7 @@ experiment: $(VENV)/.built
 bench: $(VENV)/.built
 	$(VENV)/bin/dense-rlhf bench $(ARGS)
 
-test: test-cpu test-packaging test-cuda-build
+test: test-cpu test-packaging test-verl test-cuda-build
 
 test-cpu: $(VENV)/.built
 	DENSE_RLHF_REQUIRE_NATIVE=1 $(PY) -m pytest -q tests
@@ -45,6 +50,25 @@ ifeq ($(SKIP_PACKAGING),1)
 else
 	DENSE_RLHF_TEST_PACKAGING=1 $(PY) -m pytest -q -p no:cacheprovider tests/test_packaging.py
 endif
+
+# The verl integration's tests, with the transformers that verl pins; SKIP_VERL=1 skips them.
+test-verl: $(VENV)/.built
+ifeq ($(SKIP_VERL),1)
+	@echo "test-verl: skipped (SKIP_VERL=1)"
+else
+	$(MAKE) $(VERL_VENV)/.built
+	DENSE_RLHF_REQUIRE_NATIVE=1 PYTHONPATH=$(CURDIR) \
+	  $(VERL_VENV)/bin/python -m pytest -q -p no:cacheprovider $(VERL_TESTS)
+endif
+
+$(VERL_VENV)/.built: pyproject.toml
+	test -x $(VERL_VENV)/bin/python || $(PYTHON) -m venv $(VERL_VENV)
+	$(VERL_VENV)/bin/python -m pip install -q $(TORCH)
+	# cachetools, fastapi, uvicorn: verl.trainer.ppo.ray_trainer (the trainer's KL-penalty and advantage steps)
+	# imports them; verl lists them only in its engine extras (verl-core), which also pull in TransferQueue and more.
+	$(VERL_VENV)/bin/python -m pip install -q pytest hypothesis expecttest cachetools fastapi uvicorn \
+	  $$(sed -n 's/^verl = \[\(.*\)\]$$/\1/p' pyproject.toml | tr -d '",')
+	touch $@
 
 $(VENV)/.built: $(SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -72,4 +96,4 @@ else
 endif
 
 clean:
-	rm -rf build dist $(VENV) $(CUDA_VENV) dense_rlhf/_C*.so *.egg-info
+	rm -rf build dist $(VENV) $(VERL_VENV) $(CUDA_VENV) dense_rlhf/_C*.so *.egg-info
