@@ -209,6 +209,23 @@ def test_rm_scores_through_verl_reward_loop_manager_and_ray_workers(paths):
     assert output.meta_info["reward_extra_keys"] == ["abc_score"]
 
 
+def test_reward_model_without_chat_template_reads_the_decoded_prompt(paths):
+    config = verl_config(*paths)
+    worker = RewardLoopWorker(config)
+    manager = worker.reward_manager
+    manager.reward_model_tokenizer.chat_template = None
+    data, _, response_mask = trainer_batch(worker.input_tokenizer, "left")
+    rm_scores, _ = worker_rm_scores(worker, config, data)
+    prompts = data.batch["prompts"]
+    prompt_mask = data.batch["attention_mask"][:, :prompts.shape[1]].bool()
+    texts = [worker.input_tokenizer.decode(prompts[b][prompt_mask[b]], skip_special_tokens=True)
+             for b in range(len(prompts))]
+    _, expected = score_and_densify_text(
+        manager.reward_model, manager.reward_model_tokenizer, texts, data.batch["responses"],
+        policy_tokenizer=worker.input_tokenizer, response_mask=response_mask, beta=0.8)
+    torch.testing.assert_close(rm_scores, expected, atol=1e-6, rtol=1e-5)
+
+
 def test_one_sample_at_a_time_gives_the_same_rows(paths):
     """Batched forwards (the worker's micro-batches) and single-sample calls agree."""
     config = verl_config(*paths, extra=("+reward.reward_kwargs.batch_size=1",))
