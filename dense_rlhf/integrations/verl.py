@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from dense_rlhf import score_and_densify_text
+
 try:
     from verl import DataProto
     from verl.experimental.reward_loop.reward_manager import register
@@ -217,8 +219,6 @@ class ABCRewardManager(RewardManagerBase):
     def _score_batch(self, items):
         """Scores and per-token rewards for a list of (prompt, response ids), one reward-model forward per kind of
         prompt (chat or text)."""
-        from dense_rlhf.align import score_and_densify_text
-
         results: list = [None] * len(items)
         kinds: dict[bool, list[int]] = {}
         for i, (prompt, _) in enumerate(items):
