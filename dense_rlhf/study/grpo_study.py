@@ -138,20 +138,7 @@ def run_many(jobs, setup, grpo_cfg, ppo_cfg, cache_dir=None, workers=1, progress
     """All (method, seed) runs in ``workers`` spawned processes with one torch thread each."""
     args = [(m, s, setup, grpo_cfg, ppo_cfg, str(cache_dir) if cache_dir else None) for m, s in jobs]
     order = {m: i for i, m in enumerate(dict.fromkeys(m for m, _ in jobs))}
-    results = []
-    if workers <= 1:
-        for a in args:
-            results.append(_run_job(a))
-            if progress:
-                progress(results[-1])
-    else:
-        import multiprocessing as mp
-
-        with mp.get_context("spawn").Pool(workers) as pool:
-            for res in pool.imap_unordered(_run_job, args):
-                results.append(res)
-                if progress:
-                    progress(res)
+    results = runs.map_jobs(_run_job, args, workers, progress)
     results.sort(key=lambda r: (order[r["method"]], r["seed"]))
     return results
 

@@ -67,25 +67,33 @@ def _run_job(args):
     return run_one(method, seed, setup, ppo, cache_dir)
 
 
-def run_many(jobs: list[tuple[str, int]], setup: SetupConfig, ppo: PPOConfig, cache_dir=None, workers: int = 1,
-             progress=None) -> list[dict]:
-    """All (method, seed) runs, in ``workers`` processes with one torch thread each (the models are tiny)."""
-    args = [(m, s, setup, ppo, str(cache_dir) if cache_dir else None, 1) for m, s in jobs]
+def map_jobs(job, args: list, workers: int = 1, progress=None) -> list:
+    """``job(a)`` for every ``a``: in this process and in order when ``workers <= 1``, else in ``workers`` spawned
+    processes, results in the order they finish; ``progress(result)`` after each."""
     results = []
     if workers <= 1:
         for a in args:
-            results.append(_run_job(a))
+            results.append(job(a))
             if progress:
                 progress(results[-1])
         return results
     import multiprocessing as mp
 
     with mp.get_context("spawn").Pool(workers) as pool:
-        for res in pool.imap_unordered(_run_job, args):
+        for res in pool.imap_unordered(job, args):
             results.append(res)
             if progress:
                 progress(res)
-    results.sort(key=lambda r: (M.ALL_METHODS.index(r["method"]), r["seed"]))
+    return results
+
+
+def run_many(jobs: list[tuple[str, int]], setup: SetupConfig, ppo: PPOConfig, cache_dir=None, workers: int = 1,
+             progress=None) -> list[dict]:
+    """All (method, seed) runs, in ``workers`` processes with one torch thread each (the models are tiny)."""
+    args = [(m, s, setup, ppo, str(cache_dir) if cache_dir else None, 1) for m, s in jobs]
+    results = map_jobs(_run_job, args, workers, progress)
+    if workers > 1:
+        results.sort(key=lambda r: (M.ALL_METHODS.index(r["method"]), r["seed"]))
     return results
 
 
