@@ -21,7 +21,6 @@ against completion length, with every seed) under ``--out``.
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -58,23 +57,6 @@ def _run(job):
     result = study._run_job(job)
     result["completion_len"] = job[2].completion_len
     return result
-
-
-def _pool_map(fn, jobs, workers, progress=None):
-    if workers <= 1:
-        out = []
-        for job in jobs:
-            out.append(fn(job))
-            if progress:
-                progress(out[-1])
-        return out
-    out = []
-    with mp.get_context("spawn").Pool(workers) as pool:
-        for res in pool.imap_unordered(fn, jobs):
-            out.append(res)
-            if progress:
-                progress(res)
-    return out
 
 
 # ------------------------------------------------------------------------------------------------ statistics
@@ -299,7 +281,7 @@ def main(args, argv: list[str], setup, ppo) -> int:
               f"{res['credit']['sft_samples']['prefix']['spearman']:.2f} ({res['train_seconds']:.0f}s + "
               f"{res['diagnostics_seconds']:.0f}s, {time.time() - t0:.0f}s elapsed)", flush=True)
 
-    _pool_map(_prepare, [(setups[length], cache, 1) for length in lengths], args.workers, prepared_one)
+    study.map_jobs(_prepare, [(setups[length], cache, 1) for length in lengths], args.workers, prepared_one)
     t_prepared = time.time()
 
     jobs = [(m, s, setups[length], ppo, cache, 1) for length in lengths for m in methods for s in seeds]
@@ -314,7 +296,7 @@ def main(args, argv: list[str], setup, ppo) -> int:
               f"final true score {sum(tail) / len(tail):+.2f}  ({res['seconds']:.0f}s, {time.time() - t0:.0f}s elapsed)",
               flush=True)
 
-    results = _pool_map(_run, jobs, args.workers, progress)
+    results = study.map_jobs(_run, jobs, args.workers, progress)
     t_runs = time.time()
 
     per_length = analyse(results, prepared, methods, ppo.steps)
