@@ -691,7 +691,7 @@ def score_and_densify_text(reward_model, rm_tokenizer, prompts, response_ids, *,
             known tokenizers bug), a score read at a padding position (mismatched pad ids), and everything
             :func:`dense_rlhf.dense_rewards` rejects.
     """
-    from dense_rlhf.capture import capture_reward_attention
+    from dense_rlhf.capture import _pooled_scores, capture_reward_attention
     from dense_rlhf.ops import dense_rewards
 
     mask = _check_responses(response_ids, response_mask, policy_tokenizer)
@@ -727,11 +727,7 @@ def score_and_densify_text(reward_model, rm_tokenizer, prompts, response_ids, *,
             inputs["position_ids"] = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         with capture_reward_attention(reward_model, layer=layer) as cap:
             out = reward_model(**inputs)
-        logits = out.logits if hasattr(out, "logits") else out[0]
-        if logits.dim() != 2 or logits.shape[-1] not in (1, 2):
-            raise ValueError(f"score_and_densify_text needs [B, 1] or [B, 2] logits from the reward model, got "
-                             f"{tuple(logits.shape)}")
-        scores = (logits[:, 0] if logits.shape[-1] == 1 else logits[:, 1] - logits[:, 0]).float()
+        scores = _pooled_scores(out.logits if hasattr(out, "logits") else out[0], "score_and_densify_text")
         attention = cap.rows.mean(1).cpu()  # [B, L]: heads averaged
         index = cap.reward_index.cpu()
     at_pad = [b for b in range(batch) if not bool(attention_mask[b, index[b]])]

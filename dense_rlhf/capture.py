@@ -21,6 +21,7 @@ head at every position before pooling the last non-pad one, so a forward hook on
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import threading
 from typing import Any
@@ -557,6 +558,13 @@ def _score_of(logits: torch.Tensor, what: str) -> torch.Tensor:
     return logits[..., 0] if logits.shape[-1] == 1 else logits[..., 1] - logits[..., 0]
 
 
+def _pooled_scores(logits: torch.Tensor, caller: str) -> torch.Tensor:
+    """float32 [B] scores from a reward model's pooled [B, 1] or [B, 2] logits (see :func:`_score_of`)."""
+    if logits.dim() != 2 or logits.shape[-1] not in (1, 2):
+        raise ValueError(f"{caller} needs [B, 1] or [B, 2] logits from the reward model, got {tuple(logits.shape)}")
+    return _score_of(logits, "the reward model's logits")
+
+
 def _bidirectional_reason(model) -> str | None:
     """Why the model's positions are not prefixes (an encoder-decoder or non-causal self-attention), or None."""
     if getattr(model.config, "is_encoder_decoder", False):
@@ -777,17 +785,10 @@ def score_and_densify(model, input_ids, attention_mask, completion_mask, *, meth
         elif method == "prefix":
             capture = capture_prefix_scores(model)
         else:
-            capture = None
-        if capture is None:
+            capture = contextlib.nullcontext()
+        with capture:
             out = model(input_ids=input_ids, attention_mask=attention_mask)
-        else:
-            with capture:
-                out = model(input_ids=input_ids, attention_mask=attention_mask)
-        logits = out.logits if hasattr(out, "logits") else out[0]
-        if logits.dim() != 2 or logits.shape[-1] not in (1, 2):
-            raise ValueError(f"score_and_densify needs [B, 1] or [B, 2] logits from the reward model, got "
-                             f"{tuple(logits.shape)}")
-        scores = _score_of(logits, "the reward model's logits")
+        scores = _pooled_scores(out.logits if hasattr(out, "logits") else out[0], "score_and_densify")
         if method == "abc":
             rewards = dense_rewards(capture.rows, scores, completion_mask, beta=beta)
         elif method == "prefix":

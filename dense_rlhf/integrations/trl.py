@@ -45,7 +45,7 @@ import warnings
 import torch
 from trl import GRPOTrainer
 
-from dense_rlhf.capture import capture_reward_attention
+from dense_rlhf.capture import _pooled_scores, capture_reward_attention
 from dense_rlhf.ops import dense_rewards
 from dense_rlhf.rl import grpo
 
@@ -166,9 +166,7 @@ class ABCGRPOTrainer(GRPOTrainer):
         ids, attention_mask, completion_mask = ids.to(device), attention_mask.to(device), completion_mask.to(device)
         with capture_reward_attention(rm, layer=self.abc_layer) as cap:
             logits = rm(input_ids=ids, attention_mask=attention_mask).logits
-        if logits.dim() != 2 or logits.shape[-1] not in (1, 2):
-            raise ValueError(f"reward_model must return [B, 1] or [B, 2] logits, got {tuple(logits.shape)}")
-        scores = (logits[:, 0] if logits.shape[-1] == 1 else logits[:, 1] - logits[:, 0]).float()
+        scores = _pooled_scores(logits, "ABCGRPOTrainer")
         alpha_full = dense_rewards(cap.rows, torch.ones_like(scores), completion_mask, beta=1.0)  # [B, L]
         # completion-aligned: alpha[i, t] = alpha_full[i, len(prompt_i) + t]
         width = max(len(c) for c in completion_ids)
