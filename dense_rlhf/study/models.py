@@ -68,11 +68,13 @@ def n_positions(cfg: SetupConfig) -> int:
     return max(64, task.PROMPT_LEN + cfg.completion_len + 1)
 
 
-def _gpt2_config(codec: task.Codec, n_embd: int, n_layer: int, n_head: int, positions: int, **extra):
+def _gpt2_config(n_embd: int, n_layer: int, n_head: int, positions: int, *, vocab_size: int, bos_token_id: int,
+                 eos_token_id: int, pad_token_id: int, **extra):
+    """A GPT-2 config of the given size with every dropout off (the study's models are tiny and deterministic)."""
     from transformers import GPT2Config
 
     return GPT2Config(
-        vocab_size=codec.vocab_size,
+        vocab_size=vocab_size,
         n_positions=positions,
         n_embd=n_embd,
         n_layer=n_layer,
@@ -80,18 +82,23 @@ def _gpt2_config(codec: task.Codec, n_embd: int, n_layer: int, n_head: int, posi
         resid_pdrop=0.0,
         embd_pdrop=0.0,
         attn_pdrop=0.0,
-        bos_token_id=codec.bos_id,
-        eos_token_id=codec.eos_id,
-        pad_token_id=codec.pad_id,
+        bos_token_id=bos_token_id,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
         **extra,
     )
+
+
+def _codec_ids(codec: task.Codec) -> dict:
+    return dict(vocab_size=codec.vocab_size, bos_token_id=codec.bos_id, eos_token_id=codec.eos_id,
+                pad_token_id=codec.pad_id)
 
 
 def new_policy(codec: task.Codec, cfg: SetupConfig):
     from transformers import GPT2LMHeadModel
 
     torch.manual_seed(cfg.seed)
-    config = _gpt2_config(codec, cfg.n_embd, cfg.n_layer, cfg.n_head, n_positions(cfg))
+    config = _gpt2_config(cfg.n_embd, cfg.n_layer, cfg.n_head, n_positions(cfg), **_codec_ids(codec))
     return GPT2LMHeadModel(config)
 
 
@@ -99,7 +106,8 @@ def new_reward_model(codec: task.Codec, cfg: SetupConfig):
     from transformers import GPT2ForSequenceClassification
 
     torch.manual_seed(cfg.seed + 1)
-    config = _gpt2_config(codec, cfg.rm_n_embd, cfg.rm_n_layer, cfg.rm_n_head, n_positions(cfg), num_labels=1)
+    config = _gpt2_config(cfg.rm_n_embd, cfg.rm_n_layer, cfg.rm_n_head, n_positions(cfg), **_codec_ids(codec),
+                          num_labels=1)
     return GPT2ForSequenceClassification(config)
 
 
@@ -312,13 +320,12 @@ def chat_rm_scores(model, tokenizer, texts: list[list[str]], batch: int = 512) -
 
 def new_chat_reward_model(tokenizer, cfg: SetupConfig):
     """The same GPT-2 reward model as ``new_reward_model``, sized for the BPE tokenizer's vocabulary and lengths."""
-    from transformers import GPT2Config, GPT2ForSequenceClassification
+    from transformers import GPT2ForSequenceClassification
 
     torch.manual_seed(cfg.seed + 1)
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=256, n_embd=cfg.rm_n_embd, n_layer=cfg.rm_n_layer,
-                        n_head=cfg.rm_n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
-                        pad_token_id=tokenizer.pad_token_id, num_labels=1)
+    config = _gpt2_config(cfg.rm_n_embd, cfg.rm_n_layer, cfg.rm_n_head, 256, vocab_size=len(tokenizer),
+                          bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+                          pad_token_id=tokenizer.pad_token_id, num_labels=1)
     return GPT2ForSequenceClassification(config)
 
 
