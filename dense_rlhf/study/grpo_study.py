@@ -188,11 +188,7 @@ def summarise(results: list[dict], methods: list[str], default_kl: float) -> dic
                    "median_seed_steps": None}
             if threshold is not None:
                 curves = [r["curves"]["gt_score"][: base["steps"]] for r in results if r["method"] == m]
-                per_seed = [runs.first_reach(runs.moving_average(c), threshold) for c in curves]
-                row = {"steps_to_threshold": runs.first_reach(runs.moving_average(stats[m]["mean_curve"]), threshold),
-                       "per_seed_steps_to_threshold": per_seed,
-                       "seeds_reaching": sum(x is not None for x in per_seed),
-                       "median_seed_steps": runs._median_with_never(per_seed)}
+                row = runs.threshold_stats(stats[m]["mean_curve"], curves, threshold)
             rows[m] = row
         sections.append({"kl_coef": coef, "reference": plain, "threshold": threshold, "rows": rows})
     return {"steps": base["steps"], "sft_score": base["sft_score"], "methods": stats, "sections": sections}

@@ -68,9 +68,9 @@ def steps_to(summary: dict, runs: list[dict], threshold: float) -> dict:
     out = {}
     for m, s in summary["methods"].items():
         mine = sorted((r for r in runs if r["method"] == m), key=lambda r: r["seed"])
-        out[m] = {"steps": study.first_reach(study.moving_average(s["mean_curve"]), threshold),
-                  "per_seed": [study.first_reach(study.moving_average(r["curves"]["gt_score"][: summary["steps"]]),
-                                                 threshold) for r in mine]}
+        reached = study.threshold_stats(s["mean_curve"], [r["curves"]["gt_score"][: summary["steps"]] for r in mine],
+                                        threshold)
+        out[m] = {"steps": reached["steps_to_threshold"], "per_seed": reached["per_seed_steps_to_threshold"]}
     return out
 
 

@@ -154,14 +154,21 @@ def summarise(results: list[dict], final_window: int = 10, key: str = "gt_score"
     best = max(s["final_mean"] for s in stats.values())
     threshold = start + 0.8 * (best - start)
     for m, s in stats.items():
-        s["steps_to_threshold"] = first_reach(moving_average(s["mean_curve"]), threshold)
-        per_seed = [first_reach(moving_average(r["curves"][key][:steps]), threshold) for r in results
-                    if r["method"] == m]
-        s["per_seed_steps_to_threshold"] = per_seed
-        reached = sorted(x for x in per_seed if x is not None)
-        s["seeds_reaching"] = len(reached)
-        s["median_seed_steps"] = _median_with_never(per_seed)
+        s.update(threshold_stats(s["mean_curve"], [r["curves"][key][:steps] for r in results if r["method"] == m],
+                                 threshold))
     return {"steps": steps, "sft_score": start, "best_final": best, "threshold": threshold, "methods": stats}
+
+
+def threshold_stats(mean_curve: list[float], seed_curves: list[list[float]], threshold: float) -> dict:
+    """When the 5-step moving average of the seed-mean curve, and of each seed's curve, first reaches the
+    threshold (None: never); how many seeds reach it, and their median step ('never' counting as the largest)."""
+    per_seed = [first_reach(moving_average(c), threshold) for c in seed_curves]
+    return {
+        "steps_to_threshold": first_reach(moving_average(mean_curve), threshold),
+        "per_seed_steps_to_threshold": per_seed,
+        "seeds_reaching": sum(x is not None for x in per_seed),
+        "median_seed_steps": _median_with_never(per_seed),
+    }
 
 
 def _median_with_never(values: list[int | None]) -> float | None:
