@@ -23,6 +23,7 @@ on the task's text, see ``models.load_or_train_chat_rm``), through ``dense_rlhf.
 
 from __future__ import annotations
 
+import contextlib
 from typing import NamedTuple
 
 import torch
@@ -63,21 +64,24 @@ class RewardForward(NamedTuple):
 
     score: torch.Tensor  # [B] float32, read at [EOS]
     rows: torch.Tensor  # [B, H, L] last-layer attention rows from [EOS]
-    prefix_scores: torch.Tensor  # [B, L] the score read at every position
-    reward_index: torch.Tensor  # [B] the position the score is read at ([EOS])
+    prefix_scores: torch.Tensor | None  # [B, L] the score read at every position (when asked for)
+    reward_index: torch.Tensor | None  # [B] the position the score is read at ([EOS]) (when asked for)
 
 
 @torch.no_grad()
-def rm_forward(rm, ids: torch.Tensor) -> RewardForward:
-    """One reward-model forward: scores, the last layer's rows and the per-position scores, all from it."""
-    with capture_reward_attention(rm, layer=-1) as cap, capture_prefix_scores(rm) as prefix:
+def rm_forward(rm, ids: torch.Tensor, prefix: bool = True) -> RewardForward:
+    """One reward-model forward: scores, the last layer's rows and, with ``prefix``, the per-position scores."""
+    with capture_reward_attention(rm, layer=-1) as cap, \
+            (capture_prefix_scores(rm) if prefix else contextlib.nullcontext()) as scores:
         score = rm(input_ids=ids).logits[:, 0].float()  # reward position: the rightmost non-pad token
-    return RewardForward(score, cap.rows, prefix.prefix_scores, prefix.reward_index)
+    if not prefix:
+        return RewardForward(score, cap.rows, None, None)
+    return RewardForward(score, cap.rows, scores.prefix_scores, scores.reward_index)
 
 
 def score_with_attention(rm, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """One reward-model forward: scores [B] and the last layer's per-head rows from [EOS], [B, H, L]."""
-    out = rm_forward(rm, ids)
+    out = rm_forward(rm, ids, prefix=False)
     return out.score, out.rows
 
 
@@ -134,7 +138,7 @@ def make_score_fn(method: str, rm, codec: task.Codec, chat_rm=None):
 
     def score_fn(ro: Rollout):
         ids, mask = rm_inputs(codec, ro.seq)
-        score, rows, prefix, index = rm_forward(rm, ids)
+        score, rows, prefix, index = rm_forward(rm, ids, prefix=method.startswith("prefix-"))
         n_new = ro.seq.shape[1] - task.PROMPT_LEN
         rewards = token_rewards(method, score, rows, mask, ro.policy_attn_rows, task.PROMPT_LEN, n_new, prefix, index)
         gt = task.scores_of(codec, ro.seq)
