@@ -543,13 +543,14 @@ def _own_byte_lengths(backend, ids: list[int]) -> list[int | None]:
     return lengths
 
 
-def _rm_byte_spans(backend, text: str, ids: list[int], offsets: list[tuple[int, int]]) -> torch.Tensor:
-    """Byte spans of the reward model's tokens in ``text`` from its character offsets.
+def _rm_byte_spans(backend, text: str, table: torch.Tensor, ids: list[int],
+                   offsets: list[tuple[int, int]]) -> torch.Tensor:
+    """Byte spans of the reward model's tokens in ``text`` from its character offsets (``table``:
+    ``_char_to_byte(text)``).
 
     Offsets are in whole characters, so a byte-level (or byte-fallback) token holding part of a multi-byte
     character gets the whole character's span, overlapping its neighbours. Such a token, whose span is wider than
     its own bytes, is narrowed to its own bytes, starting where the previous token ended (or at its span's start)."""
-    table = _char_to_byte(text)
     spans = table[torch.tensor(offsets, dtype=torch.long).reshape(-1, 2)]
     if text.isascii():
         return spans  # no multi-byte character: no token holds part of one
@@ -740,8 +741,8 @@ def score_and_densify_text(reward_model, rm_tokenizer, prompts, response_ids, *,
 
     projected = torch.zeros(response_ids.shape, dtype=torch.float32)
     for b, row in enumerate(rows):
-        spans = _rm_byte_spans(rm_backend, texts[b], row["input_ids"], row["offsets"])
         table = _char_to_byte(texts[b])
+        spans = _rm_byte_spans(rm_backend, texts[b], table, row["input_ids"], row["offsets"])
         first, last = int(table[regions[b][0]]), int(table[regions[b][1]])
         overlap = (spans[:, 0] < spans[:, 1]) & (spans[:, 0] < last) & (spans[:, 1] > first)
         positions = overlap.nonzero().flatten()
