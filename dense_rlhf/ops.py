@@ -129,10 +129,10 @@ def prefix_rewards(
     return out
 
 
-def check_beta(beta) -> float:
+def check_beta(beta, name: str = "beta") -> float:
     """beta as a Python float, checked: any real number in [0, 1], given as a Python number, a NumPy scalar
     or 0-dim array, or a 0-dim real tensor (read with one host sync). Anything else is a TypeError naming
-    its type; a value outside [0, 1] (NaN included) is a ValueError."""
+    its type; a value outside [0, 1] (NaN included) is a ValueError. ``name``: the argument, for messages."""
     value = None
     if isinstance(beta, torch.Tensor):
         if beta.dim() == 0 and not (beta.dtype.is_complex or beta.dtype == torch.bool):
@@ -142,10 +142,10 @@ def check_beta(beta) -> float:
     elif _is_numpy_real_0d(beta):
         value = float(beta)
     if value is None:
-        raise TypeError(f"beta must be a real number in [0, 1] (a Python or NumPy number or a 0-dim real tensor), "
+        raise TypeError(f"{name} must be a real number in [0, 1] (a Python or NumPy number or a 0-dim real tensor), "
                         f"got {_describe(beta)}")
     if not 0.0 <= value <= 1.0:  # also False for NaN
-        raise ValueError(f"beta must be a number in [0, 1], got {value!r}")
+        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
     return value
 
 

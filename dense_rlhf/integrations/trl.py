@@ -46,7 +46,7 @@ import torch
 from trl import GRPOTrainer
 
 from dense_rlhf.capture import _pooled_scores, capture_reward_attention
-from dense_rlhf.ops import dense_rewards
+from dense_rlhf.ops import check_beta, dense_rewards
 from dense_rlhf.rl import grpo
 
 __all__ = ["ABCGRPOTrainer", "TESTED_TRL"]
@@ -91,10 +91,7 @@ class ABCGRPOTrainer(GRPOTrainer):
                                  "completion would take credit that the loss masks out")
         if scheme not in grpo.SCHEMES:
             raise ValueError(f"scheme must be one of {grpo.SCHEMES}, got {scheme!r}")
-        if not 0.0 <= credit_beta <= 1.0:
-            raise ValueError(f"credit_beta must be in [0, 1], got {credit_beta}")
-        if not 0.0 <= abc_beta <= 1.0:
-            raise ValueError(f"abc_beta must be in [0, 1], got {abc_beta}")
+        credit_beta, abc_beta = check_beta(credit_beta, "credit_beta"), check_beta(abc_beta, "abc_beta")
         args = kwargs.get("args")
         if args is not None:
             if args.reward_weights is not None:

@@ -27,7 +27,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from dense_rlhf.ops import dense_rewards
+from dense_rlhf.ops import check_beta, dense_rewards
 from dense_rlhf.rl.common import (Policy, clipped_policy_loss, freeze, generate, kl_k1, reference_logprobs,
                                   response_logprobs, run_steps)
 
@@ -126,8 +126,7 @@ def credit_weighted_advantages(adv: torch.Tensor, alpha: torch.Tensor, mask: tor
     token the attention misses still learns, and bounds the weight below by 0.5.
     """
     mask = _check_mask(mask, alpha, "alpha")
-    if not 0.0 <= beta <= 1.0:
-        raise ValueError(f"beta must be in [0, 1], got {beta}")
+    beta = check_beta(beta)
     n = mask.sum(1, keepdim=True).float()
     weights = n * beta * alpha.float() + (1.0 - beta)
     return _check_adv(adv, mask) * weights * mask
