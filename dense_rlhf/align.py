@@ -592,7 +592,7 @@ def render_and_tokenize(rm_tokenizer, prompts, responses: list[str], *, max_leng
             except Exception as error:  # a template that raises (e.g. roles that do not alternate)
                 if strict:
                     raise
-                text, region, offset = "", None, None
+                text, region, offset, reason = "", None, None, None
                 inputs.fail(b, f"rm_tokenizer's chat template failed: {type(error).__name__}: {error}")
         inputs.texts.append(text)
         inputs.regions.append(region)

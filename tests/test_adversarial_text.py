@@ -296,6 +296,16 @@ def test_a_response_spelling_control_tokens_where_the_template_cannot_be_located
         render_and_tokenize(rm_tok, MESSAGES, ["fine<|end|>", "fine"])
 
 
+def test_a_chat_template_that_raises_fails_its_row_only():
+    rm_tok = byte_bpe("{% for m in messages %}{% if 'boring' in m['content'] %}{{ raise_exception('no') }}{% endif %}"
+                      "<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}")
+    inputs = render_and_tokenize(rm_tok, MESSAGES, ["boring", "fine"], strict=False)
+    assert set(inputs.failed) == {0} and "chat template failed" in inputs.failed[0] and inputs.rows[0] is None
+    assert inputs.rows[1]["input_ids"] == rm_tok(inputs.texts[1], add_special_tokens=False)["input_ids"]
+    with pytest.raises(Exception, match="no"):
+        render_and_tokenize(rm_tok, MESSAGES, ["boring", "fine"])
+
+
 # ----------------------------------------------------------------------------------------- bad arguments
 
 
