@@ -436,8 +436,8 @@ def test_trl_trainer_refuses_reward_models_it_cannot_use(trl_parts):
 
 
 @pytest.mark.parametrize("kwargs, error, match", [
-    (dict(reward_layer=7), ValueError, "reward_layer: layer=7 is out of range for a model with 1 layers"),
-    (dict(reward_layer="last"), TypeError, "reward_layer: layer must be an int"),
+    (dict(reward_layer=7), ValueError, "reward_layer=7: layer=7 is out of range for a model with 1 layers"),
+    (dict(reward_layer="last"), TypeError, "reward_layer must be an int .*'last'"),
     (dict(reward_suffix_ids=["x"]), TypeError, r"reward_suffix_ids must hold ints .*\['x'\]"),
     (dict(reward_suffix_ids=[10**6]), ValueError, r"reward_suffix_ids \[1000000\] are outside"),
     (dict(reward_suffix_ids=[-1]), ValueError, r"reward_suffix_ids \[-1\] are outside"),

@@ -212,12 +212,14 @@ def _check_reward_model(reward_model, reward_layer) -> int:
     if labels not in (1, 2):
         raise ValueError(f"reward_model must have 1 label (the score) or 2 (logit[1] - logit[0]); {name} has "
                          f"config.num_labels={labels}")
+    if isinstance(reward_layer, bool) or not isinstance(reward_layer, int):
+        raise TypeError(f"reward_layer must be an int (negative counts from the end), got {reward_layer!r}")
     try:
         capture_reward_attention(reward_model, layer=reward_layer)  # resolves the layer; runs nothing
     except TypeError as error:
-        raise TypeError(f"reward_layer: {error}") from None
+        raise TypeError(f"reward_model: {error}") from None
     except (ValueError, IndexError) as error:
-        raise ValueError(f"reward_layer: {error}") from None
+        raise ValueError(f"reward_layer={reward_layer}: {error}") from None
     embeddings = reward_model.get_input_embeddings()
     vocab = getattr(embeddings, "num_embeddings", None)
     if not isinstance(vocab, int):
