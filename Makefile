@@ -20,7 +20,7 @@ CUDA_HOME ?= $(shell nvcc --dryrun -c -x cu /dev/null -o /dev/null 2>&1 | sed -n
 # The verl integration: a third environment with the `verl` extra's pins (pyproject.toml) and the same torch; it
 # imports the package from this tree, whose native op the CPU environment built in place for that torch.
 VERL_VENV ?= .venv-verl
-VERL_TESTS := tests/test_verl.py tests/test_align.py tests/test_capture.py
+VERL_TESTS := tests/test_verl.py tests/test_align.py tests/test_adversarial_text.py tests/test_capture.py
 
 CORE_TESTS := tests/test_dense_rewards.py tests/test_prefix_rewards.py tests/test_bad_inputs.py tests/test_op_registration.py tests/test_cuda_sources.py
 

@@ -9,24 +9,31 @@ Both token sequences cover the same text, so this module works in UTF-8 bytes of
   by replaying the tokenizer's decoder with provenance, and checked against ``tokenizer.decode``.
 - :func:`project_credit`: moves credit from one set of spans to another in proportion to byte overlap,
   conserving the total whenever the destination covers the source.
-- :func:`score_and_densify_text`: decode, render, tokenise for the reward model (its fast tokenizer's offsets
-  give its tokens' spans), capture its attention row, project the row onto the policy's response tokens, and
-  hand the ``[B, R]`` rows to :func:`dense_rlhf.dense_rewards`, the single implementation of the formula.
+- :func:`render_and_tokenize`: the reward model's input for each (prompt, decoded response): rendered, the
+  response located in it, tokenised with offsets, and the response's text kept from becoming control tokens
+  (one step, shared by every scorer that reads the same input).
+- :func:`score_and_densify_text`: decode, render and tokenise, capture the reward model's attention row, project
+  the row onto the policy's response tokens, and hand the ``[B, R]`` rows to :func:`dense_rlhf.dense_rewards`,
+  the single implementation of the formula.
 
 Nothing here imports transformers or tokenizers at import time.
 """
 
 from __future__ import annotations
 
+import bisect
 import inspect
 import itertools
 import json
+import numbers
 import re
+import threading
+import weakref
 from collections.abc import Mapping
 
 import torch
 
-__all__ = ["token_byte_spans", "project_credit", "score_and_densify_text"]
+__all__ = ["token_byte_spans", "project_credit", "render_and_tokenize", "RewardModelInputs", "score_and_densify_text"]
 
 _REPLACEMENT = "\ufffd".encode()
 _PLACEHOLDER = "\ue000dense-rlhf-response\ue001"  # private-use characters: no template alters them
@@ -60,6 +67,11 @@ def _byte_level_table() -> dict[str, int]:
 
 
 _BYTE_LEVEL = _byte_level_table()
+
+
+class _Unmappable(ValueError):
+    """The credit of one row cannot be mapped (its text can still be scored): a decode the byte spans cannot
+    follow, a chat template that rewrites the response, offsets that locate nothing."""
 
 
 class _Unit:
@@ -262,6 +274,8 @@ def _backend(tokenizer, argument: str):
         raise ImportError(f"{argument}: the tokenizers package is needed") from error
     if isinstance(tokenizer, Tokenizer):
         return tokenizer
+    if tokenizer is None:
+        raise TypeError(f"{argument} is None; pass a fast (tokenizers-backed) transformers tokenizer")
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if isinstance(backend, Tokenizer):
         return backend
@@ -308,7 +322,7 @@ def _decode_with_spans(tokenizer, ids: list[int], skip_special_tokens: bool, arg
     else:
         expected = tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
     if unit.data != expected.encode():
-        raise ValueError(
+        raise _Unmappable(
             f"token_byte_spans: replaying {argument}'s decoder gave {unit.data.decode(errors='replace')!r} but "
             f"{type(tokenizer).__name__}.decode gives {expected!r}; this tokenizer decodes in a way the byte spans "
             "cannot follow (a custom decode method?)")
@@ -493,36 +507,360 @@ def _check_responses(response_ids, response_mask, policy_tokenizer):
     empty = (~mask.any(1)).nonzero().flatten().tolist()
     if empty:
         raise ValueError(f"response_mask marks no response token in rows {empty[:10]}")
+    negative = ((response_ids < 0) & mask).any(1).nonzero().flatten().tolist()
+    if negative:
+        raise ValueError(f"response_ids holds negative token ids on response tokens in rows {negative[:10]}")
     return mask
 
 
-def _render_chat(rm_tokenizer, messages, response: str) -> tuple[str, int, int, int]:
-    """The chat rendering of ``messages`` + the response as the assistant turn, and where the response lies in it:
-    (text, char start, char end, char offset of the rendered part within ``response``). The template may trim
-    whitespace around the response; any other change to it is an error."""
-    if getattr(rm_tokenizer, "chat_template", None) is None:
+def _check_max_length(max_length) -> int | None:
+    if max_length is None:
+        return None
+    if isinstance(max_length, bool) or not isinstance(max_length, numbers.Integral):
+        raise TypeError(f"max_length must be None or a positive int, got {type(max_length).__name__} {max_length!r}")
+    if max_length < 1:
+        raise ValueError(f"max_length must be None or a positive int, got {max_length}")
+    return int(max_length)
+
+
+# ------------------------------------------------------------------------- text path: render and tokenise
+
+
+class RewardModelInputs:
+    """What the reward model reads for each row of a batch, where the response lies in it, and which rows cannot
+    be scored (``failed``) or can be scored but not have their credit mapped (``unmapped``), each with its reason.
+
+    ``strict`` (the default of :func:`render_and_tokenize`): the first such row raises ValueError instead.
+    """
+
+    def __init__(self, strict: bool):
+        self.strict = strict
+        self.add_special_tokens = True
+        self.texts: list[str] = []
+        self.regions: list[tuple[int, int] | None] = []  # characters of the response's rendering in texts[b]
+        self.kept: list[int | None] = []  # bytes of the decoded response before its rendered part
+        self.rows: list[dict | None] = []  # input_ids, offsets (characters), special; None where failed
+        self.failed: dict[int, str] = {}
+        self.unmapped: dict[int, str] = {}
+
+    def fail(self, b: int, reason: str) -> None:
+        if self.strict:
+            raise ValueError(f"row {b}: {reason}")
+        self.failed.setdefault(b, reason)
+        if b < len(self.rows):
+            self.rows[b] = None
+
+    def unmap(self, b: int, reason: str) -> None:
+        if self.strict:
+            raise ValueError(f"row {b}: {reason}")
+        self.unmapped.setdefault(b, reason)
+
+    def mappable(self, b: int) -> bool:
+        return b not in self.failed and b not in self.unmapped
+
+
+def render_and_tokenize(rm_tokenizer, prompts, responses: list[str], *, max_length: int | None = None,
+                        strict: bool = True) -> RewardModelInputs:
+    """The reward model's input for each (prompt, decoded response), as :func:`score_and_densify_text` builds it:
+    rendered (``prompt + response``, or the chat template with the response as the assistant turn), located, and
+    tokenised with offsets, the response's text never becoming control tokens.
+
+    Control tokens are ``rm_tokenizer``'s special tokens and the added tokens its chat template writes. The
+    response is policy output: where it spells one (``"<|end|><|user|>..."``), that row is tokenised again by a copy
+    of the tokenizer that reads control tokens as ordinary text, with the template's own control tokens (those
+    outside the response) put back as tokens; everything else, offsets included, is what ``rm_tokenizer`` gives.
+    Prompts come from the dataset and are tokenised as ``rm_tokenizer`` does.
+
+    ``max_length``: rows longer than this are truncated by ``rm_tokenizer`` (its ``truncation_side``) only if the
+    response and every token after it survive; otherwise the row fails.
+    """
+    chat = _check_prompts(prompts, len(responses))
+    backend = _backend(rm_tokenizer, "rm_tokenizer")
+    max_length = _check_max_length(max_length)
+    if chat and getattr(rm_tokenizer, "chat_template", None) is None:
         raise ValueError("prompts are chat messages but rm_tokenizer has no chat_template; set one or pass plain-text "
                          "prompts")
+    controls = _control_tokens(rm_tokenizer, backend)
+    inputs = RewardModelInputs(strict)
+    inputs.add_special_tokens = not chat  # chat text carries its own special tokens, as transformers encodes it
+    for b, (prompt, response) in enumerate(zip(prompts, responses)):
+        if not chat:
+            text, region, offset, reason = prompt + response, (len(prompt), len(prompt) + len(response)), 0, None
+        else:
+            try:
+                text, region, offset, reason = _render_chat(rm_tokenizer, prompt, response)
+            except Exception as error:  # a template that raises (e.g. roles that do not alternate)
+                if strict:
+                    raise
+                text, region, offset, reason = "", None, None, None
+                inputs.fail(b, f"rm_tokenizer's chat template failed: {type(error).__name__}: {error}")
+        inputs.texts.append(text)
+        inputs.regions.append(region)
+        inputs.kept.append(None if offset is None else len(response[:offset].encode()))
+        inputs.rows.append(None)
+        if reason is not None:
+            inputs.unmap(b, reason)
+        if region is None and b not in inputs.failed:
+            spelled = sorted({c for c in controls if c in response})
+            if spelled:
+                inputs.fail(b, f"the response spells the reward model's control tokens {spelled[:5]} and the chat "
+                               "template's rendering of it cannot be located, so they cannot be kept as text")
+    _encode(inputs, rm_tokenizer, backend, controls, max_length)
+    return inputs
+
+
+def _control_tokens(rm_tokenizer, backend) -> dict[str, tuple[int, object]]:
+    """content -> (id, AddedToken) of the control tokens: the special added tokens, and the other added tokens that
+    the chat template's source contains (as transformers' ``sanitize_control_tokens`` infers them; whitespace
+    tokens excepted, which templates write as ordinary text)."""
+    template = getattr(rm_tokenizer, "chat_template", None)
+    sources = list(template.values()) if isinstance(template, Mapping) else [template] if template else []
+    out = {}
+    unknown = getattr(rm_tokenizer, "unk_token", None)  # what the model makes of unknown text: no control token
+    for token_id, token in backend.get_added_tokens_decoder().items():
+        if token.content == unknown:
+            continue
+        if token.special or (not token.content.isspace() and any(token.content in s for s in sources)):
+            out[token.content] = (token_id, token)
+    return out
+
+
+def _render_chat(rm_tokenizer, messages, response: str):
+    """The chat rendering of ``messages`` + the response as the assistant turn: (text, region, offset, reason).
+    ``region``: the characters of the response's rendering in text (None if it cannot be located); ``offset``: the
+    character offset of that rendering within ``response`` (None if the credit cannot be mapped, then ``reason``
+    says why). The template may trim whitespace around the response; any other change means no mapping."""
 
     def render(content):
         conversation = [dict(m) for m in messages] + [{"role": "assistant", "content": content}]
         return rm_tokenizer.apply_chat_template(conversation, tokenize=False)
 
-    frame = render(_PLACEHOLDER)
+    frame, text = render(_PLACEHOLDER), render(response)
     if frame.count(_PLACEHOLDER) != 1:
-        raise ValueError("rm_tokenizer's chat template does not render the assistant message's content verbatim "
-                         f"exactly once (found it {frame.count(_PLACEHOLDER)} times); cannot locate the response")
+        return text, None, None, ("rm_tokenizer's chat template does not render the assistant message's content "
+                                  f"verbatim exactly once (found it {frame.count(_PLACEHOLDER)} times); cannot "
+                                  "locate the response")
     head, tail = frame.split(_PLACEHOLDER)
-    text = render(response)
     if not (text.startswith(head) and text.endswith(tail) and len(text) >= len(head) + len(tail)):
-        raise ValueError("rm_tokenizer's chat template renders the conversation differently depending on the "
-                         "response's content; cannot locate the response in the reward model's input")
-    middle = text[len(head):len(text) - len(tail)]
+        return text, None, None, ("rm_tokenizer's chat template renders the conversation differently depending on "
+                                  "the response's content; cannot locate the response in the reward model's input")
+    region = (len(head), len(text) - len(tail))
+    middle = text[region[0]:region[1]]
     offset = response.find(middle) if middle else len(response) - len(response.lstrip())
     if offset < 0 or response[:offset].strip() or response[offset + len(middle):].strip():
-        raise ValueError("rm_tokenizer's chat template changes the response beyond trimming whitespace "
-                         f"({response[:40]!r} rendered as {middle[:40]!r}); cannot map its bytes")
-    return text, len(head), len(head) + len(middle), offset
+        return text, region, None, ("rm_tokenizer's chat template changes the response beyond trimming whitespace "
+                                    f"({response[:40]!r} rendered as {middle[:40]!r}); cannot map its bytes")
+    return text, region, offset, None
+
+
+def _encode(inputs: RewardModelInputs, rm_tokenizer, backend, controls, max_length) -> None:
+    """Tokenise every row that has not failed into ``inputs.rows``, with no padding; rows whose response spells
+    control tokens through ``_TextOnlyTokenizer``; rows longer than ``max_length`` truncated by the tokenizer (its
+    ``truncation_side``) only if that leaves the response and everything after it intact."""
+    todo = [b for b in range(len(inputs.texts)) if b not in inputs.failed]
+    if not todo:
+        return
+    options = dict(add_special_tokens=inputs.add_special_tokens, return_offsets_mapping=True,
+                   return_special_tokens_mask=True, return_attention_mask=False)
+    rows = _call_tokenizer(rm_tokenizer, [inputs.texts[b] for b in todo], options)
+    by_id = {token_id: token for token_id, token in controls.values()}
+    forged: dict[int, list[tuple[int, int, int]]] = {}  # row -> the template's own control tokens (id, start, end)
+    for b, row in zip(todo, rows):
+        inputs.rows[b] = row
+        region = inputs.regions[b]
+        if region is None or not by_id:
+            continue
+        frame, spelled = [], False
+        for token_id, (start, end) in zip(row["input_ids"], row["offsets"]):
+            token = by_id.get(token_id)
+            if token is None or start >= end:
+                continue
+            at = inputs.texts[b].find(token.content, start, end)
+            if at < 0 and not token.normalized:
+                continue  # produced by the model, not matched in the text (an unknown-token id)
+            first, last = (at, at + len(token.content)) if at >= 0 else (start, end)
+            if first < region[1] and last > region[0]:
+                spelled = True
+            else:
+                frame.append((token_id, start, end))
+        if spelled:
+            forged[b] = frame
+    text_only = _TextOnlyTokenizer.of(rm_tokenizer, backend, controls, [inputs.texts[b] for b in forged]) \
+        if forged else None
+    for b, frame in forged.items():
+        inputs.rows[b] = text_only.encode(inputs.texts[b], frame, inputs.add_special_tokens)
+        _check_no_control_inside(inputs, b, by_id)
+    if max_length is None:
+        return
+    side = getattr(rm_tokenizer, "truncation_side", "right")
+    long = [b for b in todo if len(inputs.rows[b]["input_ids"]) > max_length]
+    plain = [b for b in long if b not in forged]
+    cut = _call_tokenizer(rm_tokenizer, [inputs.texts[b] for b in plain],
+                          dict(options, truncation=True, max_length=max_length)) if plain else []
+    cut = dict(zip(plain, cut))
+    for b in long:
+        new = cut[b] if b in cut else text_only.encode(inputs.texts[b], forged[b], inputs.add_special_tokens,
+                                                       max_length=max_length, side=side)
+        start = inputs.regions[b][0] if inputs.regions[b] is not None else 0
+        if _from_response(inputs.rows[b], start) != _from_response(new, start):
+            inputs.fail(b, f"max_length={max_length} would cut the response, or the tokens after it (the row needs "
+                           f"{len(inputs.rows[b]['input_ids'])} tokens), and the reward model would score a "
+                           "different text. Raise max_length, shorten the prompts, or set rm_tokenizer.truncation_side"
+                           " = 'left' so that the prompt is cut instead")
+            continue
+        inputs.rows[b] = new
+
+
+def _check_no_control_inside(inputs: RewardModelInputs, b: int, by_id: dict) -> None:
+    """The last line of defence: no control token inside the response after tokenising it as text."""
+    row, (start, end) = inputs.rows[b], inputs.regions[b]
+    inside = {by_id[i].content for i, (s, e) in zip(row["input_ids"], row["offsets"])
+              if i in by_id and s < end and e > start}
+    if inside:
+        inputs.fail(b, f"rm_tokenizer makes the control tokens {sorted(inside)[:5]} from the response's text even when "
+                       "it reads control tokens as text, so the response would forge them")
+
+
+def _call_tokenizer(rm_tokenizer, texts: list[str], options: dict) -> list[dict]:
+    try:
+        encoded = rm_tokenizer(texts, **options)
+    except NotImplementedError as error:
+        raise TypeError(f"rm_tokenizer gives no offsets: {_SLOW_TOKENIZER_FIX}") from error
+    return [dict(input_ids=encoded["input_ids"][k], offsets=[tuple(o) for o in encoded["offset_mapping"][k]],
+                 special=encoded["special_tokens_mask"][k]) for k in range(len(texts))]
+
+
+class _TextOnlyTokenizer:
+    """A copy of a reward-model tokenizer in which control tokens are ordinary text.
+
+    The copy marks every control token special and sets ``encode_special_tokens`` (what transformers'
+    ``split_special_tokens=True`` does), hides the control tokens' pieces from its model's vocabulary (a Unigram,
+    WordPiece or WordLevel model, or BPE merges, could otherwise produce them from their text), and registers for
+    each control token a stand-in: a private-use character as an ordinary added token with the control token's
+    matching options (lstrip, rstrip, single_word, normalized). The chat template's own control tokens are
+    replaced by their stand-ins in the text, so the copy splits the text at exactly the places the original splits
+    it at them, and every other piece, the response's spelled control tokens included, is tokenised as text;
+    stand-in ids and offsets are then mapped back. Copies are cached per tokenizer (building one parses the
+    tokenizer's JSON)."""
+
+    _cache: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+    _cache_lock = threading.Lock()
+
+    def __init__(self, backend, controls: dict[str, tuple[int, object]], stand_ins: list[str]):
+        from tokenizers import AddedToken, Tokenizer
+
+        state = json.loads(backend.to_str())
+        for entry in state.get("added_tokens", []):
+            if entry["content"] in controls:
+                entry["special"] = True
+        _hide_pieces(state["model"], set(controls), stand_ins[-1])
+        copy = Tokenizer.from_str(json.dumps(state))
+        copy.no_truncation()
+        copy.no_padding()
+        copy.encode_special_tokens = True
+        self.stand_in: dict[int, str] = {}  # original control id -> stand-in character
+        self.original: dict[int, int] = {}  # stand-in id -> original control id
+        copy.add_tokens([AddedToken(char, single_word=token.single_word, lstrip=token.lstrip, rstrip=token.rstrip,
+                                    normalized=token.normalized, special=False)
+                         for (_, token), char in zip(controls.values(), stand_ins)])
+        for token_id, token in backend.get_added_tokens_decoder().items():  # ids the copy gave other added tokens
+            copy_id = copy.token_to_id(token.content)
+            if copy_id is not None and copy_id != token_id:
+                self.original[copy_id] = token_id
+        for (token_id, token), char in zip(controls.values(), stand_ins):
+            self.stand_in[token_id] = char
+            self.original[copy.token_to_id(char)] = token_id
+        self.copy = copy
+        self.lock = threading.Lock()  # truncation is a setting of the copy
+
+    @classmethod
+    def of(cls, rm_tokenizer, backend, controls, texts: list[str]) -> "_TextOnlyTokenizer":
+        used = {c for text in texts for c in text if ord(c) >= _STAND_IN_BASE}
+        stand_ins, code = [], _STAND_IN_BASE
+        while len(stand_ins) < len(controls) + 1:  # and one to hide the control tokens' pieces behind
+            if chr(code) not in used:
+                stand_ins.append(chr(code))
+            code += 1
+        key = (backend.get_vocab_size(with_added_tokens=True), tuple(controls), tuple(stand_ins))
+        with cls._cache_lock:
+            cached = cls._cache.get(rm_tokenizer)
+            if cached is not None and cached[0] == key:
+                return cached[1]
+        made = cls(backend, controls, stand_ins)
+        with cls._cache_lock:
+            cls._cache[rm_tokenizer] = (key, made)
+        return made
+
+    def encode(self, text: str, frame: list[tuple[int, int, int]], add_special_tokens: bool, *,
+               max_length: int | None = None, side: str = "right") -> dict:
+        """The row of ``text`` with the control tokens at ``frame`` ((id, start, end) in characters) kept as
+        tokens and every other control-token string read as text."""
+        pieces, starts, shifts, position, shift = [], [], [], 0, 0
+        for token_id, start, end in frame:
+            pieces += [text[position:start], self.stand_in[token_id]]
+            starts.append(start - shift)  # the stand-in's position in the new text
+            shift += end - start - 1
+            shifts.append(shift)
+            position = end
+        pieces.append(text[position:])
+        with self.lock:
+            if max_length is None:
+                self.copy.no_truncation()
+            else:
+                self.copy.enable_truncation(max_length, strategy="longest_first", direction=side)
+            try:
+                encoding = self.copy.encode("".join(pieces), add_special_tokens=add_special_tokens)
+            finally:
+                self.copy.no_truncation()
+
+        def back(q: int) -> int:  # a character boundary of the new text -> of text
+            k = bisect.bisect_right(starts, q - 1)
+            return q + (shifts[k - 1] if k else 0)
+
+        # the special-tokens mask marks what the post-processor adds, as for rm_tokenizer; stand-ins are text tokens
+        ids = [self.original.get(token_id, token_id) for token_id in encoding.ids]
+        offsets = [(back(s), back(e)) for s, e in encoding.offsets]
+        return dict(input_ids=ids, offsets=offsets, special=list(encoding.special_tokens_mask))
+
+
+_STAND_IN_BASE = 0x100000  # Supplementary Private Use Area-B
+
+
+def _hide_pieces(model: dict, pieces: set[str], prefix: str) -> None:
+    """Make the model of a tokenizer's JSON unable to produce ``pieces`` from text (a Unigram or WordLevel model
+    would, and so would BPE merges or its whole-word lookup): their vocabulary entries are renamed behind a
+    character no text holds (ids unchanged; the added tokens of the same content then get new ids in the copy)
+    and BPE merges that make or use them are dropped (the others keep their order). The model's unknown token is
+    left alone (the model looks it up by name)."""
+    pieces = pieces - {model.get("unk_token")}
+    vocab = model.get("vocab")
+    if isinstance(vocab, dict):
+        for piece in pieces & set(vocab):
+            vocab[prefix + piece] = vocab.pop(piece)
+    elif isinstance(vocab, list):  # Unigram: [piece, score] by id
+        for token_id, entry in enumerate(vocab):
+            if entry[0] in pieces and token_id != model.get("unk_id"):
+                entry[0] = prefix + entry[0]
+    if isinstance(model.get("merges"), list):
+        kept = []
+        for merge in model["merges"]:
+            left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
+            if not ({left, right, left + right} & pieces):
+                kept.append(merge)
+        model["merges"] = kept
+
+
+def _from_response(row, char_start: int):
+    """The tokens from the first one that reaches into or past the response's start, to the end: what truncation
+    must keep."""
+    offsets = row["offsets"]
+    first = next((i for i, (s, e) in enumerate(offsets) if s < e and e > char_start), None)
+    if first is None:  # nothing reaches the response (it is empty): keep what follows the last text token
+        first = 1 + max((i for i, (s, e) in enumerate(offsets) if s < e), default=-1)
+    return list(row["input_ids"][first:]), [tuple(o) for o in offsets[first:]]
+
+
+# ------------------------------------------------------------------------- text path: score and project
 
 
 def _own_byte_lengths(backend, ids: list[int]) -> list[int | None]:
@@ -567,48 +905,47 @@ def _rm_byte_spans(backend, text: str, table: torch.Tensor, ids: list[int],
     return torch.tensor(out, dtype=torch.long).reshape(-1, 2)
 
 
-def _encode(rm_tokenizer, texts: list[str], add_special_tokens: bool, max_length, regions):
-    """Tokenise without padding; rows longer than ``max_length`` are truncated by the tokenizer (its
-    ``truncation_side``) only if that leaves the response and everything after it intact."""
-    options = dict(add_special_tokens=add_special_tokens, return_offsets_mapping=True,
-                   return_special_tokens_mask=True, return_attention_mask=False)
-    try:
-        encoded = rm_tokenizer(texts, **options)
-    except NotImplementedError as error:
-        raise TypeError(f"rm_tokenizer gives no offsets: {_SLOW_TOKENIZER_FIX}") from error
-    rows = [dict(input_ids=encoded["input_ids"][b], offsets=encoded["offset_mapping"][b],
-                 special=encoded["special_tokens_mask"][b]) for b in range(len(texts))]
-    if max_length is None:
-        return rows
-    long = [b for b, row in enumerate(rows) if len(row["input_ids"]) > max_length]
-    if not long:
-        return rows
-    cut = rm_tokenizer([texts[b] for b in long], truncation=True, max_length=max_length, **options)
-    damaged = []
-    for k, b in enumerate(long):
-        new = dict(input_ids=cut["input_ids"][k], offsets=cut["offset_mapping"][k],
-                   special=cut["special_tokens_mask"][k])
-        if _from_response(rows[b], regions[b][0]) != _from_response(new, regions[b][0]):
-            damaged.append((b, len(rows[b]["input_ids"])))
+def _check_offsets(inputs: RewardModelInputs) -> None:
+    """Rows whose offsets are zero-width for every ordinary token (tokenizers < 0.20.1 did this for Llama-3
+    tokenizer files) cannot be mapped."""
+    for b, row in enumerate(inputs.rows):
+        if row is None or not inputs.mappable(b):
             continue
-        rows[b] = new
-    if damaged:
-        raise ValueError(
-            f"max_length={max_length} would cut the response, or the tokens after it, of rows "
-            f"{[b for b, _ in damaged][:10]} (they need {max(n for _, n in damaged)} tokens), and the reward model "
-            "would score a different text. Raise max_length, shorten the prompts, or set "
-            "rm_tokenizer.truncation_side = 'left' so that the prompt is cut instead")
-    return rows
+        widths = [e - s for (s, e), special in zip(row["offsets"], row["special"]) if not special]
+        if widths and not any(widths):
+            inputs.unmap(b, "rm_tokenizer returned zero-width offsets for every token, so its tokens cannot be "
+                            "located in the text. This is a known tokenizers bug with Llama-3 tokenizer files (BPE "
+                            "with ignore_merges; huggingface/tokenizers#1553, fixed in tokenizers 0.20.1): upgrade "
+                            "tokenizers")
 
 
-def _from_response(row, char_start: int):
-    """The tokens from the first one that reaches into or past the response's start, to the end: what truncation
-    must keep."""
-    offsets = row["offsets"]
-    first = next((i for i, (s, e) in enumerate(offsets) if s < e and e > char_start), None)
-    if first is None:  # nothing reaches the response (it is empty): keep what follows the last text token
-        first = 1 + max((i for i, (s, e) in enumerate(offsets) if s < e), default=-1)
-    return row["input_ids"][first:], offsets[first:]
+def _position_limit(model) -> int | None:
+    """The most tokens the model takes: ``config.max_position_embeddings`` (GPT-2's ``n_positions``), less the
+    offset of position embeddings that start after a padding index (RoBERTa style). None where the config has no
+    limit or scales its rotary embeddings beyond it."""
+    config = getattr(model, "config", None)
+    limit = getattr(config, "max_position_embeddings", None)
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        return None
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
+    if isinstance(rope, Mapping) and rope.get("rope_type", rope.get("type", "default")) not in (None, "default"):
+        return None
+    for name, module in model.named_modules():
+        if name.endswith("position_embeddings") and isinstance(module, torch.nn.Embedding) \
+                and module.padding_idx is not None:
+            limit = min(limit, module.num_embeddings - module.padding_idx - 1)
+    return limit
+
+
+def _check_positions(reward_model, inputs: RewardModelInputs) -> None:
+    limit = _position_limit(reward_model)
+    if limit is None:
+        return
+    for b, row in enumerate(inputs.rows):
+        if row is not None and len(row["input_ids"]) > limit:
+            inputs.fail(b, f"the reward model's input has {len(row['input_ids'])} tokens but the model takes at most "
+                           f"{limit} positions (its config's max_position_embeddings); pass max_length={limit} (with "
+                           "rm_tokenizer.truncation_side = 'left' to cut the prompt) or shorten the prompts")
 
 
 def _pad(rows, rm_tokenizer, device):
@@ -632,15 +969,134 @@ def _pad(rows, rm_tokenizer, device):
     return ids.to(device), mask.to(device), starts
 
 
-def _check_offsets(row, b: int) -> None:
-    """Detect offsets that are zero-width for every ordinary token (tokenizers < 0.20.1 did this for Llama-3
-    tokenizer files)."""
-    widths = [e - s for (s, e), special in zip(row["offsets"], row["special"]) if not special]
-    if widths and not any(widths):
-        raise ValueError(
-            f"rm_tokenizer returned zero-width offsets for every token of row {b}, so its tokens cannot be located "
-            "in the text. This is a known tokenizers bug with Llama-3 tokenizer files (BPE with ignore_merges; "
-            "huggingface/tokenizers#1553, fixed in tokenizers 0.20.1): upgrade tokenizers")
+def _forward(reward_model, rm_tokenizer, inputs: RewardModelInputs, capture):
+    """One reward-model forward over the rows that have not failed, inside ``capture`` (a
+    :func:`dense_rlhf.capture_reward_attention` not yet entered): ``{row: (score, attention over that row's tokens
+    [n] float32 on the CPU)}``."""
+    from dense_rlhf.capture import _pooled_scores
+
+    todo = [b for b, row in enumerate(inputs.rows) if row is not None]
+    if not todo:
+        return {}
+    device = next(reward_model.parameters()).device
+    input_ids, attention_mask, starts = _pad([inputs.rows[b] for b in todo], rm_tokenizer, device)
+    with torch.no_grad():
+        model_inputs = dict(input_ids=input_ids, attention_mask=attention_mask)
+        if any(starts) and "position_ids" in inspect.signature(reward_model.forward).parameters:
+            # left padding: count positions from each row's first token, as an unpadded row would (absolute
+            # position embeddings, e.g. GPT-2, would otherwise see shifted positions)
+            model_inputs["position_ids"] = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        with capture as cap:
+            out = reward_model(**model_inputs)
+        scores = _pooled_scores(out.logits if hasattr(out, "logits") else out[0], "score_and_densify_text").float()
+        attention = cap.rows.mean(1).float().cpu()  # [n, L]: heads averaged
+        index = cap.reward_index.cpu()
+    scores, mask = scores.cpu(), attention_mask.cpu()
+    out = {}
+    for k, b in enumerate(todo):
+        if not bool(mask[k, index[k]]):
+            inputs.fail(b, "the reward model read its score at a padding position: its config.pad_token_id "
+                           f"({getattr(reward_model.config, 'pad_token_id', None)}) differs from "
+                           f"rm_tokenizer.pad_token_id ({getattr(rm_tokenizer, 'pad_token_id', None)}), or the model "
+                           "pools its first position (BERT-style) and rm_tokenizer pads on the left")
+            continue
+        if not bool(torch.isfinite(scores[k])):
+            inputs.fail(b, f"the reward model's score is {float(scores[k])}")
+            continue
+        n = len(inputs.rows[b]["input_ids"])
+        out[b] = (float(scores[k]), attention[k, starts[k]:starts[k] + n])
+    return out
+
+
+def _project_row(inputs: RewardModelInputs, b: int, rm_backend, attention: torch.Tensor,
+                policy_spans: torch.Tensor) -> torch.Tensor:
+    """Row ``b``'s reward-model attention ``attention`` [n] (over its n tokens, unpadded) restricted to the tokens
+    that overlap the response and projected onto the policy's response tokens (byte spans ``policy_spans``
+    [R_b, 2] in the decoded response): float32 [R_b]."""
+    text, row = inputs.texts[b], inputs.rows[b]
+    table = _char_to_byte(text)
+    spans = _rm_byte_spans(rm_backend, text, table, row["input_ids"], row["offsets"])
+    first, last = int(table[inputs.regions[b][0]]), int(table[inputs.regions[b][1]])
+    overlap = (spans[:, 0] < spans[:, 1]) & (spans[:, 0] < last) & (spans[:, 1] > first)
+    positions = overlap.nonzero().flatten()
+    destination = (policy_spans - inputs.kept[b] + first).clamp(first, last)  # in the reward model's text
+    return project_credit(attention[positions], spans[positions], destination)
+
+
+def _rewards_from_credit(credit: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor, beta: float,
+                        sparse_rows=(), empty_rows=()) -> torch.Tensor:
+    """ABC's rewards [B, R] from the projected credit [B, R] (:func:`dense_rlhf.dense_rewards`); rows in
+    ``sparse_rows`` get the score on their last response token instead, rows in ``empty_rows`` zeros."""
+    from dense_rlhf.ops import dense_rewards
+
+    special = set(sparse_rows) | set(empty_rows)
+    dense = [b for b in range(credit.shape[0]) if b not in special]
+    rewards = torch.zeros(credit.shape, dtype=torch.float32, device=credit.device)
+    if dense:
+        rewards[dense] = dense_rewards(credit[dense], scores[dense], mask[dense], beta=beta)
+    last = torch.where(mask, torch.arange(mask.shape[1], device=mask.device), -1).amax(1)
+    for b in sparse_rows:
+        rewards[b, last[b]] = scores[b]
+    return rewards
+
+
+class _TextScores:
+    """The result of :func:`_score_text`: scores [B] (NaN where a row failed), rewards [B, R], and the rows that
+    failed or got the sparse reward because their credit could not be mapped, each with its reason."""
+
+    def __init__(self, scores, rewards, failed: dict[int, str], unmapped: dict[int, str]):
+        self.scores, self.rewards, self.failed, self.unmapped = scores, rewards, failed, unmapped
+
+
+def _score_text(reward_model, rm_tokenizer, prompts, response_ids, *, policy_tokenizer, response_mask, beta,
+                layer, max_length, strict: bool) -> _TextScores:
+    """:func:`score_and_densify_text`'s work. ``strict=False``: a row that cannot be scored is reported in
+    ``failed`` (the others are still scored), and a row whose credit cannot be mapped gets the sparse reward
+    (its score on its last response token) and is reported in ``unmapped``; argument errors still raise."""
+    from dense_rlhf.capture import capture_reward_attention
+    from dense_rlhf.ops import check_beta
+
+    _backend(policy_tokenizer, "policy_tokenizer")
+    rm_backend = _backend(rm_tokenizer, "rm_tokenizer")
+    beta = check_beta(beta)
+    max_length = _check_max_length(max_length)
+    mask = _check_responses(response_ids, response_mask, policy_tokenizer)
+    _check_prompts(prompts, response_ids.shape[0])
+    capture = capture_reward_attention(reward_model, layer=layer)  # checks the model and the layer
+    ids_cpu, mask_cpu = response_ids.cpu(), mask.cpu()
+
+    policy_spans, responses, unmapped = [], [], {}
+    for b in range(response_ids.shape[0]):
+        ids = ids_cpu[b][mask_cpu[b]].tolist()
+        try:
+            spans, response = _decode_with_spans(policy_tokenizer, ids, True, "policy_tokenizer")
+        except _Unmappable as error:
+            if strict:
+                raise ValueError(f"row {b}: {error}") from None
+            spans, response = None, policy_tokenizer.decode(ids, skip_special_tokens=True)
+            unmapped[b] = str(error)
+        policy_spans.append(spans)
+        responses.append(response)
+
+    inputs = render_and_tokenize(rm_tokenizer, prompts, responses, max_length=max_length, strict=strict)
+    for b, reason in unmapped.items():
+        inputs.unmap(b, reason)
+    _check_offsets(inputs)
+    _check_positions(reward_model, inputs)
+    results = _forward(reward_model, rm_tokenizer, inputs, capture)
+
+    batch = response_ids.shape[0]
+    credit = torch.zeros(response_ids.shape, dtype=torch.float32)
+    scores = torch.full((batch,), float("nan"), dtype=torch.float32)
+    for b, (score, attention) in results.items():
+        scores[b] = score
+        if inputs.mappable(b):
+            credit[b, mask_cpu[b]] = _project_row(inputs, b, rm_backend, attention, policy_spans[b])
+    device = response_ids.device
+    unmapped = {b: reason for b, reason in inputs.unmapped.items() if b not in inputs.failed}
+    rewards = _rewards_from_credit(credit.to(device), scores.to(device), mask, beta, sparse_rows=sorted(unmapped),
+                                  empty_rows=sorted(inputs.failed))
+    return _TextScores(scores.to(device), rewards, dict(inputs.failed), unmapped)
 
 
 def score_and_densify_text(reward_model, rm_tokenizer, prompts, response_ids, *, policy_tokenizer,
@@ -652,18 +1108,21 @@ def score_and_densify_text(reward_model, rm_tokenizer, prompts, response_ids, *,
     input is ``prompt + response`` for a plain-text prompt (tokenised with the tokenizer's special tokens) or,
     for a chat prompt, ``rm_tokenizer.apply_chat_template(messages + [{"role": "assistant", "content":
     response}], tokenize=False)`` (tokenised without adding special tokens, as transformers does for chat
-    text). The reward model runs once on the batch inside :func:`dense_rlhf.capture_reward_attention`; its
-    head-averaged attention row from the reward position is restricted to its tokens that overlap the
-    response's bytes and projected onto the policy's tokens by :func:`project_credit` (byte spans from the
-    fast tokenizers' offsets and :func:`token_byte_spans`), and :func:`dense_rlhf.dense_rewards` turns those
-    ``[B, R]`` rows into the rewards.
+    text). The response is policy output, so its text never becomes control tokens: where it spells the reward
+    model's special tokens or the added tokens its chat template writes (``"<|end|><|user|>..."``), they are
+    tokenised as ordinary text while the template's own stay tokens (:func:`render_and_tokenize`). The reward
+    model runs once on the batch inside :func:`dense_rlhf.capture_reward_attention`; its head-averaged attention
+    row from the reward position is restricted to its tokens that overlap the response's bytes and projected onto
+    the policy's tokens by :func:`project_credit` (byte spans from the fast tokenizers' offsets and
+    :func:`token_byte_spans`), and :func:`dense_rlhf.dense_rewards` turns those ``[B, R]`` rows into the rewards.
 
     Args:
         reward_model: a transformers sequence-classification model (one logit, or two: ``logit[1] - logit[0]``)
             whose attention can be captured (see :func:`dense_rlhf.capture_reward_attention`).
         rm_tokenizer: its fast tokenizer (offsets are needed); ``padding_side`` and ``truncation_side`` are
             honoured; a pad token is needed when the rows differ in length.
-        prompts: B plain strings, or B lists of chat messages (dicts with "role" and "content"), one kind.
+        prompts: B plain strings, or B lists of chat messages (dicts with "role" and "content"), one kind. They
+            come from the dataset and are tokenised as ``rm_tokenizer`` does, control tokens included.
         response_ids: [B, R] policy token ids of the responses (right-padded, or any layout with a mask).
         policy_tokenizer: the policy's fast tokenizer.
         response_mask: [B, R] bool or 0/1, True on response tokens; default ``response_ids != pad_token_id``
@@ -671,7 +1130,8 @@ def score_and_densify_text(reward_model, rm_tokenizer, prompts, response_ids, *,
         beta, layer: as in :func:`dense_rlhf.score_and_densify`.
         max_length: cap on the reward model's input tokens. A longer input is truncated by ``rm_tokenizer``
             (its ``truncation_side``) only if the response and every token after it survive (left truncation
-            drops the start of the prompt); otherwise ValueError. None: no truncation.
+            drops the start of the prompt); otherwise ValueError. None: no truncation, and an input longer than
+            the reward model's ``config.max_position_embeddings`` is a ValueError.
 
     Returns:
         ``(scores, rewards)``: float32 [B] reward-model scores and float32 [B, R] rewards aligned with
@@ -685,70 +1145,16 @@ def score_and_densify_text(reward_model, rm_tokenizer, prompts, response_ids, *,
     contributes only its response bytes' share. ``dense_rewards`` normalises what reaches the response tokens,
     so no reward mass is lost either way; if none reaches them the dense part falls on the last token.
 
-    Raises:
-        TypeError: slow tokenizers (no offsets), bad argument types.
-        ValueError: shape or mask problems, a chat template that changes the response beyond trimming
-            whitespace, truncation that would cut the response, zero-width offsets from ``rm_tokenizer`` (a
-            known tokenizers bug), a score read at a padding position (mismatched pad ids), and everything
-            :func:`dense_rlhf.dense_rewards` rejects.
+    Raises (all before the reward model's forward, except the padding-position and non-finite-score checks):
+        TypeError: slow tokenizers (no offsets), a tokenizer that is None, bad argument types (``max_length``
+            not an int).
+        ValueError: shape or mask problems, negative token ids, ``beta`` outside [0, 1], ``max_length`` < 1, a
+            chat template that changes the response beyond trimming whitespace, truncation that would cut the
+            response, an input longer than the reward model's positions, zero-width offsets from
+            ``rm_tokenizer`` (a known tokenizers bug), a score read at a padding position (mismatched pad ids) or
+            not finite, and everything :func:`dense_rlhf.dense_rewards` rejects. Row-level messages start with
+            ``row b:``.
     """
-    from dense_rlhf.capture import _pooled_scores, capture_reward_attention
-    from dense_rlhf.ops import dense_rewards
-
-    mask = _check_responses(response_ids, response_mask, policy_tokenizer)
-    batch = response_ids.shape[0]
-    chat = _check_prompts(prompts, batch)
-    rm_backend = _backend(rm_tokenizer, "rm_tokenizer")
-    ids_cpu, mask_cpu = response_ids.cpu(), mask.cpu()
-
-    texts, policy_spans, regions, kept = [], [], [], []
-    for b in range(batch):
-        spans, response = _decode_with_spans(policy_tokenizer, ids_cpu[b][mask_cpu[b]].tolist(), True,
-                                             "policy_tokenizer")
-        policy_spans.append(spans)
-        if chat:
-            text, start, end, offset = _render_chat(rm_tokenizer, prompts[b], response)
-        else:
-            text, start, end, offset = prompts[b] + response, len(prompts[b]), len(prompts[b]) + len(response), 0
-        texts.append(text)
-        regions.append((start, end))
-        kept.append(len(response[:offset].encode()))
-
-    rows = _encode(rm_tokenizer, texts, not chat, max_length, regions)
-    for b, row in enumerate(rows):
-        _check_offsets(row, b)
-    device = next(reward_model.parameters()).device
-    input_ids, attention_mask, starts = _pad(rows, rm_tokenizer, device)
-
-    with torch.no_grad():
-        inputs = dict(input_ids=input_ids, attention_mask=attention_mask)
-        if any(starts) and "position_ids" in inspect.signature(reward_model.forward).parameters:
-            # left padding: count positions from each row's first token, as an unpadded row would (absolute
-            # position embeddings, e.g. GPT-2, would otherwise see shifted positions)
-            inputs["position_ids"] = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        with capture_reward_attention(reward_model, layer=layer) as cap:
-            out = reward_model(**inputs)
-        scores = _pooled_scores(out.logits if hasattr(out, "logits") else out[0], "score_and_densify_text")
-        attention = cap.rows.mean(1).cpu()  # [B, L]: heads averaged
-        index = cap.reward_index.cpu()
-    at_pad = [b for b in range(batch) if not bool(attention_mask[b, index[b]])]
-    if at_pad:
-        raise ValueError(
-            f"the reward model read its score at a padding position in rows {at_pad[:10]}: its config.pad_token_id "
-            f"({getattr(reward_model.config, 'pad_token_id', None)}) differs from rm_tokenizer.pad_token_id "
-            f"({getattr(rm_tokenizer, 'pad_token_id', None)}), or the model pools its first position (BERT-style) and "
-            "rm_tokenizer pads on the left")
-
-    projected = torch.zeros(response_ids.shape, dtype=torch.float32)
-    for b, row in enumerate(rows):
-        table = _char_to_byte(texts[b])
-        spans = _rm_byte_spans(rm_backend, texts[b], table, row["input_ids"], row["offsets"])
-        first, last = int(table[regions[b][0]]), int(table[regions[b][1]])
-        overlap = (spans[:, 0] < spans[:, 1]) & (spans[:, 0] < last) & (spans[:, 1] > first)
-        positions = overlap.nonzero().flatten()
-        credit = attention[b, starts[b] + positions]
-        destination = (policy_spans[b] - kept[b] + first).clamp(first, last)  # in the reward model's text
-        projected[b, mask_cpu[b]] = project_credit(credit, spans[positions], destination)
-    projected = projected.to(response_ids.device)
-    rewards = dense_rewards(projected, scores.to(response_ids.device), mask, beta=beta)
-    return scores.to(response_ids.device), rewards
+    result = _score_text(reward_model, rm_tokenizer, prompts, response_ids, policy_tokenizer=policy_tokenizer,
+                         response_mask=response_mask, beta=beta, layer=layer, max_length=max_length, strict=True)
+    return result.scores, result.rewards

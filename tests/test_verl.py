@@ -6,6 +6,7 @@ in an environment with the `verl` extra)."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import re
 from pathlib import Path
@@ -102,17 +103,22 @@ def verl_config(policy_dir: str, rm_dir: str, extra: tuple[str, ...] = ()):
         return compose(config_name="ppo_trainer", overrides=overrides)
 
 
-def trainer_batch(policy_tok, prompt_padding: str = "left", seed: int = 0) -> tuple[DataProto, list, torch.Tensor]:
+def trainer_batch(policy_tok, prompt_padding: str = "left", seed: int = 0,
+                  responses: list[str] | None = None) -> tuple[DataProto, list, torch.Tensor]:
     """A batch laid out as verl's trainers hand it to the reward loop: prompt ids padded to one width (left-padded
     by the agent loop in the v0 trainer, right-padded by the v1 trainer's reward step), responses right-padded,
-    attention_mask over [prompts | responses], raw_prompt the chat messages. Some responses end in EOS."""
+    attention_mask over [prompts | responses], raw_prompt the chat messages. Some responses end in EOS.
+    ``responses``: the four response texts (default: generated, one of them cut short)."""
     rng = np.random.default_rng(seed)
     texts = _corpus(n=8, seed=10 + seed)
+    if responses is not None:
+        texts[4:] = responses
     messages = [[{"role": "user", "content": texts[i]}] for i in range(4)]
     prompt_rows = [policy_tok(m[0]["content"])["input_ids"] for m in messages]
     response_rows = [policy_tok(" " + texts[4 + i])["input_ids"] + ([policy_tok.eos_token_id] if i % 2 else [])
                      for i in range(4)]
-    response_rows[2] = response_rows[2][:3]  # a short one
+    if responses is None:
+        response_rows[2] = response_rows[2][:3]  # a short one
     P, R, B = max(map(len, prompt_rows)) + 2, max(map(len, response_rows)) + 3, len(messages)
     pad = policy_tok.pad_token_id
     prompts = torch.full((B, P), pad, dtype=torch.long)
@@ -206,7 +212,8 @@ def test_rm_scores_through_verl_reward_loop_manager_and_ray_workers(paths):
     torch.testing.assert_close(rm_scores, expected, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(torch.as_tensor(output.non_tensor_batch["abc_score"].astype(np.float32)),
                                rm_scores.sum(1), atol=1e-5, rtol=1e-5)
-    assert output.meta_info["reward_extra_keys"] == ["abc_score"]
+    assert output.meta_info["reward_extra_keys"] == ["abc_score", "abc_fallback"]
+    assert output.non_tensor_batch["abc_fallback"].tolist() == [0] * len(rm_scores)
 
 
 def test_reward_model_without_chat_template_reads_the_decoded_prompt(paths):
@@ -316,3 +323,130 @@ def test_assemble_rm_scores_refuses_scalars_and_wrong_lengths(paths):
     rows[1].append(0.0)
     with pytest.raises(ValueError, match="sample 1"):
         abc_verl.ABCRewardManager.assemble_rm_scores(data, rows)
+
+
+# ----------------------------------------------------------------------------------------- advantage estimators
+
+
+def _run_estimator(name: str, rewards: torch.Tensor, mask: torch.Tensor, algorithm) -> torch.Tensor:
+    """verl's registered estimator ``name`` on token-level rewards, with every input the estimators read."""
+    fn = core_algos.get_adv_estimator_fn(name)
+    B, R = rewards.shape
+    g = torch.Generator().manual_seed(1)
+    inputs = dict(token_level_rewards=rewards, response_mask=mask, index=np.array(["a", "a", "b", "b"][:B]),
+                  values=torch.zeros(B, R), gamma=1.0, lam=1.0, config=algorithm, reward_baselines=torch.zeros(B),
+                  old_log_probs=-torch.rand(B, R, generator=g), sum_pi_squared=torch.rand(B, R, generator=g) * 0.5)
+    parameters = inspect.signature(fn).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        inputs = {k: v for k, v in inputs.items() if k in parameters}
+    advantages, _ = fn(**inputs)
+    return advantages
+
+
+def test_every_verl_estimator_is_classified_by_what_it_does_with_per_token_rewards(paths):
+    """Run each estimator verl registers on dense rows and on sparse rows with the same sums: those whose advantages
+    cannot tell them apart reduce rows to sums and must be refused, the others accepted. A new estimator in verl
+    fails here until it is read and classified (and the manager refuses it meanwhile)."""
+    config = verl_config(*paths)
+    algorithm = config.algorithm
+    g = torch.Generator().manual_seed(0)
+    mask = torch.ones(4, 6)
+    mask[1, 4:] = 0
+    mask[3, 5:] = 0
+    dense = torch.rand(4, 6, generator=g) * mask
+    last = mask.sum(1).long() - 1
+    sparse = torch.zeros(4, 6)
+    sparse[torch.arange(4), last] = dense.sum(1)
+    registered = set(core_algos.ADV_ESTIMATOR_REGISTRY)
+    assert registered == abc_verl.SEQUENCE_SUM_ESTIMATORS | abc_verl.TOKEN_LEVEL_ESTIMATORS
+    assert not abc_verl.SEQUENCE_SUM_ESTIMATORS & abc_verl.TOKEN_LEVEL_ESTIMATORS
+    for name in sorted(registered):
+        blind = torch.allclose(_run_estimator(name, dense, mask, algorithm),
+                               _run_estimator(name, sparse, mask, algorithm), atol=1e-5)
+        assert blind == (name in abc_verl.SEQUENCE_SUM_ESTIMATORS), name
+        config.algorithm.adv_estimator = name
+        if blind:
+            with pytest.raises(ValueError, match=rf"adv_estimator={name} reduces each row .*adv_estimator=gae"):
+                abc_verl.check_algorithm(config)
+        else:
+            abc_verl.check_algorithm(config)
+
+
+def test_the_manager_refuses_sum_estimators_unknown_estimators_and_discounting(paths, monkeypatch):
+    with pytest.raises(ValueError, match="adv_estimator=grpo reduces each row"):
+        RewardLoopWorker(verl_config(*paths, extra=("algorithm.adv_estimator=grpo",)))
+    with pytest.raises(ValueError, match=r"algorithm\.gamma=0\.99: .*set algorithm\.gamma=1\.0"):
+        RewardLoopWorker(verl_config(*paths, extra=("algorithm.gamma=0.99",)))
+    config = verl_config(*paths)
+    monkeypatch.setitem(core_algos.ADV_ESTIMATOR_REGISTRY, "my_estimator", lambda **kwargs: None)
+    config.algorithm.adv_estimator = "my_estimator"
+    with pytest.raises(ValueError, match="adv_estimator=my_estimator is not one of the estimators dense-rlhf has"):
+        abc_verl.check_algorithm(config)
+
+
+# ----------------------------------------------------------------------------------------- one bad sample
+
+
+REWRITING_TEMPLATE = ("{% for m in messages %}[{{ m['role'] }}]: {{ m['content'] | replace('🙂', ':)') | trim }}\n"
+                      "{% endfor %}")
+RAISING_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'assistant' and 'boring' in m['content'] %}"
+                    "{{ raise_exception('no boring answers') }}{% endif %}[{{ m['role'] }}]: {{ m['content'] | trim }}"
+                    "\n{% endfor %}")
+RESPONSES = ["the film was great", "a lovely ending 🙂", "not quite", "very boring plot"]
+
+
+def test_a_sample_whose_credit_cannot_be_mapped_gets_the_sparse_reward(paths, caplog):
+    """The reward model's template rewrites sample 1's response: that sample gets its score on its last token,
+    abc_fallback 1 and a warning with the reason; the others are what score_and_densify_text gives them."""
+    config = verl_config(*paths)
+    worker = RewardLoopWorker(config)
+    manager = worker.reward_manager
+    manager.reward_model_tokenizer.chat_template = REWRITING_TEMPLATE
+    data, messages, response_mask = trainer_batch(worker.input_tokenizer, responses=RESPONSES)
+    with caplog.at_level("WARNING", logger=abc_verl.__name__):
+        rm_scores, outputs = worker_rm_scores(worker, config, data)
+    assert [o["reward_extra_info"]["abc_fallback"] for o in outputs] == [0, 1, 0, 0]
+    assert len(caplog.records) == 1 and "changes the response beyond trimming whitespace" in caplog.text
+    scores = torch.tensor([o["reward_extra_info"]["abc_score"] for o in outputs])
+    torch.testing.assert_close(rm_scores.sum(1), scores, atol=1e-5, rtol=1e-5)
+    last = int(response_mask[1].sum()) - 1
+    assert torch.count_nonzero(rm_scores[1]) == 1 and float(rm_scores[1, last]) == float(scores[1])
+    kept = [0, 2, 3]
+    expected_scores, expected = score_and_densify_text(
+        manager.reward_model, manager.reward_model_tokenizer, [messages[i] for i in kept],
+        data.batch["responses"][kept], policy_tokenizer=worker.input_tokenizer, response_mask=response_mask[kept])
+    torch.testing.assert_close(rm_scores[kept], expected, atol=1e-6, rtol=1e-5)
+    # the fallback's score is the reward model's score of the text it read
+    response = worker.input_tokenizer.decode(data.batch["responses"][1][response_mask[1]], skip_special_tokens=True)
+    text = manager.reward_model_tokenizer.apply_chat_template(
+        messages[1] + [{"role": "assistant", "content": response}], tokenize=False)
+    ids = manager.reward_model_tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(manager.reward_model(input_ids=ids).logits[0, 0], scores[1], atol=1e-5, rtol=1e-5)
+
+
+def test_a_sample_that_cannot_be_scored_raises_with_its_index(paths):
+    config = verl_config(*paths)
+    worker = RewardLoopWorker(config)
+    worker.reward_manager.reward_model_tokenizer.chat_template = RAISING_TEMPLATE
+    data, _, _ = trainer_batch(worker.input_tokenizer, responses=RESPONSES)
+    outputs = asyncio.run(worker.compute_score_batch(data))  # the other samples are scored
+    assert [isinstance(o["reward_score"], list) for o in outputs] == [True, True, True, False]
+    with pytest.raises(ValueError, match="sample 3 of the batch could not be scored: .*chat template failed.*no boring"):
+        resolve_reward_manager_cls(config).assemble_rm_scores(data, [o["reward_score"] for o in outputs])
+
+
+def test_the_extra_info_is_what_verls_validation_metrics_read(paths):
+    """The README says where abc_score and abc_fallback show up: verl's legacy trainer turns reward_extra_info into
+    validation metrics with process_validation_metrics (val-aux/<data_source>/<key>/mean@N)."""
+    from verl.trainer.ppo.metric_utils import process_validation_metrics
+
+    config = verl_config(*paths)
+    worker = RewardLoopWorker(config)
+    worker.reward_manager.reward_model_tokenizer.chat_template = REWRITING_TEMPLATE
+    data, _, _ = trainer_batch(worker.input_tokenizer, responses=RESPONSES)
+    rm_scores, outputs = worker_rm_scores(worker, config, data)
+    infos = {key: [o["reward_extra_info"][key] for o in outputs] for key in ("abc_score", "abc_fallback")}
+    metrics = process_validation_metrics(["src"] * 4, ["u0", "u1", "u2", "u3"], infos)["src"]
+    assert metrics["abc_fallback"]["mean@1"] == 0.25
+    assert metrics["abc_score"]["mean@1"] == pytest.approx(float(rm_scores.sum(1).mean()), abs=1e-5)

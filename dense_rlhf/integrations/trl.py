@@ -76,6 +76,10 @@ class ABCGRPOTrainer(GRPOTrainer):
         abc_beta: scheme 3's ABC mix of dense and terminal reward (the paper's 0.8).
         reward_suffix_ids: token ids appended after each completion before the reward model reads it.
         reward_layer: the reward-model layer whose attention is ABC's credit (default the last).
+
+    Raises (in ``__init__``, before any generation): TypeError or ValueError naming the argument for a reward model
+    that is not a 1- or 2-label ``*ForSequenceClassification`` model, a ``reward_layer`` it does not have, suffix
+    ids that are not ints of its vocabulary, or a policy tokenizer with more tokens than its embeddings.
     """
 
     def __init__(self, model, reward_model: torch.nn.Module, *, scheme: str = "credit", credit_beta: float = 0.5,
@@ -92,6 +96,8 @@ class ABCGRPOTrainer(GRPOTrainer):
         if scheme not in grpo.SCHEMES:
             raise ValueError(f"scheme must be one of {grpo.SCHEMES}, got {scheme!r}")
         credit_beta, abc_beta = check_beta(credit_beta, "credit_beta"), check_beta(abc_beta, "abc_beta")
+        reward_vocab = _check_reward_model(reward_model, reward_layer)
+        suffix_ids = _check_suffix_ids(reward_suffix_ids, reward_vocab)
         args = kwargs.get("args")
         if args is not None:
             if args.reward_weights is not None:
@@ -103,11 +109,12 @@ class ABCGRPOTrainer(GRPOTrainer):
         self.abc_credit_beta = credit_beta
         self.abc_beta = abc_beta
         self.abc_reward_model = reward_model
-        self.abc_suffix_ids = list(reward_suffix_ids or [])
+        self.abc_suffix_ids = suffix_ids
         self.abc_layer = reward_layer
         self._abc_prompt_ids: list[list[int]] | None = None
         self._abc_credit: dict | None = None
         super().__init__(model, reward_funcs=[self.abc_reward], **kwargs)
+        _check_policy_vocabulary(self.processing_class, reward_vocab)
         self.abc_reward_model.to(self.accelerator.device).eval()
 
     # -------------------------------------------------------------------------------- hooks into trl 1.16
@@ -192,6 +199,62 @@ class ABCGRPOTrainer(GRPOTrainer):
                                     scale=self.scale_rewards)
         start = acc.process_index * local
         return adv[start : start + local, :width]
+
+
+def _check_reward_model(reward_model, reward_layer) -> int:
+    """The reward model's vocabulary size, after checking that it is a 1- or 2-label sequence classifier whose
+    layer ``reward_layer`` can be captured."""
+    name = type(reward_model).__name__
+    if not isinstance(reward_model, torch.nn.Module) or not name.endswith("ForSequenceClassification"):
+        raise TypeError(f"reward_model must be a transformers *ForSequenceClassification model with 1 or 2 labels, "
+                        f"got {name}")
+    labels = getattr(getattr(reward_model, "config", None), "num_labels", None)
+    if labels not in (1, 2):
+        raise ValueError(f"reward_model must have 1 label (the score) or 2 (logit[1] - logit[0]); {name} has "
+                         f"config.num_labels={labels}")
+    if isinstance(reward_layer, bool) or not isinstance(reward_layer, int):
+        raise TypeError(f"reward_layer must be an int (negative counts from the end), got {reward_layer!r}")
+    try:
+        capture_reward_attention(reward_model, layer=reward_layer)  # resolves the layer; runs nothing
+    except TypeError as error:
+        raise TypeError(f"reward_model: {error}") from None
+    except (ValueError, IndexError) as error:
+        raise ValueError(f"reward_layer={reward_layer}: {error}") from None
+    embeddings = reward_model.get_input_embeddings()
+    vocab = getattr(embeddings, "num_embeddings", None)
+    if not isinstance(vocab, int):
+        raise TypeError(f"reward_model's input embeddings ({type(embeddings).__name__}) have no num_embeddings; "
+                        "ABCGRPOTrainer needs a token-id reward model")
+    return vocab
+
+
+def _check_suffix_ids(suffix_ids, reward_vocab: int) -> list[int]:
+    if suffix_ids is None:
+        return []
+    if isinstance(suffix_ids, (str, bytes)) or not hasattr(suffix_ids, "__iter__"):
+        raise TypeError(f"reward_suffix_ids must be a list of token ids, got {type(suffix_ids).__name__}")
+    ids = list(suffix_ids)
+    bad = [i for i in ids if isinstance(i, bool) or not isinstance(i, int)]
+    if bad:
+        raise TypeError(f"reward_suffix_ids must hold ints (token ids of the reward model), got {bad[:5]}")
+    outside = [i for i in ids if not 0 <= i < reward_vocab]
+    if outside:
+        raise ValueError(f"reward_suffix_ids {outside[:5]} are outside the reward model's vocabulary "
+                         f"(0 .. {reward_vocab - 1})")
+    return ids
+
+
+def _check_policy_vocabulary(processing_class, reward_vocab: int) -> None:
+    """The reward model reads the policy's token ids: its vocabulary must cover the policy tokenizer's."""
+    tokenizer = getattr(processing_class, "tokenizer", processing_class)
+    try:
+        size = len(tokenizer)
+    except TypeError:
+        return
+    if size > reward_vocab:
+        raise ValueError(f"reward_model has {reward_vocab} token embeddings but the policy's tokenizer "
+                         f"(processing_class) has {size} tokens: the reward model reads the policy's token ids, so "
+                         "its vocabulary must cover the tokenizer's (same tokenizer, or resize its embeddings)")
 
 
 def _pad_columns(x: torch.Tensor, width: int) -> torch.Tensor:

@@ -12,13 +12,16 @@ template). The configuration that routes verl to it, and what it costs, are in t
 from __future__ import annotations
 
 import asyncio
+import logging
+import math
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
 
-from dense_rlhf import score_and_densify_text
+from dense_rlhf.align import _score_text
 
 try:
     from verl import DataProto
@@ -27,9 +30,25 @@ try:
 except ImportError as error:  # pragma: no cover - exercised only where verl is missing
     raise ImportError("dense_rlhf.integrations.verl needs verl: pip install 'dense-rlhf[verl]'") from error
 
-__all__ = ["ABCRewardManager", "ABCSettings", "check_routing", "compute_score", "load_reward_model"]
+__all__ = ["ABCRewardManager", "ABCSettings", "SampleResult", "TokenRewardManagerBase", "check_algorithm",
+           "check_routing", "compute_score", "load_reward_model"]
 
 MODULE_PATH = "pkg://dense_rlhf.integrations.verl"
+logger = logging.getLogger(__name__)
+
+# verl 0.9.1's advantage estimators (verl/trainer/ppo/core_algos.py, ADV_ESTIMATOR_REGISTRY), read from its code.
+# These start from each row's sum, ``token_level_rewards.sum(dim=-1)`` (gdpo through
+# compute_grpo_outcome_advantage, or per-key scalars on the last token), so per-token rewards reach them only as
+# that sum:
+SEQUENCE_SUM_ESTIMATORS = frozenset({"grpo", "grpo_vectorized", "gdpo", "grpo_passk", "reinforce_plus_plus_baseline",
+                                     "rloo", "rloo_vectorized", "opo", "gpg"})
+# These use per-token rewards: GAE (with a critic), and returns-to-go (reverse cumulative sums) with a baseline:
+TOKEN_LEVEL_ESTIMATORS = frozenset({"gae", "reinforce_plus_plus", "remax", "optimal_token_baseline",
+                                    "tir_optimal_token_baseline"})
+_ESTIMATOR_FIX = ("set algorithm.adv_estimator=gae (PPO with a critic), or a critic-free estimator that keeps "
+                  "per-token returns: reinforce_plus_plus, remax, or optimal_token_baseline (with "
+                  "actor_rollout_ref.actor.calculate_sum_pi_squared=True); for GRPO with ABC's credit per token, see "
+                  "dense_rlhf.integrations.trl.ABCGRPOTrainer")
 
 
 @dataclass(frozen=True)
@@ -101,6 +120,32 @@ def check_routing(config) -> None:
         raise ValueError("ABCRewardManager is not reached by this verl configuration; set " + "; ".join(problems))
 
 
+def check_algorithm(config) -> None:
+    """Raise ValueError unless verl's advantage estimator keeps per-token rewards and does not discount them.
+
+    ``algorithm.adv_estimator`` must be one of ``TOKEN_LEVEL_ESTIMATORS``: the estimators in
+    ``SEQUENCE_SUM_ESTIMATORS`` reduce each row to its sum, which equals the reward model's score for ABC's rows
+    and for the sparse reward alike, so the credit would be discarded without a word; an estimator dense-rlhf has
+    not read (a newer verl's, or one registered by the user) is refused too. ``algorithm.gamma`` must be 1: a row
+    sums to the score only undiscounted.
+    """
+    algorithm = config.get("algorithm") or {}
+    estimator = algorithm.get("adv_estimator", "gae")
+    estimator = str(getattr(estimator, "value", estimator))
+    if estimator in SEQUENCE_SUM_ESTIMATORS:
+        raise ValueError(f"algorithm.adv_estimator={estimator} reduces each row of token-level rewards to its sum "
+                         "(token_level_rewards.sum(dim=-1) in verl's core_algos), so the per-token credit would be "
+                         f"discarded and training would equal the sparse reward; {_ESTIMATOR_FIX}")
+    if estimator not in TOKEN_LEVEL_ESTIMATORS:
+        raise ValueError(f"algorithm.adv_estimator={estimator} is not one of the estimators dense-rlhf has checked "
+                         f"keep per-token rewards ({sorted(TOKEN_LEVEL_ESTIMATORS)}, from verl 0.9.1); "
+                         f"{_ESTIMATOR_FIX}")
+    gamma = algorithm.get("gamma", 1.0)
+    if gamma is None or float(gamma) != 1.0:
+        raise ValueError(f"algorithm.gamma={gamma}: the per-token rewards of a row sum to the reward model's score "
+                         "only undiscounted; set algorithm.gamma=1.0")
+
+
 def compute_score(*args: Any, **kwargs: Any):
     """The routing target for ``reward.custom_reward_function``: verl's reward-loop worker calls a manager's
     ``run_single`` only when that path is set, and loads this function from it. ``ABCRewardManager`` scores with
@@ -168,32 +213,51 @@ class _MicroBatcher:
                 future.set_result(result)
 
 
-@register("abc")
-class ABCRewardManager(RewardManagerBase):
-    """verl reward manager: ABC rewards on the policy's response tokens, written into ``rm_scores``.
+@dataclass
+class SampleResult:
+    """One sample's outcome in a per-token reward manager.
 
-    ``run_single`` returns ``{"reward_score": [r_1, ..., r_n], "reward_extra_info": {"abc_score": s}}``: the
-    rewards of the n valid response tokens (summing to the reward model's score s), and ``assemble_rm_scores``
-    writes them into a float32 ``[B, response_len]`` tensor, zero on padding.
+    rewards: float32 [n] on the n valid response tokens, summing to ``score`` (None when ``error`` is set).
+    fallback: why the sample's credit could not be mapped; its rewards are then the sparse reward (the score on
+    its last token). error: why the sample could not be scored at all.
     """
 
-    def __init__(self, config, tokenizer, compute_score=None, reward_router_address=None,
-                 reward_model_tokenizer=None):
+    rewards: torch.Tensor | None
+    score: float
+    fallback: str | None = None
+    error: str | None = None
+
+
+class TokenRewardManagerBase(RewardManagerBase):
+    """What dense-rlhf's per-token verl reward managers share, independent of how they score.
+
+    ``__init__`` refuses configurations that never reach the manager (:func:`check_routing`) or that would discard
+    or discount the per-token rewards (:func:`check_algorithm`). ``run_single`` reads one sample as verl's trainer
+    hands it over, collects the samples of a batch into micro-batches of ``batch_size`` and hands them to
+    ``score_batch`` (the subclass's scorer), which returns one :class:`SampleResult` per sample, so that a bad
+    sample stays a bad sample: one whose credit cannot be mapped gets the sparse reward, is counted as
+    ``<prefix>_fallback`` in ``reward_extra_info`` and logged as a warning with the reason; one that cannot be
+    scored at all makes ``assemble_rm_scores`` raise with its index in the batch and the reason.
+    ``reward_extra_info`` is ``{"<prefix>_score": score, "<prefix>_fallback": 0 or 1}`` for every sample.
+    """
+
+    extra_prefix = "abc"
+
+    def __init__(self, config, tokenizer, compute_score=None, *, reward_model_tokenizer, batch_size: int):
         super().__init__(config, tokenizer, compute_score)
         check_routing(config)
-        self.settings = ABCSettings.from_config(config)
-        if reward_model_tokenizer is None:
-            from transformers import AutoTokenizer
-
-            reward_model_tokenizer = AutoTokenizer.from_pretrained(self.settings.model_path)
+        check_algorithm(config)
         self.reward_model_tokenizer = reward_model_tokenizer
-        if self.settings.num_threads is not None:
-            torch.set_num_threads(int(self.settings.num_threads))
-        self.reward_model = load_reward_model(self.settings.model_path, self.settings.device, self.settings.dtype)
-        self._batcher = _MicroBatcher(self._score_batch, int(self.settings.batch_size))
+        self._batcher = _MicroBatcher(self.score_batch, int(batch_size))
+
+    def score_batch(self, samples: list[tuple[Any, torch.Tensor]]) -> list[SampleResult]:
+        """One :class:`SampleResult` per (prompt, valid response ids); runs in a worker thread."""
+        raise NotImplementedError
 
     def _sample(self, data: DataProto):
-        """(prompt, valid response ids) of a one-sample DataProto laid out as verl's trainer hands it over."""
+        """(prompt, valid response ids) of a one-sample DataProto laid out as verl's trainer hands it over: the chat
+        messages (``raw_prompt``) when the reward model's tokenizer has a chat template, else the prompt decoded by
+        the policy's tokenizer."""
         if len(data) != 1:
             raise ValueError(f"run_single takes one sample, got {len(data)}")
         item = data[0]
@@ -216,38 +280,23 @@ class ABCRewardManager(RewardManagerBase):
             prompt = self.tokenizer.decode(prompt_ids.tolist(), skip_special_tokens=True)
         return prompt, response_ids[:n].cpu()
 
-    def _score_batch(self, items):
-        """Scores and per-token rewards for a list of (prompt, response ids), one reward-model forward per kind of
-        prompt (chat or text)."""
-        results: list = [None] * len(items)
-        kinds: dict[bool, list[int]] = {}
-        for i, (prompt, _) in enumerate(items):
-            kinds.setdefault(isinstance(prompt, str), []).append(i)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        for rows in kinds.values():
-            lengths = [items[i][1].numel() for i in rows]
-            response_ids = torch.full((len(rows), max(lengths)), pad, dtype=torch.long)
-            response_mask = torch.zeros(response_ids.shape, dtype=torch.bool)
-            for j, i in enumerate(rows):
-                response_ids[j, :lengths[j]] = items[i][1]
-                response_mask[j, :lengths[j]] = True
-            with _FORWARD_LOCKS[id(self.reward_model)]:
-                scores, rewards = score_and_densify_text(
-                    self.reward_model, self.reward_model_tokenizer, [items[i][0] for i in rows], response_ids,
-                    policy_tokenizer=self.tokenizer, response_mask=response_mask, beta=float(self.settings.beta),
-                    layer=int(self.settings.layer), max_length=self.settings.max_length)
-            for j, i in enumerate(rows):
-                results[i] = (rewards[j, :lengths[j]].float().cpu(), float(scores[j]))
-        return results
-
     async def run_single(self, data: DataProto) -> dict:
-        rewards, score = await self._batcher.submit(self._sample(data))
-        return {"reward_score": rewards.tolist(), "reward_extra_info": {"abc_score": score}}
+        prompt, response_ids = self._sample(data)
+        result = await self._batcher.submit((prompt, response_ids))
+        extra = {f"{self.extra_prefix}_score": result.score,
+                 f"{self.extra_prefix}_fallback": int(result.fallback is not None)}
+        if result.error is not None:  # raised by assemble_rm_scores, which knows the sample's index
+            return {"reward_score": {"error": result.error}, "reward_extra_info": extra}
+        if result.fallback is not None:
+            logger.warning("%s: sparse reward (score %.4g on the last token) for a sample whose credit cannot be "
+                           "mapped: %s", type(self).__name__, result.score, result.fallback)
+        return {"reward_score": result.rewards.tolist(), "reward_extra_info": extra}
 
     @classmethod
     def assemble_rm_scores(cls, data: DataProto, scores: list) -> torch.Tensor:
         """``rm_scores`` [B, response_len] float32 from the per-token rewards that ``run_single`` returned, each
-        placed on its sample's valid (right-padded) response positions; zero elsewhere."""
+        placed on its sample's valid (right-padded) response positions; zero elsewhere. Raises ValueError naming
+        the first sample that could not be scored."""
         responses = data.batch["responses"]
         prompt_length = data.batch["prompts"].size(1)
         valid = data.batch["attention_mask"][:, prompt_length:].sum(dim=1).tolist()
@@ -255,12 +304,68 @@ class ABCRewardManager(RewardManagerBase):
             raise ValueError(f"got {len(scores)} results for {len(valid)} samples")
         rm_scores = torch.zeros(responses.shape, dtype=torch.float32, device=responses.device)
         for i, (row, n) in enumerate(zip(scores, valid)):
+            if isinstance(row, Mapping) and "error" in row:
+                raise ValueError(f"{cls.__name__}: sample {i} of the batch could not be scored: {row['error']}")
             row = torch.as_tensor(row, dtype=torch.float32)
             if row.dim() != 1:
                 raise ValueError(f"sample {i}'s reward_score is a scalar, not per-token rewards: verl did not call "
-                                 f"ABCRewardManager.run_single for it (set reward.custom_reward_function.path="
+                                 f"{cls.__name__}.run_single for it (set reward.custom_reward_function.path="
                                  f"{MODULE_PATH})")
             if row.numel() != n:
                 raise ValueError(f"sample {i} has {row.numel()} per-token rewards but {n} valid response tokens")
             rm_scores[i, :n] = row.to(rm_scores.device)
         return rm_scores
+
+
+@register("abc")
+class ABCRewardManager(TokenRewardManagerBase):
+    """verl reward manager: ABC rewards on the policy's response tokens, written into ``rm_scores``, from the reward
+    model run in this process (:func:`dense_rlhf.score_and_densify_text`).
+
+    ``run_single`` returns ``{"reward_score": [r_1, ..., r_n], "reward_extra_info": {"abc_score": s,
+    "abc_fallback": 0}}``: the rewards of the n valid response tokens (summing to the reward model's score s), and
+    ``assemble_rm_scores`` writes them into a float32 ``[B, response_len]`` tensor, zero on padding. A sample whose
+    credit cannot be mapped gets the sparse reward and ``abc_fallback: 1`` (see :class:`TokenRewardManagerBase`).
+    """
+
+    def __init__(self, config, tokenizer, compute_score=None, reward_router_address=None,
+                 reward_model_tokenizer=None):
+        settings = ABCSettings.from_config(config)
+        super().__init__(config, tokenizer, compute_score, reward_model_tokenizer=reward_model_tokenizer,
+                         batch_size=settings.batch_size)
+        self.settings = settings
+        if self.reward_model_tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self.reward_model_tokenizer = AutoTokenizer.from_pretrained(settings.model_path)
+        if settings.num_threads is not None:
+            torch.set_num_threads(int(settings.num_threads))
+        self.reward_model = load_reward_model(settings.model_path, settings.device, settings.dtype)
+
+    def score_batch(self, samples):
+        """Scores and per-token rewards for a list of (prompt, response ids), one reward-model forward per kind of
+        prompt (chat or text); a sample that fails affects only itself."""
+        results: list = [None] * len(samples)
+        kinds: dict[bool, list[int]] = {}
+        for i, (prompt, _) in enumerate(samples):
+            kinds.setdefault(isinstance(prompt, str), []).append(i)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        for rows in kinds.values():
+            lengths = [samples[i][1].numel() for i in rows]
+            response_ids = torch.full((len(rows), max(lengths)), pad, dtype=torch.long)
+            response_mask = torch.zeros(response_ids.shape, dtype=torch.bool)
+            for j, i in enumerate(rows):
+                response_ids[j, :lengths[j]] = samples[i][1]
+                response_mask[j, :lengths[j]] = True
+            with _FORWARD_LOCKS[id(self.reward_model)]:
+                out = _score_text(
+                    self.reward_model, self.reward_model_tokenizer, [samples[i][0] for i in rows], response_ids,
+                    policy_tokenizer=self.tokenizer, response_mask=response_mask, beta=float(self.settings.beta),
+                    layer=int(self.settings.layer), max_length=self.settings.max_length, strict=False)
+            for j, i in enumerate(rows):
+                if j in out.failed:
+                    results[i] = SampleResult(None, math.nan, error=out.failed[j])
+                else:
+                    results[i] = SampleResult(out.rewards[j, :lengths[j]].float().cpu(), float(out.scores[j]),
+                                              fallback=out.unmapped.get(j))
+        return results
