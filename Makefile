@@ -1,7 +1,8 @@
 # Two commands do all the set-up on a fresh machine, then run:
 #   make demo   the main job: train a small RLHF setup and compare sparse rewards with ABC
-#   make test   the test suite in a CPU environment, the packaging checks, the verl integration's tests in an
-#               environment with the pinned verl, then a CUDA build check where nvcc is found
+#   make test   the test suite in a CPU environment, the README's and docs' code blocks, the packaging checks,
+#               the verl integration's tests in an environment with the pinned verl, then a CUDA build check
+#               where nvcc is found
 # Both create a virtual environment in .venv with torch (CPU wheel by default) and install the package the
 # way the README's Install section says (the pip that venv ships, --no-build-isolation).
 
@@ -26,7 +27,7 @@ CORE_TESTS := tests/test_dense_rewards.py tests/test_prefix_rewards.py tests/tes
 
 SOURCES := setup.py pyproject.toml requirements-dev.txt $(wildcard csrc/*.* csrc/*/*.*)
 
-.PHONY: demo test test-cpu test-packaging test-verl test-cuda-build bench experiment clean
+.PHONY: demo test test-cpu test-docs test-packaging test-verl test-cuda-build bench experiment clean
 
 demo: $(VENV)/.built
 	$(VENV)/bin/dense-rlhf demo $(ARGS)
@@ -37,10 +38,17 @@ experiment: $(VENV)/.built
 bench: $(VENV)/.built
 	$(VENV)/bin/dense-rlhf bench $(ARGS)
 
-test: test-cpu test-packaging test-verl test-cuda-build
+test: test-cpu test-docs test-packaging test-verl test-cuda-build
 
 test-cpu: $(VENV)/.built
 	DENSE_RLHF_REQUIRE_NATIVE=1 $(PY) -m pytest -q tests
+
+# Every Python code block of README.md and of the pages under docs/ (pytest-markdown-docs; fixtures in conftest.py).
+# The superfences syntax option also reads the plain `python fixture:...` info strings, so pages written for
+# MkDocs ({.python fixture:...}) and the README (GitHub's syntax) both run.
+DOCS := README.md $(wildcard docs)
+test-docs: $(VENV)/.built
+	$(PY) -m pytest -q -p no:cacheprovider --markdown-docs --markdown-docs-syntax=superfences $(DOCS)
 
 # sdist and wheel from a clean copy, the sdist installed into a fresh venv, the editable install with the
 # pip that venv ships; SKIP_PACKAGING=1 skips it.
