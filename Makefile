@@ -5,6 +5,9 @@
 #               where nvcc is found
 # Both create a virtual environment in .venv with torch (CPU wheel by default) and install the package the
 # way the README's Install section says (the pip that venv ships, --no-build-isolation).
+# The installed commands write into ./dense-rlhf-results/<command>/; the targets that produce the repository's
+# committed results (experiment, grpo-study, bench) pass --out explicitly. `make clean` removes the build and every
+# environment (`make clean-envs` only the environments).
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -27,16 +30,20 @@ CORE_TESTS := tests/test_dense_rewards.py tests/test_prefix_rewards.py tests/tes
 
 SOURCES := setup.py pyproject.toml requirements-dev.txt $(wildcard csrc/*.* csrc/*/*.*)
 
-.PHONY: demo test test-cpu test-docs test-packaging test-verl test-cuda-build bench experiment clean
+.PHONY: demo test test-cpu test-docs test-packaging test-verl test-cuda-build bench experiment grpo-study clean \
+	clean-envs
 
 demo: $(VENV)/.built
 	$(VENV)/bin/dense-rlhf demo $(ARGS)
 
 experiment: $(VENV)/.built
-	$(VENV)/bin/dense-rlhf experiment $(ARGS)
+	$(VENV)/bin/dense-rlhf experiment --out experiments/results $(ARGS)
+
+grpo-study: $(VENV)/.built
+	$(VENV)/bin/dense-rlhf grpo-study --out experiments/results $(ARGS)
 
 bench: $(VENV)/.built
-	$(VENV)/bin/dense-rlhf bench $(ARGS)
+	$(VENV)/bin/dense-rlhf bench --out benchmarks/results $(ARGS)
 
 test: test-cpu test-docs test-packaging test-verl test-cuda-build
 
@@ -103,5 +110,16 @@ else
 	  bin/python -m pytest -q -p no:cacheprovider --rootdir=$(CURDIR) $(addprefix $(CURDIR)/,$(CORE_TESTS))
 endif
 
-clean:
-	rm -rf build dist $(VENV) $(VERL_VENV) $(CUDA_VENV) dense_rlhf/_C*.so *.egg-info
+clean: clean-envs
+	rm -rf build dist dense_rlhf/_C*.so *.egg-info
+	@echo "clean: removed the build outputs and the environments"
+
+# The environments `make test` creates take several GB (the README's "Tests and CI" gives the sizes).
+ENVS = $(wildcard $(VENV) $(VERL_VENV) $(CUDA_VENV))
+clean-envs:
+ifeq ($(ENVS),)
+	@echo "clean-envs: no environment to remove"
+else
+	@echo "clean-envs: removing $(ENVS) ($$(du -sch $(ENVS) | tail -n 1 | cut -f1))"
+	rm -rf $(ENVS)
+endif
