@@ -11,7 +11,7 @@ import statistics
 import pytest
 
 from dense_rlhf import _native
-from dense_rlhf.bench import baselines, cases, run
+from dense_rlhf.bench import baselines, cases, run, timers
 from dense_rlhf.bench.report import target_line
 from dense_rlhf.bench.timers import CpuTimer
 
@@ -82,14 +82,16 @@ def test_case_over_memory_budget_is_skipped_with_a_reason():
 
 
 # ------------------------------------------------------------------------- the noise rule, on synthetic timings
-def timed(times: list[float]) -> dict:
+def timed(times: list[float], cpu_wait: float | None = 0.01) -> dict:
     """A method's result as run_case records it, from the given repeats (seconds)."""
     q1, q3 = run.quartiles(times)
-    return {"median_s": statistics.median(times), "q1_s": q1, "q3_s": q3, "reps": len(times)}
+    return {"median_s": statistics.median(times), "q1_s": q1, "q3_s": q3, "reps": len(times),
+            "cpu_wait_frac": cpu_wait}
 
 
-def cpu_target_case(native: list[float], reference: list[float], official: list[float]) -> dict:
-    methods = {"native": timed(native), "reference": timed(reference), "official": timed(official)}
+def cpu_target_case(native: list[float], reference: list[float], official: list[float],
+                    native_wait: float | None = 0.01) -> dict:
+    methods = {"native": timed(native, native_wait), "reference": timed(reference), "official": timed(official)}
     speedup = {name: methods[name]["median_s"] / methods["native"]["median_s"] for name in ("reference", "official")}
     return {"label": "[B,H,L,L] fp32 B=64 H=16 L=512 threads=2", "skipped": None, "methods": methods,
             "speedup": speedup, "case": {"target": cases.target_cases("cpu")[0].target}}
@@ -146,3 +148,34 @@ def test_bandwidth_target_uses_natives_quartiles():
     low, high = check["ranges"]["pct_copy_bandwidth"]
     assert high == pytest.approx(90.0) and low == pytest.approx(90.0 / 1.2)
     assert check["verdict"] == "inconclusive"  # 75-90% around the 85% goal
+
+
+def test_a_busy_machine_makes_the_target_inconclusive_however_tight_the_repeats():
+    """What a shared 2-core machine did: every 2-thread call waited for a time slice, all repeats alike."""
+    native = [11_926 * US, 11_950 * US, 11_978 * US, 12_000 * US, 12_066 * US]
+    [check] = cases.check_targets([cpu_target_case(native, REFERENCE, OFFICIAL, native_wait=0.78)])
+    assert check["verdict"] == "inconclusive"
+    line = target_line(check, markdown=False)
+    assert "busy" in line and "native 78%" in line and "rerun on a quieter machine" in line
+    # the same timings with the threads never waiting: a real miss
+    [check] = cases.check_targets([cpu_target_case(native, REFERENCE, OFFICIAL, native_wait=0.0)])
+    assert check["verdict"] == "missed"
+    # and where the kernel does not report waits, the spread rule alone decides
+    [check] = cases.check_targets([cpu_target_case(native, REFERENCE, OFFICIAL, native_wait=None)])
+    assert check["verdict"] == "missed"
+
+
+def test_thread_waits_are_read_and_differenced():
+    assert timers.waited_s({"a": 1_000_000_000}, {"a": 1_500_000_000, "b": 250_000_000}) == 0.75
+    assert timers.waited_s(None, {"a": 1}) is None
+    waits = timers.thread_waits()
+    assert waits is None or all(wait >= 0 for wait in waits.values())
+
+
+def test_run_case_records_the_wait_share_of_each_method():
+    args = run.parse_args(["--device", "cpu", "--time-budget", "0.02", "--rounds", "1", "--methods", "native",
+                           "reference"])
+    args.max_input_bytes, args.copy_gbps, args.max_call_s = 2**30, None, 20.0
+    record = run.run_case(cases.Case("rows", "fp32", 2, 2, 16), "cpu", args, CpuTimer(), None)
+    for result in record["methods"].values():
+        assert result["cpu_wait_frac"] is None or result["cpu_wait_frac"] >= 0.0

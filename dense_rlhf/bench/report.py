@@ -17,7 +17,7 @@ import torch
 
 from dense_rlhf import _native
 from dense_rlhf.bench.baselines import ALTERNATIVES, METHODS
-from dense_rlhf.bench.cases import LAYOUTS
+from dense_rlhf.bench.cases import CPU_WAIT_LIMIT, LAYOUTS
 
 
 def device_slug(device: str) -> str:
@@ -134,7 +134,8 @@ def markdown(report: dict) -> str:
     if report["targets"]:
         lines += ["", "A target is met when its ratio computed from the interquartile bounds of the repeats (the "
                   "other method's first quartile over native's third) reaches the goal, missed when even the "
-                  "opposite bounds fall short, inconclusive when they lie on both sides of it "
+                  "opposite bounds fall short, inconclusive when they lie on both sides of it or when the timed "
+                  f"threads waited for a CPU more than {100 * CPU_WAIT_LIMIT:.0f}% of their time "
                   "(`dense_rlhf.bench.cases.verdict`)."]
     agree = all(r.get("agrees", True) for case in report["cases"] for r in case["methods"].values())
     lines += ["", f"Every method agrees with the reference on every benchmarked input: **{'yes' if agree else 'NO'}**."]
@@ -150,10 +151,18 @@ def target_line(target: dict, markdown: bool = True) -> str:
     line = (f"{target['case']}: {target['goal']}: measured {_fmt_measured(target['measured'], target.get('ranges'))}: "
             f"{shown}")
     if verdict == "inconclusive":
-        spread = "; ".join(f"{name} {_us(s['q1_s'])}-{_us(s['q3_s'])} µs, median {_us(s['median_s'])}, "
-                           f"{s['reps']} repeats" for name, s in target.get("spread", {}).items())
-        line += (f": too noisy to decide, the bounds from the interquartile ranges of the repeats lie on both sides "
-                 f"of the goal ({spread}); rerun on a quieter machine")
+        spread = target.get("spread", {})
+        waits = {name: s["cpu_wait_frac"] for name, s in spread.items() if s.get("cpu_wait_frac") is not None}
+        if waits and max(waits.values()) > CPU_WAIT_LIMIT:
+            waited = ", ".join(f"{name} {100 * w:.0f}%" for name, w in waits.items())
+            line += (f": the machine was busy, the timed threads waited for a CPU for part of their time ({waited}; "
+                     f"over {100 * CPU_WAIT_LIMIT:.0f}% the times are the scheduler's)")
+        else:
+            ranges = "; ".join(f"{name} {_us(s['q1_s'])}-{_us(s['q3_s'])} µs, median {_us(s['median_s'])}, "
+                               f"{s['reps']} repeats" for name, s in spread.items())
+            line += (": too noisy to decide, the bounds from the interquartile ranges of the repeats lie on both "
+                     f"sides of the goal ({ranges})")
+        line += "; rerun on a quieter machine"
     return line
 
 

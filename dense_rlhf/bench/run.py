@@ -19,8 +19,9 @@ Each sequence is a prompt of L/8 tokens then its completion; odd rows are right-
 are at the last completion token (the default reward position), as in the public code.
 
 Timing: the methods of a case run interleaved in ``--rounds`` rounds, so that load drifts hit them alike;
-median over all repetitions after a warm-up call, with their first and third quartiles: a target whose ratio
-the spread of the repeats leaves undecided is reported "inconclusive", naming the spread
+median over all repetitions after a warm-up call, with their first and third quartiles and the share of the
+timed threads' time spent waiting for a CPU (Linux): a target that the spread of the repeats leaves undecided, or
+whose threads waited for a CPU, is reported "inconclusive", naming the noise, on the console and in the report
 (:func:`dense_rlhf.bench.cases.verdict` states the rule). CPU: ``torch.utils.benchmark.Timer``; CUDA: CUDA events
 around each call with the L2 cache flushed before it. "Bytes that must move" are the attention values at the
 reward position for the completion tokens of every head, plus the mask, the score and the outputs (rewards
@@ -50,10 +51,10 @@ from dense_rlhf import _native
 from dense_rlhf.cli import default_out
 from dense_rlhf.bench.baselines import (ALTERNATIVES, DEFAULT_TOLERANCE, METHODS, TOLERANCE, CompiledReference, agreement,
                                         native_method, official_method, reference_method)
-from dense_rlhf.bench.cases import (Case, bytes_to_move, extra_bytes_estimate, full_grid, make_inputs, quick_grid,
+from dense_rlhf.bench.cases import (CPU_WAIT_LIMIT, Case, bytes_to_move, extra_bytes_estimate, full_grid, make_inputs, quick_grid,
                                     target_cases, check_targets, tiny_grid)
 from dense_rlhf.bench.report import device_slug, machine_info, target_line, write_outputs, _us
-from dense_rlhf.bench.timers import CpuTimer, CudaTimer, copy_bandwidth_gbs, sync
+from dense_rlhf.bench.timers import CpuTimer, CudaTimer, copy_bandwidth_gbs, sync, thread_waits, waited_s
 
 
 def run_case(case: Case, device: str, args, timer, compiled: CompiledReference | None) -> dict:
@@ -109,9 +110,17 @@ def _run_case(case: Case, device: str, args, timer, compiled: CompiledReference 
         results[name]["peak_extra_bytes"] = timer.peak_extra_bytes(fn)
 
     timed = [name for name in methods if "skipped" not in results[name]]
+    threads = torch.get_num_threads()  # the case's (run_case set them)
+    for name in timed:
+        results[name].update(wall_s=0.0, cpu_wait_s=0.0)
     for _ in range(args.rounds):
         for name in timed:
+            before, start = thread_waits(), time.perf_counter()
             results[name]["times_s"] += timer.times(methods[name], args.time_budget / args.rounds, warm[name])
+            results[name]["wall_s"] += time.perf_counter() - start
+            waited = waited_s(before, thread_waits())
+            results[name]["cpu_wait_s"] = None if waited is None or results[name]["cpu_wait_s"] is None else \
+                results[name]["cpu_wait_s"] + waited
 
     for name in timed:
         result = results[name]
@@ -119,6 +128,9 @@ def _run_case(case: Case, device: str, args, timer, compiled: CompiledReference 
         result["median_s"] = statistics.median(times)
         result["q1_s"], result["q3_s"] = quartiles(times)
         result["reps"] = len(times)
+        # the share of the timed threads' time spent waiting for a CPU (None where the kernel does not say)
+        wait, wall = result.pop("cpu_wait_s"), result.pop("wall_s")
+        result["cpu_wait_frac"] = None if wait is None or wall <= 0 else max(0.0, wait / (wall * threads))
         result["gbps"] = moved / result["median_s"] / 1e9
         if args.copy_gbps:
             result["pct_copy_bandwidth"] = 100.0 * result["gbps"] / args.copy_gbps
@@ -268,7 +280,10 @@ def _progress(record: dict) -> str:
         return f"{record['label']}: skipped ({record['skipped']})"
     parts = [f"{name} {_us(r.get('median_s'))} µs" if "median_s" in r else f"{name} skipped ({r.get('skipped')})"
              for name, r in record["methods"].items()]
-    return f"{record['label']}: " + ", ".join(parts)
+    waits = [r["cpu_wait_frac"] for r in record["methods"].values() if r.get("cpu_wait_frac") is not None]
+    busy = (f" (busy machine: the threads waited for a CPU up to {100 * max(waits):.0f}% of the time)"
+            if waits and max(waits) > CPU_WAIT_LIMIT else "")
+    return f"{record['label']}: " + ", ".join(parts) + busy
 
 
 if __name__ == "__main__":
