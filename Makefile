@@ -50,12 +50,14 @@ test: test-cpu test-docs test-packaging test-verl test-cuda-build
 test-cpu: $(VENV)/.built
 	DENSE_RLHF_REQUIRE_NATIVE=1 $(PY) -m pytest -q tests
 
-# Every Python code block of README.md and of the pages under docs/ (pytest-markdown-docs; fixtures in conftest.py).
+# Every Python code block of README.md and of the pages under docs/ (pytest-markdown-docs; the blocks' fixtures are
+# in tests/docs_fixtures.py).
 # The superfences syntax option also reads the plain `python fixture:...` info strings, so pages written for
 # MkDocs ({.python fixture:...}) and the README (GitHub's syntax) both run.
 DOCS := README.md $(wildcard docs)
 test-docs: $(VENV)/.built
-	$(PY) -m pytest -q -p no:cacheprovider --markdown-docs --markdown-docs-syntax=superfences $(DOCS)
+	$(PY) -m pytest -q -p no:cacheprovider -p tests.docs_fixtures --markdown-docs --markdown-docs-syntax=superfences \
+	  $(DOCS)
 
 # sdist and wheel from a clean copy, the sdist installed into a fresh venv, the editable install with the
 # pip that venv ships; SKIP_PACKAGING=1 skips it.

@@ -1,5 +1,5 @@
 """The code blocks of README.md and of the pages under docs/: each Python block runs (``make test-docs``, with
-pytest-markdown-docs and the fixtures of the root conftest.py), and every block that does not run says why in the
+pytest-markdown-docs and the fixtures of tests/docs_fixtures.py), and every block that does not run says why in the
 markdown source, in an HTML comment right above it: ``<!-- not run: <reason> -->``."""
 
 from __future__ import annotations

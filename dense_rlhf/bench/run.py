@@ -51,8 +51,8 @@ from dense_rlhf import _native
 from dense_rlhf.cli import default_out
 from dense_rlhf.bench.baselines import (ALTERNATIVES, DEFAULT_TOLERANCE, METHODS, TOLERANCE, CompiledReference, agreement,
                                         native_method, official_method, reference_method)
-from dense_rlhf.bench.cases import (CPU_WAIT_LIMIT, Case, bytes_to_move, extra_bytes_estimate, full_grid, make_inputs, quick_grid,
-                                    target_cases, check_targets, tiny_grid)
+from dense_rlhf.bench.cases import (CPU_WAIT_LIMIT, Case, bytes_to_move, check_targets, extra_bytes_estimate, full_grid,
+                                    make_inputs, quick_grid, target_cases, tiny_grid)
 from dense_rlhf.bench.report import device_slug, machine_info, target_line, write_outputs, _us
 from dense_rlhf.bench.timers import CpuTimer, CudaTimer, copy_bandwidth_gbs, sync, thread_waits, waited_s
 
