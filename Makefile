@@ -56,8 +56,8 @@ test-cpu: $(VENV)/.built
 # MkDocs ({.python fixture:...}) and the README (GitHub's syntax) both run.
 DOCS := README.md $(wildcard docs)
 test-docs: $(VENV)/.built
-	$(PY) -m pytest -q -p no:cacheprovider -p tests.docs_fixtures --markdown-docs --markdown-docs-syntax=superfences \
-	  $(DOCS)
+	PYTHONPATH=tests $(PY) -m pytest -q -p no:cacheprovider -p docs_fixtures --markdown-docs \
+	  --markdown-docs-syntax=superfences $(DOCS)
 
 # sdist and wheel from a clean copy, the sdist installed into a fresh venv, the editable install with the
 # pip that venv ships; SKIP_PACKAGING=1 skips it.

@@ -1,7 +1,7 @@
 """Fixtures for the Python code blocks of README.md and of the pages under docs/, which `make test-docs` runs with
-pytest-markdown-docs and this module as a plugin (``-p tests.docs_fixtures``). Not a root conftest.py: that would
-put the source tree first on sys.path in every pytest run, shadowing the installed package that the CUDA build
-check tests.
+pytest-markdown-docs and this module as a plugin (``-p docs_fixtures``, tests/ on the path; some environments hold
+another top-level ``tests`` package). Not a root conftest.py: that would put the source tree first on sys.path in
+every pytest run, shadowing the installed package that the CUDA build check tests.
 
 A block names what it uses in its info string (```` ```python fixture:reward_model fixture:input_ids ````); each
 name is a fixture below, injected as a global of that name; ``torch`` and ``dense_rlhf`` are imported for every

@@ -57,6 +57,8 @@ def main(argv: list[str]) -> int:
     log_path.write_text("")
     with library_output_to(log_path):
         _run(args, argv, console, out)
+    if log_path.stat().st_size:
+        console.print(f"the libraries' messages (trl's training logs, warnings): {log_path}")
     return 0
 
 
@@ -119,7 +121,7 @@ def _run(args, argv: list[str], console, out: Path) -> None:
             "command": "dense-rlhf demo " + " ".join(argv), "reward_model": rmm,
             "config": study.config_dict(setup, ppo)}
     paths = study.write_outputs(out, "demo", results, summary, None, meta)
-    table = Table(title=f"true score, threshold {summary['threshold']:.2f} (SFT {summary['sft_score']:.2f})")
+    table = Table(title="hidden true score of the PPO policies")
     for col in ("method", "steps to threshold", "final mean ± std", "late spread", "final KL"):
         table.add_column(col)
     for method, s in summary["methods"].items():
@@ -132,5 +134,4 @@ def _run(args, argv: list[str], console, out: Path) -> None:
     console.print("late spread: the standard deviation of the true score across seeds over the last quarter of the "
                   "steps; lower is steadier" + (" (0 with one seed)" if n_seeds == 1 else ""))
     files = ", ".join(Path(p).name for p in (html_path, paths["plot"], paths["table"], paths["json"]))
-    console.print(f"wrote {files} into {out}/, and the libraries' messages (trl's training logs, warnings) into "
-                  f"demo.log; done in {time.time() - t0:.0f}s")
+    console.print(f"wrote {files} into {out}/; done in {time.time() - t0:.0f}s")
