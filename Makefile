@@ -1,9 +1,13 @@
 # Two commands do all the set-up on a fresh machine, then run:
 #   make demo   the main job: train a small RLHF setup and compare sparse rewards with ABC
-#   make test   the test suite in a CPU environment, the packaging checks, the verl integration's tests in an
-#               environment with the pinned verl, then a CUDA build check where nvcc is found
+#   make test   the test suite in a CPU environment, the README's and docs' code blocks, the packaging checks,
+#               the verl integration's tests in an environment with the pinned verl, then a CUDA build check
+#               where nvcc is found
 # Both create a virtual environment in .venv with torch (CPU wheel by default) and install the package the
 # way the README's Install section says (the pip that venv ships, --no-build-isolation).
+# The installed commands write into ./dense-rlhf-results/<command>/; the targets that produce the repository's
+# committed results (experiment, grpo-study, bench) pass --out explicitly. `make clean` removes the build and every
+# environment (`make clean-envs` only the environments).
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -26,21 +30,34 @@ CORE_TESTS := tests/test_dense_rewards.py tests/test_prefix_rewards.py tests/tes
 
 SOURCES := setup.py pyproject.toml requirements-dev.txt $(wildcard csrc/*.* csrc/*/*.*)
 
-.PHONY: demo test test-cpu test-packaging test-verl test-cuda-build bench experiment clean
+.PHONY: demo test test-cpu test-docs test-packaging test-verl test-cuda-build bench experiment grpo-study clean \
+	clean-envs
 
 demo: $(VENV)/.built
 	$(VENV)/bin/dense-rlhf demo $(ARGS)
 
 experiment: $(VENV)/.built
-	$(VENV)/bin/dense-rlhf experiment $(ARGS)
+	$(VENV)/bin/dense-rlhf experiment --out experiments/results $(ARGS)
+
+grpo-study: $(VENV)/.built
+	$(VENV)/bin/dense-rlhf grpo-study --out experiments/results $(ARGS)
 
 bench: $(VENV)/.built
-	$(VENV)/bin/dense-rlhf bench $(ARGS)
+	$(VENV)/bin/dense-rlhf bench --out benchmarks/results $(ARGS)
 
-test: test-cpu test-packaging test-verl test-cuda-build
+test: test-cpu test-docs test-packaging test-verl test-cuda-build
 
 test-cpu: $(VENV)/.built
 	DENSE_RLHF_REQUIRE_NATIVE=1 $(PY) -m pytest -q tests
+
+# Every Python code block of README.md and of the pages under docs/ (pytest-markdown-docs; the blocks' fixtures are
+# in tests/docs_fixtures.py).
+# The superfences syntax option also reads the plain `python fixture:...` info strings, so pages written for
+# MkDocs ({.python fixture:...}) and the README (GitHub's syntax) both run.
+DOCS := README.md $(wildcard docs)
+test-docs: $(VENV)/.built
+	PYTHONPATH=tests $(PY) -m pytest -q -p no:cacheprovider -p docs_fixtures --markdown-docs \
+	  --markdown-docs-syntax=superfences $(DOCS)
 
 # sdist and wheel from a clean copy, the sdist installed into a fresh venv, the editable install with the
 # pip that venv ships; SKIP_PACKAGING=1 skips it.
@@ -95,5 +112,16 @@ else
 	  bin/python -m pytest -q -p no:cacheprovider --rootdir=$(CURDIR) $(addprefix $(CURDIR)/,$(CORE_TESTS))
 endif
 
-clean:
-	rm -rf build dist $(VENV) $(VERL_VENV) $(CUDA_VENV) dense_rlhf/_C*.so *.egg-info
+clean: clean-envs
+	rm -rf build dist dense_rlhf/_C*.so *.egg-info
+	@echo "clean: removed the build outputs and the environments"
+
+# The environments `make test` creates take several GB (the README's "Tests and CI" gives the sizes).
+ENVS = $(wildcard $(VENV) $(VERL_VENV) $(CUDA_VENV))
+clean-envs:
+ifeq ($(ENVS),)
+	@echo "clean-envs: no environment to remove"
+else
+	@echo "clean-envs: removing $(ENVS) ($$(du -sch $(ENVS) | tail -n 1 | cut -f1))"
+	rm -rf $(ENVS)
+endif

@@ -143,8 +143,8 @@ else
   # Targets compiled statically (torch.compile's best case), the rest of the grid with dynamic shapes.
   # shellcheck disable=SC2086  # BENCH_ARGS is a list of arguments
   # 0.12 s of timed calls per method and case: up to 200 repetitions per round of a kernel of some µs.
-  timeout "$bench_budget" "$PYTHON" -m dense_rlhf.cli bench --device cuda --compile-dynamic static-targets \
-    --time-budget 0.12 --max-wall-s $((bench_budget - 40)) ${BENCH_ARGS:-} 2>&1 | grep -v -i "warn"
+  timeout "$bench_budget" "$PYTHON" -m dense_rlhf.cli bench --device cuda --out benchmarks/results \
+    --compile-dynamic static-targets --time-budget 0.12 --max-wall-s $((bench_budget - 40)) ${BENCH_ARGS:-} 2>&1 | grep -v -i "warn"
   bench_rc=${PIPESTATUS[0]}
   echo "BENCH: rc=$bench_rc (1: a method disagreed with the reference, 124: time limit)"
   results=$("$PYTHON" -c 'from dense_rlhf.bench.report import device_slug; print("benchmarks/results/" + device_slug("cuda"))')

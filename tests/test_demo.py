@@ -1,4 +1,5 @@
-"""End to end: ``dense-rlhf demo --quick`` (what CI runs) and a tiny ``dense-rlhf experiment``, in temp dirs."""
+"""End to end: ``dense-rlhf demo --quick`` (what CI runs) and a tiny ``dense-rlhf experiment``, in temp dirs; the
+demo's console and the credit shading's colours."""
 
 import json
 
@@ -10,13 +11,22 @@ for needed in ("transformers", "trl", "datasets", "matplotlib", "rich"):
 from dense_rlhf import cli  # noqa: E402
 
 
-def test_demo_quick_then_tiny_experiment(tmp_path, monkeypatch):
+def test_demo_quick_then_tiny_experiment(tmp_path, monkeypatch, capsys):
     cache = tmp_path / "cache"
     monkeypatch.setenv("DENSE_RLHF_CACHE", str(cache))
     out = tmp_path / "demo"
     assert cli.main(["demo", "--quick", "--out", str(out), "--examples", "2"]) == 0
     for name in ("credit.html", "demo.png", "demo.md", "demo.json"):
         assert (out / name).stat().st_size > 0
+    console = capsys.readouterr()
+    text = " ".join(console.out.split())  # rich wraps lines at the terminal's width
+    # what the program has to say, each fact once; the libraries' messages in demo.log
+    assert text.count("reward model held-out") == 1 and text.count("credit.html") == 1
+    assert "threshold: a true score of" in text and "late spread: the standard deviation" in text
+    for chatter in ("{'loss'", "'train_runtime'", "Warning", "it/s"):
+        assert chatter not in console.out + console.err, chatter
+    log = (out / "demo.log").read_text()
+    assert "RewardTrainer" in log and "'train_runtime'" in log and "FutureWarning" in log
     data = json.loads((out / "demo.json").read_text())
     assert {r["method"] for r in data["runs"]} == {"sparse", "abc-0.8"}
     for run in data["runs"]:
@@ -55,3 +65,18 @@ def test_demo_quick_then_tiny_experiment(tmp_path, monkeypatch):
         assert set(length[threshold]["ratios"]) == {"abc-0.8", "prefix-0.8", "uniform"}
         assert all(len(r["per_seed"]) == 2 for r in length[threshold]["ratios"].values())
     assert (res / "length_study.md").exists() and (res / "length_study.png").stat().st_size > 0
+
+
+def test_credit_shading_never_looks_like_the_sign_colours():
+    """The shading of ABC's share must not be read as the green or red of the true credit's sign, also where
+    rich reduces it to the 16 standard colours (where orange became the legend's red)."""
+    from rich.color import Color, ColorSystem
+
+    from dense_rlhf.study.credit_view import _shade
+
+    signs = {Color.parse(name).number for name in ("red", "green", "bright_red", "bright_green")}
+    for i in range(101):
+        r, g, b = _shade(i / 100)
+        assert b >= max(r, g)  # white to blue
+        assert Color.from_rgb(r, g, b).downgrade(ColorSystem.STANDARD).number not in signs
+    assert Color.from_rgb(*_shade(1.0)).downgrade(ColorSystem.STANDARD).number == Color.parse("bright_blue").number

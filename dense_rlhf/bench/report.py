@@ -17,7 +17,7 @@ import torch
 
 from dense_rlhf import _native
 from dense_rlhf.bench.baselines import ALTERNATIVES, METHODS
-from dense_rlhf.bench.cases import LAYOUTS
+from dense_rlhf.bench.cases import CPU_WAIT_LIMIT, LAYOUTS
 
 
 def device_slug(device: str) -> str:
@@ -77,7 +77,9 @@ def _us(seconds: float | None) -> str:
 
 
 def _x(value: float | None) -> str:
-    return "—" if value is None else (f"{value:,.0f}x" if value >= 100 else f"{value:.1f}x")
+    if value is None:
+        return "—"
+    return f"{value:,.0f}x" if value >= 100 else f"{value:.1f}x" if value >= 1 else f"{value:.2f}x"
 
 
 def markdown(report: dict) -> str:
@@ -128,15 +130,43 @@ def markdown(report: dict) -> str:
             ))
         lines.append(start + " " + " | ".join(cells) + " |" + (" *target*" if c["target"] else ""))
     lines += ["", "Targets:", ""]
-    lines += [f"- {t['case']}: {t['goal']}: measured {_fmt_measured(t['measured'])}: "
-              f"**{'met' if t['met'] else 'missed'}**" for t in report["targets"]] or ["- none in this grid"]
+    lines += [f"- {target_line(t)}" for t in report["targets"]] or ["- none in this grid"]
+    if report["targets"]:
+        lines += ["", "A target is met when its ratio computed from the interquartile bounds of the repeats (the "
+                  "other method's first quartile over native's third) reaches the goal, missed when even the "
+                  "opposite bounds fall short, inconclusive when they lie on both sides of it or when the timed "
+                  f"threads waited for a CPU more than {100 * CPU_WAIT_LIMIT:.0f}% of their time "
+                  "(`dense_rlhf.bench.cases.verdict`)."]
     agree = all(r.get("agrees", True) for case in report["cases"] for r in case["methods"].values())
     lines += ["", f"Every method agrees with the reference on every benchmarked input: **{'yes' if agree else 'NO'}**."]
     lines += ["", "Notes:", ""] + [f"- {note}" for note in report["notes"]]
     return "\n".join(lines) + "\n"
 
 
-def _fmt_measured(measured: dict) -> str:
+def target_line(target: dict, markdown: bool = True) -> str:
+    """One target's verdict in a line: the case, the goal, the measured figures with their interquartile bounds,
+    and, when the verdict is inconclusive, the spread of each method's repeats that made it so."""
+    verdict = target.get("verdict", "met" if target["met"] else "missed")
+    shown = f"**{verdict}**" if markdown else verdict.upper()
+    line = (f"{target['case']}: {target['goal']}: measured {_fmt_measured(target['measured'], target.get('ranges'))}: "
+            f"{shown}")
+    if verdict == "inconclusive":
+        spread = target.get("spread", {})
+        waits = {name: s["cpu_wait_frac"] for name, s in spread.items() if s.get("cpu_wait_frac") is not None}
+        if waits and max(waits.values()) > CPU_WAIT_LIMIT:
+            waited = ", ".join(f"{name} {100 * w:.0f}%" for name, w in waits.items())
+            line += (f": the machine was busy, the timed threads waited for a CPU for part of their time ({waited}; "
+                     f"over {100 * CPU_WAIT_LIMIT:.0f}% the times are the scheduler's)")
+        else:
+            ranges = "; ".join(f"{name} {_us(s['q1_s'])}-{_us(s['q3_s'])} µs, median {_us(s['median_s'])}, "
+                               f"{s['reps']} repeats" for name, s in spread.items())
+            line += (": too noisy to decide, the bounds from the interquartile ranges of the repeats lie on both "
+                     f"sides of the goal ({ranges})")
+        line += "; rerun on a quieter machine"
+    return line
+
+
+def _fmt_measured(measured: dict, ranges: dict | None = None) -> str:
     parts = []
     for key, value in measured.items():
         if value is None:
@@ -145,6 +175,10 @@ def _fmt_measured(measured: dict) -> str:
             parts.append(f"{value:.0f}% of copy bandwidth")
         else:
             parts.append(f"{key.removeprefix('x_')} {_x(value)}")
+        bounds = (ranges or {}).get(key)
+        if value is not None and bounds:
+            low, high = bounds
+            parts[-1] += (f" [{low:.0f}-{high:.0f}%]" if key.startswith("pct") else f" [{_x(low)}-{_x(high)}]")
     return ", ".join(parts)
 
 

@@ -19,14 +19,18 @@ Each sequence is a prompt of L/8 tokens then its completion; odd rows are right-
 are at the last completion token (the default reward position), as in the public code.
 
 Timing: the methods of a case run interleaved in ``--rounds`` rounds, so that load drifts hit them alike;
-median over all repetitions after a warm-up call. CPU: ``torch.utils.benchmark.Timer``; CUDA: CUDA events
+median over all repetitions after a warm-up call, with their first and third quartiles and the share of the
+timed threads' time spent waiting for a CPU (Linux): a target that the spread of the repeats leaves undecided, or
+whose threads waited for a CPU, is reported "inconclusive", naming the noise, on the console and in the report
+(:func:`dense_rlhf.bench.cases.verdict` states the rule). CPU: ``torch.utils.benchmark.Timer``; CUDA: CUDA events
 around each call with the L2 cache flushed before it. "Bytes that must move" are the attention values at the
 reward position for the completion tokens of every head, plus the mask, the score and the outputs (rewards
 and row status); GB/s is those bytes over the method's time, the same numerator for every method.
 
 Usage: ``dense-rlhf bench [--quick | --tiny | --targets-only] [--device cpu|cuda] [--out DIR]``.
-Writes ``<name>.json``, ``<name>.md`` and ``<name>.png`` (default name ``dense_rewards``) into
-``benchmarks/results/<device>/``.
+Writes ``<name>.json``, ``<name>.md`` and ``<name>.png`` (default name ``dense_rewards``) into ``DIR/<device>/``:
+``./dense-rlhf-results/bench/<device>/`` by default; ``make bench`` passes ``--out benchmarks/results``, the
+repository's committed results. ``<device>`` is ``cpu`` or the GPU's name (e.g. ``nvidia-h100-80gb-hbm3``).
 """
 
 from __future__ import annotations
@@ -44,12 +48,13 @@ from typing import Callable
 import torch
 
 from dense_rlhf import _native
+from dense_rlhf.cli import default_out
 from dense_rlhf.bench.baselines import (ALTERNATIVES, DEFAULT_TOLERANCE, METHODS, TOLERANCE, CompiledReference, agreement,
                                         native_method, official_method, reference_method)
-from dense_rlhf.bench.cases import (Case, bytes_to_move, extra_bytes_estimate, full_grid, make_inputs, quick_grid,
-                                    target_cases, check_targets, tiny_grid)
-from dense_rlhf.bench.report import device_slug, machine_info, write_outputs, _us
-from dense_rlhf.bench.timers import CpuTimer, CudaTimer, copy_bandwidth_gbs, sync
+from dense_rlhf.bench.cases import (CPU_WAIT_LIMIT, Case, bytes_to_move, check_targets, extra_bytes_estimate, full_grid,
+                                    make_inputs, quick_grid, target_cases, tiny_grid)
+from dense_rlhf.bench.report import device_slug, machine_info, target_line, write_outputs, _us
+from dense_rlhf.bench.timers import CpuTimer, CudaTimer, copy_bandwidth_gbs, sync, thread_waits, waited_s
 
 
 def run_case(case: Case, device: str, args, timer, compiled: CompiledReference | None) -> dict:
@@ -105,15 +110,27 @@ def _run_case(case: Case, device: str, args, timer, compiled: CompiledReference 
         results[name]["peak_extra_bytes"] = timer.peak_extra_bytes(fn)
 
     timed = [name for name in methods if "skipped" not in results[name]]
+    threads = torch.get_num_threads()  # the case's (run_case set them)
+    for name in timed:
+        results[name].update(wall_s=0.0, cpu_wait_s=0.0)
     for _ in range(args.rounds):
         for name in timed:
+            before, start = thread_waits(), time.perf_counter()
             results[name]["times_s"] += timer.times(methods[name], args.time_budget / args.rounds, warm[name])
+            results[name]["wall_s"] += time.perf_counter() - start
+            waited = waited_s(before, thread_waits())
+            results[name]["cpu_wait_s"] = None if waited is None or results[name]["cpu_wait_s"] is None else \
+                results[name]["cpu_wait_s"] + waited
 
     for name in timed:
         result = results[name]
         times = result.pop("times_s")
         result["median_s"] = statistics.median(times)
+        result["q1_s"], result["q3_s"] = quartiles(times)
         result["reps"] = len(times)
+        # the share of the timed threads' time spent waiting for a CPU (None where the kernel does not say)
+        wait, wall = result.pop("cpu_wait_s"), result.pop("wall_s")
+        result["cpu_wait_frac"] = None if wait is None or wall <= 0 else max(0.0, wait / (wall * threads))
         result["gbps"] = moved / result["median_s"] / 1e9
         if args.copy_gbps:
             result["pct_copy_bandwidth"] = 100.0 * result["gbps"] / args.copy_gbps
@@ -139,9 +156,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     grid = parser.add_mutually_exclusive_group()
     grid.add_argument("--quick", action="store_true", help="small grid (under 60 s on 2 CPU cores)")
     grid.add_argument("--tiny", action="store_true", help="a few tiny shapes, for tests")
-    grid.add_argument("--targets-only", action="store_true", help="only the issue's target cases")
+    grid.add_argument("--targets-only", action="store_true",
+                      help="only the cases that carry a speed target (on CPU: full maps B=64 H=16 L=512 with 2 "
+                           "threads and with 1), with a met / missed / inconclusive verdict for each")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
-    parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/<device>")
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"results go to OUT/<device>/ (default ./{default_out('bench')}; the repository's "
+                             "committed results: benchmarks/results)")
     parser.add_argument("--name", default="dense_rewards", help="output base name")
     parser.add_argument("--time-budget", type=float, default=None,
                         help="seconds of timed calls per method and case (default 1.0 CPU, 0.3 GPU; quick 0.3)")
@@ -158,6 +179,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--no-plot", action="store_true")
     parser.add_argument("--note", action="append", default=[], help="a note for the report (repeatable)")
     return parser.parse_args(argv)
+
+
+def quartiles(times: list[float]) -> tuple[float, float]:
+    """First and third quartile of the repeats (the one value twice when there is one)."""
+    if len(times) < 2:
+        return times[0], times[0]
+    q1, _, q3 = statistics.quantiles(times, n=4, method="inclusive")
+    return q1, q3
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -212,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {"command": shlex.join(["dense-rlhf", "bench"] + list(sys.argv[1:] if argv is None else argv)),
               "meta": meta, "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
               "cases": [], "targets": [], "notes": notes}
-    out_dir = args.out or Path("benchmarks") / "results" / device_slug(device)
+    out_dir = (args.out or Path(default_out("bench"))) / device_slug(device)
 
     started = time.perf_counter()
     for case in grid:
@@ -229,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     if skipped:
         notes.append(f"{len(skipped)} case(s) skipped; listed in the table with the reason.")
     paths = write_outputs(report, out_dir, args.name, not args.no_plot)
+    for target in report["targets"]:
+        print(target_line(target, markdown=False))
     print("wrote " + ", ".join(str(p) for p in paths))
     disagree = [c["label"] + ":" + name for c in report["cases"] for name, r in c["methods"].items()
                 if not r.get("agrees", True)]
@@ -249,7 +280,10 @@ def _progress(record: dict) -> str:
         return f"{record['label']}: skipped ({record['skipped']})"
     parts = [f"{name} {_us(r.get('median_s'))} µs" if "median_s" in r else f"{name} skipped ({r.get('skipped')})"
              for name, r in record["methods"].items()]
-    return f"{record['label']}: " + ", ".join(parts)
+    waits = [r["cpu_wait_frac"] for r in record["methods"].values() if r.get("cpu_wait_frac") is not None]
+    busy = (f" (busy machine: the threads waited for a CPU up to {100 * max(waits):.0f}% of the time)"
+            if waits and max(waits) > CPU_WAIT_LIMIT else "")
+    return f"{record['label']}: " + ", ".join(parts) + busy
 
 
 if __name__ == "__main__":

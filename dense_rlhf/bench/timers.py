@@ -1,8 +1,10 @@
 """Timers: ``torch.utils.benchmark`` on CPU; CUDA events with the L2 cache flushed before each call on GPU;
-and the device's copy bandwidth, the yardstick of the bandwidth target."""
+the device's copy bandwidth, the yardstick of the bandwidth target; and how long this process's threads waited
+for a CPU while they were timed, the mark of a busy machine."""
 
 from __future__ import annotations
 
+import glob
 import statistics
 from typing import Callable
 
@@ -77,3 +79,24 @@ def copy_bandwidth_gbs(device: str) -> float | None:
 def sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
+
+
+def thread_waits() -> dict[str, int] | None:
+    """Nanoseconds each thread of this process has spent runnable but waiting for a CPU (Linux's schedstat, one
+    entry per thread); None where the kernel does not report it."""
+    waits = {}
+    for path in glob.glob("/proc/self/task/*/schedstat"):
+        try:
+            with open(path) as f:
+                waits[path] = int(f.read().split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # a thread that ended meanwhile
+    return waits or None
+
+
+def waited_s(before: dict[str, int] | None, after: dict[str, int] | None) -> float | None:
+    """Seconds this process's threads waited for a CPU between two :func:`thread_waits` snapshots (threads
+    started in between count from zero)."""
+    if before is None or after is None:
+        return None
+    return sum(wait - before.get(path, 0) for path, wait in after.items()) / 1e9

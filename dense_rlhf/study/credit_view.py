@@ -8,9 +8,11 @@ import torch
 
 
 def _shade(weight: float) -> tuple[int, int, int]:
-    """White -> orange as the attention weight grows (weights are relative to the row's maximum)."""
+    """White -> blue as the attention weight grows (weights are relative to the row's maximum). Blue, so that no
+    shade can be read as the green and red of the true credit's sign, also where a terminal has only 16 colours
+    (there the shades become white, grey and bright blue)."""
     w = max(0.0, min(1.0, weight))
-    return 255, int(255 - 120 * w), int(255 - 230 * w)
+    return int(255 - 175 * w), int(255 - 135 * w), 255
 
 
 def rich_lines(examples: list[dict]):
@@ -56,9 +58,9 @@ def html_page(examples: list[dict], title: str) -> str:
 <style>body{{font-family:sans-serif;max-width:60em;margin:2em auto}} .ex{{margin:0.8em 0;line-height:2}}
 .tok{{padding:2px 3px;border-radius:3px}} .prompt{{color:#777}} .score{{margin-left:1em;font-weight:bold}}</style>
 </head><body><h2>{html.escape(title)}</h2>
-<p>Shading: ABC's share of the reward-model score on each completion token (the reward model's last-layer
-attention from its [EOS] token). Underline: the hidden true credit of the token (green positive, red negative).
-Hover a token for its numbers.</p>
+<p>Blue shading: ABC's share of the reward-model score on each completion token (the reward model's last-layer
+attention from its [EOS] token; the darkest token has the largest share). Underline: the hidden true credit of the
+token (green positive, red negative). Hover a token for its numbers.</p>
 {''.join(rows)}</body></html>
 """
 

@@ -3,7 +3,9 @@
 1. Trains (or reuses from the local cache) a tiny GPT-2 SFT policy and a reward model (trl RewardTrainer).
 2. Shows a few completions with ABC's per-token credit, coloured in the terminal and in ``credit.html``.
 3. Runs PPO with the sparse reward and with ABC (beta 0.8) over a few seeds, with progress bars.
-4. Writes ``demo.png`` (learning curves), ``demo.md`` (table) and ``demo.json`` (curves) to ``--out``.
+4. Writes ``demo.png`` (learning curves), ``demo.md`` (table) and ``demo.json`` (curves) to ``--out``
+   (default ``./dense-rlhf-results/demo/``), beside ``credit.html`` and ``demo.log``: the libraries' messages
+   (trl's training logs, transformers' notices, Python warnings), kept off the console.
 
 ``--quick`` (about a minute on 2 cores) trains smaller models for fewer steps: a smoke test, not a result.
 """
@@ -17,10 +19,12 @@ from pathlib import Path
 
 import torch
 
+from dense_rlhf.cli import default_out
 from dense_rlhf.study import methods as M
 from dense_rlhf.study import sentiment_task as task
 from dense_rlhf.study import runs as study
 from dense_rlhf.study.credit_view import examples_from, html_page, rich_lines
+from dense_rlhf.study.library_log import library_output_to
 from dense_rlhf.study.experiment import PPO, SETUP
 from dense_rlhf.study.models import QUICK_SETUP, cache_root, load_or_train
 from dense_rlhf.rl.ppo import PolicyWithValue, generate
@@ -35,7 +39,7 @@ def parse_args(argv):
                    help="GAE lambda (default 0.8; at 0.95 ABC's lead is small, see experiments/README.md)")
     p.add_argument("--examples", type=int, default=4, help="completions to show")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="dense-rlhf-demo", help="output folder (default ./dense-rlhf-demo)")
+    p.add_argument("--out", default=default_out("demo"), help=f"output folder (default ./{default_out('demo')})")
     p.add_argument("--cache-dir", default=None, help="model cache (default $DENSE_RLHF_CACHE or ~/.cache/dense-rlhf)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the models are tiny)")
     return p.parse_args(argv)
@@ -43,16 +47,26 @@ def parse_args(argv):
 
 def main(argv: list[str]) -> int:
     from rich.console import Console
-    from rich.table import Table
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    study.quiet_transformers()
     console = Console()
-    t0 = time.time()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    log_path = out / "demo.log"
+    log_path.write_text("")
+    with library_output_to(log_path):
+        _run(args, argv, console, out)
+    if log_path.stat().st_size:
+        console.print(f"the libraries' messages (trl's training logs, warnings): {log_path}")
+    return 0
+
+
+def _run(args, argv: list[str], console, out: Path) -> None:
+    from rich.table import Table
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    t0 = time.time()
     setup = replace(SETUP, seed=args.seed, **(QUICK_SETUP if args.quick else {}))
     steps = args.steps or (12 if args.quick else 60)
     n_seeds = args.seeds or (1 if args.quick else 3)
@@ -62,8 +76,10 @@ def main(argv: list[str]) -> int:
     console.rule("[bold]1. SFT policy and reward model")
     codec, sft, rm, info = load_or_train(setup, cache, log=console.print)
     rmm = info["reward_model"]
-    console.print(f"reward model held-out preference accuracy: {rmm['label_accuracy']:.3f} against the "
-                  f"Bradley-Terry labels, {rmm['true_order_accuracy']:.3f} against the hidden-score order")
+    if info["cached"]:  # when trained, the training log has just printed these
+        console.print(f"reward model held-out: accuracy vs drawn labels {rmm['label_accuracy']:.3f}, vs hidden-score "
+                      f"order {rmm['true_order_accuracy']:.3f}, corr(RM score, hidden score) "
+                      f"{rmm['score_correlation']:.3f}")
 
     console.rule("[bold]2. Per-token credit (ABC, beta 0.8) on SFT completions")
     gen = torch.Generator().manual_seed(args.seed)
@@ -78,11 +94,11 @@ def main(argv: list[str]) -> int:
     for line, truth in rich_lines(examples):
         console.print(line)
         console.print(truth)
-    console.print("[dim]top line: shading = ABC's share of the RM score; bottom: hidden true credit "
-                  "([green]positive[/green], [red]negative[/red])[/dim]")
+    console.print("[dim]top line: [black on rgb(80,120,255)]blue[/] shading = ABC's share of the "
+                  "RM score (darker: more); bottom line: hidden true credit ([green]positive[/green], "
+                  "[red]negative[/red], · none)[/dim]")
     html_path = out / "credit.html"
     html_path.write_text(html_page(examples, "ABC per-token credit on SFT completions"))
-    console.print(f"wrote {html_path}")
 
     console.rule(f"[bold]3. PPO: sparse against ABC ({n_seeds} seed(s) x {steps} steps each, GAE lambda {args.lam:g})")
     results = []
@@ -105,13 +121,17 @@ def main(argv: list[str]) -> int:
             "command": "dense-rlhf demo " + " ".join(argv), "reward_model": rmm,
             "config": study.config_dict(setup, ppo)}
     paths = study.write_outputs(out, "demo", results, summary, None, meta)
-    table = Table(title=f"true score, threshold {summary['threshold']:.2f} (SFT {summary['sft_score']:.2f})")
+    table = Table(title="hidden true score of the PPO policies")
     for col in ("method", "steps to threshold", "final mean ± std", "late spread", "final KL"):
         table.add_column(col)
     for method, s in summary["methods"].items():
         table.add_row(M.LABELS[method], str(s["steps_to_threshold"] if s["steps_to_threshold"] is not None else "never"),
                       f"{s['final_mean']:.2f} ± {s['final_std']:.2f}", f"{s['late_spread']:.2f}", f"{s['final_kl']:.1f}")
     console.print(table)
-    console.print(f"wrote {paths['plot']}, {paths['table']}, {paths['json']}, {html_path}")
-    console.print(f"done in {time.time() - t0:.0f}s")
-    return 0
+    console.print(f"threshold: a true score of {summary['threshold']:.2f}, 80% of the way from the SFT policy's "
+                  f"{summary['sft_score']:.2f} to the best method's final score; steps to threshold: the first PPO "
+                  "step at which the seed-mean score (5-step moving average) reaches it")
+    console.print("late spread: the standard deviation of the true score across seeds over the last quarter of the "
+                  "steps; lower is steadier" + (" (0 with one seed)" if n_seeds == 1 else ""))
+    files = ", ".join(Path(p).name for p in (html_path, paths["plot"], paths["table"], paths["json"]))
+    console.print(f"wrote {files} into {out}/; done in {time.time() - t0:.0f}s")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from dense_rlhf.cli import default_out
 from dense_rlhf.study import methods as M
 from dense_rlhf.study import runs as study
 from dense_rlhf.study.models import QUICK_SETUP, SetupConfig, cache_root, load_or_train, load_or_train_chat_rm
@@ -45,7 +46,9 @@ def parse_args(argv):
                         "--study length: one value, default 0.95)")
     p.add_argument("--whiten-rewards", action="store_true")
     p.add_argument("--workers", type=int, default=study.default_workers(), help="parallel runs (1 thread each)")
-    p.add_argument("--out", default="experiments/results", help="output folder")
+    p.add_argument("--out", default=default_out("experiment"),
+                   help=f"output folder (default ./{default_out('experiment')}; `make experiment` writes the "
+                        "repository's committed results, experiments/results)")
     p.add_argument("--name", default=None, help="output file stem (default experiment, or length_study)")
     p.add_argument("--rm-layers", type=int, default=SETUP.rm_n_layer,
                    help=f"reward-model layers (default {SETUP.rm_n_layer}); ABC reads the last one")

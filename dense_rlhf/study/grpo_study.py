@@ -34,6 +34,7 @@ from dense_rlhf.ops import dense_rewards
 from dense_rlhf.rl import grpo
 from dense_rlhf.rl.common import Policy
 from dense_rlhf.rl.ppo import PPOConfig
+from dense_rlhf.cli import default_out
 from dense_rlhf.study import methods as M
 from dense_rlhf.study import runs
 from dense_rlhf.study import sentiment_task as task
@@ -310,7 +311,9 @@ def parse_args(argv):
     p.add_argument("--group-size", type=int, default=GRPO.group_size,
                    help=f"G (default {GRPO.group_size}); prompts per step = PPO's batch / G")
     p.add_argument("--workers", type=int, default=runs.default_workers(), help="parallel runs (1 thread each)")
-    p.add_argument("--out", default="experiments/results", help="output folder")
+    p.add_argument("--out", default=default_out("grpo-study"),
+                   help=f"output folder (default ./{default_out('grpo-study')}; `make grpo-study` writes the "
+                        "repository's committed results, experiments/results)")
     p.add_argument("--name", default="grpo_study", help="output file stem")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the main process (SFT/RM training)")
     p.add_argument("--quick", action="store_true", help="the demo's small SFT/RM setup (smoke test only)")

@@ -186,8 +186,28 @@ def _fit_reward_model(model, train, tokenizer, cfg: SetupConfig, workdir: Path):
         dataloader_num_workers=0,
     )
     trainer = RewardTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer)
+    _log_instead_of_print(trainer)
     trainer.train()
     return trainer.model.eval()
+
+
+def _log_instead_of_print(trainer) -> None:
+    """transformers prints every training log dict (its PrinterCallback, used when tqdm is off); send them to the
+    ``dense_rlhf.study.models`` logger instead, which a command's log file collects."""
+    import logging
+
+    from transformers import TrainerCallback
+    from transformers.trainer_callback import PrinterCallback
+
+    logger = logging.getLogger(__name__)
+
+    class LogCallback(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_local_process_zero and logs:
+                logger.info("trl %s step %d: %s", type(trainer).__name__, state.global_step, logs)
+
+    trainer.remove_callback(PrinterCallback)
+    trainer.add_callback(LogCallback())
 
 
 def _log_rm_metrics(metrics: dict, log) -> None:
