@@ -18,6 +18,7 @@ STATUS_BAD_SCORE = 2  # score is NaN or Inf: the row is all zeros
 STATUS_BAD_REWARD_INDEX = 3  # reward_index outside [0, L): the row falls back to the sparse reward
 STATUS_BAD_ATTENTION = 4  # NaN or Inf among the dense weights' inputs used: the row falls back to sparse
 STATUS_NEGATIVE_ATTENTION = 5  # finite, but a completion token's head sum is < 0: the row falls back to sparse
+STATUS_OUT_OF_RANGE = 6  # prefix_rewards only: a reward beyond float32's range: the row falls back to sparse
 
 STATUS_MESSAGES = {
     STATUS_EMPTY_MASK: "mask has no completion token, so the score would be lost",
@@ -36,6 +37,7 @@ PREFIX_STATUS_MESSAGES = {
     STATUS_BAD_SCORE: "prefix_scores is NaN or Inf at the reward position",
     STATUS_BAD_REWARD_INDEX: STATUS_MESSAGES[STATUS_BAD_REWARD_INDEX],
     STATUS_BAD_ATTENTION: "prefix_scores has NaN or Inf at completion positions",
+    STATUS_OUT_OF_RANGE: "prefix_scores' differences give rewards beyond float32's range (|reward| > 3.4e38)",
 }
 
 
@@ -113,9 +115,12 @@ def prefix_rewards_reference(
 
         r_t = beta * d_t + (1 - beta) * s[r] * [t == c_n]
 
-    Rows with status 1-3 are all zeros; a row whose completion scores are not finite (status 4) falls back to
-    the sparse reward s[r] at c_n. Only the completion positions and r are read: other columns may hold
-    anything, NaN included. Pure tensor operations, no host sync, so it traces under torch.compile.
+    Rows with status 1-3 are all zeros; a row whose completion scores are not finite (status 4), or whose
+    rewards do not fit in float32 (status 6: differences of scores of opposite sign near float32's limit, e.g.
+    3e38 - (-3e38)), falls back to the sparse reward s[r] at c_n. The scores are read in float32 and the
+    differences and the mix computed in float64 (float32 on MPS, which has no float64), so only a reward
+    beyond float32's range itself is refused. Only the completion positions and r are read: other columns
+    may hold anything, NaN included. Pure tensor operations, no host sync, so it traces under torch.compile.
     """
     batch, length = prefix_scores.shape
     rows = torch.arange(batch, device=mask.device)
@@ -127,7 +132,8 @@ def prefix_rewards_reference(
     index_ok = (reward_pos >= 0) & (reward_pos < length)
     safe_pos = torch.where(index_ok & has_token, reward_pos, 0)
 
-    scores = prefix_scores.float()
+    wide = torch.float32 if prefix_scores.device.type == "mps" else torch.float64
+    scores = prefix_scores.float().to(wide)
     score = scores[rows, safe_pos]  # s[r]
     through = torch.where(mask, positions, -1).cummax(dim=1).values  # last completion position <= t
     filled = scores.gather(1, through.clamp(min=0)).masked_fill_(through < 0, 0.0)
@@ -137,13 +143,16 @@ def prefix_rewards_reference(
 
     sparse = torch.zeros_like(scores)
     sparse[rows, safe_last] = score
-    out = dense.mul_(beta).add_(sparse, alpha=1.0 - beta)
+    out = dense.mul_(beta).add_(sparse, alpha=1.0 - beta).float()
+    sparse = sparse.float()
     completion_ok = (torch.isfinite(scores) | ~mask).all(dim=1)
-    out = torch.where(completion_ok[:, None], out, sparse)
+    in_range = (torch.isfinite(out) | ~mask).all(dim=1)
+    out = torch.where((completion_ok & in_range)[:, None], out, sparse)
     score_ok = torch.isfinite(score)
     out = out.masked_fill_(~((has_token & index_ok & score_ok)[:, None] & mask), 0.0)
 
     status = torch.full((batch,), STATUS_OK, dtype=torch.int32, device=mask.device)
+    status = torch.where(in_range, status, STATUS_OUT_OF_RANGE)
     status = torch.where(completion_ok, status, STATUS_BAD_ATTENTION)
     status = torch.where(score_ok, status, STATUS_BAD_SCORE)
     status = torch.where(index_ok, status, STATUS_BAD_REWARD_INDEX)
