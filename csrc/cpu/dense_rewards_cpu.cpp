@@ -81,12 +81,14 @@ void sum_heads(const T* base, int64_t head_stride, int64_t stride, int64_t heads
 // left is < 0 (-0.0 is not). Eight partial sums: one serial chain of float additions (the compiler may not
 // reorder them) would cost an add latency per token.
 float mask_and_sum(float* acc, const bool* mask, int64_t stride, int64_t count, bool* negative) {
-  int32_t any_negative = 0;  // an integer OR-reduction, which the compiler vectorises
-  for (int64_t i = 0; i < count; ++i) {
-    const float value = mask[i * stride] ? acc[i] : 0.0f;
-    acc[i] = value;
-    any_negative |= value < 0.0f;
+  if (stride == 1) {  // bytes 0/1 read as integers, so that the select vectorises
+    const uint8_t* keep = reinterpret_cast<const uint8_t*>(mask);
+    for (int64_t i = 0; i < count; ++i) acc[i] = keep[i] != 0 ? acc[i] : 0.0f;
+  } else {
+    for (int64_t i = 0; i < count; ++i) acc[i] = mask[i * stride] ? acc[i] : 0.0f;
   }
+  int32_t any_negative = 0;  // an integer OR-reduction, which vectorises
+  for (int64_t i = 0; i < count; ++i) any_negative |= acc[i] < 0.0f;
   *negative = any_negative != 0;
   float partial[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
   int64_t i = 0;
