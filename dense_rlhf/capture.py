@@ -11,8 +11,14 @@ How it works: an attention function is registered in transformers' ``AttentionIn
 name ``"dense_rlhf_capture_<original>"`` (and the original's mask function under the same name in the
 ``AttentionMaskInterface``: without it the model would silently build no padding mask at all). While a
 capture is open, the model's configs point at that name; the function calls the original implementation
-with unchanged arguments, and for the captured layer also computes
+with unchanged arguments, and for the captured layer, in the thread that opened the capture, also computes
 ``softmax(q[reward_index] . K^T * scaling + mask)`` in float32 for every query head.
+
+The names stay registered once registered, for the life of the process: transformers reads the name from the
+config, checks that it is registered, then looks it up, and a forward of the same model in another thread may
+have read the name just before a capture closes. Unregistering then would give that forward a ``KeyError``, or
+eager attention fed with another implementation's mask. Registered, the function is a pass-through to the
+original implementation whenever no capture is open for the calling thread.
 
 Prefix scores need no attention at all: a decoder ``*ForSequenceClassification`` model applies its ``score``
 head at every position before pooling the last non-pad one, so a forward hook on that head
@@ -37,8 +43,7 @@ SUPPORTED = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flash_a
 _lock = threading.RLock()
 _swaps: dict[int, list[Any]] = {}  # id(config) -> [config, original _attn_implementation_internal, refcount]
 _by_config: dict[int, list["RewardAttentionCapture"]] = {}  # id(config) -> open captures on that config
-_registered: set[str] = set()
-_open_captures = 0
+_registered: set[str] = set()  # originals whose capturing names are registered (never removed)
 
 
 def _kind(orig: str) -> str:
@@ -64,14 +69,6 @@ def _register_mask(orig: str) -> None:
         return ALL_MASK_ATTENTION_FUNCTIONS[orig](*args, **kwargs)
 
     AttentionMaskInterface.register(PREFIX + orig, mask_function)
-
-
-def _unregister(orig: str) -> None:
-    from transformers.masking_utils import AttentionMaskInterface
-    from transformers.modeling_utils import AttentionInterface
-
-    AttentionInterface._global_mapping.pop(PREFIX + orig, None)
-    AttentionMaskInterface._global_mapping.pop(PREFIX + orig, None)
 
 
 def _original_function(orig: str, module: torch.nn.Module):
@@ -121,9 +118,9 @@ def _make_attention(orig: str):
     kind = _kind(orig)
 
     def attention(module, query, key, value, attention_mask, *args, **kwargs):
-        captures = _by_config.get(id(getattr(module, "config", None)))
-        if captures:
-            for capture in tuple(captures):
+        thread = threading.get_ident()
+        for capture in tuple(_by_config.get(id(getattr(module, "config", None)), ())):
+            if capture._owner == thread:
                 capture._observe(module, query, key, attention_mask, kind, kwargs)
         target = _ModuleView(module, orig) if kind == "flash" else module
         return _original_function(orig, module)(target, query, key, value, attention_mask, *args, **kwargs)
@@ -281,7 +278,6 @@ class RewardAttentionCapture:
     # -- entering and leaving -----------------------------------------------------------------------------
 
     def __enter__(self) -> "RewardAttentionCapture":
-        global _open_captures
         if self._entered:
             raise RuntimeError("a capture_reward_attention object can be entered only once; create a new one")
         model = self.model
@@ -326,7 +322,6 @@ class RewardAttentionCapture:
                     swap[2] += 1
                     self._configs.append(config)
                     _by_config.setdefault(id(config), []).append(self)
-                _open_captures += 1
                 self._hooks = [
                     model.register_forward_pre_hook(self._pre_hook, with_kwargs=True),
                     model.register_forward_hook(self._post_hook, with_kwargs=True, always_call=True),
@@ -337,18 +332,16 @@ class RewardAttentionCapture:
         return self
 
     def __exit__(self, *exc) -> bool:
-        global _open_captures
         with _lock:
             if not self._exited:
                 self._exited = True
                 for hook in getattr(self, "_hooks", ()):
                     hook.remove()
-                _open_captures -= 1
                 self._release()
         return False
 
     def _release(self) -> None:
-        """Undo this capture's config swaps and registrations (called under the lock)."""
+        """Undo this capture's config swaps (called under the lock); the names stay registered (module docstring)."""
         for config in self._configs:
             captures = _by_config.get(id(config), [])
             if self in captures:
@@ -361,10 +354,6 @@ class RewardAttentionCapture:
                 del _swaps[id(config)]
                 config._attn_implementation_internal = swap[1]
         self._configs = []
-        if _open_captures == 0 and not _swaps:
-            for orig in list(_registered):
-                _unregister(orig)
-            _registered.clear()
 
     # -- hooks --------------------------------------------------------------------------------------------
 
@@ -406,7 +395,7 @@ class RewardAttentionCapture:
     # -- called from the attention function ---------------------------------------------------------------
 
     def _observe(self, module, query, key, attention_mask, kind, kwargs) -> None:
-        if threading.get_ident() != self._owner or self._exited:
+        if self._exited:
             return
         self._saw_interface = True
         if id(module) not in self._targets:
@@ -522,16 +511,16 @@ def capture_reward_attention(model, *, layer: int = -1, reward_index=None) -> Re
 
     Model outputs are bit-identical to a run without the capture: the original attention function gets
     the same arguments. On exit (also when the forward raises) the configs' ``_attn_implementation`` are
-    restored exactly, the hooks are removed, and the registered names are removed from the interfaces once
-    no capture is open.
+    restored exactly and the hooks are removed. The names ``"dense_rlhf_capture_<original>"`` stay registered
+    in transformers' interfaces, as pass-throughs to the original implementation (see the module docstring).
 
     Several captures compose: in sequence, nested (also on the same model and layer; each gets its rows),
     or on different models. Threads: entering and leaving are guarded by a lock; rows are recorded only
-    from forwards run in the thread that entered the capture. While a capture is open, forwards of the same
-    model in other threads also go through the capturing function (their outputs are unchanged, nothing is
-    recorded), so open captures on different models from different threads are independent. One capture
-    object must not be shared between threads, and torch.compile / CUDA-graph capture of the forward are
-    not supported.
+    from forwards run in the thread that entered the capture. A capture never changes other threads'
+    forwards: while it is open, forwards of the same model in other threads go through the capturing
+    function, which passes them to the original implementation (bit-identical outputs, nothing recorded),
+    also when the capture opens or closes in the middle of such a forward. One capture object must not be
+    shared between threads, and torch.compile / CUDA-graph capture of the forward are not supported.
 
     Raises:
         TypeError: ``model`` is not a ``PreTrainedModel``, or bad argument types.
@@ -771,6 +760,11 @@ def score_and_densify(model, input_ids, attention_mask, completion_mask, *, meth
     ``beta`` is checked for every method and used by "abc" and "prefix"; ``layer`` applies to "abc" only, and
     so does ``reward_index`` (any other method raises if it is given: the prefix method reads the score where
     the model pools it).
+
+    Before the forward, a ``completion_mask`` that puts the score where the reward model did not read is
+    refused (ValueError naming the rows): tokens on padding (``attention_mask`` 0), and, for a causal reward
+    model without an explicit ``reward_index``, a row whose completion tokens all come after the position the
+    model pools (the sparse fallback would put the whole score on a pad).
     """
     from dense_rlhf.ops import check_beta, dense_rewards, prefix_rewards, sparse_rewards, uniform_rewards
 
@@ -779,6 +773,7 @@ def score_and_densify(model, input_ids, attention_mask, completion_mask, *, meth
     beta = check_beta(beta)
     if reward_index is not None and method != "abc":
         raise ValueError(f"reward_index applies to method='abc' (the attention row), not to method={method!r}")
+    _check_completion_mask(model, input_ids, attention_mask, completion_mask, reward_index)
     with torch.no_grad():
         if method == "abc":
             capture = capture_reward_attention(model, layer=layer, reward_index=reward_index)
@@ -790,7 +785,7 @@ def score_and_densify(model, input_ids, attention_mask, completion_mask, *, meth
             out = model(input_ids=input_ids, attention_mask=attention_mask)
         scores = _pooled_scores(out.logits if hasattr(out, "logits") else out[0], "score_and_densify")
         if method == "abc":
-            rewards = dense_rewards(capture.rows, scores, completion_mask, beta=beta)
+            rewards = dense_rewards(capture.rows, scores, completion_mask, beta=beta, layout="rows")
         elif method == "prefix":
             rewards = prefix_rewards(capture.prefix_scores, completion_mask, beta=beta,
                                      reward_index=capture.reward_index)
@@ -799,3 +794,31 @@ def score_and_densify(model, input_ids, attention_mask, completion_mask, *, meth
         else:
             rewards = uniform_rewards(scores, completion_mask)
     return scores, rewards
+
+
+def _check_completion_mask(model, input_ids, attention_mask, completion_mask, reward_index) -> None:
+    """Refuse completion masks that put the score where the reward model did not read: on padding, or (a causal
+    reward model, the reward position where it pools) only after that position, where the attention row and
+    the prefix scores have nothing and the sparse fallback would put the whole score on a pad."""
+    from dense_rlhf.ops import _mask
+
+    mask = _mask(completion_mask)
+    if not isinstance(input_ids, torch.Tensor) or input_ids.shape != mask.shape:
+        shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        raise ValueError(f"completion_mask {tuple(mask.shape)} must have input_ids' shape, got input_ids {shape}")
+    problems = []
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.shape == mask.shape:
+        on_padding = (mask & (attention_mask.to(mask.device) == 0)).any(dim=1)
+        problems.append(("padding (attention_mask 0)", on_padding))
+    pad_token_id = getattr(model.config.get_text_config(), "pad_token_id", None)
+    if reward_index is None and _bidirectional_reason(model) is None and pad_token_id is not None:
+        pooled = _last_non_pad(input_ids.to(mask.device), pad_token_id)
+        positions = torch.arange(mask.shape[1], device=mask.device)
+        read = (mask & (positions[None, :] <= pooled[:, None])).any(dim=1)
+        problems.append(("only tokens after the position the reward model reads its score from (its last non-pad "
+                         "token)", mask.any(dim=1) & ~read))
+    for what, rows in problems:
+        bad = rows.nonzero().flatten().tolist()
+        if bad:
+            raise ValueError(f"score_and_densify: completion_mask marks {what} in rows {bad[:10]}: the reward "
+                             "model's score does not reflect those tokens, so no reward can be put on them")

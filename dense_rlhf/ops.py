@@ -15,8 +15,8 @@ import warnings
 import torch
 
 from dense_rlhf import _native
-from dense_rlhf.reference import (PREFIX_STATUS_MESSAGES, STATUS_MESSAGES, dense_rewards_reference, last_true,
-                                  prefix_rewards_reference)
+from dense_rlhf.reference import (PREFIX_STATUS_MESSAGES, STATUS_BAD_SCORE, STATUS_EMPTY_MASK, STATUS_MESSAGES,
+                                  STATUS_OK, dense_rewards_reference, last_true, prefix_rewards_reference)
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _BACKENDS = ("auto", "native", "reference")
@@ -30,6 +30,7 @@ def dense_rewards(
     *,
     beta: float = 0.8,
     reward_index: torch.Tensor | None = None,
+    layout: str = "auto",
     backend: str = "auto",
     validate: bool = True,
 ) -> torch.Tensor:
@@ -42,26 +43,34 @@ def dense_rewards(
 
     Args:
         attn: one layer's attention, [B, H, L, L] full maps (only the rows at the reward position are read),
-            [B, H, L] per-head rows already taken at the reward position, or [B, L] one row per sequence.
-            float16, bfloat16 or float32 (float64 accepted); any strides.
+            [B, H, L] per-head rows already taken at the reward position, or [B, L] one row per sequence;
+            head-averaged maps are [B, 1, L, L] (``maps.unsqueeze(1)``). Softmax probabilities, so >= 0.
+            float16, bfloat16 or float32 (float64 accepted, read in float32); any strides.
         score: [B] or [B, 1] reward-model scores, any float dtype.
         mask: [B, L] bool or 0/1 integer mask of completion tokens (prompt and padding are False).
         beta: a real number in [0, 1] (Python, NumPy or a 0-dim tensor); 0 is the sparse RLHF reward, 1
             spreads all of the score by attention. Inside torch.compile pass a Python number.
         reward_index: optional [B] integer positions whose attention row produced the score; defaults to T_b.
             Used only with [B, H, L, L] maps.
+        layout: "auto" reads attn's layout from its rank (4: maps, 3: rows, 2: one row) and refuses a 3-D
+            attn whose last two sizes both equal the mask's L: head-averaged [B, L, L] maps and [B, H, L] rows
+            with H == L look alike, and reading maps as rows gives wrong rewards silently. Pass head-averaged
+            maps as [B, 1, L, L]; pass per-head rows with as many heads as positions with layout="rows".
+            "maps", "rows" or "row" name the layout explicitly (attn must then have 4, 3 or 2 dims).
         backend: "auto" (native if built, else the reference with a one-time warning), "native" or
             "reference".
         validate: check values as well as shapes, which costs one device-to-host sync: empty mask rows,
-            non-0/1 masks, reward_index out of range, NaN or Inf in score or in the attention values used all
-            raise ValueError. Pass False inside CUDA graph capture or torch.compile(fullgraph=True); the
-            output then never holds NaN: a row with an empty mask or a non-finite score is all zeros, and a
-            row with a bad reward_index or non-finite attention falls back to the sparse reward.
+            non-0/1 masks, reward_index out of range, NaN or Inf in score or in the attention values used, and
+            negative attention (a completion token whose head sum is < 0: attention weights are >= 0, so
+            logits were probably passed) all raise ValueError naming the rows. Pass False inside CUDA graph
+            capture or torch.compile(fullgraph=True); the output then never holds NaN: a row with an empty
+            mask or a non-finite score is all zeros, and a row with a bad reward_index, non-finite or
+            negative attention falls back to the sparse reward.
 
     Returns:
         float32 [B, L] rewards on attn's device, zero outside the mask; never requires grad.
     """
-    attn4, score1, mask_b, index = _normalise(attn, score, mask, reward_index, backend)
+    attn4, score1, mask_b, index = _normalise(attn, score, mask, reward_index, layout, backend)
     beta = check_beta(beta)
     if validate:
         _check_mask_values(mask)
@@ -106,10 +115,16 @@ def prefix_rewards(
         reward_index: optional [B] integer positions at which the score is read; defaults to c_n. A reward
             model that reads its score at a token after the completion (e.g. an appended EOS) needs it.
         validate: check values, which costs one device-to-host sync: empty mask rows, non-0/1 masks,
-            reward_index out of range, NaN or Inf in the scores used all raise ValueError naming the rows.
-            Pass False inside CUDA graph capture or torch.compile(fullgraph=True); the output then never
-            holds NaN: a row with an empty mask, a bad reward_index or a non-finite score at r is all zeros,
-            a row with non-finite scores at completion positions falls back to the sparse reward.
+            reward_index out of range, NaN or Inf in the scores used, and rewards beyond float32's range all
+            raise ValueError naming the rows. Pass False inside CUDA graph capture or
+            torch.compile(fullgraph=True); the output then never holds NaN or Inf: a row with an empty mask, a
+            bad reward_index or a non-finite score at r is all zeros, a row with non-finite scores at
+            completion positions or a reward beyond float32's range falls back to the sparse reward.
+
+    The scores are read in float32; the differences and the mix are computed in float64, so huge finite
+    scores (e.g. +-3e38) give exact finite rewards wherever the reward itself fits in float32. Only a
+    difference of opposite-signed scores near float32's limit can exceed it (e.g. 3e38 - (-3e38) at beta 1):
+    that row is refused (validate=True) or gets the sparse reward (validate=False).
 
     Returns:
         float32 [B, L] rewards on prefix_scores' device, zero outside the mask; never requires grad.
@@ -132,15 +147,22 @@ def prefix_rewards(
 def check_beta(beta, name: str = "beta") -> float:
     """beta as a Python float, checked: any real number in [0, 1], given as a Python number, a NumPy scalar
     or 0-dim array, or a 0-dim real tensor (read with one host sync). Anything else is a TypeError naming
-    its type; a value outside [0, 1] (NaN included) is a ValueError. ``name``: the argument, for messages."""
+    its type; a value outside [0, 1] (NaN included, or an int or Fraction beyond float's range) and a tensor on
+    the meta device (no value to read) are ValueErrors. ``name``: the argument, for messages."""
     value = None
-    if isinstance(beta, torch.Tensor):
-        if beta.dim() == 0 and not (beta.dtype.is_complex or beta.dtype == torch.bool):
-            value = float(beta.detach().item())
-    elif isinstance(beta, numbers.Real) and not _is_boolean(beta):
-        value = float(beta)
-    elif _is_numpy_real_0d(beta):
-        value = float(beta)
+    try:
+        if isinstance(beta, torch.Tensor):
+            if beta.dim() == 0 and not (beta.dtype.is_complex or beta.dtype == torch.bool):
+                if beta.device.type == "meta":
+                    raise ValueError(f"{name} is a tensor on the meta device, which holds no value: pass a Python "
+                                     "number or a tensor on a real device")
+                value = float(beta.detach().item())
+        elif isinstance(beta, numbers.Real) and not _is_boolean(beta):
+            value = float(beta)
+        elif _is_numpy_real_0d(beta):
+            value = float(beta)
+    except OverflowError:  # an int or Fraction beyond float's range, e.g. 10**400
+        raise ValueError(f"{name} must be a number in [0, 1], got {_describe(beta)} too large for a float") from None
     if value is None:
         raise TypeError(f"{name} must be a real number in [0, 1] (a Python or NumPy number or a 0-dim real tensor), "
                         f"got {_describe(beta)}")
@@ -170,38 +192,79 @@ def _describe(value) -> str:
     return name
 
 
-def sparse_rewards(score: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Standard RLHF reward: the whole score on the last completion token, zero elsewhere (float32 [B, L])."""
-    score1, mask_b = _score_and_mask(score, mask)
-    _check_mask_values(mask)
+def sparse_rewards(score: torch.Tensor, mask: torch.Tensor, *, validate: bool = True) -> torch.Tensor:
+    """Standard RLHF reward: the whole score on the last completion token, zero elsewhere (float32 [B, L]).
+
+    ``score`` [B] or [B, 1] and ``mask`` [B, L] as in :func:`dense_rewards`. ``validate`` checks values (one
+    device-to-host sync): a non-0/1 mask, a row with no completion token or a NaN/Inf score raise ValueError
+    naming the rows. With ``validate=False`` (CUDA graphs, torch.compile) such rows are all zeros, so the
+    output never holds NaN or Inf.
+    """
+    score1, mask_b = _baseline_inputs(score, mask, validate)
     last = last_true(mask_b)
-    _raise_on_empty(last < 0)
+    ok = _baseline_rows_ok(last >= 0, score1, "sparse_rewards", validate)
     out = torch.zeros(mask_b.shape, dtype=torch.float32, device=mask_b.device)
-    out[torch.arange(mask_b.shape[0], device=mask_b.device), last] = score1
+    out[torch.arange(mask_b.shape[0], device=mask_b.device), last.clamp(min=0)] = torch.where(ok, score1, 0.0)
     return out
 
 
-def uniform_rewards(score: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The paper's uniform baseline: score / n on each of the n completion tokens (float32 [B, L])."""
-    score1, mask_b = _score_and_mask(score, mask)
-    _check_mask_values(mask)
+def uniform_rewards(score: torch.Tensor, mask: torch.Tensor, *, validate: bool = True) -> torch.Tensor:
+    """The paper's uniform baseline: score / n on each of the n completion tokens (float32 [B, L]).
+
+    Arguments and ``validate`` as in :func:`sparse_rewards`: with ``validate=False`` a row with no completion
+    token or a NaN/Inf score is all zeros.
+    """
+    score1, mask_b = _baseline_inputs(score, mask, validate)
     count = mask_b.sum(dim=1)
-    _raise_on_empty(count == 0)
-    return mask_b.float() * (score1 / count.clamp(min=1))[:, None]
+    ok = _baseline_rows_ok(count > 0, score1, "uniform_rewards", validate)
+    share = torch.where(ok, score1 / count.clamp(min=1), 0.0)
+    return mask_b.float() * share[:, None]
 
 
-def _normalise(attn, score, mask, reward_index, backend):
+def _baseline_inputs(score, mask, validate):
+    """Check the baselines' inputs: float32 [B] score and bool [B, L] mask on one real device, L > 0."""
+    if isinstance(mask, torch.Tensor):
+        _not_meta(mask=mask)
+    score1, mask_b = _score_and_mask(score, mask)
+    _check_length(mask_b.shape[1])
+    if validate:
+        _check_mask_values(mask)
+    return score1, mask_b
+
+
+def _baseline_rows_ok(has_token, score1, function, validate):
+    """Rows that get their score (a completion token and a finite score); with validate, raise naming the rest
+    with the status messages that dense_rewards uses."""
+    score_ok = torch.isfinite(score1)
+    if validate:
+        status = torch.full(score1.shape, STATUS_OK, dtype=torch.int32, device=score1.device)
+        status = torch.where(score_ok, status, STATUS_BAD_SCORE)
+        status = torch.where(has_token, status, STATUS_EMPTY_MASK)
+        _raise_on_status(status, function)
+    return has_token & score_ok
+
+
+_LAYOUT_DIMS = {"maps": 4, "rows": 3, "row": 2}
+_LAYOUT_SHAPES = {"maps": "[B, H, L, L]", "rows": "[B, H, L]", "row": "[B, L]"}
+
+
+def _normalise(attn, score, mask, reward_index, layout, backend):
     """Check types and shapes (no device sync) and bring inputs to the op's canonical form."""
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    if layout != "auto" and layout not in _LAYOUT_DIMS:
+        raise ValueError(f"layout must be one of {('auto', *_LAYOUT_DIMS)}, got {layout!r}")
     if not isinstance(attn, torch.Tensor):
         raise TypeError(f"attn must be a torch.Tensor, got {type(attn).__name__}")
     if attn.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"attn must be float16, bfloat16, float32 or float64, got {attn.dtype}")
-    if attn.dim() not in (2, 3, 4):
+    _not_meta(attn=attn)
+    if layout == "auto" and attn.dim() not in (2, 3, 4):
         raise ValueError(
             f"attn must be [B, H, L, L], [B, H, L] or [B, L], got {attn.dim()} dims {tuple(attn.shape)}"
         )
+    if layout != "auto" and attn.dim() != _LAYOUT_DIMS[layout]:
+        raise ValueError(f"attn must be {_LAYOUT_SHAPES[layout]} with layout={layout!r}, got {tuple(attn.shape)}")
     if attn.dim() == 4 and attn.shape[2] != attn.shape[3]:
         raise ValueError(f"attn as [B, H, L, L] must have square maps, got {tuple(attn.shape)}")
     batch, length = attn.shape[0], attn.shape[-1]
@@ -209,6 +272,16 @@ def _normalise(attn, score, mask, reward_index, backend):
     score1, mask_b = _score_and_mask(score, mask, batch, attn)
     if mask_b.shape[1] != length:
         raise ValueError(f"mask has L={mask_b.shape[1]} but attn {tuple(attn.shape)} has L={length}")
+    _check_length(length)
+    if layout == "auto" and attn.dim() == 3 and attn.shape[1] == length > 1:  # at L = 1 both readings agree
+        raise ValueError(
+            f"attn {tuple(attn.shape)} is ambiguous: head-averaged [B, L, L] maps or [B, H, L] per-head rows with "
+            f"H == L == {length}. Pass head-averaged maps as [B, 1, L, L] (attn.unsqueeze(1)), or per-head rows "
+            "with layout='rows'"
+        )
+    if attn.dim() >= 3 and attn.shape[1] == 0:
+        raise ValueError(f"attn has no heads (H = 0 in {tuple(attn.shape)}): there is no attention to spread the "
+                         "score by")
     index = _reward_index(reward_index, batch, attn)
 
     attn = attn.detach()
@@ -227,11 +300,13 @@ def _normalise_prefix(prefix_scores, mask, reward_index):
         raise TypeError(f"prefix_scores must be float16, bfloat16, float32 or float64, got {prefix_scores.dtype}")
     if prefix_scores.dim() != 2:
         raise ValueError(f"prefix_scores must be [B, L], got {tuple(prefix_scores.shape)}")
+    _not_meta(prefix_scores=prefix_scores)
     mask_b = _mask(mask)
     if mask_b.shape != prefix_scores.shape:
         raise ValueError(f"mask {tuple(mask_b.shape)} and prefix_scores {tuple(prefix_scores.shape)} must have the "
                          "same [B, L]")
     _same_device(prefix_scores, mask=mask)
+    _check_length(prefix_scores.shape[1])
     index = _reward_index(reward_index, prefix_scores.shape[0], prefix_scores)
     return prefix_scores.detach().float(), mask_b, index
 
@@ -277,6 +352,19 @@ def _score_and_mask(score, mask, batch=None, attn=None):
     return score.detach().reshape(batch).float(), mask_b
 
 
+def _not_meta(**tensors: torch.Tensor) -> None:
+    for name, tensor in tensors.items():
+        if tensor.device.type == "meta":
+            raise ValueError(f"{name} is on the meta device, which holds shapes but no values: rewards are computed "
+                             "from values, so pass tensors on a real device (cpu, cuda)")
+
+
+def _check_length(length: int) -> None:
+    """The same error for every reward function: with L = 0 no token can carry the score."""
+    if length == 0:
+        raise ValueError("mask has L = 0 positions: there is no completion token to give the score to")
+
+
 def _same_device(ref: torch.Tensor, **tensors: torch.Tensor) -> None:
     for name, tensor in tensors.items():
         if tensor.device != ref.device:
@@ -286,12 +374,6 @@ def _same_device(ref: torch.Tensor, **tensors: torch.Tensor) -> None:
 def _check_mask_values(mask: torch.Tensor) -> None:
     if mask.dtype != torch.bool and bool(((mask != 0) & (mask != 1)).any()):
         raise ValueError("mask must hold only 0 and 1 (or be bool)")
-
-
-def _raise_on_empty(empty_rows: torch.Tensor) -> None:
-    empty = empty_rows.nonzero().flatten().tolist()
-    if empty:
-        raise ValueError(f"mask has no completion token in rows {empty[:10]}: their score would be lost")
 
 
 def _raise_on_status(status: torch.Tensor, function: str = "dense_rewards", messages=STATUS_MESSAGES) -> None:

@@ -127,10 +127,13 @@ def _state(model):
             [(len(m._forward_pre_hooks), len(m._forward_hooks)) for m in model.modules()])
 
 
-def _no_registrations():
-    names = [k for k in list(ALL_ATTENTION_FUNCTIONS) + list(ALL_MASK_ATTENTION_FUNCTIONS)
-             if k.startswith(capture_module.PREFIX)]
-    return not names and not capture_module._swaps and not capture_module._by_config
+def _all_closed():
+    """No config left switched and no capture left open. The capturing names stay registered, as
+    pass-throughs to the original implementations (a forward in another thread may still look them up)."""
+    names = {k for k in list(ALL_ATTENTION_FUNCTIONS) + list(ALL_MASK_ATTENTION_FUNCTIONS)
+             if k.startswith(capture_module.PREFIX)}
+    registered = {capture_module.PREFIX + orig for orig in capture_module._registered}
+    return names == registered and not capture_module._swaps and not capture_module._by_config
 
 
 # ----------------------------------------------------------------------------------------- correctness
@@ -153,7 +156,7 @@ def test_rows_match_eager_output_attentions(arch, padding, attn):
             assert torch.equal(cap.reward_index, index)
             torch.testing.assert_close(cap.rows, eager_rows(arch, ids, mask, layer, index), **TOL)
     assert model.config._attn_implementation == attn
-    assert _no_registrations()
+    assert _all_closed()
 
 
 def test_padding_actually_matters_for_the_rows():
@@ -215,7 +218,7 @@ def test_reward_index_override():
             model(input_ids=ids, attention_mask=mask)
     with pytest.raises(TypeError):
         capture_reward_attention(model, reward_index=1.5)
-    assert _no_registrations()
+    assert _all_closed()
 
 
 def test_no_pad_token_uses_last_position():
@@ -241,11 +244,14 @@ def test_missing_mask_registration_is_caught(monkeypatch):
     index = expected_index("llama", ids)
     with torch.no_grad():
         plain = model(input_ids=ids, attention_mask=mask).logits
+    with capture_reward_attention(model):  # registers the names, which then stay
+        pass
     monkeypatch.setattr(capture_module, "_register_mask", lambda orig: None)
+    monkeypatch.delitem(ALL_MASK_ATTENTION_FUNCTIONS._global_mapping, capture_module.PREFIX + "sdpa")
     with pytest.raises(RuntimeError, match="no mask"):
         with torch.no_grad(), capture_reward_attention(model):
             model(input_ids=ids, attention_mask=mask)
-    assert _no_registrations()
+    assert _all_closed()
 
     # Without the loud check, the comparison with eager attention is what catches it.
     monkeypatch.setattr(capture_module.RewardAttentionCapture, "_check_mask_delivered", lambda *a: None)
@@ -323,7 +329,7 @@ def test_model_not_going_through_the_interface(monkeypatch):
     with pytest.raises(RuntimeError, match="never called an attention function"):
         cap.rows
     assert model.config._attn_implementation == "sdpa"
-    assert _no_registrations()
+    assert _all_closed()
 
 
 def test_forward_never_reaching_the_layer():
@@ -357,7 +363,7 @@ def test_gpt2_eager_reorder_and_upcast_is_refused():
         with capture_reward_attention(model):
             pass
     assert model.config._attn_implementation == "eager"
-    assert _no_registrations()
+    assert _all_closed()
 
 
 def test_unsupported_attention_implementation():
@@ -367,7 +373,7 @@ def test_unsupported_attention_implementation():
         with capture_reward_attention(model):
             pass
     assert model.config._attn_implementation == "flex_attention"
-    assert _no_registrations()
+    assert _all_closed()
 
 
 # ----------------------------------------------------------------------------------------- restoring
@@ -384,7 +390,7 @@ def test_restored_exactly_also_when_forward_raises():
             assert model.config._attn_implementation == "dense_rlhf_capture_sdpa"
             model(input_ids=bad, attention_mask=mask)
     assert _state(model) == before
-    assert _no_registrations()
+    assert _all_closed()
     with torch.no_grad():  # and still works as before
         model(input_ids=ids, attention_mask=mask)
 
@@ -415,7 +421,7 @@ def test_sequential_nested_and_two_models():
     torch.testing.assert_close(same.rows, outer.rows, atol=0, rtol=0)
     torch.testing.assert_close(inner.rows, eager_rows("llama", ids, mask, 0, index), **TOL)
     torch.testing.assert_close(other.rows, eager_rows("gpt2", ids2, mask2, -1, expected_index("gpt2", ids2)), **TOL)
-    assert _no_registrations()
+    assert _all_closed()
 
 
 def test_overlapping_exit_order_and_shared_config():
@@ -438,7 +444,7 @@ def test_overlapping_exit_order_and_shared_config():
     index = expected_index("llama", ids)
     torch.testing.assert_close(cap_a.rows, eager_rows("llama", ids, mask, -1, index), **TOL)
     torch.testing.assert_close(cap_b.rows, eager_rows("llama", ids, mask, 0, index), **TOL)
-    assert _no_registrations()
+    assert _all_closed()
     with pytest.raises(RuntimeError, match="only once"):
         cap_a.__enter__()
 
@@ -477,7 +483,7 @@ def test_threads():
         other.join()
     with pytest.raises(RuntimeError, match="no forward"):
         cap.rows
-    assert _no_registrations()
+    assert _all_closed()
 
 
 # ----------------------------------------------------------------------------------------- memory
@@ -709,15 +715,15 @@ def test_prefix_and_attention_captures_share_one_forward():
         model(input_ids=ids, attention_mask=mask)
     torch.testing.assert_close(prefix.prefix_scores, alone.prefix_scores, atol=0, rtol=0)
     torch.testing.assert_close(rows.rows, eager_rows("llama", ids, mask, -1, expected_index("llama", ids)), **TOL)
-    assert _no_registrations()
+    assert _all_closed()
 
 
 def test_prefix_scores_refuse_encoders_and_models_without_a_score_head():
     with pytest.raises(ValueError, match="BertForSequenceClassification is not a causal decoder.*is_causal=False"):
         dense_rlhf.capture_prefix_scores(make_model("bert"))
+    ids, mask = make_batch("right")
     with pytest.raises(ValueError, match="not a causal decoder"):
-        score_and_densify(make_model("bert"), *make_batch("right"), torch.ones(B, L, dtype=torch.bool),
-                          method="prefix")
+        score_and_densify(make_model("bert"), ids, mask, mask.bool(), method="prefix")
     torch.manual_seed(0)
     lm = transformers.LlamaForCausalLM(LlamaConfig(
         vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,

@@ -49,7 +49,7 @@ def test_native_matches_reference(device, batch, heads, length, layout, dtype, p
     attn, score, mask, index = make_case(batch, heads, length, layout=layout, dtype=dtype, padding=padding,
                                          prompt=prompt, with_reward_index=with_reward_index, device=device,
                                          generator=g)
-    native, reference = both_backends(attn, score, mask, beta=beta, reward_index=index)
+    native, reference = both_backends(attn, score, mask, beta=beta, reward_index=index, layout=layout)
     assert native.dtype == torch.float32 and native.shape == (batch, length)
     assert native.device == attn.device
     assert_close_fp32(native, reference, score)
@@ -204,11 +204,10 @@ def test_backend_auto_uses_native_and_rejects_unknown():
         dense_rlhf.dense_rewards(attn, score, mask, backend="triton")
 
 
-def test_native_backend_for_missing_device_kernel_raises():
-    meta = dict(device="meta")
-    attn = torch.empty(2, 1, 6, 6, **meta)
-    score, mask = torch.empty(2, **meta), torch.empty(2, 6, dtype=torch.bool, **meta)
-    with pytest.raises(RuntimeError, match="native op for meta is not built"):
+def test_native_backend_for_missing_device_kernel_raises(monkeypatch):
+    monkeypatch.setitem(_native.KERNELS, "cpu", False)  # as in a build without the CPU kernel
+    attn, score, mask, _ = make_case(2, 2, 6)
+    with pytest.raises(RuntimeError, match="native op for cpu is not built"):
         dense_rlhf.dense_rewards(attn, score, mask, backend="native", validate=False)
 
 
