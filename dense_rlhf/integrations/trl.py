@@ -171,7 +171,7 @@ class ABCGRPOTrainer(GRPOTrainer):
         with capture_reward_attention(rm, layer=self.abc_layer) as cap:
             logits = rm(input_ids=ids, attention_mask=attention_mask).logits
         scores = _pooled_scores(logits, "ABCGRPOTrainer")
-        alpha_full = dense_rewards(cap.rows, torch.ones_like(scores), completion_mask, beta=1.0)  # [B, L]
+        alpha_full = dense_rewards(cap.rows, torch.ones_like(scores), completion_mask, beta=1.0, layout="rows")  # [B, L]
         # completion-aligned: alpha[i, t] = alpha_full[i, len(prompt_i) + t]
         width = max(len(c) for c in completion_ids)
         starts = torch.tensor([len(p) for p in prompt_ids], device=device)

@@ -104,7 +104,7 @@ def make_score_fn(rm, codec: task.Codec):
         ids, mask = M.rm_inputs(codec, ro.seq)
         score, rows = M.score_with_attention(rm, ids)
         p, n_new = task.PROMPT_LEN, ro.seq.shape[1] - task.PROMPT_LEN
-        alpha = dense_rewards(rows, torch.ones_like(score), mask, beta=1.0)[:, p : p + n_new]
+        alpha = dense_rewards(rows, torch.ones_like(score), mask, beta=1.0, layout="rows")[:, p : p + n_new]
         gt = task.scores_of(codec, ro.seq)
         return score, alpha, {"gt_score": gt.mean().item(), "rm_score": score.mean().item()}
 

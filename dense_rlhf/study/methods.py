@@ -95,13 +95,13 @@ def token_rewards(method: str, score: torch.Tensor, rm_rows: torch.Tensor, rm_ma
     elif method == "uniform":
         full = uniform_rewards(score, rm_mask)
     elif method.startswith("abc-"):
-        full = dense_rewards(rm_rows, score, rm_mask, beta=float(method[4:]))
+        full = dense_rewards(rm_rows, score, rm_mask, beta=float(method[4:]), layout="rows")
     elif method.startswith("prefix-"):
         full = prefix_rewards(prefix_scores, rm_mask, beta=float(method[7:]), reward_index=reward_index)
     elif method == "abcd":
         mask = torch.zeros(policy_rows.shape[0], policy_rows.shape[-1], dtype=torch.bool)
         mask[:, prompt_len : prompt_len + n_new] = True
-        full = dense_rewards(policy_rows, score, mask, beta=ABCD_BETA)
+        full = dense_rewards(policy_rows, score, mask, beta=ABCD_BETA, layout="rows")
     else:
         raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
     return full[:, prompt_len : prompt_len + n_new]
