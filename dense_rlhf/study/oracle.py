@@ -105,15 +105,29 @@ def _ratio_cell(r: dict | None) -> str:
     return f"{r['text'].split(' (')[0]} ({steps}) [{r['per_seed_median']:.2f}; {min(seeds):.2f}-{max(seeds):.2f}{star}]"
 
 
+def _ratio_table(sections: list[dict], key: str, dense: list[str]) -> list[str]:
+    """One row per (setting, lambda): the threshold ``key`` ("sparse_level" or "best_threshold"), sparse's steps
+    and each method's ratio cell."""
+    lines = ["| setting | GAE lambda | threshold | sparse steps | " + " | ".join(M.LABELS[m] for m in dense) + " |",
+             "|---|---|---|---|" + "---|" * len(dense)]
+    for sec in sections:
+        r = sec[key]["ratios"]
+        sparse_steps = next(iter(r.values()))["sparse_steps"] if r else None
+        lines.append(f"| {sec['setting']} | {sec['lam']:g} | {sec[key]['threshold']:.2f} | "
+                     f"{'never' if sparse_steps is None else sparse_steps} | "
+                     + " | ".join(_ratio_cell(r.get(m)) for m in dense) + " |")
+    return lines
+
+
 def _share(x) -> str:
     return "undefined" if x is None else f"{x:.2f}"
 
 
-def _setting_title(sec: dict) -> str:
+def _setting_title(sec: dict, sep: str = " ") -> str:
     p = sec["ppo"]
     kl = (f"adaptive KL from {p['kl_coef']:g} (target {p['kl_target']:g}, horizon {p['kl_horizon']:g})"
           if p["kl_target"] is not None else f"fixed KL {p['kl_coef']:g}")
-    return (f"{sec['setting']} PPO settings, GAE lambda {sec['lam']:g}: batch {p['batch_size']}, minibatch "
+    return (f"{sec['setting']} PPO settings, GAE lambda {sec['lam']:g}:{sep}batch {p['batch_size']}, minibatch "
             f"{p['minibatch_size']}, {p['ppo_epochs']} epochs, lr {p['lr']:g}, {kl}, {p['steps']} steps")
 
 
@@ -124,8 +138,9 @@ def markdown(sections: list[dict], credit: dict, info: dict, meta: dict) -> str:
         f"# {meta['title']}",
         "",
         f"Command: `{meta['command']}`; wall time {meta['wall_seconds'] / 60:.1f} min ({meta['workers']} workers, one "
-        f"torch thread each), CPU time of the PPO runs {meta['run_cpu_seconds'] / 60:.1f} min. Every curve is in "
-        f"`{meta['name']}.json`.",
+        f"torch thread each); the PPO runs' own wall times sum to {meta['run_seconds'] / 60:.1f} min"
+        + ("" if meta.get("run_cpu_seconds") is None else f", their CPU time to {meta['run_cpu_seconds'] / 60:.1f} min")
+        + f". Every curve is in `{meta['name']}.json`.",
         "",
         f"![curves]({meta['name']}.png)",
         "",
@@ -136,15 +151,8 @@ def markdown(sections: list[dict], credit: dict, info: dict, meta: dict) -> str:
         "",
         "## Steps to sparse's level (80% of the way from the SFT score to sparse's own final score)",
         "",
-        "| setting | GAE lambda | threshold | sparse steps | " + " | ".join(M.LABELS[m] for m in dense) + " |",
-        "|---|---|---|---|" + "---|" * len(dense),
+        *_ratio_table(sections, "sparse_level", dense),
     ]
-    for sec in sections:
-        r = sec["sparse_level"]["ratios"]
-        sparse_steps = next(iter(r.values()))["sparse_steps"] if r else None
-        lines.append(f"| {sec['setting']} | {sec['lam']:g} | {sec['sparse_level']['threshold']:.2f} | "
-                     f"{'never' if sparse_steps is None else sparse_steps} | "
-                     + " | ".join(_ratio_cell(r.get(m)) for m in dense) + " |")
     oracles = [o for o in ORACLES if o in methods]
     compared = [m for m in COMPARED if m in methods]
     if oracles and compared:
@@ -160,15 +168,8 @@ def markdown(sections: list[dict], credit: dict, info: dict, meta: dict) -> str:
         "",
         "## Steps to the experiment's threshold (80% of the way to the best method's final score)",
         "",
-        "| setting | GAE lambda | threshold | sparse steps | " + " | ".join(M.LABELS[m] for m in dense) + " |",
-        "|---|---|---|---|" + "---|" * len(dense),
+        *_ratio_table(sections, "best_threshold", dense),
     ]
-    for sec in sections:
-        r = sec["best_threshold"]["ratios"]
-        sparse_steps = next(iter(r.values()))["sparse_steps"] if r else None
-        lines.append(f"| {sec['setting']} | {sec['lam']:g} | {sec['best_threshold']['threshold']:.2f} | "
-                     f"{'never' if sparse_steps is None else sparse_steps} | "
-                     + " | ".join(_ratio_cell(r.get(m)) for m in dense) + " |")
     lines += ["", "## Final true score (mean ± std over seeds of the last 10 steps), late spread, final KL", "",
               "Late spread: the std over seeds of the score, averaged over the last quarter of the steps. Final KL: "
               "nats per completion (k1), last 10 steps. The KL coefficient is the one of the last step (adaptive "
@@ -223,10 +224,15 @@ def plot(sections: list[dict], methods: list[str], path: Path, title: str) -> No
             ax.fill_between(xs, [a - b for a, b in zip(mean, std)], [a + b for a, b in zip(mean, std)],
                             color=f"C{k}", alpha=0.1)
         ax.axhline(sec["sparse_level"]["threshold"], color="k", ls=":", lw=1, label="sparse's level")
-        ax.set_title(_setting_title(sec), fontsize=8)
+        ax.set_title(_setting_title(sec, "\n"), fontsize=8)
         ax.set_xlabel(f"PPO step ({sec['ppo']['batch_size']} completions each)")
         ax.set_ylabel("true score (5-step MA, ±1 std over seeds)")
         ax.legend(fontsize=7)
+    used = {(settings.index(sec["setting"]), lams.index(sec["lam"])) for sec in sections}
+    for i, row in enumerate(axes):
+        for j, ax in enumerate(row):
+            if (i, j) not in used:
+                ax.set_visible(False)
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -288,7 +294,8 @@ def main(args, argv: list[str], setup, settings: dict) -> int:
         "command": "dense-rlhf experiment " + " ".join(argv), "name": args.name, "methods": methods,
         "settings": {k: asdict(v) for k, v in settings.items()}, "lams": lams, "seeds": seeds,
         "workers": args.workers, "wall_seconds": time.time() - t0,
-        "run_cpu_seconds": sum(r["seconds"] for r in results), "setup": asdict(setup),
+        "run_seconds": sum(r["seconds"] for r in results),
+        "run_cpu_seconds": sum(r["cpu_seconds"] for r in results), "setup": asdict(setup),
     }
     write_outputs(sections, credit, info, meta, Path(args.out))
     print()

@@ -46,12 +46,13 @@ def run_one(method: str, seed: int, setup: SetupConfig, ppo: PPOConfig, cache_di
     chat_rm = load_or_train_chat_rm(setup, cache_dir, log=None)[:2] if method in M.ALIGNED_METHODS else None
     torch.manual_seed(seed)
     policy = PolicyWithValue(copy.deepcopy(sft), codec.special_ids)
-    t0 = time.time()
+    t0, c0 = time.time(), time.process_time()
     history = train(policy, sft, prompt_sampler(codec, 10_000 + seed), setup.completion_len,
                     M.make_score_fn(method, rm, codec, chat_rm), ppo, seed, on_step)
     keys = ("gt_score", "rm_score", "kl", "pg_loss", "vf_loss", "kl_coef")
     curves = {key: [h[key] for h in history] for key in keys}
-    return {"method": method, "seed": seed, "seconds": time.time() - t0, "curves": curves}
+    return {"method": method, "seed": seed, "seconds": time.time() - t0, "cpu_seconds": time.process_time() - c0,
+            "curves": curves}
 
 
 def quiet_transformers() -> None:
