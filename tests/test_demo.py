@@ -66,6 +66,26 @@ def test_demo_quick_then_tiny_experiment(tmp_path, monkeypatch, capsys):
         assert all(len(r["per_seed"]) == 2 for r in length[threshold]["ratios"].values())
     assert (res / "length_study.md").exists() and (res / "length_study.png").stat().st_size > 0
 
+    # the oracle study's whole pipeline: both PPO settings (ours, the paper's), the oracles beside sparse and ABC
+    argv = ["experiment", "--study", "oracle", "--quick", "--steps", "3", "--seeds", "2", "--lam", "0.95",
+            "--methods", "sparse,abc-0.8,oracle-0.8,oracle-abs-0.8", "--workers", "1", "--out", str(res)]
+    assert cli.main(argv) == 0
+    assert list(cache.glob("setup-*")) == setups
+    data = json.loads((res / "oracle_study.json").read_text())
+    assert [(s["setting"], s["lam"]) for s in data["sections"]] == [("ours", 0.95), ("paper", 0.95)]
+    ours, paper = data["sections"]
+    assert (paper["ppo"]["batch_size"], paper["ppo"]["minibatch_size"], paper["ppo"]["kl_target"]) == (16, 1, 6.0)
+    assert ours["ppo"]["kl_target"] is None and all(r["curves"]["kl_coef"] == [0.05] * 3 for r in ours["runs"])
+    coefs = paper["runs"][0]["curves"]["kl_coef"]
+    assert len(coefs) == 3 and coefs[0] == 0.2 != coefs[1]  # the adaptive controller moved it
+    assert len(paper["runs"]) == 8 and set(paper["shares"]) == {"oracle-0.8", "oracle-abs-0.8"}
+    assert set(paper["sparse_level"]["ratios"]) == {"abc-0.8", "oracle-0.8", "oracle-abs-0.8"}
+    credit = data["credit_diagnostics"]["sft_samples"]
+    assert credit["oracle_abs"]["spearman"] == pytest.approx(1.0) and credit["oracle_abs"]["topk_overlap"] == 1.0
+    assert credit["oracle"]["sign_agreement"] > credit["abc"]["sign_agreement"]
+    assert -1.0 <= credit["rm_calibration"]["pearson"] <= 1.0
+    text = (res / "oracle_study.md").read_text()
+    assert "Share of the oracle's speed-up" in text and (res / "oracle_study.png").stat().st_size > 0
 
 def test_credit_shading_never_looks_like_the_sign_colours():
     """The shading of ABC's share must not be read as the green or red of the true credit's sign, also where

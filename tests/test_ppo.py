@@ -8,8 +8,8 @@ pytest.importorskip("transformers")
 from dense_rlhf.study import methods as M
 from dense_rlhf.study import sentiment_task as task
 from dense_rlhf.study.models import SetupConfig, new_policy, new_reward_model
-from dense_rlhf.rl.ppo import (PolicyWithValue, PPOConfig, gae, generate, ppo_losses, response_logprobs, rollout,
-                            train, whiten)
+from dense_rlhf.rl.ppo import (AdaptiveKLController, FixedKLController, PolicyWithValue, PPOConfig, gae, generate,
+                               kl_controller, ppo_losses, response_logprobs, rollout, train, whiten)
 
 
 def test_gae_matches_hand_computation():
@@ -74,7 +74,7 @@ def test_generation_never_emits_special_tokens(tiny):
     assert not torch.isin(seq[:, task.PROMPT_LEN :], torch.tensor(codec.special_ids)).any()
 
 
-@pytest.mark.parametrize("method", M.METHODS)
+@pytest.mark.parametrize("method", M.METHODS + M.ORACLE_METHODS)
 def test_token_rewards_conserve_the_score_and_align_to_the_response(tiny, method):
     codec, lm, rm = tiny
     policy = PolicyWithValue(lm, codec.special_ids)
@@ -90,7 +90,7 @@ def test_token_rewards_conserve_the_score_and_align_to_the_response(tiny, method
     assert (fwd.reward_index == ids.shape[1] - 1).all()  # [EOS]
     torch.testing.assert_close(fwd.prefix_scores[:, -1], score, atol=0, rtol=0)
     r = M.token_rewards(method, score, rows, mask, ro.policy_attn_rows, task.PROMPT_LEN, 8, fwd.prefix_scores,
-                        fwd.reward_index)
+                        fwd.reward_index, task.credits_of(codec, ro.seq))
     assert r.shape == (6, 8)
     assert torch.allclose(r.sum(1), score, atol=1e-5)
     if method == "sparse":
@@ -193,3 +193,110 @@ def test_short_ppo_run_updates_the_policy_and_logs_finite_metrics(tiny):
     assert hist[0]["kl"] == pytest.approx(0.0, abs=1e-5)  # the first rollout is the reference policy
     assert any(not torch.equal(a, b) for a, b in zip(before, policy.parameters()))
     assert all(not p.requires_grad for p in lm.parameters())  # the reference is frozen
+
+
+# ------------------------------------------------------------------------------------------ KL controllers
+
+
+def trl_074_update(coef, kl, target, horizon, n):
+    """trl 0.7.4's AdaptiveKLController.update, written out:
+    coef * (1 + clip(kl / target - 1, -0.2, 0.2) * n / horizon)."""
+    error = kl / target - 1
+    error = 0.2 if error > 0.2 else (-0.2 if error < -0.2 else error)
+    return coef * (1 + error * n / horizon)
+
+
+def test_adaptive_kl_controller_matches_trls_formula_by_hand():
+    ctl = AdaptiveKLController(0.2, 6.0, 10000.0)
+    ctl.update(12.0, 16)  # error 1 -> clipped to 0.2: 0.2 * (1 + 0.2 * 16 / 10000)
+    assert ctl.value == pytest.approx(0.2 * 1.00032, rel=1e-15)
+    ctl = AdaptiveKLController(0.2, 6.0, 10000.0)
+    ctl.update(6.6, 16)  # error 0.1, inside the clip
+    assert ctl.value == pytest.approx(0.2 * (1 + 0.1 * 16 / 10000), rel=1e-15)
+    ctl = AdaptiveKLController(0.2, 6.0, 10000.0)
+    ctl.update(0.0, 16)  # error -1 -> -0.2
+    assert ctl.value == pytest.approx(0.2 * (1 - 0.2 * 16 / 10000), rel=1e-15)
+    ctl.update(6.0, 16)  # at the target: unchanged
+    assert ctl.value == pytest.approx(0.2 * (1 - 0.2 * 16 / 10000), rel=1e-15)
+    # the paper's run: batch 16, 150 steps, KL always far above the target moves 0.2 by at most 4.9%
+    ctl = AdaptiveKLController(0.2, 6.0, 10000.0)
+    for _ in range(150):
+        ctl.update(100.0, 16)
+    assert ctl.value == pytest.approx(0.2 * 1.00032 ** 150) and 0.2098 < ctl.value < 0.2099
+    with pytest.raises(ValueError, match="kl_target"):
+        AdaptiveKLController(0.2, 0.0, 10000.0)
+
+
+def test_adaptive_kl_controller_matches_trls_formula_on_random_sequences():
+    hypothesis = pytest.importorskip("hypothesis")
+    st = hypothesis.strategies
+
+    @hypothesis.given(st.floats(1e-3, 1.0), st.floats(0.5, 20.0), st.floats(1e3, 1e5), st.integers(1, 512),
+                      st.lists(st.floats(-5.0, 200.0), min_size=1, max_size=30))
+    @hypothesis.settings(max_examples=200, deadline=None)
+    def check(init, target, horizon, n, kls):
+        ctl, expected = AdaptiveKLController(init, target, horizon), init
+        for kl in kls:
+            ctl.update(kl, n)
+            expected = trl_074_update(expected, kl, target, horizon, n)
+            assert ctl.value == pytest.approx(expected, rel=1e-12)
+            assert ctl.value > 0
+
+    check()
+
+
+def test_kl_controller_of_a_config():
+    fixed = kl_controller(PPOConfig())
+    assert isinstance(fixed, FixedKLController) and fixed.value == 0.05
+    fixed.update(1e6, 32)
+    assert fixed.value == 0.05
+    adaptive = kl_controller(PPOConfig(kl_coef=0.2, kl_target=6.0, kl_horizon=100.0))
+    assert isinstance(adaptive, AdaptiveKLController)
+    assert (adaptive.value, adaptive.target, adaptive.horizon) == (0.2, 6.0, 100.0)
+
+
+def test_training_uses_and_updates_the_adaptive_coefficient(tiny, monkeypatch):
+    """Each step's rewards carry the coefficient from before the update; the next step's coefficient is trl's
+    update of it with this step's logged KL and batch size. Also runs trl's minibatch of 1 without clipping."""
+    import copy
+    import random
+
+    from dense_rlhf.rl import ppo as ppo_module
+
+    codec, lm, rm = tiny
+    seen = []
+    real_gae = ppo_module.gae
+
+    def spy(rewards, values, gamma, lam):
+        seen.append(rewards.clone())
+        return real_gae(rewards, values, gamma, lam)
+
+    monkeypatch.setattr(ppo_module, "gae", spy)
+    scores = []
+
+    def score_fn(ro):
+        s = torch.linspace(-1.0, 1.0, ro.seq.shape[0])[:, None].expand(-1, 6).contiguous()
+        scores.append(s)
+        return s, {}
+
+    kls = []
+
+    def capture_kl(step, stats):
+        kls.append(stats["kl"])
+
+    # horizon 8: each step moves the coefficient by up to 20% x 4 / 8 = 10%, visibly
+    cfg = PPOConfig(steps=4, batch_size=4, minibatch_size=1, ppo_epochs=1, kl_coef=0.2, kl_target=0.01, kl_horizon=8.0,
+                    max_grad_norm=None, adam_eps=1e-8, lr=1e-2)
+    policy = PolicyWithValue(copy.deepcopy(lm), codec.special_ids)
+    rng = random.Random(0)
+    hist = train(policy, lm, lambda n: codec.encode(task.sample_prompts(rng, n)), 6, score_fn, cfg, seed=0,
+                 on_step=capture_kl)
+    coefs = [h["kl_coef"] for h in hist]
+    assert coefs[0] == 0.2
+    for i in range(3):
+        assert coefs[i + 1] == pytest.approx(trl_074_update(coefs[i], kls[i], 0.01, 8.0, 4), rel=1e-12)
+    assert len(set(coefs)) == 4  # it moved every step
+    for rewards, s, coef, kl in zip(seen, scores, coefs, kls):
+        # r_t = s_t - coef * kl_t: recover the per-token KL and check its batch-mean sum is the logged KL
+        per_token = (s - rewards) / coef
+        assert per_token.sum(1).mean().item() == pytest.approx(kl, rel=1e-4, abs=1e-6)

@@ -26,12 +26,16 @@ from dense_rlhf.capture import capture_reward_attention
 from dense_rlhf.rl.common import (Policy, clipped_policy_loss, freeze, generate, kl_k1, reference_logprobs,
                                   response_logprobs, run_steps, whiten)
 
-__all__ = ["PPOConfig", "PolicyWithValue", "Rollout", "gae", "generate", "ppo_losses", "ppo_step",
-           "response_logprobs", "rollout", "train", "whiten"]
+__all__ = ["AdaptiveKLController", "FixedKLController", "PPOConfig", "PolicyWithValue", "Rollout", "gae", "generate",
+           "kl_controller", "ppo_losses", "ppo_step", "response_logprobs", "rollout", "train", "whiten"]
 
 
 @dataclass
 class PPOConfig:
+    """PPO's settings. ``kl_coef`` is the KL coefficient, fixed unless ``kl_target`` is set: then it is the initial
+    value of the adaptive controller (``AdaptiveKLController``, trl 0.7.4's) with ``kl_target`` and
+    ``kl_horizon``. ``max_grad_norm`` None: no gradient clipping. ``adam_eps``: Adam's epsilon."""
+
     steps: int = 100
     batch_size: int = 32
     minibatch_size: int = 16
@@ -43,9 +47,12 @@ class PPOConfig:
     cliprange: float = 0.2
     cliprange_value: float = 0.2
     vf_coef: float = 0.1
-    max_grad_norm: float = 1.0
+    max_grad_norm: float | None = 1.0
     whiten_rewards: bool = False
     temperature: float = 1.0
+    kl_target: float | None = None
+    kl_horizon: float = 10000.0
+    adam_eps: float = 1e-5
 
 
 class PolicyWithValue(Policy):
@@ -107,6 +114,47 @@ class Rollout:
     policy_attn_rows: torch.Tensor  # [B, H, P + N] the policy's last-layer attention from its final token
 
 
+class FixedKLController:
+    """A constant KL coefficient."""
+
+    def __init__(self, kl_coef: float):
+        self.value = kl_coef
+
+    def update(self, current_kl: float, n_completions: int) -> None:
+        pass
+
+
+class AdaptiveKLController:
+    """The adaptive KL coefficient of Ziegler et al. (2019), as trl 0.7.4's ``PPOTrainer`` runs it (its default,
+    ``adap_kl_ctrl=True``, initial coefficient 0.2, target 6, horizon 10000). After each PPO step, with that step's
+    KL (the batch mean over completions of sum_t log pi_old(y_t) - log pi_ref(y_t), nats per completion) and the
+    number n of completions in the step:
+
+        e     = clip(KL / target - 1, -0.2, 0.2)
+        coef <- coef * (1 + e * n / horizon)
+
+    The step's rewards use the coefficient from before the update. One step moves it by at most a factor
+    1 +- 0.2 n / horizon: with n = 16 and horizon 10000, 0.032% a step, at most 4.9% over 150 steps."""
+
+    def __init__(self, init_kl_coef: float, target: float, horizon: float):
+        if not target > 0 or not horizon > 0:
+            raise ValueError(f"kl_target and kl_horizon must be positive, got {target} and {horizon}")
+        self.value = init_kl_coef
+        self.target = target
+        self.horizon = horizon
+
+    def update(self, current_kl: float, n_completions: int) -> None:
+        error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + error * n_completions / self.horizon
+
+
+def kl_controller(cfg: PPOConfig) -> FixedKLController | AdaptiveKLController:
+    """The KL coefficient's controller of a configuration: adaptive when ``cfg.kl_target`` is set, else fixed."""
+    if cfg.kl_target is None:
+        return FixedKLController(cfg.kl_coef)
+    return AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
+
+
 # token_scores(rollout) -> [B, N] per-token task rewards (before the KL penalty), plus a dict of metrics
 TokenScoreFn = Callable[[Rollout], "tuple[torch.Tensor, dict]"]
 
@@ -116,6 +164,7 @@ class PPOTrainerState:
     policy: PolicyWithValue
     ref_lm: nn.Module
     optimizer: torch.optim.Optimizer
+    kl_ctl: FixedKLController | AdaptiveKLController
     history: list = field(default_factory=list)
 
 
@@ -142,11 +191,15 @@ def ppo_step(state: PPOTrainerState, ro: Rollout, token_scores: torch.Tensor, cf
     reference (the k1 estimator, log pi_old - log pi_ref, at each sampled token):
 
         r_t = s_t - kl_coef * (log pi_old(y_t) - log pi_ref(y_t))
+
+    kl_coef is ``state.kl_ctl.value``; after the update the controller sees this step's KL (see
+    ``AdaptiveKLController``).
     """
     policy = state.policy
     p = ro.seq.shape[1] - token_scores.shape[1]
     kl = kl_k1(ro.old_logp, ro.ref_logp)  # [B, N]
-    rewards = token_scores - cfg.kl_coef * kl
+    kl_coef = state.kl_ctl.value
+    rewards = token_scores - kl_coef * kl
     if cfg.whiten_rewards:
         rewards = whiten(rewards, shift_mean=False)
     adv, returns = gae(rewards, ro.old_values, cfg.gamma, cfg.lam)
@@ -169,7 +222,8 @@ def ppo_step(state: PPOTrainerState, ro: Rollout, token_scores: torch.Tensor, cf
             loss = pg + cfg.vf_coef * vf  # L = L_pg + c_vf * L_vf
             state.optimizer.zero_grad()
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+            if cfg.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
             state.optimizer.step()
             stats["pg_loss"] += pg.item()
             stats["vf_loss"] += vf.item()
@@ -179,6 +233,8 @@ def ppo_step(state: PPOTrainerState, ro: Rollout, token_scores: torch.Tensor, cf
     stats = {k: v / n_updates for k, v in stats.items()}
     stats["kl"] = kl.sum(1).mean().item()  # KL(pi || pi_ref) per sequence, k1 estimate
     stats["mean_token_reward"] = token_scores.sum(1).mean().item()
+    stats["kl_coef"] = kl_coef
+    state.kl_ctl.update(stats["kl"], b)
     return stats
 
 
@@ -189,7 +245,8 @@ def train(policy: PolicyWithValue, ref_lm: nn.Module, sample_prompts: Callable[[
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     freeze(ref_lm)
-    state = PPOTrainerState(policy, ref_lm, torch.optim.Adam(policy.parameters(), lr=cfg.lr, eps=1e-5))
+    state = PPOTrainerState(policy, ref_lm, torch.optim.Adam(policy.parameters(), lr=cfg.lr, eps=cfg.adam_eps),
+                            kl_controller(cfg))
 
     def one_step(step: int) -> dict:
         ro = rollout(policy, ref_lm, sample_prompts(cfg.batch_size), n_new, gen, cfg.temperature)

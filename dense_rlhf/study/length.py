@@ -59,60 +59,6 @@ def _run(job):
     return result
 
 
-# ------------------------------------------------------------------------------------------------ statistics
-
-
-def steps_to(summary: dict, runs: list[dict], threshold: float) -> dict:
-    """Per method: steps for the 5-step moving average of the seed-mean curve, and of each seed's curve (in
-    seed order), to reach the threshold (None: never)."""
-    out = {}
-    for m, s in summary["methods"].items():
-        mine = sorted((r for r in runs if r["method"] == m), key=lambda r: r["seed"])
-        reached = study.threshold_stats(s["mean_curve"], [r["curves"]["gt_score"][: summary["steps"]] for r in mine],
-                                        threshold)
-        out[m] = {"steps": reached["steps_to_threshold"], "per_seed": reached["per_seed_steps_to_threshold"]}
-    return out
-
-
-def ratios(steps: dict, methods, n_steps: int) -> dict:
-    """Each dense method's steps-to-threshold ratio against sparse: seed-mean curves, and paired per seed."""
-    sparse = steps["sparse"]
-    out = {}
-    for m in methods:
-        if m == "sparse" or m not in steps:
-            continue
-        a, b = steps[m]["steps"], sparse["steps"]
-        mean_ratio = a / b if a is not None and b else None
-        if a is None:
-            text = "never"
-        elif b is None:
-            text = f"< {a / n_steps:.2f} (sparse never)"
-        elif b == 0:
-            text = "n/a (sparse at step 0)"
-        else:
-            text = f"{mean_ratio:.2f}"
-        per_seed, censored = [], []
-        for x, y in zip(steps[m]["per_seed"], sparse["per_seed"]):
-            x_, y_ = n_steps if x is None else x, n_steps if y is None else y
-            per_seed.append(x_ / max(y_, 1))
-            censored.append(x is None or y is None)
-        out[m] = {"mean_curve_ratio": mean_ratio, "text": text, "steps": a, "sparse_steps": b, "per_seed": per_seed,
-                  "per_seed_censored": censored, "per_seed_median": _median(per_seed)}
-    return out
-
-
-def sparse_level(summary: dict, fraction: float = 0.8) -> float:
-    """The primary threshold: ``fraction`` of the way from the SFT score to sparse's final score."""
-    start = summary["sft_score"]
-    return start + fraction * (summary["methods"]["sparse"]["final_mean"] - start)
-
-
-def _median(xs):
-    xs = sorted(xs)
-    n = len(xs)
-    return None if n == 0 else (xs[(n - 1) // 2] + xs[n // 2]) / 2
-
-
 # ------------------------------------------------------------------------------------------------ outputs
 
 
@@ -323,12 +269,14 @@ def analyse(results: list[dict], prepared: dict, methods: list[str], n_steps: in
         mine = sorted((r for r in results if r["completion_len"] == length),
                       key=lambda r: (methods.index(r["method"]), r["seed"]))
         summary = study.summarise(mine)
-        level = sparse_level(summary)
+        level = study.sparse_level(summary)
         per_length[length] = {
             "summary": summary,
-            "sparse_level": {"threshold": level, "ratios": ratios(steps_to(summary, mine, level), methods, n_steps)},
+            "sparse_level": {"threshold": level,
+                             "ratios": study.ratios(study.steps_to(summary, mine, level), methods, n_steps)},
             "best_threshold": {"threshold": summary["threshold"],
-                               "ratios": ratios(steps_to(summary, mine, summary["threshold"]), methods, n_steps)},
+                               "ratios": study.ratios(study.steps_to(summary, mine, summary["threshold"]), methods,
+                                                      n_steps)},
             "runs": mine,
             "info": prepared[length]["info"], "credit": prepared[length]["credit"],
             "train_seconds": prepared[length]["train_seconds"],

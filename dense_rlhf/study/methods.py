@@ -19,11 +19,26 @@ on the task's text, see ``models.load_or_train_chat_rm``), through ``dense_rlhf.
 - ``bpe-sparse``: that reward model's score on the last response token (beta = 0).
 - ``bpe-abc-0.8``: ABC through alignment: its last-layer row from its final ``<|end|>``, projected onto the
   policy's word tokens by byte overlap, beta 0.8.
+
+Oracles (``ORACLE_METHODS``): the task's true per-token credit c_t (``sentiment_task.credits_of``, the signed
+leave-one-out effect of each token on the hidden score), delivered the way ABC delivers its credit, each row
+still summing to the reward model's score r_C (``oracle_rewards``):
+
+- ``oracle-<beta>``: the true credit in the reward model's units, r_t = beta * k * c_t + [t == T] * (r_C - beta * k *
+  sum_s c_s), with k the reward model's scale (``rm_scale``: its score is about k times the hidden score): right
+  tokens, right signs, right sizes on average; the last token keeps the rest of the score (the reward model's
+  disagreement with the hidden score, and (1 - beta) of the credit). Without k (k = 1) the dense part would be
+  about 1 / k times the reward model's own scale (k is about 0.33 here), with a last-token correction of the
+  opposite sign.
+- ``oracle-abs-<beta>``: ABC's shape with a perfect attention row: ``dense_rewards`` with alpha_t = |c_t| / sum_s
+  |c_s|, so every token gets the score's sign as in ABC; a completion without credited tokens gets the sparse
+  reward (``dense_rewards``' rule for a row that sums to 0).
 """
 
 from __future__ import annotations
 
 import contextlib
+import random
 from typing import NamedTuple
 
 import torch
@@ -46,8 +61,12 @@ LABELS = {
 }
 ABCD_BETA = 0.8
 ALIGNED_METHODS = ["bpe-sparse", "bpe-abc-0.8"]
-ALL_METHODS = METHODS + ALIGNED_METHODS
-LABELS.update({"bpe-sparse": "sparse, BPE chat RM", "bpe-abc-0.8": "ABC through alignment, BPE chat RM"})
+ORACLE_METHODS = ["oracle-0.8", "oracle-abs-0.8"]
+RM_SCALE_TEXTS, RM_SCALE_SEED = 2048, 7  # the grammar texts rm_scale fits on
+ALL_METHODS = METHODS + ALIGNED_METHODS + ORACLE_METHODS
+LABELS.update({"bpe-sparse": "sparse, BPE chat RM", "bpe-abc-0.8": "ABC through alignment, BPE chat RM",
+               "oracle-0.8": "oracle: true credit in RM units, beta=0.8",
+               "oracle-abs-0.8": "oracle in ABC's shape (shares by absolute true credit), beta=0.8"})
 
 
 def rm_inputs(codec: task.Codec, seq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,11 +104,50 @@ def score_with_attention(rm, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return out.score, out.rows
 
 
+def oracle_rewards(credit: torch.Tensor, score: torch.Tensor, beta: float, abc_shape: bool,
+                   scale: float = 1.0) -> torch.Tensor:
+    """[B, N] oracle rewards on the response tokens from the true credit [B, N] and the reward model's scores [B]
+    (see the module docstring): ``abc_shape`` False, beta * scale * credit with the rest of the score on the last
+    token; True, ``dense_rewards`` with alpha proportional to |credit| (``scale`` unused). Each row sums to its
+    score."""
+    score = score.float()
+    if abc_shape:
+        return dense_rewards(credit.abs().float(), score, torch.ones(credit.shape, dtype=torch.bool), beta=beta)
+    out = (beta * scale) * credit.float()
+    out[:, -1] += score - out.sum(1)
+    return out
+
+
+@torch.no_grad()
+def rm_scale(rm, codec: task.Codec, completion_len: int, n: int = RM_SCALE_TEXTS, seed: int = RM_SCALE_SEED) -> float:
+    """The reward model's scale against the hidden score: the least-squares slope of its score on the hidden score
+    over ``n`` grammar texts drawn as the preference data are (very negative to very positive reviews)."""
+    rng = random.Random(seed)
+    words = [task.sample_words(rng, task.Style.random_for_preferences(rng), task.PROMPT_WORDS + completion_len)
+             for _ in range(n)]
+    seq = codec.encode(words)
+    hidden = task.scores_of(codec, seq).double()
+    score = torch.cat([rm_forward(rm, rm_inputs(codec, chunk)[0], prefix=False).score for chunk in seq.split(512)])
+    hidden_c = hidden - hidden.mean()
+    return float((hidden_c * (score.double() - score.double().mean())).sum() / (hidden_c ** 2).sum())
+
+
+def oracle_spec(method: str) -> tuple[float, bool]:
+    """(beta, abc_shape) of an ``oracle-*`` method name."""
+    body = method[len("oracle-"):]
+    abc_shape = body.startswith("abs-")
+    return float(body[4:] if abc_shape else body), abc_shape
+
+
 def token_rewards(method: str, score: torch.Tensor, rm_rows: torch.Tensor, rm_mask: torch.Tensor,
                   policy_rows: torch.Tensor | None, prompt_len: int, n_new: int,
-                  prefix_scores: torch.Tensor | None = None, reward_index: torch.Tensor | None = None) -> torch.Tensor:
+                  prefix_scores: torch.Tensor | None = None, reward_index: torch.Tensor | None = None,
+                  credit: torch.Tensor | None = None, credit_scale: float = 1.0) -> torch.Tensor:
     """[B, N] task rewards on the response tokens for one method (``prefix-*`` needs ``prefix_scores`` and the
-    ``reward_index`` they were pooled at)."""
+    ``reward_index`` they were pooled at; ``oracle-*`` the true credit [B, N] of the response tokens, and the signed
+    oracle the reward model's scale ``credit_scale``, see ``rm_scale``)."""
+    if method.startswith("oracle-"):
+        return oracle_rewards(credit, score, *oracle_spec(method), scale=credit_scale)
     if method == "sparse":
         full = sparse_rewards(score, rm_mask)
     elif method == "uniform":
@@ -136,11 +194,18 @@ def make_score_fn(method: str, rm, codec: task.Codec, chat_rm=None):
 
         return aligned_score_fn
 
+    oracle = method.startswith("oracle-")
+    scale: list[float] = []  # the signed oracle's rm_scale, fitted at the first call (it needs the length)
+
     def score_fn(ro: Rollout):
         ids, mask = rm_inputs(codec, ro.seq)
         score, rows, prefix, index = rm_forward(rm, ids, prefix=method.startswith("prefix-"))
         n_new = ro.seq.shape[1] - task.PROMPT_LEN
-        rewards = token_rewards(method, score, rows, mask, ro.policy_attn_rows, task.PROMPT_LEN, n_new, prefix, index)
+        if oracle and not scale:
+            scale.append(1.0 if oracle_spec(method)[1] else rm_scale(rm, codec, n_new))
+        credit = task.credits_of(codec, ro.seq) if oracle else None
+        rewards = token_rewards(method, score, rows, mask, ro.policy_attn_rows, task.PROMPT_LEN, n_new, prefix, index,
+                                credit, scale[0] if oracle else 1.0)
         gt = task.scores_of(codec, ro.seq)
         return rewards, {"gt_score": gt.mean().item(), "rm_score": score.mean().item()}
 

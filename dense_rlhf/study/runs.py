@@ -46,11 +46,13 @@ def run_one(method: str, seed: int, setup: SetupConfig, ppo: PPOConfig, cache_di
     chat_rm = load_or_train_chat_rm(setup, cache_dir, log=None)[:2] if method in M.ALIGNED_METHODS else None
     torch.manual_seed(seed)
     policy = PolicyWithValue(copy.deepcopy(sft), codec.special_ids)
-    t0 = time.time()
+    t0, c0 = time.time(), time.process_time()
     history = train(policy, sft, prompt_sampler(codec, 10_000 + seed), setup.completion_len,
                     M.make_score_fn(method, rm, codec, chat_rm), ppo, seed, on_step)
-    curves = {key: [h[key] for h in history] for key in ("gt_score", "rm_score", "kl", "pg_loss", "vf_loss")}
-    return {"method": method, "seed": seed, "seconds": time.time() - t0, "curves": curves}
+    keys = ("gt_score", "rm_score", "kl", "pg_loss", "vf_loss", "kl_coef")
+    curves = {key: [h[key] for h in history] for key in keys}
+    return {"method": method, "seed": seed, "seconds": time.time() - t0, "cpu_seconds": time.process_time() - c0,
+            "curves": curves}
 
 
 def quiet_transformers() -> None:
@@ -171,6 +173,58 @@ def threshold_stats(mean_curve: list[float], seed_curves: list[list[float]], thr
     }
 
 
+def steps_to(summary: dict, runs: list[dict], threshold: float) -> dict:
+    """Per method: steps for the 5-step moving average of the seed-mean curve, and of each seed's curve (in
+    seed order), to reach the threshold (None: never)."""
+    out = {}
+    for m, s in summary["methods"].items():
+        mine = sorted((r for r in runs if r["method"] == m), key=lambda r: r["seed"])
+        reached = threshold_stats(s["mean_curve"], [r["curves"]["gt_score"][: summary["steps"]] for r in mine],
+                                  threshold)
+        out[m] = {"steps": reached["steps_to_threshold"], "per_seed": reached["per_seed_steps_to_threshold"]}
+    return out
+
+
+def ratios(steps: dict, methods, n_steps: int) -> dict:
+    """Each dense method's steps-to-threshold ratio against sparse: seed-mean curves, and paired per seed."""
+    sparse = steps["sparse"]
+    out = {}
+    for m in methods:
+        if m == "sparse" or m not in steps:
+            continue
+        a, b = steps[m]["steps"], sparse["steps"]
+        mean_ratio = a / b if a is not None and b else None
+        if a is None:
+            text = "never"
+        elif b is None:
+            text = f"< {a / n_steps:.2f} (sparse never)"
+        elif b == 0:
+            text = "n/a (sparse at step 0)"
+        else:
+            text = f"{mean_ratio:.2f}"
+        per_seed, censored = [], []
+        for x, y in zip(steps[m]["per_seed"], sparse["per_seed"]):
+            x_, y_ = n_steps if x is None else x, n_steps if y is None else y
+            per_seed.append(x_ / max(y_, 1))
+            censored.append(x is None or y is None)
+        out[m] = {"mean_curve_ratio": mean_ratio, "text": text, "steps": a, "sparse_steps": b, "per_seed": per_seed,
+                  "per_seed_censored": censored, "per_seed_median": _median(per_seed)}
+    return out
+
+
+def sparse_level(summary: dict, fraction: float = 0.8) -> float:
+    """A threshold on sparse's own scale: ``fraction`` of the way from the SFT score to sparse's final score (sparse
+    reaches it by construction, so ratios against sparse are always defined)."""
+    start = summary["sft_score"]
+    return start + fraction * (summary["methods"]["sparse"]["final_mean"] - start)
+
+
+def _median(xs):
+    xs = sorted(xs)
+    n = len(xs)
+    return None if n == 0 else (xs[(n - 1) // 2] + xs[n // 2]) / 2
+
+
 def _median_with_never(values: list[int | None]) -> float | None:
     """Median where 'never' counts as larger than any step (None if the median itself is 'never')."""
     keyed = sorted(values, key=lambda v: math.inf if v is None else v)
@@ -185,13 +239,17 @@ def _median_with_never(values: list[int | None]) -> float | None:
 
 
 @torch.no_grad()
-def credit_report(setup: SetupConfig, cache_dir=None, n: int = 512, seed: int = 123, aligned: bool = False) -> dict:
+def credit_report(setup: SetupConfig, cache_dir=None, n: int = 512, seed: int = 123, aligned: bool = False,
+                  oracle: bool = False) -> dict:
     """Diagnostics of ABC's alpha (RM attention), prefix differences (the RM's score at every position),
     ABC-D's alpha (SFT policy attention) and uniform against the leave-one-out true credit, on completions
     sampled from the SFT policy and on grammar texts; and ``prefix_tracking``, the Pearson correlation over all
     completion positions between the RM's score of each prefix and the hidden score of the same prefix. With
     ``aligned``, also ABC through alignment: the BPE chat reward model's alpha projected onto the policy's tokens
-    (``score_and_densify_text`` with beta 1, divided by the score)."""
+    (``score_and_densify_text`` with beta 1, divided by the score). With ``oracle``, also the oracle methods' rewards
+    at beta 1 (alpha: their size; the signed oracle's last token carries the rest of the score) and
+    ``rm_calibration``, the least-squares line of the RM's score on the hidden score, their Pearson r and the signed
+    oracle's scale (``methods.rm_scale``)."""
     from dense_rlhf.capture import capture_reward_attention
     from dense_rlhf.ops import prefix_rewards
 
@@ -231,6 +289,18 @@ def credit_report(setup: SetupConfig, cache_dir=None, n: int = 512, seed: int = 
         if chat_rm is not None:
             chat_score, shares = M.aligned_rewards(chat_rm, codec, s, beta=1.0)
             out[name]["abc_aligned"] = credit_diagnostics(shares / chat_score[:, None], credit, shares=shares)
+        if oracle:
+            scale = M.rm_scale(rm, codec, n_new)
+            signed = M.oracle_rewards(credit, fwd.score, 1.0, abc_shape=False, scale=scale)
+            shaped = M.oracle_rewards(credit, fwd.score, 1.0, abc_shape=True)
+            out[name]["oracle"] = credit_diagnostics(signed.abs(), credit, shares=signed)
+            out[name]["oracle_abs"] = credit_diagnostics(shaped / score, credit, shares=shaped)
+            hidden = task.scores_of(codec, s).double()
+            rm_score = fwd.score.double()
+            slope = torch.cov(torch.stack([hidden, rm_score]))[0, 1] / hidden.var()
+            out[name]["rm_calibration"] = {
+                "slope": slope.item(), "intercept": (rm_score.mean() - slope * hidden.mean()).item(),
+                "pearson": torch.corrcoef(torch.stack([hidden, rm_score]))[0, 1].item(), "oracle_scale": scale}
     return out
 
 
@@ -262,7 +332,8 @@ def markdown_table(summary: dict, credit: dict | None, rm_metrics: dict | None,
         )
     pairs = (("abc-0.8", "sparse", "ABC", "sparse", " (target <= 0.6)"),
              ("prefix-0.8", "sparse", "prefix diff.", "sparse", ""),
-             ("bpe-abc-0.8", "bpe-sparse", "ABC through alignment", "sparse with the BPE chat RM", ""))
+             ("bpe-abc-0.8", "bpe-sparse", "ABC through alignment", "sparse with the BPE chat RM", ""),
+             ("oracle-0.8", "sparse", "oracle, true credit", "sparse", ""))
     for method, baseline, name, base_name, target in pairs:
         dense, sp = summary["methods"].get(method), summary["methods"].get(baseline)
         if not (sp and dense):
@@ -288,27 +359,35 @@ def markdown_table(summary: dict, credit: dict | None, rm_metrics: dict | None,
                   f"hidden-score order {chat_rm_metrics['true_order_accuracy']:.3f}; corr(RM score, hidden score) "
                   f"{chat_rm_metrics['score_correlation']:.3f}."]
     if credit:
-        lines += ["", "Credit diagnostics: alpha against |leave-one-out true credit| per completion "
-                  "(Spearman rho; top-k overlap with k = number of credited tokens; alpha mass on credited tokens; "
-                  "sign agreement: share of credited tokens whose reward has the sign of their credit). For prefix "
-                  "differences alpha is |d_t|, the size of each token's score difference.",
-                  "", "| texts | alpha | Spearman rho | top-k overlap | mass on credited | sign agreement "
-                  "| random top-k |", "|---|---|---|---|---|---|---|"]
-        names = {"abc": "ABC (RM last layer, from [EOS])", "prefix": "prefix differences (RM score per position)",
-                 "abcd": "ABC-D (SFT policy last layer)", "uniform": "uniform",
-                 "abc_aligned": "ABC through alignment (BPE chat RM, projected)"}
-        for texts, d in credit.items():
-            for k in (k for k in names if k in d):
-                x = d[k]
-                sign = x.get("sign_agreement")
-                lines.append(f"| {texts} | {names[k]} | {x['spearman']:.3f} | {x['topk_overlap']:.3f} | "
-                             f"{x['mass_on_credited']:.3f} | {'' if sign is None else f'{sign:.3f}'} | "
-                             f"{x['random_topk_overlap']:.3f} |")
-        tracking = {texts: d["prefix_tracking"] for texts, d in credit.items() if "prefix_tracking" in d}
-        if tracking:
-            lines += ["", "Prefix scores against the hidden score of the same prefix (Pearson r over all completion "
-                      "positions): " + ", ".join(f"{t} {r:.3f}" for t, r in tracking.items()) + "."]
+        lines += ["", *credit_lines(credit)]
     return "\n".join(lines) + "\n"
+
+
+def credit_lines(credit: dict) -> list[str]:
+    """The credit diagnostics of ``credit_report`` as markdown lines: the table, then the prefix tracking."""
+    lines = ["Credit diagnostics: alpha against |leave-one-out true credit| per completion "
+             "(Spearman rho; top-k overlap with k = number of credited tokens; alpha mass on credited tokens; "
+             "sign agreement: share of credited tokens whose reward has the sign of their credit). For prefix "
+             "differences alpha is |d_t|, the size of each token's score difference.",
+             "", "| texts | alpha | Spearman rho | top-k overlap | mass on credited | sign agreement "
+             "| random top-k |", "|---|---|---|---|---|---|---|"]
+    names = {"abc": "ABC (RM last layer, from [EOS])", "prefix": "prefix differences (RM score per position)",
+             "abcd": "ABC-D (SFT policy last layer)", "uniform": "uniform",
+             "abc_aligned": "ABC through alignment (BPE chat RM, projected)",
+             "oracle": "oracle: true credit in RM units (signed)",
+             "oracle_abs": "oracle in ABC's shape (shares by absolute true credit)"}
+    for texts, d in credit.items():
+        for k in (k for k in names if k in d):
+            x = d[k]
+            sign = x.get("sign_agreement")
+            lines.append(f"| {texts} | {names[k]} | {x['spearman']:.3f} | {x['topk_overlap']:.3f} | "
+                         f"{x['mass_on_credited']:.3f} | {'' if sign is None else f'{sign:.3f}'} | "
+                         f"{x['random_topk_overlap']:.3f} |")
+    tracking = {texts: d["prefix_tracking"] for texts, d in credit.items() if "prefix_tracking" in d}
+    if tracking:
+        lines += ["", "Prefix scores against the hidden score of the same prefix (Pearson r over all completion "
+                  "positions): " + ", ".join(f"{t} {r:.3f}" for t, r in tracking.items()) + "."]
+    return lines
 
 
 def plot(summary: dict, path: Path, title: str) -> None:
@@ -325,7 +404,7 @@ def plot(summary: dict, path: Path, title: str) -> None:
         mean = moving_average(s["mean_curve"])
         std = moving_average(s["std_curve"])
         xs = list(range(len(mean)))
-        bold = ("sparse", "abc-0.8", "prefix-0.8", "bpe-sparse", "bpe-abc-0.8")
+        bold = ("sparse", "abc-0.8", "prefix-0.8", "bpe-sparse", "bpe-abc-0.8", "oracle-0.8")
         ax.plot(xs, mean, label=M.LABELS[m], lw=2 if m in bold else 1.2)
         ax.fill_between(xs, [a - b for a, b in zip(mean, std)], [a + b for a, b in zip(mean, std)], alpha=0.15)
     ax.axhline(summary["threshold"], color="k", ls=":", lw=1, label="threshold")
