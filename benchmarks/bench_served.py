@@ -1,23 +1,25 @@
 """Served prefix-difference rewards beside ABC in verl's reward-loop worker, and beside vLLM's scalar ``/classify``.
 
 One reward model (random-init Llama-style sequence classifier, float32), one batch of chat samples laid out as verl's
-trainer hands them to its reward loop, and these paths, interleaved in rounds:
+trainer hands them to its reward loop, and four paths, interleaved in rounds:
 
-* ``ABC manager in the worker``: verl's ``RewardLoopWorker`` with ``ABCRewardManager`` (the reward model in the
-  worker process, one forward for the batch: ``reward_kwargs.batch_size`` = B), ``compute_score_batch`` then
-  ``assemble_rm_scores``: per-token rewards on the policy's tokens;
-* ``served prefix (client)``: ``ServedRewardModel.score_and_densify(method="prefix")`` on the reward model's token ids
-  of the same samples (rendered with its chat template), one ``POST /pooling`` (``token_classify``) for the batch on a
-  vLLM server started with ``--pooler-config``;
-* ``served /classify (scalar)``: the same token ids in one ``POST /classify`` on a second vLLM server with the model's
-  default pooler (one vLLM server answers one pooling task): one score per sample, what verl's own reward loop asks.
+* ``ABC manager (reward model in the worker)``: verl's ``RewardLoopWorker`` with ``ABCRewardManager``, the reward
+  model in the worker's process, one forward for the batch (``reward_kwargs.batch_size`` = B);
+* ``served prefix manager``: verl's ``RewardLoopWorker`` with ``ServedPrefixRewardManager``, which renders and
+  tokenises the samples, sends the batch in one ``POST /pooling`` (``token_classify``) to a vLLM server started with
+  ``--pooler-config`` and maps the score changes onto the policy's tokens;
+  both: ``compute_score_batch`` then ``assemble_rm_scores``, per-token rewards on the policy's tokens (``rm_scores``);
+* ``served prefix call``: the client's ``prefix_scores`` on the reward model's token ids of the same samples: the
+  request alone, per-token scores back;
+* ``/classify call``: the same token ids in one ``POST /classify`` to a second vLLM server with the model's default
+  pooler (one vLLM server answers one pooling task): one score per sample, what verl's own reward loop asks for.
 
 The servers run on vLLM's CPU backend, which takes one core for the model (``VLLM_CPU_OMP_THREADS_BIND``: core 0,
-core 1 reserved); this process runs torch on one thread too, so that both forwards get one core. Every path is
-checked first: the served scores equal the in-process ones (1e-4). Reports samples per second (median over rounds)
-and the ratios. Writes ``served.{json,md}`` into ``--out``.
+core 1 reserved); this process runs torch on one thread, so that both forwards get one core. Every path is checked
+first: the served scores equal the in-process ones (1e-4). Reports samples per second (median over rounds) and the
+ratios. Writes ``served.{json,md}`` into ``--out``.
 
-Usage (verl in this environment, vLLM in another; the CPU lock is for shared machines):
+Usage (verl in this environment, vLLM in another):
 ``PYTHONPATH=. .venv-verl/bin/python benchmarks/bench_served.py --vllm-python .venv-vllm/bin/python``
 """
 
@@ -113,40 +115,28 @@ def trainer_batch(policy, batch: int, response_words: int, seed: int = 0):
     return data, messages, texts
 
 
-def rm_inputs(rm_tok, messages, responses):
-    """The reward model's [B, L] token ids of each rendered conversation (right-padded), the attention mask, and the
-    completion mask: the tokens between the last ``<|assistant|>`` and the final ``<|end|>`` (special tokens, so the
-    response's tokens are exactly those)."""
-    assistant, end = rm_tok.convert_tokens_to_ids(["<|assistant|>", "<|end|>"])
-    rows = []
-    for m, r in zip(messages, responses):
-        rendered = rm_tok.apply_chat_template(m + [{"role": "assistant", "content": r}], tokenize=False)
-        rows.append(rm_tok(rendered, add_special_tokens=False)["input_ids"])
-    width = max(map(len, rows))
-    ids = torch.full((len(rows), width), rm_tok.pad_token_id, dtype=torch.long)
-    attention = torch.zeros(ids.shape, dtype=torch.long)
-    completion = torch.zeros(ids.shape, dtype=torch.bool)
-    for b, row in enumerate(rows):
-        ids[b, :len(row)] = torch.tensor(row)
-        attention[b, :len(row)] = 1
-        start = len(row) - 1 - row[::-1].index(assistant) + 1
-        assert row[-1] == end
-        completion[b, start:len(row) - 1] = True
-    return ids, attention, completion, rows
+def rm_rows(rm_tok, messages, responses):
+    """The reward model's token ids of each rendered conversation, as the managers build them."""
+    from dense_rlhf.align import render_and_tokenize
+
+    return [row["input_ids"] for row in render_and_tokenize(rm_tok, messages, responses).rows]
 
 
-def verl_config(policy_dir: Path, rm_dir: Path, batch: int):
+def verl_config(policy_dir: Path, rm_dir: Path, batch: int, manager: str):
     import verl
     from hydra import compose, initialize_config_dir
 
     from dense_rlhf.integrations.verl import MODULE_PATH
 
     overrides = ["reward.reward_manager.source=importlib", f"reward.reward_manager.module.path={MODULE_PATH}",
-                 "reward.reward_manager.name=ABCRewardManager", f"reward.custom_reward_function.path={MODULE_PATH}",
+                 f"reward.reward_manager.name={manager}", f"reward.custom_reward_function.path={MODULE_PATH}",
                  "reward.custom_reward_function.name=compute_score", "reward.reward_model.enable=True",
                  "reward.reward_model.enable_resource_pool=False", f"reward.reward_model.model_path={rm_dir}",
                  "reward.reward_model.rollout.name=vllm", f"+reward.reward_kwargs.batch_size={batch}",
                  f"actor_rollout_ref.model.path={policy_dir}"]
+    if manager == "ServedPrefixRewardManager":
+        overrides.append("+reward.reward_model.rollout.engine_kwargs.vllm.pooler_config="
+                         "{task:token_classify,use_activation:false}")
     with initialize_config_dir(config_dir=os.path.join(os.path.dirname(verl.__file__), "trainer", "config"),
                                version_base=None):
         return compose(config_name="ppo_trainer", overrides=overrides)
@@ -163,15 +153,20 @@ async def classify(url: str, model: str, rows):
     return torch.tensor([item["probs"][0] for item in sorted(reply["data"], key=lambda d: d["index"])])
 
 
+ABC, SERVED, CALL, CLASSIFY = ("ABC manager (reward model in the worker)", "served prefix manager",
+                                "served prefix call", "/classify call")
+
+
 def measure(args, root: Path) -> tuple[list[dict], dict]:
     from verl.experimental.reward_loop import RewardLoopWorker
-    from verl.trainer.ppo.reward import resolve_reward_manager_cls
 
     from dense_rlhf.integrations.vllm import ServedRewardModel
     from dense_rlhf.integrations.vllm_server import CPU_ARGS, LocalVLLMServer
 
     policy, rm_tok, model = build(root, args)
-    flags = [*CPU_ARGS[:2], "--max-model-len", "2048", *CPU_ARGS[4:]]
+    # no prefix cache: every round scores new samples, as training does; a cache would let /classify (which needs
+    # only the last position's hidden state) skip what an earlier identical request computed
+    flags = [*CPU_ARGS[:2], "--max-model-len", "2048", *CPU_ARGS[4:], "--no-enable-prefix-caching"]
     servers = [LocalVLLMServer(root / "rm", python=args.vllm_python, token_classify=flag, args=flags,
                                log_path=root / f"vllm-{name}.log")
                for flag, name in ((True, "token"), (False, "plain"))]
@@ -181,76 +176,81 @@ def measure(args, root: Path) -> tuple[list[dict], dict]:
         for server in servers:
             server.wait()
         print(f"servers answered after {servers[0].started_s:.0f} s and {servers[1].started_s:.0f} s", flush=True)
-        config = verl_config(root / "policy", root / "rm", args.batch)
-        worker = RewardLoopWorker(config)
-        manager_cls = resolve_reward_manager_cls(config)
-        data, messages, responses = trainer_batch(worker.input_tokenizer, args.batch, args.response_words)
-        ids, attention, completion, rows = rm_inputs(rm_tok, messages, responses)
+        abc = RewardLoopWorker(verl_config(root / "policy", root / "rm", args.batch, "ABCRewardManager"))
+        served = RewardLoopWorker(verl_config(root / "policy", root / "rm", args.batch, "ServedPrefixRewardManager"),
+                                  servers[0].url.removeprefix("http://"))
+        batches = []  # a new batch of samples for every round (and one for the check)
+        for seed in range(args.rounds + 1):
+            data, messages, responses = trainer_batch(abc.input_tokenizer, args.batch, args.response_words, seed)
+            batches.append((data, rm_rows(rm_tok, messages, responses)))
         client = ServedRewardModel(servers[0].url, timeout=600)
         model_name = str(root / "rm")
 
-        def abc_manager():
+        def manager(worker, data):
             outputs = asyncio.run(worker.compute_score_batch(data))
-            return manager_cls.assemble_rm_scores(data, [o["reward_score"] for o in outputs])
+            return type(worker.reward_manager).assemble_rm_scores(data, [o["reward_score"] for o in outputs])
 
-        paths = {
-            "ABC manager in the worker": abc_manager,
-            "served prefix (client)": lambda: client.score_and_densify(ids, attention, completion, method="prefix"),
-            "served /classify (scalar)": lambda: asyncio.run(classify(servers[1].url, model_name, rows)),
-        }
+        paths = {ABC: lambda data, rows: manager(abc, data), SERVED: lambda data, rows: manager(served, data),
+                 CALL: lambda data, rows: client.prefix_scores(rows),
+                 CLASSIFY: lambda data, rows: asyncio.run(classify(servers[1].url, model_name, rows))}
         # every path once, checked: the same scores from the same weights
-        rm_scores = paths["ABC manager in the worker"]()
-        served_scores, served = paths["served prefix (client)"]()
-        scalar = paths["served /classify (scalar)"]()
-        torch.testing.assert_close(served.sum(1), served_scores, atol=1e-4, rtol=0)
-        torch.testing.assert_close(served_scores, rm_scores.sum(1), atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(scalar, served_scores, atol=1e-4, rtol=1e-4)
+        data, rows = batches[0]
+        abc_scores, served_scores = paths[ABC](data, rows).sum(1), paths[SERVED](data, rows).sum(1)
+        call_scores = torch.stack([row[-1] for row in paths[CALL](data, rows)])
+        scalar = paths[CLASSIFY](data, rows)
+        for got in (served_scores, call_scores, scalar):
+            torch.testing.assert_close(got, abc_scores, atol=1e-4, rtol=1e-4)
         times: dict[str, list[float]] = {name: [] for name in paths}
-        for _ in range(args.rounds):
+        for data, rows in batches[1:]:
             for name, fn in paths.items():
                 start = time.perf_counter()
-                fn()
+                fn(data, rows)
                 times[name].append(time.perf_counter() - start)
-        response_mask = data.batch["attention_mask"][:, -data.batch["responses"].shape[1]:]
-        meta = {"rm_tokens_per_sample": round(float(attention.sum(1).float().mean()), 1),
-                "response_tokens_per_sample": round(float(response_mask.sum(1).float().mean()), 1),
+        response_tokens = [float(d.batch["attention_mask"][:, -d.batch["responses"].shape[1]:].sum(1).float().mean())
+                           for d, _ in batches[1:]]
+        every = [row for _, batch_rows in batches[1:] for row in batch_rows]
+        meta = {"rm_tokens_per_sample": round(sum(map(len, every)) / len(every), 1),
+                "response_tokens_per_sample": round(statistics.mean(response_tokens), 1),
                 "params": sum(p.numel() for p in model.parameters()),
                 "server_start_s": [round(s.started_s, 1) for s in servers]}
     finally:
         for server in servers:
             server.stop()
-    rows_out = []
-    base = statistics.median(times["ABC manager in the worker"])
+    out = []
     for name, ts in times.items():
         median = statistics.median(ts)
-        rows_out.append({"path": name, "median_s": median, "samples_per_s": args.batch / median, "rounds": len(ts),
-                         "speed_vs_abc_manager": base / median})
-    return rows_out, meta
+        out.append({"path": name, "median_s": median, "samples_per_s": args.batch / median, "times_s": ts})
+    return out, meta
+
+
+def round_ratios(rows: list[dict], fast: str, slow: str) -> list[float]:
+    """Per round, how many times faster ``fast`` ran than ``slow`` (the same batch, one after the other)."""
+    times = {r["path"]: r["times_s"] for r in rows}
+    return [s / f for f, s in zip(times[fast], times[slow])]
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
-    by = {r["path"]: r for r in rows}
-    served, abc, scalar = by["served prefix (client)"], by["ABC manager in the worker"], by["served /classify (scalar)"]
+    speed = {r["path"]: r["samples_per_s"] for r in rows}
     lines = [
         "# Served prefix-difference rewards beside ABC in verl's worker and beside /classify (CPU)",
         "",
         f"Command: `{meta['command']}`. {meta['machine']}; torch {meta['torch']} (1 thread here, 1 core for the vLLM "
         f"engine), vLLM {meta['vllm']}. Reward model: Llama-style, {meta['params'] / 1e6:.1f}M parameters, float32; "
-        f"batch of {meta['batch']} chat samples, {meta['response_tokens_per_sample']} policy response tokens and "
+        f"a batch of {meta['batch']} chat samples, {meta['response_tokens_per_sample']} policy response tokens and "
         f"{meta['rm_tokens_per_sample']} reward-model tokens per sample on average. Median over {meta['rounds']} "
-        "rounds, paths interleaved; the servers started in " + " and ".join(f"{s} s" for s in meta["server_start_s"])
-        + ".",
+        "rounds, a new batch each round, paths interleaved; the servers run without a prefix cache and started in "
+        + " and ".join(f"{s} s" for s in meta["server_start_s"]) + ".",
         "",
-        "| path | median per batch (ms) | samples/s | speed vs ABC manager |",
-        "|---|---|---|---|",
+        "| path | median per batch (ms) | samples/s |",
+        "|---|---|---|",
     ]
     for r in rows:
-        lines.append(f"| {r['path']} | {r['median_s'] * 1e3:.1f} | {r['samples_per_s']:.1f} | "
-                     f"{r['speed_vs_abc_manager']:.2f} |")
-    lines += ["", "Served prefix rewards over the in-worker ABC manager: "
-              f"{served['samples_per_s'] / abc['samples_per_s']:.2f}x samples per second; served prefix call "
-              "(per-token scores) over the scalar /classify call on the same ids: "
-              f"{served['samples_per_s'] / scalar['samples_per_s']:.2f}x."]
+        lines.append(f"| {r['path']} | {r['median_s'] * 1e3:.1f} | {r['samples_per_s']:.1f} |")
+    served, call = round_ratios(rows, SERVED, ABC), round_ratios(rows, CALL, CLASSIFY)
+    lines += ["", f"Served prefix manager over the ABC manager (reward model in the worker): "
+              f"{speed[SERVED] / speed[ABC]:.2f}x samples per second (per round {min(served):.2f}-{max(served):.2f}x). "
+              "Served prefix call (per-token scores) over the /classify call (one score per sample) on the same ids: "
+              f"{speed[CALL] / speed[CLASSIFY]:.2f}x (per round {min(call):.2f}-{max(call):.2f}x)."]
     return "\n".join(lines) + "\n"
 
 
@@ -259,8 +259,8 @@ def main(argv=None) -> int:
     p.add_argument("--vllm-python", required=True, help="a Python with vLLM (e.g. .venv-vllm/bin/python)")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--response-words", type=int, default=120, help="longest response, in words (shortest: half)")
-    p.add_argument("--hidden", type=int, default=256, help="reward model width (heads of 64)")
-    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--hidden", type=int, default=512, help="reward model width (heads of 64)")
+    p.add_argument("--layers", type=int, default=6)
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--out", default="benchmarks/results/cpu")
     args = p.parse_args(argv)
@@ -274,8 +274,7 @@ def main(argv=None) -> int:
     meta.update(command=command.rstrip(), machine=f"{platform.machine()}, {os.cpu_count()} CPUs",
                 torch=torch.__version__, vllm=vllm, batch=args.batch, rounds=args.rounds)
     for r in rows:
-        print(f"{r['path']}: {r['median_s'] * 1e3:.1f} ms per batch, {r['samples_per_s']:.1f} samples/s, "
-              f"{r['speed_vs_abc_manager']:.2f}x the ABC manager", flush=True)
+        print(f"{r['path']}: {r['median_s'] * 1e3:.1f} ms per batch, {r['samples_per_s']:.1f} samples/s", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "served.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))

@@ -157,6 +157,7 @@ class ServedRewardModel:
             raise TypeError(f"model must be the served model's name (a non-empty string) or None, got {model!r}")
         self.base_url = base_url
         self.model = model
+        self._listing: dict | None = None  # served model name -> its max_model_len, from GET /v1/models
         self.timeout = _check_number(timeout, "timeout", strict=True)
         self.max_retries = _check_number(max_retries, "max_retries", integer=True)
         self.backoff = _check_number(backoff, "backoff")
@@ -200,20 +201,21 @@ class ServedRewardModel:
             f"{self.max_retries}); last: {last}. Is the reward-model server running at {self.base_url}?",
             url=url, status=status)
 
-    async def _served_models(self, session) -> list[str] | None:
-        """The names ``GET /v1/models`` lists, or None if it lists none."""
-        reply = await self._request(session, "GET", "/v1/models")
-        data = reply.get("data") if isinstance(reply, dict) else None
-        if not isinstance(data, list):
-            return None
-        return [str(entry.get("id")) for entry in data if isinstance(entry, dict)]
+    async def _served_models(self, session) -> dict:
+        """``{name: max_model_len or None}`` of the models ``GET /v1/models`` lists (asked once)."""
+        if self._listing is None:
+            reply = await self._request(session, "GET", "/v1/models")
+            data = reply.get("data") if isinstance(reply, dict) else None
+            entries = [entry for entry in data if isinstance(entry, dict)] if isinstance(data, list) else []
+            self._listing = {str(entry.get("id")): entry.get("max_model_len") for entry in entries}
+        return self._listing
 
     async def _model_name(self, session) -> str:
         if self.model is not None:
             return self.model
         url = self.base_url + "/v1/models"
         try:
-            served = await self._served_models(session)
+            served = list(await self._served_models(session))
         except _Permanent as error:
             raise ServedRewardModelError(f"GET {url} answered HTTP {error.status}: {error.message}; pass model= (the "
                                          "served model's name)", url=url, status=error.status) from None
@@ -224,6 +226,15 @@ class ServedRewardModel:
                                          "model= to choose one", url=url)
         self.model = served[0]
         return self.model
+
+    async def _max_model_len(self, session) -> int | None:
+        """The most tokens the served model takes (its ``max_model_len`` in ``GET /v1/models``), None if not said."""
+        model = await self._model_name(session)
+        try:
+            limit = (await self._served_models(session)).get(model)
+        except _Permanent:
+            return None
+        return limit if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0 else None
 
     async def _pool(self, session, rows: list[list[int]]) -> list[torch.Tensor]:
         model = await self._model_name(session)
@@ -245,8 +256,9 @@ class ServedRewardModel:
                 "answers one pooling task, so it then answers /pooling for token_classify and no longer /classify",
                 url=url, status=error.status)
         if error.status == 404 and "does not exist" in error.message:
+            self._listing = None  # the server may have been restarted with another model
             try:
-                served = await self._served_models(session)
+                served = list(await self._served_models(session))
             except (_Permanent, ServedRewardModelError):
                 served = None
             listing = f"it serves {served}" if served else "see GET /v1/models"
@@ -376,6 +388,73 @@ class ServedRewardModel:
             ``input_ids``' device.
         """
         return _run(self.ascore_and_densify(input_ids, attention_mask, completion_mask, method=method, beta=beta))
+
+
+    async def _ascore_text(self, rm_tokenizer, prompts, response_ids, *, policy_tokenizer, response_mask, beta,
+                           method, max_length, strict: bool):
+        """The served twin of ``dense_rlhf.align._score_text``: the same preparation (decode, render, tokenise) and
+        the same finish (projection, rewards), with the per-token scores from the server. ``strict=False``: rows
+        that cannot be scored or mapped are reported (``failed``, ``unmapped``) instead of raising."""
+        from dense_rlhf.align import _finish_text, _prepare_text
+
+        _check_method(method)
+        batch = _prepare_text(rm_tokenizer, prompts, response_ids, policy_tokenizer=policy_tokenizer,
+                              response_mask=response_mask, beta=beta, max_length=max_length, strict=strict,
+                              method=method)
+        inputs = batch.inputs
+        async with self._session() as session:
+            limit = await self._max_model_len(session)
+            for b, row in enumerate(inputs.rows):
+                if row is not None and limit is not None and len(row["input_ids"]) > limit:
+                    inputs.fail(b, f"the reward model's input has {len(row['input_ids'])} tokens but the server at "
+                                   f"{self.base_url} takes at most {limit} (its max_model_len); pass "
+                                   f"max_length={limit} (with rm_tokenizer.truncation_side = 'left' to cut the prompt) "
+                                   "or shorten the prompts")
+            todo = [b for b, row in enumerate(inputs.rows) if row is not None]
+            values = await self._pool(session, [inputs.rows[b]["input_ids"] for b in todo]) if todo else []
+        results = {}
+        for b, row in zip(todo, values):
+            if not bool(torch.isfinite(row[-1])):
+                inputs.fail(b, f"the served reward model's score is {float(row[-1])}")
+                continue
+            results[b] = (float(row[-1]), row)
+        return _finish_text(batch, results, method)
+
+    async def ascore_and_densify_text(self, rm_tokenizer, prompts, response_ids, *, policy_tokenizer,
+                                      response_mask=None, beta=0.8, method: str = "prefix", max_length=None):
+        """Async :meth:`score_and_densify_text`."""
+        result = await self._ascore_text(rm_tokenizer, prompts, response_ids, policy_tokenizer=policy_tokenizer,
+                                         response_mask=response_mask, beta=beta, method=method,
+                                         max_length=max_length, strict=True)
+        return result.scores, result.rewards
+
+    def score_and_densify_text(self, rm_tokenizer, prompts, response_ids, *, policy_tokenizer, response_mask=None,
+                               beta=0.8, method: str = "prefix", max_length=None):
+        """:func:`dense_rlhf.score_and_densify_text` with the reward model on the server: ``(scores [B],
+        rewards [B, R])`` on the policy's response tokens, equal to the local call on the same weights for
+        ``method="prefix"`` (default), ``"sparse"`` and ``"uniform"``.
+
+        The responses are decoded, rendered with ``rm_tokenizer``'s chat template (or appended to plain-text
+        prompts) and tokenised by the same code as the local call (``dense_rlhf.align.render_and_tokenize``:
+        control tokens spelled by a response stay text); the reward model's token ids go to the server, one request
+        for the batch, unpadded; its score at every position comes back, and the changes of the score over the
+        response's tokens are mapped onto the policy's tokens as the local call maps them. ``method="abc"`` raises:
+        a served model exposes no attention.
+
+        Args:
+            rm_tokenizer: the served reward model's fast tokenizer (the one the server was started with).
+            prompts, response_ids, policy_tokenizer, response_mask, beta, max_length: as in
+                :func:`dense_rlhf.score_and_densify_text`. An input longer than the server's ``max_model_len``
+                (from ``GET /v1/models``) is refused before the request, like one longer than a local model's
+                positions.
+
+        Raises:
+            what :func:`dense_rlhf.score_and_densify_text` raises for its arguments and rows (before any request),
+            and ServedRewardModelError as :meth:`prefix_scores` does.
+        """
+        return _run(self.ascore_and_densify_text(rm_tokenizer, prompts, response_ids, policy_tokenizer=policy_tokenizer,
+                                                 response_mask=response_mask, beta=beta, method=method,
+                                                 max_length=max_length))
 
 
 def _check_method(method) -> None:
