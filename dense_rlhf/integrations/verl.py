@@ -5,8 +5,11 @@ call its ``run_single`` on one sample at a time and hand the per-sample results 
 ``assemble_rm_scores``, whose ``[B, response_len]`` output becomes ``token_level_scores``. ``ABCRewardManager``
 runs the reward model itself inside those workers and returns ABC rewards on the policy's response tokens
 through :func:`dense_rlhf.score_and_densify_text` (the reward model may have its own tokenizer and chat
-template). The configuration that routes verl to it, and what it costs, are in the README's "verl" section;
-:func:`check_routing` says why each part is needed.
+template). ``ServedPrefixRewardManager`` instead scores through the reward-model server verl starts itself (vLLM
+with the ``token_classify`` pooler) and returns prefix-difference rewards, with no reward model in the workers; it
+shares :class:`TokenRewardManagerBase` (routing, refusals, micro-batches, per-sample fault isolation). The
+configurations that route verl to them, and what they cost, are in the README's "verl" section;
+:func:`check_routing` and :func:`check_served` say why each part is needed.
 """
 
 from __future__ import annotations

@@ -11,7 +11,14 @@ a decoder reward model (``*ForSequenceClassification``), the score of every pref
 here imports vLLM). It sends token ids, not text, so that the positions it gets back are the positions it
 aligned; it retries connection errors, timeouts and server errors with exponential backoff, and says what to
 change when the server cannot answer (no ``token_classify`` pooler, an unknown model name, a reply that does not
-match the request). Every call has an ``a...`` twin for an asyncio event loop.
+match the request). Every call has an ``a...`` twin for an asyncio event loop:
+
+- :meth:`ServedRewardModel.score_and_densify_text`: :func:`dense_rlhf.score_and_densify_text` with the forward on
+  the server (the same rendering, tokenising and mapping onto the policy's tokens);
+- :meth:`ServedRewardModel.score_and_densify`: :func:`dense_rlhf.score_and_densify` on the reward model's ids;
+- :meth:`ServedRewardModel.prefix_scores`: the per-position scores themselves.
+
+``dense_rlhf.integrations.verl.ServedPrefixRewardManager`` uses it inside verl's reward loop.
 """
 
 from __future__ import annotations
