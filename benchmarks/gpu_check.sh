@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: build the CUDA extension, run the whole test suite, run compute-sanitizer memcheck
-# on a small CUDA case, run the benchmark grid on the GPU, and put everything under $OUT (at most 8 files):
+# on a small CUDA case, run the served reward model's tests against vLLM on the GPU (where a Python with vLLM is
+# found), run the benchmark grid on the GPU, and put everything under $OUT (at most 8 files):
 #   gpu_check.log       everything printed, build and test outcome first
 #   device.txt          GPU name, driver, torch and CUDA versions, nvcc, date
 #   dense_rewards.json, dense_rewards.md, dense_rewards.png   the benchmark (also in benchmarks/results/<gpu>/)
@@ -13,7 +14,8 @@
 # can travel as x86-64 / Python 3.12 wheels in .whl/ (see the device notes); they are installed into a scratch
 # folder on PYTHONPATH first.
 # Environment: PYTHON (default python), DENSE_RLHF_NCU=1 (profile), CHECK_BUDGET_S (default 460),
-#              BENCH_ARGS (extra arguments for the benchmark, e.g. "--quick").
+#              BENCH_ARGS (extra arguments for the benchmark, e.g. "--quick"),
+#              VLLM_PYTHON (a Python with vLLM for the served stage; default PYTHON; the stage is skipped without it).
 set -uo pipefail
 
 OUT=${OUT:?set OUT to the folder that collects the results}
@@ -132,6 +134,24 @@ PY
   timeout 30 ncu --import "$OUT/ncu_dense_rewards.ncu-rep" --page details --section SpeedOfLight 2>&1 | head -n 60
 fi
 
+stage "served reward model: vLLM on the GPU"
+# tests/test_vllm.py with its two servers on the GPU (flags below instead of the CPU backend's): the served prefix
+# scores and rewards against the same weights in-process (on the CPU here), and the errors. Tests that need verl skip.
+VLLM_PYTHON=${VLLM_PYTHON:-$PYTHON}
+served_rc=skipped
+if ! "$VLLM_PYTHON" -c 'import vllm' >/dev/null 2>&1; then
+  echo "SERVED: skipped, $VLLM_PYTHON cannot import vllm (set VLLM_PYTHON to a Python that has it)"
+elif [ "$(left)" -lt 200 ]; then
+  echo "SERVED: skipped, only $(left) s of the budget left"
+else
+  served_start=$SECONDS
+  DENSE_RLHF_VLLM_PYTHON=$(command -v "$VLLM_PYTHON") \
+    DENSE_RLHF_VLLM_ARGS="--dtype float32 --max-model-len 512 --enforce-eager --gpu-memory-utilization 0.1" \
+    timeout 240 "$PYTHON" -m pytest -q -p no:cacheprovider -rs tests/test_vllm.py 2>&1 | tail -n 25
+  served_rc=${PIPESTATUS[0]}
+  echo "SERVED: rc=$served_rc ($((SECONDS - served_start)) s; 124 means the time limit)"
+fi
+
 stage "benchmark grid on the GPU"
 bench_budget=$(( $(left) - 25 ))
 if [ "$kernel_rc" -ne 0 ]; then
@@ -154,5 +174,5 @@ else
 fi
 
 stage "summary"
-echo "BUILD rc=$build_rc kernel=$kernel_rc | TESTS rc=$test_rc | MEMCHECK rc=$memcheck_rc | total $SECONDS s"
+echo "BUILD rc=$build_rc kernel=$kernel_rc | TESTS rc=$test_rc | MEMCHECK rc=$memcheck_rc | SERVED rc=$served_rc | total $SECONDS s"
 ls -l "$OUT"

@@ -22,6 +22,7 @@ Nothing here imports transformers or tokenizers at import time.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import inspect
 import itertools
 import json
@@ -531,10 +532,12 @@ class RewardModelInputs:
     be scored (``failed``) or can be scored but not have their credit mapped (``unmapped``), each with its reason.
 
     ``strict`` (the default of :func:`render_and_tokenize`): the first such row raises ValueError instead.
+    ``mapping=False``: the caller needs no mapping of the response's bytes (a sparse or uniform reward), and rows
+    are never marked unmapped.
     """
 
-    def __init__(self, strict: bool):
-        self.strict = strict
+    def __init__(self, strict: bool, mapping: bool = True):
+        self.strict, self.mapping = strict, mapping
         self.add_special_tokens = True
         self.texts: list[str] = []
         self.regions: list[tuple[int, int] | None] = []  # characters of the response's rendering in texts[b]
@@ -551,6 +554,8 @@ class RewardModelInputs:
             self.rows[b] = None
 
     def unmap(self, b: int, reason: str) -> None:
+        if not self.mapping:
+            return
         if self.strict:
             raise ValueError(f"row {b}: {reason}")
         self.unmapped.setdefault(b, reason)
@@ -560,7 +565,7 @@ class RewardModelInputs:
 
 
 def render_and_tokenize(rm_tokenizer, prompts, responses: list[str], *, max_length: int | None = None,
-                        strict: bool = True) -> RewardModelInputs:
+                        strict: bool = True, mapping: bool = True) -> RewardModelInputs:
     """The reward model's input for each (prompt, decoded response), as :func:`score_and_densify_text` builds it:
     rendered (``prompt + response``, or the chat template with the response as the assistant turn), located, and
     tokenised with offsets, the response's text never becoming control tokens.
@@ -572,7 +577,8 @@ def render_and_tokenize(rm_tokenizer, prompts, responses: list[str], *, max_leng
     Prompts come from the dataset and are tokenised as ``rm_tokenizer`` does.
 
     ``max_length``: rows longer than this are truncated by ``rm_tokenizer`` (its ``truncation_side``) only if the
-    response and every token after it survive; otherwise the row fails.
+    response and every token after it survive; otherwise the row fails. ``strict``, ``mapping``: see
+    :class:`RewardModelInputs`.
     """
     chat = _check_prompts(prompts, len(responses))
     backend = _backend(rm_tokenizer, "rm_tokenizer")
@@ -581,7 +587,7 @@ def render_and_tokenize(rm_tokenizer, prompts, responses: list[str], *, max_leng
         raise ValueError("prompts are chat messages but rm_tokenizer has no chat_template; set one or pass plain-text "
                          "prompts")
     controls = _control_tokens(rm_tokenizer, backend)
-    inputs = RewardModelInputs(strict)
+    inputs = RewardModelInputs(strict, mapping)
     inputs.add_special_tokens = not chat  # chat text carries its own special tokens, as transformers encodes it
     for b, (prompt, response) in enumerate(zip(prompts, responses)):
         if not chat:
@@ -969,10 +975,11 @@ def _pad(rows, rm_tokenizer, device):
     return ids.to(device), mask.to(device), starts
 
 
-def _forward(reward_model, rm_tokenizer, inputs: RewardModelInputs, capture):
-    """One reward-model forward over the rows that have not failed, inside ``capture`` (a
-    :func:`dense_rlhf.capture_reward_attention` not yet entered): ``{row: (score, attention over that row's tokens
-    [n] float32 on the CPU)}``."""
+def _forward(reward_model, rm_tokenizer, inputs: RewardModelInputs, method: str, capture):
+    """One reward-model forward over the rows that have not failed, inside ``capture`` (not yet entered: for "abc" a
+    :func:`dense_rlhf.capture_reward_attention`, for "prefix" a :func:`dense_rlhf.capture_prefix_scores`, otherwise
+    none): ``{row: (score, values over that row's tokens [n] float32 on the CPU, or None)}`` where the values are the
+    head-averaged attention row ("abc") or the score at every position ("prefix")."""
     from dense_rlhf.capture import _pooled_scores
 
     todo = [b for b, row in enumerate(inputs.rows) if row is not None]
@@ -986,15 +993,18 @@ def _forward(reward_model, rm_tokenizer, inputs: RewardModelInputs, capture):
             # left padding: count positions from each row's first token, as an unpadded row would (absolute
             # position embeddings, e.g. GPT-2, would otherwise see shifted positions)
             model_inputs["position_ids"] = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        with capture as cap:
+        with capture or contextlib.nullcontext() as cap:
             out = reward_model(**model_inputs)
         scores = _pooled_scores(out.logits if hasattr(out, "logits") else out[0], "score_and_densify_text").float()
-        attention = cap.rows.mean(1).float().cpu()  # [n, L]: heads averaged
-        index = cap.reward_index.cpu()
+        values, index = None, None
+        if method == "abc":
+            values, index = cap.rows.mean(1).float().cpu(), cap.reward_index.cpu()  # [n, L]: heads averaged
+        elif method == "prefix":
+            values, index = cap.prefix_scores.float().cpu(), cap.reward_index.cpu()
     scores, mask = scores.cpu(), attention_mask.cpu()
     out = {}
     for k, b in enumerate(todo):
-        if not bool(mask[k, index[k]]):
+        if index is not None and not bool(mask[k, index[k]]):
             inputs.fail(b, "the reward model read its score at a padding position: its config.pad_token_id "
                            f"({getattr(reward_model.config, 'pad_token_id', None)}) differs from "
                            f"rm_tokenizer.pad_token_id ({getattr(rm_tokenizer, 'pad_token_id', None)}), or the model "
@@ -1004,23 +1014,28 @@ def _forward(reward_model, rm_tokenizer, inputs: RewardModelInputs, capture):
             inputs.fail(b, f"the reward model's score is {float(scores[k])}")
             continue
         n = len(inputs.rows[b]["input_ids"])
-        out[b] = (float(scores[k]), attention[k, starts[k]:starts[k] + n])
+        out[b] = (float(scores[k]), None if values is None else values[k, starts[k]:starts[k] + n])
     return out
 
 
-def _project_row(inputs: RewardModelInputs, b: int, rm_backend, attention: torch.Tensor,
-                policy_spans: torch.Tensor) -> torch.Tensor:
-    """Row ``b``'s reward-model attention ``attention`` [n] (over its n tokens, unpadded) restricted to the tokens
-    that overlap the response and projected onto the policy's response tokens (byte spans ``policy_spans``
-    [R_b, 2] in the decoded response): float32 [R_b]."""
+def _project_row(inputs: RewardModelInputs, b: int, rm_backend, values: torch.Tensor, policy_spans: torch.Tensor,
+                 differences: bool = False) -> torch.Tensor:
+    """Row ``b``'s per-token values [n] over the reward model's n tokens (unpadded), restricted to the tokens that
+    overlap the response and projected onto the policy's response tokens (byte spans ``policy_spans`` [R_b, 2] in
+    the decoded response): float32 [R_b]. ``differences``: the values are prefix scores, and what is projected is
+    each response token's change of the score (the first one's own score), as :func:`dense_rlhf.prefix_rewards`
+    defines it."""
     text, row = inputs.texts[b], inputs.rows[b]
     table = _char_to_byte(text)
     spans = _rm_byte_spans(rm_backend, text, table, row["input_ids"], row["offsets"])
     first, last = int(table[inputs.regions[b][0]]), int(table[inputs.regions[b][1]])
     overlap = (spans[:, 0] < spans[:, 1]) & (spans[:, 0] < last) & (spans[:, 1] > first)
     positions = overlap.nonzero().flatten()
+    credit = values[positions]
+    if differences:
+        credit = torch.diff(credit, prepend=credit.new_zeros(1))
     destination = (policy_spans - inputs.kept[b] + first).clamp(first, last)  # in the reward model's text
-    return project_credit(attention[positions], spans[positions], destination)
+    return project_credit(credit, spans[positions], destination)
 
 
 def _rewards_from_credit(credit: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor, beta: float,
@@ -1040,6 +1055,42 @@ def _rewards_from_credit(credit: torch.Tensor, scores: torch.Tensor, mask: torch
     return rewards
 
 
+def _rewards_from_differences(projected: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor, beta: float,
+                              sparse_rows=(), empty_rows=()) -> torch.Tensor:
+    """Prefix-difference rewards [B, R] from the reward model's score changes projected onto the policy's tokens
+    [B, R], through :func:`dense_rlhf.prefix_rewards` (the single implementation of the formula): the projected
+    changes, accumulated along each row, are its prefix scores, and the score is read at one position past the end,
+    so the last response token also gets what did not reach any policy token (the change after the response, and the
+    share of a reward-model token that straddles the response's start). Rows in ``sparse_rows`` get the score on
+    their last response token instead, rows in ``empty_rows`` zeros."""
+    from dense_rlhf.ops import prefix_rewards
+
+    batch, length = projected.shape
+    special = set(sparse_rows) | set(empty_rows)
+    dense = [b for b in range(batch) if b not in special]
+    rewards = torch.zeros(projected.shape, dtype=torch.float32, device=projected.device)
+    if dense:
+        prefix = torch.cat([torch.cumsum(projected[dense] * mask[dense], 1), scores[dense, None]], 1)
+        extended = torch.cat([mask[dense], mask.new_zeros(len(dense), 1)], 1)
+        index = torch.full((len(dense),), length, dtype=torch.long, device=projected.device)
+        rewards[dense] = prefix_rewards(prefix, extended, beta=beta, reward_index=index)[:, :length]
+    last = torch.where(mask, torch.arange(length, device=mask.device), -1).amax(1)
+    for b in sparse_rows:
+        rewards[b, last[b]] = scores[b]
+    return rewards
+
+
+def _baseline_rewards(method: str, scores: torch.Tensor, mask: torch.Tensor, empty_rows=()) -> torch.Tensor:
+    """The "sparse" or "uniform" rewards [B, R] of the rows not in ``empty_rows`` (zeros there)."""
+    from dense_rlhf.ops import sparse_rewards, uniform_rewards
+
+    rows = [b for b in range(mask.shape[0]) if b not in set(empty_rows)]
+    rewards = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+    if rows:
+        rewards[rows] = (sparse_rewards if method == "sparse" else uniform_rewards)(scores[rows], mask[rows])
+    return rewards
+
+
 class _TextScores:
     """The result of :func:`_score_text`: scores [B] (NaN where a row failed), rewards [B, R], and the rows that
     failed or got the sparse reward because their credit could not be mapped, each with its reason."""
@@ -1048,12 +1099,28 @@ class _TextScores:
         self.scores, self.rewards, self.failed, self.unmapped = scores, rewards, failed, unmapped
 
 
-def _score_text(reward_model, rm_tokenizer, prompts, response_ids, *, policy_tokenizer, response_mask, beta,
-                layer, max_length, strict: bool) -> _TextScores:
-    """:func:`score_and_densify_text`'s work. ``strict=False``: a row that cannot be scored is reported in
-    ``failed`` (the others are still scored), and a row whose credit cannot be mapped gets the sparse reward
-    (its score on its last response token) and is reported in ``unmapped``; argument errors still raise."""
-    from dense_rlhf.capture import capture_reward_attention
+METHODS = ("abc", "prefix", "sparse", "uniform")
+
+
+class _TextBatch:
+    """A batch prepared for scoring (:func:`_prepare_text`): the reward model's inputs, the response mask and the
+    policy tokens' byte spans; :func:`_finish_text` turns per-row scores and values into rewards."""
+
+    def __init__(self, inputs, mask, policy_spans, rm_backend, beta, response_ids):
+        self.inputs, self.mask, self.policy_spans = inputs, mask, policy_spans
+        self.rm_backend, self.beta, self.response_ids = rm_backend, beta, response_ids
+
+
+def _check_method(method, allowed=METHODS) -> str:
+    if not isinstance(method, str) or method not in allowed:
+        raise ValueError(f"method must be one of {allowed}, got {method!r}")
+    return method
+
+
+def _prepare_text(rm_tokenizer, prompts, response_ids, *, policy_tokenizer, response_mask, beta, max_length,
+                  strict: bool, method: str) -> _TextBatch:
+    """Check the arguments, decode the responses with their tokens' byte spans, render and tokenise them for the
+    reward model (:func:`render_and_tokenize`): everything before the reward model's forward."""
     from dense_rlhf.ops import check_beta
 
     _backend(policy_tokenizer, "policy_tokenizer")
@@ -1062,8 +1129,8 @@ def _score_text(reward_model, rm_tokenizer, prompts, response_ids, *, policy_tok
     max_length = _check_max_length(max_length)
     mask = _check_responses(response_ids, response_mask, policy_tokenizer)
     _check_prompts(prompts, response_ids.shape[0])
-    capture = capture_reward_attention(reward_model, layer=layer)  # checks the model and the layer
     ids_cpu, mask_cpu = response_ids.cpu(), mask.cpu()
+    maps = method in ("abc", "prefix")  # the baselines need no mapping of the response's tokens
 
     policy_spans, responses, unmapped = [], [], {}
     for b in range(response_ids.shape[0]):
@@ -1071,37 +1138,75 @@ def _score_text(reward_model, rm_tokenizer, prompts, response_ids, *, policy_tok
         try:
             spans, response = _decode_with_spans(policy_tokenizer, ids, True, "policy_tokenizer")
         except _Unmappable as error:
-            if strict:
+            if strict and maps:
                 raise ValueError(f"row {b}: {error}") from None
             spans, response = None, policy_tokenizer.decode(ids, skip_special_tokens=True)
             unmapped[b] = str(error)
         policy_spans.append(spans)
         responses.append(response)
 
-    inputs = render_and_tokenize(rm_tokenizer, prompts, responses, max_length=max_length, strict=strict)
+    inputs = render_and_tokenize(rm_tokenizer, prompts, responses, max_length=max_length, strict=strict,
+                                 mapping=maps)
     for b, reason in unmapped.items():
         inputs.unmap(b, reason)
-    _check_offsets(inputs)
-    _check_positions(reward_model, inputs)
-    results = _forward(reward_model, rm_tokenizer, inputs, capture)
+    if maps:
+        _check_offsets(inputs)
+    return _TextBatch(inputs, mask, policy_spans, rm_backend, beta, response_ids)
 
-    batch = response_ids.shape[0]
+
+def _finish_text(batch: _TextBatch, results: dict, method: str) -> _TextScores:
+    """The rewards of a prepared batch from ``{row: (score, values [n] or None)}`` (see :func:`_forward`)."""
+    inputs, mask, response_ids = batch.inputs, batch.mask, batch.response_ids
+    mask_cpu = mask.cpu()
     credit = torch.zeros(response_ids.shape, dtype=torch.float32)
-    scores = torch.full((batch,), float("nan"), dtype=torch.float32)
-    for b, (score, attention) in results.items():
+    scores = torch.full((response_ids.shape[0],), float("nan"), dtype=torch.float32)
+    for b, (score, values) in results.items():
         scores[b] = score
-        if inputs.mappable(b):
-            credit[b, mask_cpu[b]] = _project_row(inputs, b, rm_backend, attention, policy_spans[b])
+        if method in ("abc", "prefix") and inputs.mappable(b):
+            credit[b, mask_cpu[b]] = _project_row(inputs, b, batch.rm_backend, values, batch.policy_spans[b],
+                                                  differences=method == "prefix")
     device = response_ids.device
-    unmapped = {b: reason for b, reason in inputs.unmapped.items() if b not in inputs.failed}
-    rewards = _rewards_from_credit(credit.to(device), scores.to(device), mask, beta, sparse_rows=sorted(unmapped),
-                                  empty_rows=sorted(inputs.failed))
-    return _TextScores(scores.to(device), rewards, dict(inputs.failed), unmapped)
+    failed = dict(inputs.failed)
+    unmapped = {b: reason for b, reason in inputs.unmapped.items() if b not in failed}
+    credit, scores = credit.to(device), scores.to(device)
+    if method == "abc":
+        rewards = _rewards_from_credit(credit, scores, mask, batch.beta, sparse_rows=sorted(unmapped),
+                                       empty_rows=sorted(failed))
+    elif method == "prefix":
+        rewards = _rewards_from_differences(credit, scores, mask, batch.beta, sparse_rows=sorted(unmapped),
+                                            empty_rows=sorted(failed))
+    else:
+        rewards = _baseline_rewards(method, scores, mask, empty_rows=sorted(failed))
+    return _TextScores(scores, rewards, failed, unmapped)
+
+
+def _score_text(reward_model, rm_tokenizer, prompts, response_ids, *, policy_tokenizer, response_mask, beta,
+                layer, max_length, strict: bool, method: str = "abc") -> _TextScores:
+    """:func:`score_and_densify_text`'s work. ``strict=False``: a row that cannot be scored is reported in
+    ``failed`` (the others are still scored), and a row whose credit cannot be mapped gets the sparse reward
+    (its score on its last response token) and is reported in ``unmapped``; argument errors still raise."""
+    from dense_rlhf.capture import capture_prefix_scores, capture_reward_attention
+
+    _check_method(method)
+    if method == "abc":
+        capture = capture_reward_attention(reward_model, layer=layer)  # checks the model and the layer
+    elif method == "prefix":
+        capture = capture_prefix_scores(reward_model)  # checks that its positions are prefixes
+    else:
+        capture = None
+    batch = _prepare_text(rm_tokenizer, prompts, response_ids, policy_tokenizer=policy_tokenizer,
+                          response_mask=response_mask, beta=beta, max_length=max_length, strict=strict, method=method)
+    _check_positions(reward_model, batch.inputs)
+    results = _forward(reward_model, rm_tokenizer, batch.inputs, method, capture)
+    return _finish_text(batch, results, method)
 
 
 def score_and_densify_text(reward_model, rm_tokenizer, prompts, response_ids, *, policy_tokenizer,
-                           response_mask=None, beta: float = 0.8, layer: int = -1, max_length: int | None = None):
-    """ABC from a reward model with its own tokenizer and chat template, as rewards on the policy's response tokens.
+                           response_mask=None, beta: float = 0.8, layer: int = -1, max_length: int | None = None,
+                           method: str = "abc"):
+    """Dense rewards from a reward model with its own tokenizer and chat template, on the policy's response tokens:
+    ABC by default, or prefix differences, or the sparse or uniform baseline (``method``, as in
+    :func:`dense_rlhf.score_and_densify`).
 
     For each row: the policy's response tokens (``response_mask``) are decoded with
     ``policy_tokenizer.decode(..., skip_special_tokens=True)``, as verl and OpenRLHF do; the reward model's
@@ -1116,6 +1221,23 @@ def score_and_densify_text(reward_model, rm_tokenizer, prompts, response_ids, *,
     the policy's tokens by :func:`project_credit` (byte spans from the fast tokenizers' offsets and
     :func:`token_byte_spans`), and :func:`dense_rlhf.dense_rewards` turns those ``[B, R]`` rows into the rewards.
 
+    ``method``:
+
+    - ``"abc"`` (default): as above.
+    - ``"prefix"``: prefix-difference rewards. The reward model's score at every position
+      (:func:`dense_rlhf.capture_prefix_scores`, decoder ``*ForSequenceClassification`` models) gives each of its
+      tokens that overlap the response its change of the score (the first one its own score); those changes are
+      projected onto the policy's tokens the same way, and :func:`dense_rlhf.prefix_rewards` turns them into the
+      rewards, with what reaches no policy token (the change after the response, e.g. over the template's closing
+      tokens, and the share of a token straddling the response's start) on the last response token, so each row
+      still sums to the score. With the same tokenizer on both sides this is ``score_and_densify(...,
+      method="prefix")`` on the ids.
+    - ``"sparse"``, ``"uniform"``: the score on the last response token, or score / n on each of the n; the
+      response's tokens need no mapping, so a template that changes the response is no error for them.
+
+    ``dense_rlhf.integrations.vllm.ServedRewardModel.score_and_densify_text`` computes "prefix", "sparse" and
+    "uniform" from a reward model served by vLLM with this same rendering and mapping.
+
     Args:
         reward_model: a transformers sequence-classification model (one logit, or two: ``logit[1] - logit[0]``)
             whose attention can be captured (see :func:`dense_rlhf.capture_reward_attention`).
@@ -1127,7 +1249,7 @@ def score_and_densify_text(reward_model, rm_tokenizer, prompts, response_ids, *,
         policy_tokenizer: the policy's fast tokenizer.
         response_mask: [B, R] bool or 0/1, True on response tokens; default ``response_ids != pad_token_id``
             (pass it when the pad id is also the EOS id and EOS is part of the response).
-        beta, layer: as in :func:`dense_rlhf.score_and_densify`.
+        beta, layer: as in :func:`dense_rlhf.score_and_densify` (``layer``: "abc" only).
         max_length: cap on the reward model's input tokens. A longer input is truncated by ``rm_tokenizer``
             (its ``truncation_side``) only if the response and every token after it survive (left truncation
             drops the start of the prompt); otherwise ValueError. None: no truncation, and an input longer than
@@ -1135,20 +1257,23 @@ def score_and_densify_text(reward_model, rm_tokenizer, prompts, response_ids, *,
 
     Returns:
         ``(scores, rewards)``: float32 [B] reward-model scores and float32 [B, R] rewards aligned with
-        ``response_ids``, on its device: zero off the mask, each row summing to its score, ``(1 - beta) * score``
-        on the last response token plus ``beta * score`` spread by the projected attention.
+        ``response_ids``, on its device: zero off the mask, each row summing to its score; for "abc",
+        ``(1 - beta) * score`` on the last response token plus ``beta * score`` spread by the projected attention.
 
-    What the credit of a token means here: a reward-model token's attention is split over the policy tokens
-    whose bytes it overlaps, in proportion to the overlap. Policy tokens with no text (special tokens such as
-    EOS, skipped in the decode) and whitespace that the chat template trims get no attention credit; a
-    reward-model token that straddles the start of the response (plain-text prompts can merge across it)
-    contributes only its response bytes' share. ``dense_rewards`` normalises what reaches the response tokens,
-    so no reward mass is lost either way; if none reaches them the dense part falls on the last token.
+    What the credit of a token means here: a reward-model token's attention (for "prefix": its change of the score)
+    is split over the policy tokens whose bytes it overlaps, in proportion to the overlap. Policy tokens with no
+    text (special tokens such as EOS, skipped in the decode) and whitespace that the chat template trims get no
+    attention credit; a reward-model token that straddles the start of the response (plain-text prompts can merge
+    across it) contributes only its response bytes' share. ``dense_rewards`` normalises what reaches the response
+    tokens, so no reward mass is lost either way; if none reaches them the dense part falls on the last token. For
+    "prefix", what reaches no response token is added to the last one.
 
     Raises (all before the reward model's forward, except the padding-position and non-finite-score checks):
         TypeError: slow tokenizers (no offsets), a tokenizer that is None, bad argument types (``max_length``
             not an int).
-        ValueError: shape or mask problems, negative token ids, ``beta`` outside [0, 1], ``max_length`` < 1, a
+        ValueError: an unknown ``method``; for "prefix", a reward model whose positions are not prefixes
+            (bidirectional) or that has no ``score`` head; shape or mask problems, negative token ids, ``beta``
+            outside [0, 1], ``max_length`` < 1, a
             chat template that changes the response beyond trimming whitespace, truncation that would cut the
             response, an input longer than the reward model's positions, zero-width offsets from
             ``rm_tokenizer`` (a known tokenizers bug), a score read at a padding position (mismatched pad ids) or
@@ -1156,5 +1281,6 @@ def score_and_densify_text(reward_model, rm_tokenizer, prompts, response_ids, *,
             ``row b:``.
     """
     result = _score_text(reward_model, rm_tokenizer, prompts, response_ids, policy_tokenizer=policy_tokenizer,
-                         response_mask=response_mask, beta=beta, layer=layer, max_length=max_length, strict=True)
+                         response_mask=response_mask, beta=beta, layer=layer, max_length=max_length, strict=True,
+                         method=method)
     return result.scores, result.rewards

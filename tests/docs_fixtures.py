@@ -153,3 +153,13 @@ def prompts():
     from datasets import Dataset
 
     return Dataset.from_dict({"prompt": [prompt for prompt, _ in REVIEWS] * 4})
+
+
+@pytest.fixture
+def served_url(rm):
+    """The address of a stand-in for a vLLM server started with the token_classify pooler: an aiohttp app in this
+    process that answers ``POST /pooling`` from ``rm`` (tests/test_vllm.py runs the same code against real vLLM)."""
+    from test_vllm import Scripted, head_of
+
+    with Scripted(head_of(rm), models=["/path/to/reward-model"]) as server:
+        yield server.url

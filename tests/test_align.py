@@ -572,9 +572,9 @@ def check_rewards(scores, rewards, mask, beta=0.8):
 
 
 def reference_text_path(rm, rm_tok, texts_and_regions, policy_tok, response_ids, mask, beta, policy_spans_fn,
-                        rm_spans_fn):
-    """A plain re-implementation: RM rows from a separate capture, byte spans from the reference helpers, the
-    projection as a loop and the ABC formula written out."""
+                        rm_spans_fn, method="abc"):
+    """A plain re-implementation: RM rows (or prefix scores) from a separate capture, byte spans from the reference
+    helpers, the projection as a loop and each method's formula written out."""
     batch, width = response_ids.shape
     encoded = [rm_tok(text, add_special_tokens=add, return_offsets_mapping=True)
                for text, _, _, add in texts_and_regions]
@@ -583,23 +583,38 @@ def reference_text_path(rm, rm_tok, texts_and_regions, policy_tok, response_ids,
     for b in range(batch):
         text, start, end, _ = texts_and_regions[b]
         ids = encoded[b]["input_ids"]
-        with torch.no_grad(), dense_rlhf.capture_reward_attention(rm) as cap:
+        if method == "prefix":
+            capture = dense_rlhf.capture_prefix_scores(rm)
+        else:
+            capture = dense_rlhf.capture_reward_attention(rm)
+        with torch.no_grad(), capture as cap:
             logits = rm(input_ids=torch.tensor([ids])).logits
         score = float(logits[0, 0] if logits.shape[-1] == 1 else logits[0, 1] - logits[0, 0])
         scores.append(score)
-        row = cap.rows[0].mean(0).tolist()
+        row = cap.prefix_scores[0].tolist() if method == "prefix" else cap.rows[0].mean(0).tolist()
         rm_spans = rm_spans_fn(rm_tok, text, ids, encoded[b]["offset_mapping"])
         first, last = len(text[:start].encode()), len(text[:end].encode())
         picked = [(row[j], (s - first, e - first)) for j, (s, e) in enumerate(rm_spans)
                   if s < e and s < last and e > first]
+        if method == "prefix":  # each response token's change of the score, the first one's own score
+            picked = [(c - (picked[k - 1][0] if k else 0.0), span) for k, (c, span) in enumerate(picked)]
         positions = mask[b].nonzero().flatten().tolist()
         pol = policy_spans_fn(policy_tok, response_ids[b, positions].tolist())
         projected = naive_projection([c for c, _ in picked], [s for _, s in picked], pol)
         total = sum(projected)
         last_token = positions[-1]
-        for i, p in zip(positions, projected):
-            out[b, i] += beta * score * (p / total if total > 0 else float(i == last_token))
-        out[b, last_token] += (1 - beta) * score
+        if method == "sparse":
+            out[b, last_token] = score
+        elif method == "uniform":
+            out[b, positions] = score / len(positions)
+        elif method == "prefix":  # what reached no policy token goes to the last one, so the row sums to the score
+            for i, p in zip(positions, projected):
+                out[b, i] += beta * p
+            out[b, last_token] += beta * (score - total) + (1 - beta) * score
+        else:
+            for i, p in zip(positions, projected):
+                out[b, i] += beta * score * (p / total if total > 0 else float(i == last_token))
+            out[b, last_token] += (1 - beta) * score
     return torch.tensor(scores), out.float()
 
 
@@ -677,20 +692,26 @@ def test_property_same_byte_level_tokenizer_through_a_chat_template_equals_score
 RESPONSES = ["the movie was very good 🙂", "你好 café, naïve über!", "it's not bad"]
 
 
+@pytest.mark.parametrize("method", ["abc", "prefix", "sparse", "uniform"])
 @pytest.mark.parametrize("arch, rm_name, chat", [
     ("llama", "sp_bpe", True),       # Llama-style GQA reward model, ▁ + byte fallback, trimming template
     ("gpt2", "sp_unigram", False),   # GPT-2 reward model, Metaspace Unigram, plain text
     ("bert", "wordpiece", False),    # BERT reward model (two logits, [CLS]), WordPiece with cleanup
     ("llama", "byte_bpe", True),     # byte-level BPE on both sides, but an RM template that adds text around
 ])
-def test_across_tokenizers_matches_the_plain_reference(arch, rm_name, chat):
+def test_across_tokenizers_matches_the_plain_reference(arch, rm_name, chat, method):
     policy = tokenizer("byte_bpe")
     rm_tok = tokenizer(rm_name)
     rm = reward_model(arch, rm_name)
     prompts = ["Review:", "Say something.", "Rate it"]
     response_ids, mask = policy_batch(policy, RESPONSES, eos=True)
     inputs = [[{"role": "user", "content": p}] for p in prompts] if chat else [p + " " for p in prompts]
-    scores, rewards = score_and_densify_text(rm, rm_tok, inputs, response_ids, policy_tokenizer=policy, beta=0.8)
+    if arch == "bert" and method == "prefix":  # bidirectional: its positions are not prefixes
+        with pytest.raises(ValueError, match="not a causal decoder"):
+            score_and_densify_text(rm, rm_tok, inputs, response_ids, policy_tokenizer=policy, method=method)
+        return
+    scores, rewards = score_and_densify_text(rm, rm_tok, inputs, response_ids, policy_tokenizer=policy, beta=0.8,
+                                             method=method)
     check_rewards(scores, rewards, mask)
 
     regions = []
@@ -706,9 +727,52 @@ def test_across_tokenizers_matches_the_plain_reference(arch, rm_name, chat):
             regions.append((inputs[b] + response, len(inputs[b]), len(inputs[b] + response), True))
     rm_spans = byte_level_rm_spans if rm_name == "byte_bpe" else offsets_to_bytes
     ref_scores, ref = reference_text_path(rm, rm_tok, regions, policy, response_ids, mask, 0.8,
-                                          lambda t, ids: byte_level_spans(t, ids, True), rm_spans)
+                                          lambda t, ids: byte_level_spans(t, ids, True), rm_spans, method=method)
     torch.testing.assert_close(scores, ref_scores, **TOL)
     torch.testing.assert_close(rewards, ref, **TOL)
+
+
+@pytest.mark.parametrize("method", ["prefix", "sparse", "uniform"])
+@settings(max_examples=10, **SETTINGS)
+@given(prompt=TEXT, response=TEXT.filter(lambda t: len(t) > 0), beta=st.sampled_from([0.0, 0.5, 1.0]))
+def test_property_every_method_through_a_chat_template_equals_score_and_densify(method, prompt, response, beta):
+    """The other methods on the text path, as ABC above: with the same byte-level tokenizer on both sides and a
+    template whose special tokens fence the response, the result is ``score_and_densify(..., method=...)`` on the
+    ids (for "prefix", the change over the template's closing token lands on the last response token, as there)."""
+    tok = tokenizer("byte_bpe")
+    rm = reward_model("llama", "byte_bpe")
+    response_ids, mask = policy_batch(tok, [response])
+    messages = [[{"role": "user", "content": prompt}]]
+    scores, rewards = score_and_densify_text(rm, tok, messages, response_ids, policy_tokenizer=tok, beta=beta,
+                                             method=method)
+
+    head = tok.apply_chat_template(messages[0], tokenize=False) + "<|assistant|>"
+    prefix = tok(head, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([prefix + response_ids[0].tolist() + [tok.convert_tokens_to_ids("<|end|>")]])
+    completion = torch.zeros(ids.shape, dtype=torch.bool)
+    completion[0, len(prefix):len(prefix) + response_ids.shape[1]] = True
+    ref_scores, ref = score_and_densify(rm, ids, torch.ones_like(ids), completion, beta=beta, method=method)
+    torch.testing.assert_close(scores, ref_scores, **TOL)
+    torch.testing.assert_close(rewards[0], ref[0, completion[0]], **TOL)
+
+
+def test_the_baselines_need_no_mapping_of_the_response():
+    """A template that rewrites the response cannot carry ABC's or prefix differences' credit, but the sparse and
+    uniform rewards need only the score."""
+    policy = tokenizer("byte_bpe")
+    rm = reward_model("llama", "sp_bpe")
+    rewriting = sp_bpe("{% for m in messages %}{{ m['content'] | replace('good', 'fine') }}{% endfor %}")
+    ids, mask = policy_batch(policy, ["good", "it was good"])
+    chat = [[{"role": "user", "content": "x"}]] * 2
+    for method in ("abc", "prefix"):
+        with pytest.raises(ValueError, match="beyond trimming whitespace"):
+            score_and_densify_text(rm, rewriting, chat, ids, policy_tokenizer=policy, method=method)
+    scores, sparse = score_and_densify_text(rm, rewriting, chat, ids, policy_tokenizer=policy, method="sparse")
+    _, uniform = score_and_densify_text(rm, rewriting, chat, ids, policy_tokenizer=policy, method="uniform")
+    torch.testing.assert_close(sparse, dense_rlhf.sparse_rewards(scores, mask))
+    torch.testing.assert_close(uniform, dense_rlhf.uniform_rewards(scores, mask))
+    with pytest.raises(ValueError, match="method must be one of"):
+        score_and_densify_text(rm, rewriting, chat, ids, policy_tokenizer=policy, method="attention")
 
 
 def test_credit_of_a_split_character_follows_its_bytes():

@@ -5,8 +5,11 @@ call its ``run_single`` on one sample at a time and hand the per-sample results 
 ``assemble_rm_scores``, whose ``[B, response_len]`` output becomes ``token_level_scores``. ``ABCRewardManager``
 runs the reward model itself inside those workers and returns ABC rewards on the policy's response tokens
 through :func:`dense_rlhf.score_and_densify_text` (the reward model may have its own tokenizer and chat
-template). The configuration that routes verl to it, and what it costs, are in the README's "verl" section;
-:func:`check_routing` says why each part is needed.
+template). ``ServedPrefixRewardManager`` instead scores through the reward-model server verl starts itself (vLLM
+with the ``token_classify`` pooler) and returns prefix-difference rewards, with no reward model in the workers; it
+shares :class:`TokenRewardManagerBase` (routing, refusals, micro-batches, per-sample fault isolation). The
+configurations that route verl to them, and what they cost, are in the README's "verl" section;
+:func:`check_routing` and :func:`check_served` say why each part is needed.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import Any
 import torch
 
 from dense_rlhf.align import _score_text
+from dense_rlhf.integrations.vllm import POOLER_CONFIG, VERL_POOLER_CONFIG_KEY, ServedRewardModel, _run
 
 try:
     from verl import DataProto
@@ -30,8 +34,9 @@ try:
 except ImportError as error:  # pragma: no cover - exercised only where verl is missing
     raise ImportError("dense_rlhf.integrations.verl needs verl: pip install 'dense-rlhf[verl]'") from error
 
-__all__ = ["ABCRewardManager", "ABCSettings", "SampleResult", "TokenRewardManagerBase", "check_algorithm",
-           "check_routing", "compute_score", "load_reward_model"]
+__all__ = ["ABCRewardManager", "ABCSettings", "SampleResult", "ServedPrefixRewardManager", "ServedSettings",
+           "TokenRewardManagerBase", "check_algorithm", "check_routing", "check_served", "compute_score",
+           "load_reward_model"]
 
 MODULE_PATH = "pkg://dense_rlhf.integrations.verl"
 logger = logging.getLogger(__name__)
@@ -94,8 +99,9 @@ class ABCSettings:
         return settings
 
 
-def check_routing(config) -> None:
-    """Raise ValueError unless verl 0.9.x will call this manager's ``run_single`` and ``assemble_rm_scores``.
+def check_routing(config, manager: str = "ABCRewardManager") -> None:
+    """Raise ValueError unless verl 0.9.x will call the manager's (``manager``: its name, for the message)
+    ``run_single`` and ``assemble_rm_scores``.
 
     In verl 0.9.1 a reward manager's ``assemble_rm_scores`` is called only by ``RewardLoopManager.compute_rm_score``,
     which the trainers call only with a colocated reward model (``reward.reward_model.enable=True``,
@@ -117,7 +123,7 @@ def check_routing(config) -> None:
                         "compute_score (without a path verl's worker asks the served reward model for a scalar and "
                         "never calls run_single)")
     if problems:
-        raise ValueError("ABCRewardManager is not reached by this verl configuration; set " + "; ".join(problems))
+        raise ValueError(f"{manager} is not reached by this verl configuration; set " + "; ".join(problems))
 
 
 def check_algorithm(config) -> None:
@@ -148,10 +154,12 @@ def check_algorithm(config) -> None:
 
 def compute_score(*args: Any, **kwargs: Any):
     """The routing target for ``reward.custom_reward_function``: verl's reward-loop worker calls a manager's
-    ``run_single`` only when that path is set, and loads this function from it. ``ABCRewardManager`` scores with
-    the reward model and never calls it; another manager that does gets this error."""
+    ``run_single`` only when that path is set, and loads this function from it. ``ABCRewardManager`` and
+    ``ServedPrefixRewardManager`` score with the reward model and never call it; another manager that does gets this
+    error."""
     raise RuntimeError("dense_rlhf.integrations.verl.compute_score only routes verl's reward loop to "
-                       "ABCRewardManager (reward.reward_manager.name=ABCRewardManager); it computes no score")
+                       "ABCRewardManager or ServedPrefixRewardManager (reward.reward_manager.name=...); it computes "
+                       "no score")
 
 
 _MODELS: dict[tuple[str, str, str], torch.nn.Module] = {}
@@ -245,14 +253,40 @@ class TokenRewardManagerBase(RewardManagerBase):
 
     def __init__(self, config, tokenizer, compute_score=None, *, reward_model_tokenizer, batch_size: int):
         super().__init__(config, tokenizer, compute_score)
-        check_routing(config)
+        check_routing(config, type(self).__name__)
         check_algorithm(config)
         self.reward_model_tokenizer = reward_model_tokenizer
         self._batcher = _MicroBatcher(self.score_batch, int(batch_size))
 
-    def score_batch(self, samples: list[tuple[Any, torch.Tensor]]) -> list[SampleResult]:
-        """One :class:`SampleResult` per (prompt, valid response ids); runs in a worker thread."""
+    def score_texts(self, prompts: list, response_ids: torch.Tensor, response_mask: torch.Tensor):
+        """The subclass's scorer: ``dense_rlhf.align._score_text``'s result (scores, rewards, and the rows that
+        ``failed`` or were ``unmapped``, each with its reason) for B prompts of one kind and their [B, R]
+        right-padded response ids; rows that fail must not raise."""
         raise NotImplementedError
+
+    def score_batch(self, samples: list[tuple[Any, torch.Tensor]]) -> list[SampleResult]:
+        """One :class:`SampleResult` per (prompt, valid response ids), one :meth:`score_texts` call per kind of
+        prompt (chat or text); a sample that fails affects only itself. Runs in a worker thread."""
+        results: list = [None] * len(samples)
+        kinds: dict[bool, list[int]] = {}
+        for i, (prompt, _) in enumerate(samples):
+            kinds.setdefault(isinstance(prompt, str), []).append(i)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        for rows in kinds.values():
+            lengths = [samples[i][1].numel() for i in rows]
+            response_ids = torch.full((len(rows), max(lengths)), pad, dtype=torch.long)
+            response_mask = torch.zeros(response_ids.shape, dtype=torch.bool)
+            for j, i in enumerate(rows):
+                response_ids[j, :lengths[j]] = samples[i][1]
+                response_mask[j, :lengths[j]] = True
+            out = self.score_texts([samples[i][0] for i in rows], response_ids, response_mask)
+            for j, i in enumerate(rows):
+                if j in out.failed:
+                    results[i] = SampleResult(None, math.nan, error=out.failed[j])
+                else:
+                    results[i] = SampleResult(out.rewards[j, :lengths[j]].float().cpu(), float(out.scores[j]),
+                                              fallback=out.unmapped.get(j))
+        return results
 
     def _sample(self, data: DataProto):
         """(prompt, valid response ids) of a one-sample DataProto laid out as verl's trainer hands it over: the chat
@@ -342,30 +376,117 @@ class ABCRewardManager(TokenRewardManagerBase):
             torch.set_num_threads(int(settings.num_threads))
         self.reward_model = load_reward_model(settings.model_path, settings.device, settings.dtype)
 
-    def score_batch(self, samples):
-        """Scores and per-token rewards for a list of (prompt, response ids), one reward-model forward per kind of
-        prompt (chat or text); a sample that fails affects only itself."""
-        results: list = [None] * len(samples)
-        kinds: dict[bool, list[int]] = {}
-        for i, (prompt, _) in enumerate(samples):
-            kinds.setdefault(isinstance(prompt, str), []).append(i)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        for rows in kinds.values():
-            lengths = [samples[i][1].numel() for i in rows]
-            response_ids = torch.full((len(rows), max(lengths)), pad, dtype=torch.long)
-            response_mask = torch.zeros(response_ids.shape, dtype=torch.bool)
-            for j, i in enumerate(rows):
-                response_ids[j, :lengths[j]] = samples[i][1]
-                response_mask[j, :lengths[j]] = True
-            with _FORWARD_LOCKS[id(self.reward_model)]:
-                out = _score_text(
-                    self.reward_model, self.reward_model_tokenizer, [samples[i][0] for i in rows], response_ids,
-                    policy_tokenizer=self.tokenizer, response_mask=response_mask, beta=float(self.settings.beta),
-                    layer=int(self.settings.layer), max_length=self.settings.max_length, strict=False)
-            for j, i in enumerate(rows):
-                if j in out.failed:
-                    results[i] = SampleResult(None, math.nan, error=out.failed[j])
-                else:
-                    results[i] = SampleResult(out.rewards[j, :lengths[j]].float().cpu(), float(out.scores[j]),
-                                              fallback=out.unmapped.get(j))
-        return results
+    def score_texts(self, prompts, response_ids, response_mask):
+        """One reward-model forward, in this process, with the attention capture."""
+        with _FORWARD_LOCKS[id(self.reward_model)]:
+            return _score_text(self.reward_model, self.reward_model_tokenizer, prompts, response_ids,
+                               policy_tokenizer=self.tokenizer, response_mask=response_mask,
+                               beta=float(self.settings.beta), layer=int(self.settings.layer),
+                               max_length=self.settings.max_length, strict=False)
+
+
+@dataclass(frozen=True)
+class ServedSettings:
+    """What :class:`ServedPrefixRewardManager` reads from ``reward.reward_kwargs``.
+
+    method: "prefix" (prefix-difference rewards; default), "sparse" or "uniform". beta, max_length: as in
+    :func:`dense_rlhf.score_and_densify_text`. batch_size: most samples per request to the server. timeout,
+    max_retries, backoff: the HTTP client's (:class:`dense_rlhf.integrations.vllm.ServedRewardModel`); verl's own
+    reward loop retries up to 16 times for its scalar. model: the served model's name; None asks the server.
+    """
+
+    method: str = "prefix"
+    beta: float = 0.8
+    max_length: int | None = None
+    batch_size: int = 64
+    timeout: float = 300.0
+    max_retries: int = 5
+    backoff: float = 1.0
+    model: str | None = None
+
+    @classmethod
+    def from_config(cls, config) -> "ServedSettings":
+        kwargs = dict(config.reward.get("reward_kwargs") or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise ValueError(f"reward.reward_kwargs has keys ServedPrefixRewardManager does not know: {unknown}; "
+                             f"it reads {sorted(known)}")
+        settings = cls(**kwargs)
+        if settings.method not in ("prefix", "sparse", "uniform"):
+            extra = " (a served reward model exposes no attention: ABC runs in ABCRewardManager)" \
+                if settings.method == "abc" else ""
+            raise ValueError(f"reward.reward_kwargs.method must be 'prefix', 'sparse' or 'uniform', got "
+                             f"{settings.method!r}{extra}")
+        if not 0.0 <= float(settings.beta) <= 1.0:
+            raise ValueError(f"reward.reward_kwargs.beta must be in [0, 1], got {settings.beta}")
+        if int(settings.batch_size) < 1:
+            raise ValueError(f"reward.reward_kwargs.batch_size must be at least 1, got {settings.batch_size}")
+        return settings
+
+
+def check_served(config) -> None:
+    """Raise ValueError unless verl 0.9.x starts its reward-model server with vLLM and the ``token_classify`` pooler
+    (``reward.reward_model.rollout.name=vllm`` and ``+reward.reward_model.rollout.engine_kwargs.vllm.pooler_config``,
+    which verl passes to vLLM as ``--pooler-config``)."""
+    import json
+
+    rollout = config.reward.reward_model.get("rollout") or {}
+    problems = []
+    if rollout.get("name") != "vllm":
+        problems.append(f"reward.reward_model.rollout.name=vllm (got {rollout.get('name')!r}: prefix scores come from "
+                        "vLLM's token_classify pooling)")
+    pooler = ((rollout.get("engine_kwargs") or {}).get("vllm") or {}).get("pooler_config")
+    if isinstance(pooler, str):
+        try:
+            pooler = json.loads(pooler)
+        except ValueError:
+            pooler = None
+    task = pooler.get("task") if isinstance(pooler, Mapping) else None
+    if task != "token_classify":
+        problems.append(f"+{VERL_POOLER_CONFIG_KEY}='{POOLER_CONFIG}' (got {pooler!r}; without it vLLM's server "
+                        "answers /classify with one score per sample and refuses the per-token scores)")
+    if problems:
+        raise ValueError("ServedPrefixRewardManager needs verl's reward-model server to give per-token scores; set "
+                         + "; ".join(problems))
+
+
+@register("served_prefix")
+class ServedPrefixRewardManager(TokenRewardManagerBase):
+    """verl reward manager: prefix-difference rewards on the policy's response tokens from the reward-model server
+    verl already runs (``reward.reward_model.enable=True`` starts vLLM for it), written into ``rm_scores``. It loads
+    no weights: each micro-batch of samples is rendered and tokenised for the reward model here, sent as token ids
+    to ``POST {reward_router_address}/pooling`` (``token_classify``: the score at every position) and mapped onto
+    the policy's tokens (:meth:`dense_rlhf.integrations.vllm.ServedRewardModel.score_and_densify_text`).
+
+    The routing, the refusals of estimators that would discard per-token rewards, and the per-sample fault
+    isolation are :class:`TokenRewardManagerBase`'s, as for :class:`ABCRewardManager`; ``reward_extra_info`` is
+    ``{"prefix_score": s, "prefix_fallback": 0 or 1}``. A server that cannot be reached after the client's retries,
+    or that has no ``token_classify`` pooler, fails the step with the client's error (it is no sample's fault).
+    """
+
+    extra_prefix = "prefix"
+
+    def __init__(self, config, tokenizer, compute_score=None, reward_router_address=None,
+                 reward_model_tokenizer=None):
+        settings = ServedSettings.from_config(config)
+        check_served(config)
+        super().__init__(config, tokenizer, compute_score, reward_model_tokenizer=reward_model_tokenizer,
+                         batch_size=settings.batch_size)
+        if not reward_router_address:
+            raise ValueError("ServedPrefixRewardManager got no reward_router_address: verl passes its reward-model "
+                             "router's address to the manager when reward.reward_model.enable=True")
+        self.settings = settings
+        if self.reward_model_tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self.reward_model_tokenizer = AutoTokenizer.from_pretrained(config.reward.reward_model.model_path)
+        self.client = ServedRewardModel(reward_router_address, settings.model, timeout=settings.timeout,
+                                        max_retries=settings.max_retries, backoff=settings.backoff)
+
+    def score_texts(self, prompts, response_ids, response_mask):
+        """One request to the server for the batch (this runs in a worker thread: the client's own event loop)."""
+        return _run(self.client._ascore_text(
+            self.reward_model_tokenizer, prompts, response_ids, policy_tokenizer=self.tokenizer,
+            response_mask=response_mask, beta=float(self.settings.beta), method=self.settings.method,
+            max_length=self.settings.max_length, strict=False))

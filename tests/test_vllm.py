@@ -1,0 +1,832 @@
+"""The client for a reward model served by vLLM (dense_rlhf.integrations.vllm).
+
+Two parts. The client's own behaviour (argument checks, retries with backoff, timeouts, replies that do not match the
+request) against a small aiohttp app in this process: runs wherever aiohttp is installed. Then the same client
+against a real vLLM server that a module fixture starts on 127.0.0.1 with a small random reward model: its prefix
+scores and rewards equal the in-process computation on the same weights, and a server that is down, has no
+token_classify pooler or does not know the model gives the errors that say what to change. The real server runs only
+where ``DENSE_RLHF_VLLM_PYTHON`` names a Python with vLLM (``make test-vllm`` sets it to its own environment's).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.util
+import json
+import os
+import re
+import shlex
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+aiohttp = pytest.importorskip("aiohttp", reason="the client needs aiohttp (pip install 'dense-rlhf[served]')")
+
+from aiohttp import web  # noqa: E402
+
+import dense_rlhf  # noqa: E402
+from dense_rlhf.integrations.vllm import (  # noqa: E402
+    POOLER_CONFIG,
+    VERL_POOLER_CONFIG_KEY,
+    ServedRewardModel,
+    ServedRewardModelError,
+)
+from dense_rlhf.integrations.vllm_server import CPU_ARGS, LocalVLLMServer, free_port  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+VLLM_PYTHON = os.environ.get("DENSE_RLHF_VLLM_PYTHON")
+# the servers' flags: CPU_ARGS unless given (benchmarks/gpu_check.sh gives flags for a GPU)
+VLLM_ARGS = shlex.split(os.environ["DENSE_RLHF_VLLM_ARGS"]) if os.environ.get("DENSE_RLHF_VLLM_ARGS") else CPU_ARGS
+TOL = dict(atol=1e-4, rtol=0)
+
+
+# ----------------------------------------------------------------------------------------- a scripted server
+
+
+class Scripted:
+    """An aiohttp app on a free port, in a thread with its own event loop, whose /pooling replies follow a script:
+    one handler per request, the last one repeated. /v1/models lists ``models``."""
+
+    def __init__(self, *handlers, models=("rm",), max_model_len=None):
+        self.handlers, self.models, self.requests = list(handlers), list(models), []
+        self.max_model_len = max_model_len
+
+    async def _pooling(self, request):
+        body = await request.json()
+        self.requests.append(body)
+        handler = self.handlers[min(len(self.requests), len(self.handlers)) - 1]
+        return await handler(body)
+
+    async def _models(self, request):
+        return web.json_response({"object": "list", "data": [{"id": m, "object": "model",
+                                                               "max_model_len": self.max_model_len}
+                                                              for m in self.models]})
+
+    async def _start(self):
+        app = web.Application()
+        app.router.add_post("/pooling", self._pooling)
+        app.router.add_get("/v1/models", self._models)
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+
+    def __enter__(self):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(10)
+        return self
+
+    def __exit__(self, *exc):
+        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+def echo(values_of=lambda row: [[float(t) / 10] for t in row]):
+    """A handler that answers token_classify as vLLM does: per token, the values ``values_of(row)``."""
+    async def handler(body):
+        data = [{"index": i, "object": "pooling", "data": values_of(row)} for i, row in enumerate(body["input"])]
+        return web.json_response({"object": "list", "data": data})
+    return handler
+
+
+def head_of(model):
+    """A handler that answers token_classify from ``model`` in this process: what vLLM computes, without vLLM."""
+    async def handler(body):
+        data = []
+        for i, row in enumerate(body["input"]):
+            with torch.no_grad(), dense_rlhf.capture_prefix_scores(model) as cap:
+                model(input_ids=torch.tensor([row]))
+            data.append({"index": i, "data": [[v] for v in cap.prefix_scores[0].tolist()]})
+        return web.json_response({"data": data})
+    return handler
+
+
+def status(code: int, message: str = "boom", param=None):
+    async def handler(body):
+        return web.json_response({"error": {"message": message, "type": "Error", "param": param, "code": code}},
+                                 status=code)
+    return handler
+
+
+def slow(seconds: float):
+    async def handler(body):
+        await asyncio.sleep(seconds)
+        return await echo()(body)
+    return handler
+
+
+def test_scores_requested_as_token_ids_with_raw_logits():
+    with Scripted(echo()) as server:
+        out = ServedRewardModel(server.url).prefix_scores([[1, 2, 3], torch.tensor([7])])
+    assert [o.tolist() for o in out] == [pytest.approx([0.1, 0.2, 0.3]), pytest.approx([0.7])]
+    assert all(o.dtype == torch.float32 for o in out)
+    assert server.requests == [{"model": "rm", "input": [[1, 2, 3], [7]], "task": "token_classify",
+                                "use_activation": False}]
+
+
+def test_the_async_twin_gives_the_same():
+    with Scripted(echo()) as server:
+        client = ServedRewardModel(server.url, "rm")
+
+        async def main():
+            return await asyncio.gather(client.aprefix_scores([[1, 2]]), client.aprefix_scores([[3]]))
+
+        first, second = asyncio.run(main())
+    assert first[0].tolist() == pytest.approx([0.1, 0.2]) and second[0].tolist() == pytest.approx([0.3])
+
+
+def test_two_logit_heads_give_logit1_minus_logit0():
+    with Scripted(echo(lambda row: [[1.0, 1.0 + t] for t in row])) as server:
+        assert ServedRewardModel(server.url, "rm").prefix_scores([[2, 5]])[0].tolist() == [2.0, 5.0]
+
+
+def test_results_are_put_back_in_request_order():
+    async def reversed_order(body):
+        rows = body["input"]
+        data = [{"index": i, "data": [[float(i)]] * len(rows[i])} for i in reversed(range(len(rows)))]
+        return web.json_response({"data": data})
+
+    with Scripted(reversed_order) as server:
+        out = ServedRewardModel(server.url).prefix_scores([[1], [1, 1], [1, 1, 1]])
+    assert [o.tolist() for o in out] == [[0.0], [1.0, 1.0], [2.0, 2.0, 2.0]]
+
+
+def test_server_errors_are_retried_with_backoff_then_succeed():
+    with Scripted(status(503), status(500), echo()) as server:
+        client = ServedRewardModel(server.url, "rm", max_retries=2, backoff=0.05)
+        start = time.monotonic()
+        out = client.prefix_scores([[4]])
+        elapsed = time.monotonic() - start
+    assert out[0].tolist() == pytest.approx([0.4]) and len(server.requests) == 3
+    assert elapsed >= 0.05 + 0.1  # backoff * 2**k before retry k + 1
+
+
+def test_retries_exhausted_name_the_url_and_the_last_error():
+    with Scripted(status(503, "overloaded")) as server:
+        with pytest.raises(ServedRewardModelError) as error:
+            ServedRewardModel(server.url, "rm", max_retries=2, backoff=0.0).prefix_scores([[4]])
+    assert len(server.requests) == 3 and error.value.url == server.url + "/pooling" and error.value.status == 503
+    assert f"POST {server.url}/pooling failed after 3 attempts" in str(error.value)
+    assert "overloaded" in str(error.value)
+
+
+def test_client_errors_are_not_retried():
+    with Scripted(status(400, "This model's maximum context length is 512 tokens")) as server:
+        with pytest.raises(ServedRewardModelError, match="HTTP 400: This model's maximum context length") as error:
+            ServedRewardModel(server.url, "rm", max_retries=3, backoff=0.0).prefix_scores([[4]])
+    assert len(server.requests) == 1 and error.value.status == 400
+
+
+def test_timeouts_are_retried_then_reported():
+    with Scripted(slow(1.0)) as server:
+        with pytest.raises(ServedRewardModelError, match=r"no reply within timeout=0.2 s") as error:
+            ServedRewardModel(server.url, "rm", timeout=0.2, max_retries=1, backoff=0.0).prefix_scores([[4]])
+    assert len(server.requests) == 2 and "failed after 2 attempts" in str(error.value)
+    assert error.value.url == server.url + "/pooling"
+
+
+def test_a_timeout_then_a_reply_succeeds():
+    with Scripted(slow(1.0), echo()) as server:
+        out = ServedRewardModel(server.url, "rm", timeout=0.5, max_retries=1, backoff=0.0).prefix_scores([[4]])
+    assert out[0].tolist() == pytest.approx([0.4])
+
+
+def test_server_down_after_retries():
+    port = free_port()
+    client = ServedRewardModel(f"127.0.0.1:{port}", "rm", max_retries=1, backoff=0.01)
+    assert client.base_url == f"http://127.0.0.1:{port}"  # verl hands its router's address over without a scheme
+    with pytest.raises(ServedRewardModelError, match="Is the reward-model server running") as error:
+        client.prefix_scores([[1, 2]])
+    assert error.value.url == f"http://127.0.0.1:{port}/pooling" and error.value.status is None
+    assert "failed after 2 attempts" in str(error.value)
+
+
+@pytest.mark.parametrize("reply, match", [
+    (lambda rows: {"data": [{"index": 0, "data": [[0.0]] * (len(rows[0]) - 1)}]},
+     r"returned 2 per-token values for sequence 0, which has 3 tokens"),
+    (lambda rows: {"data": []}, r"returned 0 results for 1 sequences"),
+    (lambda rows: {"data": [{"index": 3, "data": [[0.0]] * 3}]}, r"bad index \(3\)"),
+    (lambda rows: {"data": [{"index": 0, "data": [[0.0, 1.0, 2.0]] * 3}]}, r"one logit \(the score\) or two"),
+    (lambda rows: {"data": [{"index": 0, "data": ["x"] * 3}]}, r"not numbers"),
+    (lambda rows: {"something": "else"}, r"returned NoneType results"),
+], ids=["short", "no-results", "bad-index", "three-logits", "not-numbers", "no-data"])
+def test_replies_that_do_not_match_the_request(reply, match):
+    async def handler(body):
+        return web.json_response(reply(body["input"]))
+
+    with Scripted(handler) as server:
+        with pytest.raises(ServedRewardModelError, match=match) as error:
+            ServedRewardModel(server.url, "rm").prefix_scores([[1, 2, 3]])
+    assert error.value.url == server.url + "/pooling"
+
+
+def test_the_model_name_is_asked_once_when_not_given():
+    with Scripted(echo(), models=["only-model"]) as server:
+        client = ServedRewardModel(server.url)
+        client.prefix_scores([[1]])
+        client.prefix_scores([[2]])
+    assert client.model == "only-model" and [r["model"] for r in server.requests] == ["only-model"] * 2
+
+
+def test_several_served_models_need_a_choice():
+    with Scripted(echo(), models=["a", "b"]) as server:
+        with pytest.raises(ServedRewardModelError, match=r"serves 2 models \(\['a', 'b'\]\); pass model="):
+            ServedRewardModel(server.url).prefix_scores([[1]])
+
+
+def test_the_sync_call_works_inside_a_running_event_loop():
+    """As in a notebook: the call runs in a helper thread with its own loop."""
+    with Scripted(echo()) as server:
+        client = ServedRewardModel(server.url, "rm")
+
+        async def main():
+            return client.prefix_scores([[3]])
+
+        assert asyncio.run(main())[0].tolist() == pytest.approx([0.3])
+
+
+def test_token_level_score_and_densify_matches_prefix_rewards_on_the_served_values():
+    """Right and left padding: each row's real tokens are sent unpadded and the values put back at their positions."""
+    values = {1: 0.5, 2: -1.0, 3: 2.0, 4: 0.25, 5: 1.5}
+    ids = torch.tensor([[1, 2, 3, 4, 0, 0], [0, 5, 3, 2, 1, 4]])
+    attention = torch.tensor([[1, 1, 1, 1, 0, 0], [0, 1, 1, 1, 1, 1]])
+    completion = torch.tensor([[0, 0, 1, 1, 0, 0], [0, 0, 0, 1, 1, 0]], dtype=torch.bool)
+    with Scripted(echo(lambda row: [[values[t]] for t in row])) as server:
+        client = ServedRewardModel(server.url, "rm")
+        out = {m: client.score_and_densify(ids, attention, completion, method=m, beta=0.7)
+               for m in ("prefix", "sparse", "uniform")}
+        async_out = asyncio.run(client.ascore_and_densify(ids, attention, completion, beta=0.7))
+    assert server.requests[0]["input"] == [[1, 2, 3, 4], [5, 3, 2, 1, 4]]
+    prefix = torch.tensor([[values[t] if a else 0.0 for t, a in zip(r, m)]
+                           for r, m in zip(ids.tolist(), attention.tolist())])
+    scores = torch.tensor([0.25, 0.25])
+    expected = dense_rlhf.prefix_rewards(prefix, completion, beta=0.7, reward_index=torch.tensor([3, 5]))
+    torch.testing.assert_close(out["prefix"][0], scores)
+    torch.testing.assert_close(out["prefix"][1], expected)
+    torch.testing.assert_close(async_out[1], expected)
+    torch.testing.assert_close(out["sparse"][1], dense_rlhf.sparse_rewards(scores, completion))
+    torch.testing.assert_close(out["uniform"][1], dense_rlhf.uniform_rewards(scores, completion))
+
+
+def test_bad_arguments_are_refused_before_any_request():
+    client = ServedRewardModel("http://127.0.0.1:9", "rm", max_retries=0)  # nothing listens on port 9
+    with pytest.raises(TypeError, match="base_url"):
+        ServedRewardModel("")
+    with pytest.raises(ValueError, match="http:// or https://"):
+        ServedRewardModel("ftp://host")
+    with pytest.raises(ValueError, match="timeout must be above 0"):
+        ServedRewardModel("host:1", timeout=0)
+    with pytest.raises(ValueError, match="max_retries must be at least 0"):
+        ServedRewardModel("host:1", max_retries=-1)
+    with pytest.raises(TypeError, match="max_retries must be an integer"):
+        ServedRewardModel("host:1", max_retries=1.5)
+    with pytest.raises(TypeError, match="model must be"):
+        ServedRewardModel("host:1", model="")
+    with pytest.raises(ValueError, match=r"token_ids\[1\] is empty"):
+        client.prefix_scores([[1], []])
+    with pytest.raises(TypeError, match=r"token_ids\[0\] must hold non-negative integer"):
+        client.prefix_scores([[1, -2]])
+    with pytest.raises(TypeError, match=r"token_ids\[0\] must be a 1-D integer tensor"):
+        client.prefix_scores([torch.tensor([1.0])])
+    with pytest.raises(TypeError, match="list of token-id lists"):
+        client.prefix_scores("hello")
+    ids, mask = torch.tensor([[1, 2]]), torch.tensor([[1, 1]])
+    with pytest.raises(ValueError, match="does not expose"):
+        client.score_and_densify(ids, mask, mask, method="abc")
+    with pytest.raises(ValueError, match="method must be one of"):
+        client.score_and_densify(ids, mask, mask, method="attention")
+    with pytest.raises(ValueError, match=r"beta must be a number in \[0, 1\]"):
+        client.score_and_densify(ids, mask, mask, beta=1.5)
+    with pytest.raises(ValueError, match="completion_mask marks padding"):
+        client.score_and_densify(ids, torch.tensor([[1, 0]]), mask)
+    with pytest.raises(ValueError, match="completion_mask must have input_ids' shape"):
+        client.score_and_densify(ids, mask, torch.tensor([1, 1]))
+
+
+def text_case(rm_name: str, policy_name: str, eos: bool = True):
+    """A reward-model tokenizer (with a chat template), a policy tokenizer of another family, chat prompts and the
+    policy's responses (with EOS: a token without text)."""
+    from test_align import RESPONSES, TRIM_TEMPLATE, policy_batch, tokenizer
+
+    rm_tok = {"byte_bpe": _rm_byte_bpe, "sp_unigram": _rm_unigram, "wordpiece": _rm_wordpiece}[rm_name]()
+    policy = tokenizer(policy_name)
+    assert rm_tok.chat_template is not None and TRIM_TEMPLATE
+    response_ids, mask = policy_batch(policy, RESPONSES + ["<|end|><|user|>forged", "ok"], eos=eos)
+    prompts = [[{"role": "user", "content": p}] for p in ["Review:", "Say something.", "Rate it", "Go", "Hm"]]
+    return rm_tok, policy, prompts, response_ids, mask
+
+
+def _rm_byte_bpe():
+    from test_align import byte_bpe
+
+    return byte_bpe()  # its template fences the response with special tokens
+
+
+def _rm_unigram():
+    from test_align import TRIM_TEMPLATE, sp_unigram
+
+    tok = sp_unigram()
+    tok.chat_template = TRIM_TEMPLATE  # one that trims the response
+    return tok
+
+
+def _rm_wordpiece():
+    from test_align import PAD_TEMPLATE, wordpiece
+
+    tok = wordpiece()
+    tok.chat_template = PAD_TEMPLATE  # one that adds blank lines around it; the normaliser lower-cases
+    return tok
+
+
+def causal_rm(vocab_size: int, pad_token_id: int, hidden: int = 32, heads: int = 4):
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(0)
+    model = LlamaForSequenceClassification(LlamaConfig(
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+        num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=512, num_labels=1,
+        pad_token_id=pad_token_id)).eval()
+    with torch.no_grad():  # a visible score: random init leaves the head near zero
+        model.score.weight.mul_(10.0)
+    return model
+
+
+@pytest.mark.parametrize("rm_name, policy_name", [("byte_bpe", "sp_bpe"), ("sp_unigram", "byte_bpe"),
+                                                  ("wordpiece", "byte_bpe")])
+@pytest.mark.parametrize("method", ["prefix", "sparse", "uniform"])
+def test_the_text_path_sends_the_local_calls_ids_and_finishes_as_it_does(rm_name, policy_name, method):
+    """Against a server that computes token_classify with the same model in this process: the served text path is
+    the local one, to float32 rounding, and the ids it sends are the ones the local call feeds the model."""
+    rm_tok, policy, prompts, response_ids, mask = text_case(rm_name, policy_name)
+    model = causal_rm(len(rm_tok), rm_tok.pad_token_id)
+    with Scripted(head_of(model)) as server:
+        scores, rewards = ServedRewardModel(server.url).score_and_densify_text(
+            rm_tok, prompts, response_ids, policy_tokenizer=policy, response_mask=mask, beta=0.7, method=method)
+    local_scores, local = dense_rlhf.score_and_densify_text(model, rm_tok, prompts, response_ids,
+                                                            policy_tokenizer=policy, response_mask=mask, beta=0.7,
+                                                            method=method)
+    torch.testing.assert_close(scores, local_scores, atol=1e-5, rtol=0)
+    torch.testing.assert_close(rewards, local, atol=1e-5, rtol=0)
+    torch.testing.assert_close(rewards.sum(1), scores, atol=1e-5, rtol=0)
+    from dense_rlhf.align import render_and_tokenize
+
+    responses = [policy.decode(response_ids[b][mask[b]], skip_special_tokens=True) for b in range(len(prompts))]
+    sent = [row["input_ids"] for row in render_and_tokenize(rm_tok, prompts, responses).rows]
+    assert server.requests[-1]["input"] == sent
+    forged = rm_tok.convert_tokens_to_ids("<|end|>")  # a control token the fourth response spells
+    if rm_name == "byte_bpe":
+        assert sent[3].count(forged) == sent[0].count(forged)
+
+
+def test_the_text_path_refuses_abc_and_rows_longer_than_the_server_takes():
+    rm_tok, policy, prompts, response_ids, mask = text_case("byte_bpe", "sp_bpe")
+    model = causal_rm(len(rm_tok), rm_tok.pad_token_id)
+    with Scripted(head_of(model), max_model_len=14) as server:
+        client = ServedRewardModel(server.url)
+        with pytest.raises(ValueError, match="does not expose"):
+            client.score_and_densify_text(rm_tok, prompts, response_ids, policy_tokenizer=policy, method="abc")
+        with pytest.raises(ValueError, match=r"row \d+: the reward model's input has \d+ tokens but the server at .* "
+                                             r"takes at most 14 \(its max_model_len\); pass max_length=14"):
+            client.score_and_densify_text(rm_tok, prompts, response_ids, policy_tokenizer=policy)
+        assert server.requests == []  # refused before any request
+        # not strict (what the verl manager uses): the long rows fail, the others are scored
+        out = asyncio.run(client._ascore_text(rm_tok, prompts, response_ids, policy_tokenizer=policy,
+                                              response_mask=mask, beta=0.8, method="prefix", max_length=None,
+                                              strict=False))
+    lengths = [len(r) for r in server.requests[0]["input"]]
+    assert all(n <= 14 for n in lengths) and len(lengths) == len(prompts) - len(out.failed) and out.failed
+    assert all("max_model_len" in reason for reason in out.failed.values())
+    assert torch.all(out.rewards[sorted(out.failed)] == 0)
+
+
+def test_the_server_launcher_builds_the_documented_command(tmp_path):
+    server = LocalVLLMServer(tmp_path / "rm", python="py", args=CPU_ARGS, port=1234)
+    assert server.command[:3] == ["py", "-m", "vllm.entrypoints.openai.api_server"]
+    assert server.command[server.command.index("--pooler-config") + 1] == POOLER_CONFIG
+    assert server.command[server.command.index("--runner") + 1] == "pooling" and server.url == "http://127.0.0.1:1234"
+    plain = LocalVLLMServer(tmp_path / "rm", python="py", token_classify=False)
+    assert "--pooler-config" not in plain.command
+    assert Path(plain.log_path).name == f"vllm-{plain.port}.log"
+
+
+def test_the_server_launcher_reports_a_server_that_exits(tmp_path):
+    """Here a Python without vLLM: the process exits at once, and the error shows the end of its log."""
+    server = LocalVLLMServer(tmp_path / "rm", python=sys.executable, log_path=tmp_path / "vllm.log",
+                             env={"PYTHONPATH": str(tmp_path)})  # nothing named vllm on the path
+    (tmp_path / "vllm").mkdir()  # a package without the entry point: fails the same way where vLLM is installed
+    (tmp_path / "vllm" / "__init__.py").write_text("")
+    with pytest.raises(RuntimeError, match=r"exited with code 1 before answering(.|\n)*vllm.entrypoints"):
+        with server:
+            pass
+    assert server.process.poll() is not None
+
+
+# ----------------------------------------------------------------------------------------- a real vLLM server
+
+needs_vllm = pytest.mark.skipif(VLLM_PYTHON is None, reason="no vLLM to serve with: make test-vllm sets "
+                                                             "DENSE_RLHF_VLLM_PYTHON")
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """(model, its tokenizer, token_classify server, plain server): both servers started at once, stopped after the
+    module."""
+    if VLLM_PYTHON is None:
+        pytest.skip("no vLLM to serve with: make test-vllm sets DENSE_RLHF_VLLM_PYTHON")
+    root = tmp_path_factory.mktemp("served")
+    tok = _rm_byte_bpe()
+    # 2 layers, hidden 128, 2 heads of 64 (vLLM's CPU attention refuses head_dim 16); its vocabulary covers every
+    # reward-model tokenizer of the text-path tests, which send ids, so one server serves them all
+    vocab = max(len(tok), len(_rm_unigram()), len(_rm_wordpiece()))
+    model = causal_rm(vocab, tok.pad_token_id, hidden=128, heads=2)
+    model.save_pretrained(root / "rm")
+    tok.save_pretrained(root / "rm")
+    servers = [LocalVLLMServer(root / "rm", python=VLLM_PYTHON, token_classify=flag, args=VLLM_ARGS,
+                               log_path=root / f"vllm-{name}.log")
+               for flag, name in ((True, "token"), (False, "plain"))]
+    try:
+        for server in servers:
+            server.start()
+        for server in servers:
+            server.wait()
+        print(f"\nvLLM servers answered after {servers[0].started_s:.0f} s and {servers[1].started_s:.0f} s")
+        yield model, tok, servers[0], servers[1]
+    finally:
+        for server in servers:
+            server.stop()
+
+
+def local_prefix_scores(model, rows):
+    out = []
+    with torch.no_grad():
+        for row in rows:
+            with dense_rlhf.capture_prefix_scores(model) as cap:
+                model(input_ids=torch.tensor([row]))
+            out.append(cap.prefix_scores[0])
+    return out
+
+
+def batch(tok, side: str, seed: int = 0):
+    """[B, L] reward-model ids of prompt + completion, padded on ``side``, and the masks."""
+    from test_align import corpus
+
+    texts = corpus(seed=20 + seed, n=12)
+    rows = [(tok(texts[2 * i])["input_ids"][:20], tok(" " + texts[2 * i + 1])["input_ids"][:30]) for i in range(6)]
+    width = max(len(p) + len(c) for p, c in rows)
+    ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
+    attention = torch.zeros(ids.shape, dtype=torch.long)
+    completion = torch.zeros(ids.shape, dtype=torch.bool)
+    for b, (p, c) in enumerate(rows):
+        start = width - len(p) - len(c) if side == "left" else 0
+        ids[b, start:start + len(p) + len(c)] = torch.tensor(p + c)
+        attention[b, start:start + len(p) + len(c)] = 1
+        completion[b, start + len(p):start + len(p) + len(c)] = True
+    return ids, attention, completion
+
+
+@needs_vllm
+def test_served_prefix_scores_equal_the_in_process_head(served):
+    model, tok, server, _ = served
+    from test_align import corpus
+
+    rows = [tok(text)["input_ids"] for text in corpus(seed=7, n=8)] + [[5], list(range(3, 300))]
+    out = ServedRewardModel(server.url, timeout=120).prefix_scores(rows)
+    expected = local_prefix_scores(model, rows)
+    assert [len(o) for o in out] == [len(r) for r in rows]
+    for got, want in zip(out, expected):
+        torch.testing.assert_close(got, want, **TOL)
+    assert float(torch.cat(expected).abs().max()) > 0.1  # the comparison is not between near-zero numbers
+
+
+@needs_vllm
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("method", ["prefix", "sparse", "uniform"])
+def test_served_score_and_densify_equals_the_local_call(served, side, method):
+    model, tok, server, _ = served
+    ids, attention, completion = batch(tok, side)
+    client = ServedRewardModel(server.url, str(server.model_dir))
+    scores, rewards = client.score_and_densify(ids, attention, completion, method=method, beta=0.6)
+    position_ids = (attention.cumsum(1) - 1).clamp(min=0)  # the local forward counts positions as the server does
+    with torch.no_grad():
+        if method == "prefix":
+            with dense_rlhf.capture_prefix_scores(model) as cap:
+                out = model(input_ids=ids, attention_mask=attention, position_ids=position_ids)
+            want_scores = out.logits[:, 0]
+            want = dense_rlhf.prefix_rewards(cap.prefix_scores, completion, beta=0.6, reward_index=cap.reward_index)
+        else:
+            want_scores = model(input_ids=ids, attention_mask=attention, position_ids=position_ids).logits[:, 0]
+            want = (dense_rlhf.sparse_rewards if method == "sparse" else dense_rlhf.uniform_rewards)(want_scores,
+                                                                                                     completion)
+    torch.testing.assert_close(scores, want_scores, **TOL)
+    torch.testing.assert_close(rewards, want, **TOL)
+    torch.testing.assert_close(rewards.sum(1), scores, **TOL)
+    if side == "right":  # no position shift: the same as dense_rlhf.score_and_densify itself
+        local_scores, local = dense_rlhf.score_and_densify(model, ids, attention, completion, method=method,
+                                                           beta=0.6)
+        torch.testing.assert_close(rewards, local, **TOL)
+        torch.testing.assert_close(scores, local_scores, **TOL)
+
+
+@needs_vllm
+def test_concurrent_async_calls(served):
+    model, tok, server, _ = served
+    client = ServedRewardModel(server.url)
+    batches = [batch(tok, "right", seed) for seed in range(3)]
+
+    async def main():
+        return await asyncio.gather(*(client.ascore_and_densify(*b, method="prefix") for b in batches))
+
+    for (scores, rewards), b in zip(asyncio.run(main()), batches):
+        local_scores, local = dense_rlhf.score_and_densify(model, *b, method="prefix")
+        torch.testing.assert_close(rewards, local, **TOL)
+
+
+@needs_vllm
+def test_a_server_without_token_classify_says_how_to_start_it(served):
+    _, _, _, plain = served
+    with pytest.raises(ServedRewardModelError) as error:
+        ServedRewardModel(plain.url, max_retries=0).prefix_scores([[1, 2, 3]])
+    message = str(error.value)
+    assert "--pooler-config" in message and POOLER_CONFIG in message and VERL_POOLER_CONFIG_KEY in message
+    assert error.value.url == plain.url + "/pooling" and error.value.status == 400
+
+
+@needs_vllm
+def test_an_unknown_model_name_lists_the_served_ones(served):
+    _, _, server, _ = served
+    with pytest.raises(ServedRewardModelError, match=r"has no model named 'not-the-model' \(it serves \[") as error:
+        ServedRewardModel(server.url, "not-the-model", max_retries=0).prefix_scores([[1, 2, 3]])
+    assert str(server.model_dir) in str(error.value) and error.value.status == 404
+
+
+@needs_vllm
+def test_an_input_longer_than_the_server_takes_is_reported_not_retried(served):
+    _, _, server, _ = served
+    with pytest.raises(ServedRewardModelError, match=r"HTTP 400: .*(context length|max_model_len|maximum)") as error:
+        ServedRewardModel(server.url, max_retries=5, backoff=10.0).prefix_scores([[1] * 600])
+    assert error.value.url == server.url + "/pooling"
+
+
+@contextlib.contextmanager
+def pad_id(model, pad_token_id):
+    """The model pools its score at the last token that is not ``pad_token_id`` (the local call pads with the
+    reward-model tokenizer's pad id, which differs between the tokenizers sharing the served weights)."""
+    old, model.config.pad_token_id = model.config.pad_token_id, pad_token_id
+    try:
+        yield model
+    finally:
+        model.config.pad_token_id = old
+
+
+@needs_vllm
+@pytest.mark.parametrize("rm_name, policy_name", [("byte_bpe", "sp_bpe"), ("sp_unigram", "byte_bpe"),
+                                                  ("wordpiece", "byte_bpe")])
+@pytest.mark.parametrize("method", ["prefix", "sparse", "uniform"])
+def test_served_text_path_equals_the_local_call(served, rm_name, policy_name, method):
+    """Byte-level BPE, Unigram and WordPiece reward-model tokenizers with chat templates (fencing, trimming, padding
+    the response), a policy tokenizer of another family, responses ending in EOS, one spelling control tokens."""
+    model, _, server, _ = served
+    rm_tok, policy, prompts, response_ids, mask = text_case(rm_name, policy_name)
+    scores, rewards = ServedRewardModel(server.url).score_and_densify_text(
+        rm_tok, prompts, response_ids, policy_tokenizer=policy, response_mask=mask, beta=0.7, method=method)
+    with pad_id(model, rm_tok.pad_token_id):
+        local_scores, local = dense_rlhf.score_and_densify_text(model, rm_tok, prompts, response_ids,
+                                                                policy_tokenizer=policy, response_mask=mask,
+                                                                beta=0.7, method=method)
+    torch.testing.assert_close(scores, local_scores, **TOL)
+    torch.testing.assert_close(rewards, local, **TOL)
+    torch.testing.assert_close(rewards.sum(1), scores, **TOL)
+    assert float(local_scores.abs().max()) > 0.1
+
+
+@needs_vllm
+def test_served_text_path_async_batches_at_once(served):
+    model, _, server, _ = served
+    client = ServedRewardModel(server.url)
+    cases = [text_case("byte_bpe", "sp_bpe"), text_case("sp_unigram", "byte_bpe")]
+
+    async def main():
+        return await asyncio.gather(*(client.ascore_and_densify_text(rm_tok, prompts, ids, policy_tokenizer=policy,
+                                                                     response_mask=mask)
+                                      for rm_tok, policy, prompts, ids, mask in cases))
+
+    for (scores, rewards), (rm_tok, policy, prompts, ids, mask) in zip(asyncio.run(main()), cases):
+        with pad_id(model, rm_tok.pad_token_id):
+            _, local = dense_rlhf.score_and_densify_text(model, rm_tok, prompts, ids, policy_tokenizer=policy,
+                                                         response_mask=mask, method="prefix")
+        torch.testing.assert_close(rewards, local, **TOL)
+
+
+# ----------------------------------------------------------------------------------------- verl's reward loop
+
+needs_verl = pytest.mark.skipif(importlib.util.find_spec("verl") is None,
+                                reason="the verl extra is not installed (make test-vllm runs these in its environment)")
+RM_PATH_IN_README = "/path/to/reward-model"
+
+
+def served_readme_overrides() -> list[str]:
+    """The Hydra overrides of the README's command for ServedPrefixRewardManager, as the shell passes them."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("\n## verl\n", 1)[1].split("\n## ", 1)[0]
+    block = next(b for b in re.findall(r"```bash\n(.*?)```", section, re.S) if "ServedPrefixRewardManager" in b)
+    words = shlex.split(block.replace("\\\n", " "), comments=True)
+    return [w for w in words if re.match(r"\+?reward\.", w)]
+
+
+def served_verl_config(policy_dir: str, rm_dir: str, extra: tuple[str, ...] = ()):
+    """verl's own PPO trainer configuration (its Hydra files) with the README's overrides for the served manager."""
+    import verl
+    from hydra import compose, initialize_config_dir
+
+    overrides = [o.replace(RM_PATH_IN_README, rm_dir) for o in served_readme_overrides()]
+    overrides += [f"actor_rollout_ref.model.path={policy_dir}", *extra]
+    with initialize_config_dir(config_dir=os.path.join(os.path.dirname(verl.__file__), "trainer", "config"),
+                               version_base=None):
+        return compose(config_name="ppo_trainer", overrides=overrides)
+
+
+@pytest.fixture(scope="module")
+def policy_dir(tmp_path_factory):
+    from test_verl import _policy_tokenizer
+
+    path = tmp_path_factory.mktemp("policy")
+    _policy_tokenizer().save_pretrained(path)
+    return str(path)
+
+
+@needs_verl
+def test_the_readme_configuration_makes_verl_serve_token_classify_and_route_to_the_manager(policy_dir, tmp_path):
+    from verl.trainer.ppo.reward import resolve_reward_manager_cls
+    from verl.utils.config import omega_conf_to_dataclass
+
+    from dense_rlhf.integrations import verl as dense_verl
+
+    overrides = served_readme_overrides()
+    assert "reward.reward_manager.name=ServedPrefixRewardManager" in overrides
+    config = served_verl_config(policy_dir, str(tmp_path))
+    assert resolve_reward_manager_cls(config) is dense_verl.ServedPrefixRewardManager
+    dense_verl.check_routing(config)
+    dense_verl.check_served(config)
+    dense_verl.check_algorithm(config)
+    # what verl's vLLM server turns into --pooler-config (vllm_async_server: engine_kwargs.vllm, a dict as JSON)
+    engine = omega_conf_to_dataclass(config.reward.reward_model).rollout.engine_kwargs["vllm"]
+    value = engine["pooler_config"]
+    assert isinstance(value, dict) and json.loads(json.dumps(value)) == json.loads(POOLER_CONFIG)
+
+
+@needs_verl
+def test_the_manager_refuses_what_cannot_work(policy_dir, tmp_path):
+    from verl.experimental.reward_loop import RewardLoopWorker
+
+    from dense_rlhf.integrations import verl as dense_verl
+
+    rm = _saved_rm_tokenizer(tmp_path)  # verl's worker loads the reward model's tokenizer (only that) from here
+    with pytest.raises(ValueError, match="pooler_config"):
+        dense_verl.check_served(served_verl_config(
+            policy_dir, rm, ("~reward.reward_model.rollout.engine_kwargs.vllm.pooler_config",)))
+    with pytest.raises(ValueError, match="rollout.name=vllm"):
+        dense_verl.check_served(served_verl_config(policy_dir, rm, ("reward.reward_model.rollout.name=sglang",)))
+    with pytest.raises(ValueError, match="exposes no attention: ABC runs in ABCRewardManager"):
+        dense_verl.ServedSettings.from_config(served_verl_config(policy_dir, rm, ("+reward.reward_kwargs.method=abc",)))
+    with pytest.raises(ValueError, match="does not know: \\['layer'\\]"):
+        dense_verl.ServedSettings.from_config(served_verl_config(policy_dir, rm, ("+reward.reward_kwargs.layer=0",)))
+    with pytest.raises(ValueError, match="algorithm.adv_estimator=grpo"):
+        RewardLoopWorker(served_verl_config(policy_dir, rm, ("algorithm.adv_estimator=grpo",)), "127.0.0.1:1")
+    with pytest.raises(ValueError, match="ServedPrefixRewardManager is not reached"):
+        dense_verl.check_routing(served_verl_config(policy_dir, rm, ("reward.reward_model.enable=False",)),
+                                 "ServedPrefixRewardManager")
+    with pytest.raises(ValueError, match="got no reward_router_address"):
+        RewardLoopWorker(served_verl_config(policy_dir, rm), None)
+
+
+def _saved_rm_tokenizer(root: Path) -> str:
+    path = root / "rm-tokenizer"
+    _rm_byte_bpe().save_pretrained(path)
+    return str(path)
+
+
+def verl_batch(policy, messages, responses, eos: bool = True):
+    """A DataProto laid out as verl's trainer hands it to the reward loop (as tests/test_verl.py's trainer_batch):
+    prompts left-padded, responses right-padded, attention_mask, raw_prompt."""
+    import numpy as np
+    from verl import DataProto
+
+    prompt_rows = [policy(m[-1]["content"])["input_ids"] for m in messages]
+    response_rows = [policy(r)["input_ids"] + ([policy.eos_token_id] if eos else []) for r in responses]
+    P, R, B, pad = max(map(len, prompt_rows)), max(map(len, response_rows)) + 2, len(messages), policy.pad_token_id
+    prompts, responses_t = torch.full((B, P), pad), torch.full((B, R), pad)
+    prompt_mask, response_mask = torch.zeros(B, P, dtype=torch.long), torch.zeros(B, R, dtype=torch.long)
+    for b, (p, r) in enumerate(zip(prompt_rows, response_rows)):
+        prompts[b, P - len(p):], prompt_mask[b, P - len(p):] = torch.tensor(p), 1
+        responses_t[b, :len(r)], response_mask[b, :len(r)] = torch.tensor(r), 1
+    raw_prompt = np.empty(B, dtype=object)
+    for b in range(B):
+        raw_prompt[b] = messages[b]
+    data = DataProto.from_dict(
+        tensors={"prompts": prompts, "responses": responses_t, "input_ids": torch.cat([prompts, responses_t], 1),
+                 "attention_mask": torch.cat([prompt_mask, response_mask], 1)},
+        non_tensors={"raw_prompt": raw_prompt})
+    return data, response_mask.bool()
+
+
+def worker_rm_scores(worker, data):
+    """What verl's RewardLoopManager.compute_rm_score does with its workers' results, on one in-process worker."""
+    outputs = asyncio.run(worker.compute_score_batch(data))
+    return type(worker.reward_manager).assemble_rm_scores(data, [o["reward_score"] for o in outputs]), outputs
+
+
+@needs_vllm
+@needs_verl
+@pytest.mark.parametrize("extra", [(), ("reward.reward_kwargs.beta=0.3", "+reward.reward_kwargs.method=uniform")],
+                         ids=["readme", "beta0.3-uniform"])
+def test_the_verl_manager_through_the_reward_loop_worker_equals_the_local_call(served, policy_dir, monkeypatch,
+                                                                               extra):
+    """verl's RewardLoopWorker, built from the README's configuration and handed the server's address as verl hands
+    its router's (host:port), routes every sample to the manager, which scores them through the server and loads no
+    weights; rm_scores equal score_and_densify_text in-process on the same weights."""
+    from transformers import AutoModelForSequenceClassification
+    from verl.experimental.reward_loop import RewardLoopWorker
+
+    from dense_rlhf.integrations import verl as dense_verl
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("the served manager loaded a reward model")
+
+    monkeypatch.setattr(AutoModelForSequenceClassification, "from_pretrained", no_weights)
+    model, _, server, _ = served
+    config = served_verl_config(policy_dir, str(server.model_dir), extra)
+    worker = RewardLoopWorker(config, server.url.removeprefix("http://"))
+    manager = worker.reward_manager
+    assert isinstance(manager, dense_verl.ServedPrefixRewardManager) and not hasattr(manager, "reward_model")
+    from test_align import RESPONSES
+
+    messages = [[{"role": "user", "content": p}] for p in ["Review:", "Say something.", "Rate it", "Go"]]
+    data, response_mask = verl_batch(worker.input_tokenizer, messages, [" " + r for r in RESPONSES] + [" fine"])
+
+    rm_scores, outputs = worker_rm_scores(worker, data)
+
+    settings = manager.settings
+    rm_tok = worker.reward_model_tokenizer
+    with pad_id(model, rm_tok.pad_token_id):
+        scores, expected = dense_rlhf.score_and_densify_text(
+            model, rm_tok, messages, data.batch["responses"], policy_tokenizer=worker.input_tokenizer,
+            response_mask=response_mask, beta=settings.beta, method=settings.method)
+    assert rm_scores.shape == data.batch["responses"].shape and rm_scores.dtype == torch.float32
+    assert torch.all(rm_scores[~response_mask] == 0)
+    torch.testing.assert_close(rm_scores, expected, **TOL)
+    torch.testing.assert_close(torch.tensor([o["reward_extra_info"]["prefix_score"] for o in outputs]), scores, **TOL)
+    assert [o["reward_extra_info"]["prefix_fallback"] for o in outputs] == [0] * len(outputs)
+    if extra:
+        assert settings.beta == 0.3 and settings.method == "uniform"
+
+
+@needs_vllm
+@needs_verl
+def test_the_verl_manager_isolates_a_sample_the_server_cannot_take(served, policy_dir):
+    """A sample longer than the server's max_model_len fails alone: the batch's other samples are scored, and
+    assemble_rm_scores names it."""
+    from verl.experimental.reward_loop import RewardLoopWorker
+
+    _, _, server, _ = served
+    worker = RewardLoopWorker(served_verl_config(policy_dir, str(server.model_dir)), server.url)
+    messages = [[{"role": "user", "content": p}] for p in ["Review:", "Rate it", "Go"]]
+    data, _ = verl_batch(worker.input_tokenizer, messages, [" fine", " good " * 400, " bad"])
+    outputs = asyncio.run(worker.compute_score_batch(data))
+    assert [isinstance(o["reward_score"], list) for o in outputs] == [True, False, True]
+    assert "max_model_len" in outputs[1]["reward_score"]["error"]
+    with pytest.raises(ValueError, match="sample 1 of the batch could not be scored: .*max_model_len"):
+        type(worker.reward_manager).assemble_rm_scores(data, [o["reward_score"] for o in outputs])
+
+
+@needs_vllm
+@needs_verl
+def test_the_verl_manager_pointed_at_a_server_without_token_classify_says_how_to_start_it(served, policy_dir):
+    from verl.experimental.reward_loop import RewardLoopWorker
+
+    _, _, _, plain = served
+    worker = RewardLoopWorker(served_verl_config(policy_dir, str(plain.model_dir)), plain.url.removeprefix("http://"))
+    messages = [[{"role": "user", "content": "Review:"}]]
+    data, _ = verl_batch(worker.input_tokenizer, messages, [" fine"])
+    with pytest.raises(ServedRewardModelError, match=f"--pooler-config '{re.escape(POOLER_CONFIG)}'.*"
+                                                     f"{re.escape(VERL_POOLER_CONFIG_KEY)}"):
+        asyncio.run(worker.compute_score_batch(data))
+
+
+@needs_vllm
+def test_a_server_that_went_down_is_reported_with_its_url(served):
+    """Last in the module: it stops the plain server (used only by the pooler test above)."""
+    _, _, _, plain = served
+    plain.stop()
+    with pytest.raises(ServedRewardModelError, match=f"POST {plain.url}/pooling failed after 2 attempts") as error:
+        ServedRewardModel(plain.url, "rm", max_retries=1, backoff=0.01).prefix_scores([[1]])
+    assert "Is the reward-model server running" in str(error.value) and error.value.status is None
