@@ -1,7 +1,8 @@
 # Two commands do all the set-up on a fresh machine, then run:
 #   make demo   the main job: train a small RLHF setup and compare sparse rewards with ABC
-#   make test   the test suite in a CPU environment, the packaging checks, the verl integration's tests in an
-#               environment with the pinned verl, then a CUDA build check where nvcc is found
+#   make test   the test suite in a CPU environment, the CUDA kernel's source run on the CPU through an emulation,
+#               the packaging checks, the verl integration's tests in an environment with the pinned verl, then a
+#               CUDA build check where nvcc is found
 # Both create a virtual environment in .venv with torch (CPU wheel by default) and install the package the
 # way the README's Install section says (the pip that venv ships, --no-build-isolation).
 
@@ -24,9 +25,18 @@ VERL_TESTS := tests/test_verl.py tests/test_align.py tests/test_capture.py
 
 CORE_TESTS := tests/test_dense_rewards.py tests/test_prefix_rewards.py tests/test_bad_inputs.py tests/test_op_registration.py tests/test_cuda_sources.py
 
-SOURCES := setup.py pyproject.toml requirements-dev.txt $(wildcard csrc/*.* csrc/*/*.*)
+# csrc/cuda_emu is built by the tests only, never into the package.
+SOURCES := setup.py pyproject.toml requirements-dev.txt $(filter-out csrc/cuda_emu/%,$(wildcard csrc/*.* csrc/*/*.*))
 
-.PHONY: demo test test-cpu test-packaging test-verl test-cuda-build bench experiment clean
+# test-cuda-emu's builds of the emulated kernel: plain, and with AddressSanitizer + UndefinedBehaviorSanitizer.
+CUDA_EMU_BUILDS ?= plain sanitized
+CUDA_EMU_PYTEST = DENSE_RLHF_TEST_CUDA_EMU=1 CXX="$(CXX)" $(PY) -m pytest -q -p no:cacheprovider tests/test_cuda_emu.py
+# The sanitized library is loaded into a Python that is not built so: the runtime must be preloaded, and the
+# interpreter's own allocations are not leaks worth a report.
+CUDA_EMU_SANITIZER_ENV = LD_PRELOAD="$$($(CXX) -print-file-name=libasan.so)" \
+  ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
+
+.PHONY: demo test test-cpu test-cuda-emu test-packaging test-verl test-cuda-build bench experiment clean
 
 demo: $(VENV)/.built
 	$(VENV)/bin/dense-rlhf demo $(ARGS)
@@ -37,10 +47,20 @@ experiment: $(VENV)/.built
 bench: $(VENV)/.built
 	$(VENV)/bin/dense-rlhf bench $(ARGS)
 
-test: test-cpu test-packaging test-verl test-cuda-build
+test: test-cpu test-cuda-emu test-packaging test-verl test-cuda-build
 
 test-cpu: $(VENV)/.built
 	DENSE_RLHF_REQUIRE_NATIVE=1 $(PY) -m pytest -q tests
+
+# The CUDA kernel's unmodified source built by $(CXX) through csrc/cuda_emu and run on the CPU against the
+# reference (no nvcc, no GPU), then again built with the sanitizers; SKIP_CUDA_EMU=1 skips it.
+test-cuda-emu: $(VENV)/.built
+ifeq ($(SKIP_CUDA_EMU),1)
+	@echo "test-cuda-emu: skipped (SKIP_CUDA_EMU=1)"
+else
+	$(if $(filter plain,$(CUDA_EMU_BUILDS)),$(CUDA_EMU_PYTEST))
+	$(if $(filter sanitized,$(CUDA_EMU_BUILDS)),DENSE_RLHF_CUDA_EMU_SANITIZE=1 $(CUDA_EMU_SANITIZER_ENV) $(CUDA_EMU_PYTEST))
+endif
 
 # sdist and wheel from a clean copy, the sdist installed into a fresh venv, the editable install with the
 # pip that venv ships; SKIP_PACKAGING=1 skips it.

@@ -13,6 +13,12 @@
 
 #include "dense_rewards_kernel.h"
 
+// <<<...>>> is not C++: launches are spelled through this macro, so that the CPU emulation the tests use
+// (csrc/cuda_emu) can build this file with the host compiler; it defines its own.
+#ifndef DENSE_RLHF_LAUNCH
+#define DENSE_RLHF_LAUNCH(kernel, grid, block, stream) kernel<<<(grid), (block), 0, (stream)>>>
+#endif
+
 namespace dense_rlhf {
 namespace {
 
@@ -158,7 +164,7 @@ template <typename T>
 void launch_accumulate(const DenseRewardsParams& p, Layout layout, const RowInfo* rows, float* partial,
                        cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(p.batch), static_cast<unsigned>(layout.chunks));
-  accumulate_kernel<T><<<grid, kThreads, 0, stream>>>(p, layout, rows, partial);
+  DENSE_RLHF_LAUNCH(accumulate_kernel<T>, grid, kThreads, stream)(p, layout, rows, partial);
 }
 
 size_t align_up(size_t bytes) { return (bytes + 255) / 256 * 256; }
@@ -178,7 +184,7 @@ cudaError_t dense_rewards_cuda_launch(const DenseRewardsParams& p, void* workspa
   RowInfo* rows = static_cast<RowInfo*>(workspace);
   float* partial = reinterpret_cast<float*>(static_cast<char*>(workspace) + align_up(sizeof(RowInfo) * p.batch));
 
-  row_bounds_kernel<<<static_cast<unsigned>(p.batch), kThreads, 0, stream>>>(p, rows);
+  DENSE_RLHF_LAUNCH(row_bounds_kernel, static_cast<unsigned>(p.batch), kThreads, stream)(p, rows);
   switch (p.attn_dtype) {
     case AttnDtype::kFloat32: launch_accumulate<float>(p, layout, rows, partial, stream); break;
     case AttnDtype::kFloat16: launch_accumulate<__half>(p, layout, rows, partial, stream); break;
@@ -186,7 +192,7 @@ cudaError_t dense_rewards_cuda_launch(const DenseRewardsParams& p, void* workspa
     case AttnDtype::kFloat64: launch_accumulate<double>(p, layout, rows, partial, stream); break;
   }
   const dim3 grid(static_cast<unsigned>(p.batch), static_cast<unsigned>(layout.chunks));
-  finalize_kernel<<<grid, kThreads, 0, stream>>>(p, layout, rows, partial);
+  DENSE_RLHF_LAUNCH(finalize_kernel, grid, kThreads, stream)(p, layout, rows, partial);
   return cudaGetLastError();
 }
 
