@@ -269,7 +269,7 @@ def check_case(kernel: EmulatedKernel, case: Case, *, backend: str = "fibers") -
     expected, expected_status = dense_rewards_reference(attn4, score1, mask_b, case.beta, index1)
     assert status.tolist() == expected_status.tolist(), f"status {status.tolist()} != {expected_status.tolist()}"
     assert not out.isnan().any(), f"NaN (or never written) at {out.isnan().nonzero().tolist()[:5]}"
-    assert (out[~mask_b] == 0).all(), "non-zero reward outside the mask"
+    assert (out[~mask_b] == 0).all() and not out[~mask_b].signbit().any(), "reward outside the mask is not +0.0"
     # Rewards are fractions of the score: compared relative to it. Subnormal attention (the sink rows) carries
     # about 16 bits, and the reference averages heads where the kernel sums them: those rows get 1e-4.
     scale = score1.abs().nan_to_num(1.0, 1.0, 1.0).clamp(min=1.0)[:, None]

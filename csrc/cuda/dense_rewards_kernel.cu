@@ -145,13 +145,16 @@ __global__ void finalize_kernel(DenseRewardsParams p, Layout layout, const RowIn
   const bool usable = info.state == kStatusOk && finite && total != 0.0f;
   // A bad reward index or bad attention gives the sparse reward; an empty mask or a bad score a zero row.
   const bool fallback = !usable && (info.state == kStatusOk || info.state == kStatusBadRewardIndex);
-  const float scale = usable ? p.beta * score / total : 0.0f;
+  const float beta_score = p.beta * score;
 
   const int64_t begin = c * layout.chunk;
   const int64_t end = begin + layout.chunk < p.length ? begin + layout.chunk : p.length;
   float* out = p.out + b * p.length;
   for (int64_t t = begin + threadIdx.x; t < end; t += kThreads) {
-    float value = usable ? out[t] * scale : 0.0f;
+    // One division per token, never beta * score / total once: with a tiny but positive total (the mass next
+    // to an attention sink) that overflows, and a masked token's 0 times it is NaN. "+ 0.0f" turns the -0.0 of
+    // a masked token (0 times a negative score) into +0.0, as on the CPU.
+    float value = usable ? beta_score * (out[t] / total) + 0.0f : 0.0f;
     if (t == info.last) {
       if (usable) value += (1.0f - p.beta) * score;
       if (fallback) value = score;
