@@ -5,13 +5,15 @@
 
 namespace dense_rlhf {
 
-// Per-row status codes; the Python reference (dense_rlhf/reference.py) uses the same values.
+// Per-row status codes; the Python reference (dense_rlhf/reference.py) uses the same values. A row gets the
+// first that applies, in this order.
 enum RowStatus : int32_t {
   kStatusOk = 0,
-  kStatusEmptyMask = 1,       // no completion token: the row is all zeros
-  kStatusBadScore = 2,        // score is NaN or Inf: the row is all zeros
-  kStatusBadRewardIndex = 3,  // reward index outside [0, R): the row falls back to the sparse reward
-  kStatusBadAttention = 4,    // NaN or Inf among the attention values used: sparse fallback
+  kStatusEmptyMask = 1,          // no completion token: the row is all zeros
+  kStatusBadScore = 2,           // score is NaN or Inf: the row is all zeros
+  kStatusBadRewardIndex = 3,     // reward index outside [0, R): the row falls back to the sparse reward
+  kStatusBadAttention = 4,       // NaN or Inf among the attention values used: sparse fallback
+  kStatusNegativeAttention = 5,  // values finite, but a completion token's head sum is < 0: sparse fallback
 };
 
 enum class AttnDtype : int32_t { kFloat32, kFloat16, kBFloat16, kFloat64 };

@@ -53,10 +53,12 @@ def dense_rewards(
         backend: "auto" (native if built, else the reference with a one-time warning), "native" or
             "reference".
         validate: check values as well as shapes, which costs one device-to-host sync: empty mask rows,
-            non-0/1 masks, reward_index out of range, NaN or Inf in score or in the attention values used all
-            raise ValueError. Pass False inside CUDA graph capture or torch.compile(fullgraph=True); the
-            output then never holds NaN: a row with an empty mask or a non-finite score is all zeros, and a
-            row with a bad reward_index or non-finite attention falls back to the sparse reward.
+            non-0/1 masks, reward_index out of range, NaN or Inf in score or in the attention values used, and
+            negative attention (a completion token whose head sum is < 0: attention weights are >= 0, so
+            logits were probably passed) all raise ValueError naming the rows. Pass False inside CUDA graph
+            capture or torch.compile(fullgraph=True); the output then never holds NaN: a row with an empty
+            mask or a non-finite score is all zeros, and a row with a bad reward_index, non-finite or
+            negative attention falls back to the sparse reward.
 
     Returns:
         float32 [B, L] rewards on attn's device, zero outside the mask; never requires grad.

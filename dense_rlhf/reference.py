@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import torch
 
-# Per-row status codes shared by every backend. 0 means the row was computed as specified.
+# Per-row status codes shared by every backend. 0 means the row was computed as specified; otherwise a row gets
+# the first code that applies, in this order.
 STATUS_OK = 0
 STATUS_EMPTY_MASK = 1  # no completion token: the row is all zeros and its score is lost
 STATUS_BAD_SCORE = 2  # score is NaN or Inf: the row is all zeros
 STATUS_BAD_REWARD_INDEX = 3  # reward_index outside [0, L): the row falls back to the sparse reward
 STATUS_BAD_ATTENTION = 4  # NaN or Inf among the dense weights' inputs used: the row falls back to sparse
+STATUS_NEGATIVE_ATTENTION = 5  # finite, but a completion token's head sum is < 0: the row falls back to sparse
 
 STATUS_MESSAGES = {
     STATUS_EMPTY_MASK: "mask has no completion token, so the score would be lost",
@@ -23,6 +25,8 @@ STATUS_MESSAGES = {
     STATUS_BAD_REWARD_INDEX: "reward_index is outside [0, L)",
     STATUS_BAD_ATTENTION: "attn has NaN or Inf in the values used (the row at the reward position, "
     "completion tokens)",
+    STATUS_NEGATIVE_ATTENTION: "attn has negative values at completion tokens of the row at the reward position "
+    "(attention weights are >= 0: were logits or scores passed instead of softmax probabilities?)",
 }
 
 # prefix_rewards reads its score at the reward position of prefix_scores: the same codes, worded for it. A bad
@@ -51,10 +55,15 @@ def dense_rewards_reference(
     """ABC rewards and per-row status from [B, H, R, L] attention, [B] float32 score, [B, L] bool mask.
 
     Row layouts ([B, H, L] or [B, L]) arrive as stride-0 expansions to [B, H, L, L], so the row read is
-    the same whatever the reward position.
+    the same whatever the reward position. With r the reward position and T the last completion token:
 
-        r_t = beta * score * alpha_t + (1 - beta) * score * [t == T]
-        alpha_t = mask_t * a_t / sum_s mask_s * a_s,   a_t = mean_h attn[h, r, t]
+        a_t = sum_h attn[h, r, t]   (float32; the head mean's 1/H cancels below)
+        total = sum_s mask_s * a_s
+        r_t = (beta * score) * (mask_t * a_t / total) + (1 - beta) * score * [t == T]
+
+    Each a_t is divided by total on its own: with no negative a_t, 0 <= a_t <= total, so nothing overflows
+    however small total is (beta * score / total would). A row with total 0, or a bad reward index, NaN/Inf or
+    negative a_t gets the sparse reward score * [t == T]; an empty mask or a non-finite score gives zeros.
     """
     batch, _, _, length = attn.shape
     rows_batch = torch.arange(batch, device=attn.device)
@@ -65,22 +74,24 @@ def dense_rewards_reference(
     safe_pos = torch.where(index_ok & has_token, reward_pos, 0)
 
     rows = attn[rows_batch, :, safe_pos, :]  # [B, H, L]: only the rows ABC needs are gathered
-    head_mean = rows.float().mean(dim=1)  # a_t, fp32 accumulation
-    masked = torch.where(mask, head_mean, 0.0)
-    total = masked.sum(dim=1, keepdim=True)
-    attn_ok = torch.isfinite(total).squeeze(1)
-    usable = attn_ok & index_ok & (total.squeeze(1) != 0)
+    head_sum = rows.float().sum(dim=1)  # a_t, fp32 accumulation
+    masked = torch.where(mask, head_sum, 0.0)
+    total = masked.sum(dim=1)
+    attn_ok = torch.isfinite(total)
+    nonnegative = ~(masked < 0).any(dim=1)
+    usable = attn_ok & nonnegative & index_ok & (total != 0)
 
     one_hot = torch.zeros(batch, length, dtype=torch.float32, device=attn.device)
     one_hot[rows_batch[has_token], last[has_token]] = 1.0
-    alpha = torch.where(usable[:, None], masked / torch.where(usable[:, None], total, 1.0), one_hot)
-    score_col = score[:, None]
-    out = beta * score_col * alpha + (1.0 - beta) * score_col * one_hot
+    share = masked / torch.where(usable, total, 1.0)[:, None]
+    dense = (beta * score)[:, None] * share + (1.0 - beta) * score[:, None] * one_hot
+    out = torch.where(usable[:, None], dense, score[:, None] * one_hot)
 
     score_ok = torch.isfinite(score)
     out = torch.where((has_token & score_ok)[:, None] & mask, out, 0.0)
 
     status = torch.full((batch,), STATUS_OK, dtype=torch.int32, device=attn.device)
+    status = torch.where(nonnegative, status, STATUS_NEGATIVE_ATTENTION)
     status = torch.where(attn_ok, status, STATUS_BAD_ATTENTION)
     status = torch.where(index_ok, status, STATUS_BAD_REWARD_INDEX)
     status = torch.where(score_ok, status, STATUS_BAD_SCORE)

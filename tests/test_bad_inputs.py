@@ -79,6 +79,10 @@ def test_value_errors_name_the_rows(case, backend):
         bad_attn[0, 1, last[0], last[0]] = bad_value
         with pytest.raises(ValueError, match=r"attn has NaN or Inf .* rows \[0\]"):
             call(bad_attn, score, mask, backend=backend)
+    negative = attn.clone()
+    negative[1, 0, last[1], last[1]] = -5.0  # the head sum at a completion token is < 0: not attention weights
+    with pytest.raises(ValueError, match=r"attn has negative values .*attention weights are >= 0.* rows \[1\]"):
+        call(negative, score, mask, backend=backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -96,17 +100,18 @@ def test_nan_outside_the_values_used_is_ignored(case, backend):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_without_validation_the_output_never_holds_nan(device, backend):
-    attn, score, mask, _ = make_case(5, 2, 8, prompt=2, device=device)
+    attn, score, mask, _ = make_case(6, 2, 8, prompt=2, device=device)
     last = torch.where(mask, torch.arange(8, device=device), -1).amax(1)
     mask[0] = False  # empty row: zeros
     score[1] = math.nan  # bad score: zeros
     attn[2, :, last[2], last[2]] = math.inf  # bad attention: sparse fallback
     index = last.clone()
     index[3] = 99  # bad reward index: sparse fallback
+    attn[5, 0, last[5], last[5]] = -5.0  # negative attention: sparse fallback
     out = call(attn, score, mask, reward_index=index, backend=backend, validate=False)
     assert torch.isfinite(out).all()
     assert (out[0] == 0).all() and (out[1] == 0).all()
-    for row in (2, 3):
+    for row in (2, 3, 5):
         expected = torch.zeros(8, device=device)
         expected[last[row]] = score[row]
         torch.testing.assert_close(out[row], expected)

@@ -77,10 +77,17 @@ void sum_heads(const T* base, int64_t head_stride, int64_t stride, int64_t heads
   }
 }
 
-// Zeroes acc where the mask is false and returns the sum of what is left. Eight partial sums: one serial
-// chain of float additions (the compiler may not reorder them) would cost an add latency per token.
-float mask_and_sum(float* acc, const bool* mask, int64_t stride, int64_t count) {
-  for (int64_t i = 0; i < count; ++i) acc[i] = mask[i * stride] ? acc[i] : 0.0f;
+// Zeroes acc where the mask is false and returns the sum of what is left; *negative tells whether a value
+// left is < 0 (-0.0 is not). Eight partial sums: one serial chain of float additions (the compiler may not
+// reorder them) would cost an add latency per token.
+float mask_and_sum(float* acc, const bool* mask, int64_t stride, int64_t count, bool* negative) {
+  int32_t any_negative = 0;  // an integer OR-reduction, which the compiler vectorises
+  for (int64_t i = 0; i < count; ++i) {
+    const float value = mask[i * stride] ? acc[i] : 0.0f;
+    acc[i] = value;
+    any_negative |= value < 0.0f;
+  }
+  *negative = any_negative != 0;
   float partial[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
   int64_t i = 0;
   for (; i + 8 <= count; i += 8) {
@@ -127,15 +134,20 @@ void dense_rewards_row(const DenseRewardsParams& p, int64_t b) {
     const T* base = static_cast<const T*>(p.attn) + b * p.attn_stride[0] + r * p.attn_stride[2] +
                     first * p.attn_stride[3];
     sum_heads(base, p.attn_stride[1], p.attn_stride[3], p.heads, count, acc);
-    total = mask_and_sum(acc, mask + first * ms, ms, count);
+    bool negative = false;
+    total = mask_and_sum(acc, mask + first * ms, ms, count, &negative);
     const bool finite = std::isfinite(total);
-    p.status[b] = finite ? kStatusOk : kStatusBadAttention;
-    usable = finite && total != 0.0f;
+    p.status[b] = !finite ? kStatusBadAttention : negative ? kStatusNegativeAttention : kStatusOk;
+    usable = finite && !negative && total != 0.0f;
   }
 
   if (usable) {
-    const float scale = p.beta * score / total;
-    for (int64_t t = first; t <= last; ++t) out[t] *= scale;
+    // With no negative value, 0 <= acc[t] <= total, so acc[t] / total is in [0, 1] and no product below can
+    // overflow, however small total is (next to an attention sink, or denormal). Never fold beta * score / total
+    // into one factor: it overflows when total is tiny. "+ 0.0f" turns the -0.0 of a masked token (0 times a
+    // negative score) into +0.0.
+    const float dense = p.beta * score;
+    for (int64_t t = first; t <= last; ++t) out[t] = dense * (out[t] / total) + 0.0f;
     out[last] += (1.0f - p.beta) * score;
   } else {  // sparse fallback: the whole score on the last completion token
     std::fill(out + first, out + last + 1, 0.0f);
