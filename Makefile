@@ -31,9 +31,9 @@ SOURCES := setup.py pyproject.toml requirements-dev.txt $(filter-out csrc/cuda_e
 # test-cuda-emu's builds of the emulated kernel: plain, and with AddressSanitizer + UndefinedBehaviorSanitizer.
 CUDA_EMU_BUILDS ?= plain sanitized
 CUDA_EMU_PYTEST = DENSE_RLHF_TEST_CUDA_EMU=1 CXX="$(CXX)" $(PY) -m pytest -q -p no:cacheprovider tests/test_cuda_emu.py
-# The sanitized library is loaded into a Python that is not built so: the runtime must be preloaded, and the
-# interpreter's own allocations are not leaks worth a report.
-CUDA_EMU_SANITIZER_ENV = LD_PRELOAD="$$($(CXX) -print-file-name=libasan.so)" \
+# The sanitized library is loaded into a Python that is not built so: the runtime must be preloaded (with libstdc++,
+# whose exception throwing ASan wraps when it starts), and the interpreter's allocations are not leaks to report.
+CUDA_EMU_SANITIZER_ENV = LD_PRELOAD="$$($(CXX) -print-file-name=libasan.so) $$($(CXX) -print-file-name=libstdc++.so)" \
   ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 
 .PHONY: demo test test-cpu test-cuda-emu test-packaging test-verl test-cuda-build bench experiment clean

@@ -21,7 +21,8 @@ import torch
 
 from dense_rlhf import ops
 from dense_rlhf.reference import (STATUS_BAD_ATTENTION, STATUS_BAD_REWARD_INDEX, STATUS_BAD_SCORE,
-                                  STATUS_EMPTY_MASK, STATUS_OK, dense_rewards_reference)
+                                  STATUS_EMPTY_MASK, STATUS_NEGATIVE_ATTENTION, STATUS_OK,
+                                  dense_rewards_reference)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EMU_SOURCES = ("cuda_emu.cpp", "dense_rewards_emu.cpp", "selftest_kernels.cpp")
@@ -125,7 +126,7 @@ class EmulatedKernel:
 # ---- The case grid ----
 
 # What each row of a grid case is made to be: its expected status, and how.
-ROW_KINDS = ("ok", "gaps", "empty", "bad_score", "bad_index", "bad_attention", "zero_attention", "sink")
+ROW_KINDS = ("ok", "gaps", "empty", "bad_score", "bad_index", "bad_attention", "negative", "zero_attention", "sink")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,8 +151,8 @@ LAYOUTS = ("maps", "rows", "row")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # 1 and 37: one short chunk; 256: one block's worth exactly; 300, 777: several chunks, neither a multiple of 256.
 LENGTHS = (1, 37, 256, 300, 777)
-# With 8 rows: 1 SM gives one chunk per row; 2 SMs, one or two; 1000 SMs, as many as the length allows.
-NUM_SMS = (1, 2, 1000)
+# With 10 rows: 1 SM gives one chunk per row; 3 SMs, two where the length allows; 1000 SMs, as many as it allows.
+NUM_SMS = (1, 3, 1000)
 MEMORY = ("transposed", "head_slice", "padded_rows", "expanded_heads", "strided_mask_score_index")
 
 
@@ -180,15 +181,16 @@ class Inputs:
 
 
 def make_inputs(case: Case) -> Inputs:
-    """Inputs for `case`: 8 rows, each of a kind in ROW_KINDS (two of "ok"), in a
+    """Inputs for `case`: 10 rows, each of a kind in ROW_KINDS (two of "ok"), in a
     shuffled order; attn in the case's layout, dtype and memory layout, reward_index None unless with_index.
 
     Only the attention row at each reward position holds values; every other row of full maps is NaN, and so
-    is every position of the read row that the mask leaves out: values the kernel must never use.
+    is every position of the read row that the mask leaves out (or -1 in the gaps of a "gaps" row): values the
+    kernel must never use.
     """
     g = torch.Generator().manual_seed(case.seed)
-    batch, length, heads = 8, case.length, 3
     kinds = list(ROW_KINDS) + ["ok"]
+    batch, length, heads = len(kinds), case.length, 3
     kinds = [kinds[i] for i in torch.randperm(batch, generator=g).tolist()]
 
     rows = (torch.randn(batch, heads, length, generator=g) * 3).softmax(-1)  # the rows at the reward positions
@@ -213,6 +215,10 @@ def make_inputs(case: Case) -> Inputs:
             index[b] = -1 if b % 2 else length
         if kind in ("ok", "gaps"):
             read[:, ~mask[b]] = float("nan")
+            read[:, first:last + 1][:, ~mask[b, first:last + 1]] = -1.0
+            # Negative per head but not summed over heads, and -0.0: neither is negative attention.
+            position = int(torch.randint(first, last + 1, (1,), generator=g))
+            read[:, position] = torch.tensor([-0.25, 0.25, -0.0]) if kind == "ok" else -0.0
         elif kind == "bad_score":
             score[b] = float("inf") if b % 2 else float("nan")
             read[0, last] = float("nan")  # status 2 wins over 4
@@ -220,6 +226,10 @@ def make_inputs(case: Case) -> Inputs:
             position = int(torch.randint(first, last + 1, (1,), generator=g))
             head = int(torch.randint(0, heads, (1,), generator=g))
             read[head, position] = (float("nan"), float("inf"), float("-inf"))[b % 3]
+            if position != first:
+                read[:, first] = -0.5  # negative too: status 4 wins over 5
+        elif kind == "negative":  # a completion token's head sum < 0 (logits passed for probabilities)
+            read[:, int(torch.randint(first, last + 1, (1,), generator=g))] = -1e-3
         elif kind == "zero_attention":
             read[:, first:last + 1] = 0.0  # sums to 0 over the completion: the sparse reward, status 0
         elif kind == "sink":
@@ -243,7 +253,7 @@ def _lay_out(attn: torch.Tensor, memory: str) -> torch.Tensor:
     if memory == "transposed":
         return attn.transpose(-1, -2).contiguous().transpose(-1, -2)
     if memory == "head_slice":
-        return torch.cat([attn, torch.full_like(attn, float("nan"))], dim=1)[:, ::2]
+        return torch.stack([attn, torch.full_like(attn, float("nan"))], dim=2).flatten(1, 2)[:, ::2]  # NaN heads between
     if memory == "padded_rows":
         return torch.nn.functional.pad(attn, (0, 5), value=float("nan"))[..., :attn.shape[-1]]
     if memory == "expanded_heads":  # one head's values seen as four heads, as a stride-0 expand
@@ -267,20 +277,18 @@ def check_case(kernel: EmulatedKernel, case: Case, *, backend: str = "fibers") -
     attn4, score1, mask_b, index1 = ops._normalise(inputs.attn, inputs.score, inputs.mask, inputs.reward_index,
                                                    "reference")
     expected, expected_status = dense_rewards_reference(attn4, score1, mask_b, case.beta, index1)
-    assert status.tolist() == expected_status.tolist(), f"status {status.tolist()} != {expected_status.tolist()}"
+    assert status.tolist() == expected_status.tolist(), \
+        f"status {status.tolist()} != {expected_status.tolist()} for rows {inputs.kinds}"
     assert not out.isnan().any(), f"NaN (or never written) at {out.isnan().nonzero().tolist()[:5]}"
     assert (out[~mask_b] == 0).all() and not out[~mask_b].signbit().any(), "reward outside the mask is not +0.0"
-    # Rewards are fractions of the score: compared relative to it. Subnormal attention (the sink rows) carries
-    # about 16 bits, and the reference averages heads where the kernel sums them: those rows get 1e-4.
-    scale = score1.abs().nan_to_num(1.0, 1.0, 1.0).clamp(min=1.0)[:, None]
-    sink = torch.tensor([kind == "sink" for kind in inputs.kinds])
-    for rows, tolerance in ((~sink, 1e-6), (sink, 1e-4)):
-        torch.testing.assert_close(out[rows] / scale[rows], expected[rows] / scale[rows], rtol=tolerance,
-                                   atol=tolerance)
+    scale = score1.abs().nan_to_num(1.0, 1.0, 1.0).clamp(min=1.0)[:, None]  # rewards are fractions of the score
+    torch.testing.assert_close(out / scale, expected / scale, rtol=1e-6, atol=1e-6)
     last = torch.where(mask_b, torch.arange(mask_b.shape[1]), -1).amax(1)
-    conserved = (status == STATUS_OK) | (status == STATUS_BAD_REWARD_INDEX) | (status == STATUS_BAD_ATTENTION)
+    sparse = (status == STATUS_BAD_REWARD_INDEX) | (status == STATUS_BAD_ATTENTION) | (status ==
+                                                                                    STATUS_NEGATIVE_ATTENTION)
+    conserved = (status == STATUS_OK) | sparse
     torch.testing.assert_close(out[conserved].sum(1), score1[conserved], rtol=1e-5, atol=1e-5)
-    for b in (status == STATUS_BAD_REWARD_INDEX).logical_or(status == STATUS_BAD_ATTENTION).nonzero().flatten():
+    for b in sparse.nonzero().flatten():
         assert out[b, last[b]] == score1[b] and out[b].count_nonzero() <= 1, "the sparse fallback is not exact"
     zero_rows = (status == STATUS_EMPTY_MASK) | (status == STATUS_BAD_SCORE)
     assert (out[zero_rows] == 0).all(), "a row with an empty mask or a bad score is not all zeros"

@@ -145,6 +145,14 @@ def test_shfl_down(kernel, threads, delta, width):
     torch.testing.assert_close(out, expected)
 
 
+@pytest.mark.parametrize("voter", [-1, 0, 77, 199])
+def test_syncthreads_or(kernel, voter):
+    """Thread `voter` votes 1 in the first vote, thread voter + 1 in the second: every thread sees both."""
+    out = kernel.selftest(f"syncthreads_or:{voter}", 200, seed=voter + 1)
+    expected = 10 * (0 <= voter < 200) + (0 <= voter + 1 < 200)
+    torch.testing.assert_close(out, torch.full((200,), float(expected)))
+
+
 def test_undefined_shuffles_fail_the_launch(kernel):
     with pytest.raises(EmulatedLaunchError, match="mask 0x0000ffff, but the warp's lanes are 0xffffffff"):
         kernel.selftest("half_warp_mask", 32)

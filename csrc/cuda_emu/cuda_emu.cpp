@@ -348,6 +348,16 @@ const uint64_t* warp_exchange(unsigned int mask, uint64_t bits) {
   return w.slots[buffer];
 }
 
+int block_vote_or(int predicate) {
+  Thread& t = current();
+  Block& b = *t.block;
+  unsigned char* votes = b.votes[t.vote_calls++ & 1u];
+  votes[t.linear] = predicate != 0;
+  b.sync_block(b);
+  const unsigned int threads = b.dim.x * b.dim.y * b.dim.z;
+  return std::any_of(votes, votes + threads, [](unsigned char vote) { return vote != 0; }) ? 1 : 0;
+}
+
 cudaError_t run_grid(dim3 grid, dim3 block_dim, const std::function<void()>& thread_body) {
   State& s = state();
   const std::lock_guard<std::mutex> lock(s.launch_mutex);
@@ -369,6 +379,7 @@ cudaError_t run_grid(dim3 grid, dim3 block_dim, const std::function<void()>& thr
   std::vector<uint64_t> order(blocks);
   std::iota(order.begin(), order.end(), uint64_t{0});
   std::shuffle(order.begin(), order.end(), s.rng);
+  std::vector<unsigned char> votes(2 * size_t{threads});
   std::vector<Thread> thread_state(threads);
   for (uint64_t linear : order) {
     Block block{};
@@ -377,9 +388,11 @@ cudaError_t run_grid(dim3 grid, dim3 block_dim, const std::function<void()>& thr
     block.dim = block_dim;
     block.grid = grid;
     block.warps = warp_state.data();
+    block.votes[0] = votes.data();
+    block.votes[1] = votes.data() + threads;
     for (unsigned int i = 0; i < threads; ++i) {
       thread_state[i] = Thread{{i % block_dim.x, i / block_dim.x % block_dim.y, i / (block_dim.x * block_dim.y)},
-                               &block, i / 32, i % 32, 0};
+                               &block, i, i / 32, i % 32, 0, 0};
     }
     const bool ok = s.backend == Backend::kFibers ? run_block_fibers(block, thread_state, thread_body, s.rng)
                                                   : run_block_threads(block, thread_state, thread_body, s.rng);

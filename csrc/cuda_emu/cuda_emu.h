@@ -9,17 +9,19 @@
 // - A launch runs the grid's blocks one after another, in an order shuffled by a seed. The threads of a block
 //   run concurrently: as fibers on one OS thread (the default; each runs until its next synchronisation point,
 //   in an order shuffled by the seed at every point), or as one OS thread each (Backend::kThreads).
-// - __syncthreads(): a barrier among the block's threads. With fibers, a barrier that cannot complete (a thread
-//   exited or waits elsewhere) fails the launch instead of hanging.
+// - __syncthreads(): a barrier among the block's threads; __syncthreads_or(p) also returns whether p was non-zero
+//   in any of them. With fibers, a barrier that cannot complete (a thread exited or waits elsewhere) fails the
+//   launch instead of hanging.
 // - __shfl_down_sync: an exchange among the 32 lanes of a warp, which wait for each other; between
-//   synchronisation points lanes run independently, as under Volta's independent thread scheduling. Only
-//   full-warp masks are emulated; any other mask fails the launch.
+//   synchronisation points lanes run independently, as under Volta's independent thread scheduling. Only masks
+//   naming every lane the warp has are emulated; any other mask fails the launch.
 // - __half and __nv_bfloat16: 16-bit storage types with torch's bit-exact conversions and, as in torch's own
 //   CUDA builds (-D__CUDA_NO_HALF_CONVERSIONS__, -D__CUDA_NO_BFLOAT16_CONVERSIONS__), no implicit ones.
 // - <<<grid, block, shared, stream>>> is not C++: a launch is written CUDA_EMU_LAUNCH(kernel, grid, block,
 //   stream)(args...), which the kernel source reaches through its own launch macro.
 // What it cannot tell: the memory model (blocks never overlap, stores are seen at once), real warp scheduling,
-// fused multiply-adds that nvcc may contract (results can differ in the last bit), and speed.
+// fused multiply-adds that nvcc may contract (results can differ in the last bit), reads of shared memory before
+// any write (a block sees what the previous block left, not garbage), and speed.
 #pragma once
 
 #include <math.h>  // isfinite and the other math functions, unqualified as in device code
@@ -78,8 +80,9 @@ struct Block;
 struct Thread {
   uint3 idx;
   Block* block;
-  unsigned int warp, lane;
+  unsigned int linear, warp, lane;
   unsigned int shfl_calls;  // parity picks the exchange buffer of the next warp-wide exchange
+  unsigned int vote_calls;  // parity picks the vote buffer of the next block-wide vote
 };
 
 // What a block's threads share, besides the kernels' __shared__ statics.
@@ -91,6 +94,7 @@ struct Block {
     uint64_t slots[2][32];   // exchange buffers, alternating, so one exchange needs one wait
   };
   Warp* warps;
+  unsigned char* votes[2];  // one per thread, alternating like the warps' exchange buffers
   void (*sync_block)(Block&);
   void (*sync_warp)(Block&, unsigned int warp);
   void* backend;
@@ -103,6 +107,9 @@ Thread& current();
 
 // Writes this lane's value into its warp's exchange buffer, waits for all lanes of `mask`, returns the buffer.
 const uint64_t* warp_exchange(unsigned int mask, uint64_t bits);
+
+// A barrier that also tells whether `predicate` was non-zero in any thread of the block.
+int block_vote_or(int predicate);
 
 cudaError_t run_grid(dim3 grid, dim3 block, const std::function<void()>& thread_body);
 void set_last_error(cudaError_t error);
@@ -146,6 +153,8 @@ inline void __syncthreads() {
   ::cuda_emu::detail::Block& block = *::cuda_emu::detail::current().block;
   block.sync_block(block);
 }
+
+inline int __syncthreads_or(int predicate) { return ::cuda_emu::detail::block_vote_or(predicate); }
 
 template <typename T>
 T __shfl_down_sync(unsigned int mask, T var, unsigned int delta, int width = warpSize) {

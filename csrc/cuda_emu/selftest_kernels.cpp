@@ -1,6 +1,6 @@
 // Small CUDA kernels that test the CPU emulation itself (tests/test_cuda_emu.py): barriers that are real, a
 // missing barrier that shows, divergent barriers and bad warp masks that fail the launch, warp shuffles, the
-// grid's indices, and a read past a buffer for the sanitizer build to catch.
+// grid's indices, block-wide votes, and a read past a buffer for the sanitizer build to catch.
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -50,6 +50,13 @@ __global__ void indices_kernel(float* out) {
   out[block * threads + thread] = static_cast<float>(block * 10000 + thread);
 }
 
+// Every thread gets whether thread `voter` (none if out of range) voted 1, twice in a row.
+__global__ void syncthreads_or_kernel(float* out, int voter) {
+  const int first = __syncthreads_or(static_cast<int>(threadIdx.x) == voter);
+  const int second = __syncthreads_or(static_cast<int>(threadIdx.x) == voter + 1);
+  out[threadIdx.x] = static_cast<float>(first * 10 + second);
+}
+
 __global__ void read_past_end_kernel(const float* in, float* out, int n) {
   out[threadIdx.x] = in[n + threadIdx.x];  // thread 0 reads the element just past the end
 }
@@ -71,6 +78,10 @@ extern "C" int dense_rlhf_emu_selftest(const char* name, int32_t backend, uint64
     int width = 0;
     std::sscanf(name, "shfl_down:%u:%d", &delta, &width);
     CUDA_EMU_LAUNCH(shfl_down_kernel, 1, static_cast<unsigned int>(size), nullptr)(out, delta, width);
+  } else if (test.rfind("syncthreads_or:", 0) == 0) {  // syncthreads_or:<voter>, one block of `size` threads
+    int voter = 0;
+    std::sscanf(name, "syncthreads_or:%d", &voter);
+    CUDA_EMU_LAUNCH(syncthreads_or_kernel, 1, static_cast<unsigned int>(size), nullptr)(out, voter);
   } else if (test == "half_warp_mask") {
     CUDA_EMU_LAUNCH(half_warp_mask_kernel, 1, 32, nullptr)(out);
   } else if (test == "indices") {  // grid (3, 2, 2), block (4, 3, 2): 12 blocks of 24 threads
