@@ -30,7 +30,9 @@ SOURCES := setup.py pyproject.toml requirements-dev.txt $(filter-out csrc/cuda_e
 
 # test-cuda-emu's builds of the emulated kernel: plain, and with AddressSanitizer + UndefinedBehaviorSanitizer.
 CUDA_EMU_BUILDS ?= plain sanitized
-CUDA_EMU_PYTEST = DENSE_RLHF_TEST_CUDA_EMU=1 CXX="$(CXX)" $(PY) -m pytest -q -p no:cacheprovider tests/test_cuda_emu.py
+# --capture=sys: what the C++ side writes to stderr as it aborts (a sanitizer's report) is not lost in pytest's capture.
+CUDA_EMU_PYTEST = DENSE_RLHF_TEST_CUDA_EMU=1 CXX="$(CXX)" $(PY) -m pytest -q -p no:cacheprovider --capture=sys \
+  tests/test_cuda_emu.py
 # The sanitized library is loaded into a Python that is not built so: the runtime must be preloaded (with libstdc++,
 # whose exception throwing ASan wraps when it starts), and the interpreter's allocations are not leaks to report.
 CUDA_EMU_SANITIZER_ENV = LD_PRELOAD="$$($(CXX) -print-file-name=libasan.so) $$($(CXX) -print-file-name=libstdc++.so)" \
