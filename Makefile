@@ -1,9 +1,9 @@
 # Two commands do all the set-up on a fresh machine, then run:
 #   make demo   the main job: train a small RLHF setup and compare sparse rewards with ABC
-#   make test   the test suite in a CPU environment, the README's and docs' code blocks, the packaging checks,
-#               the verl integration's tests in an environment with the pinned verl, the served reward model's
-#               tests against a real vLLM server (CPU build) started from a fourth environment, then a CUDA build
-#               check where nvcc is found
+#   make test   the test suite in a CPU environment, the README's and docs' code blocks, the CUDA kernel's source
+#               run on the CPU through an emulation, the packaging checks, the verl integration's tests in an
+#               environment with the pinned verl, the served reward model's tests against a real vLLM server (CPU
+#               build) started from a fourth environment, then a CUDA build check where nvcc is found
 # Both create a virtual environment in .venv with torch (CPU wheel by default) and install the package the
 # way the README's Install section says (the pip that venv ships, --no-build-isolation).
 # The installed commands write into ./dense-rlhf-results/<command>/; the targets that produce the repository's
@@ -38,10 +38,22 @@ VLLM_TEST_VENV := $(if $(filter 1,$(SKIP_VERL)),$(VLLM_VENV),$(VERL_VENV))
 
 CORE_TESTS := tests/test_dense_rewards.py tests/test_prefix_rewards.py tests/test_bad_inputs.py tests/test_op_registration.py tests/test_cuda_sources.py
 
-SOURCES := setup.py pyproject.toml requirements-dev.txt $(wildcard csrc/*.* csrc/*/*.*)
+# csrc/cuda_emu is built by the tests only, never into the package.
+SOURCES := setup.py pyproject.toml requirements-dev.txt $(filter-out csrc/cuda_emu/%,$(wildcard csrc/*.* csrc/*/*.*))
 
-.PHONY: demo test test-cpu test-docs test-packaging test-verl test-vllm test-cuda-build bench experiment grpo-study \
-	clean clean-envs
+# test-cuda-emu's builds of the emulated kernel: plain, and with AddressSanitizer + UndefinedBehaviorSanitizer.
+CUDA_EMU_BUILDS ?= plain sanitized
+# --capture=sys: what the C++ side writes to stderr as it aborts (a sanitizer's report) is not lost in pytest's capture.
+CUDA_EMU_PYTEST = DENSE_RLHF_TEST_CUDA_EMU=1 CXX="$(CXX)" $(PY) -m pytest -q -p no:cacheprovider --capture=sys \
+  tests/test_cuda_emu.py
+# The sanitized library is loaded into a Python that is not built so: the runtime must be preloaded (with libstdc++,
+# whose exception throwing ASan wraps when it starts), and the interpreter's allocations are not leaks to report.
+# ASan's warning that it does not fully support swapcontext is expected: the fiber switches are annotated for it.
+CUDA_EMU_SANITIZER_ENV = LD_PRELOAD="$$($(CXX) -print-file-name=libasan.so) $$($(CXX) -print-file-name=libstdc++.so)" \
+  ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
+
+.PHONY: demo test test-cpu test-docs test-cuda-emu test-packaging test-verl test-vllm test-cuda-build bench experiment \
+	grpo-study clean clean-envs
 
 demo: $(VENV)/.built
 	$(VENV)/bin/dense-rlhf demo $(ARGS)
@@ -55,7 +67,7 @@ grpo-study: $(VENV)/.built
 bench: $(VENV)/.built
 	$(VENV)/bin/dense-rlhf bench --out benchmarks/results $(ARGS)
 
-test: test-cpu test-docs test-packaging test-verl test-vllm test-cuda-build
+test: test-cpu test-docs test-cuda-emu test-packaging test-verl test-vllm test-cuda-build
 
 test-cpu: $(VENV)/.built
 	DENSE_RLHF_REQUIRE_NATIVE=1 $(PY) -m pytest -q tests
@@ -68,6 +80,16 @@ DOCS := README.md $(wildcard docs)
 test-docs: $(VENV)/.built
 	PYTHONPATH=tests $(PY) -m pytest -q -p no:cacheprovider -p docs_fixtures --markdown-docs \
 	  --markdown-docs-syntax=superfences $(DOCS)
+
+# The CUDA kernel's unmodified source built by $(CXX) through csrc/cuda_emu and run on the CPU against the
+# reference (no nvcc, no GPU), then again built with the sanitizers; SKIP_CUDA_EMU=1 skips it.
+test-cuda-emu: $(VENV)/.built
+ifeq ($(SKIP_CUDA_EMU),1)
+	@echo "test-cuda-emu: skipped (SKIP_CUDA_EMU=1)"
+else
+	$(if $(filter plain,$(CUDA_EMU_BUILDS)),$(CUDA_EMU_PYTEST))
+	$(if $(filter sanitized,$(CUDA_EMU_BUILDS)),DENSE_RLHF_CUDA_EMU_SANITIZE=1 $(CUDA_EMU_SANITIZER_ENV) $(CUDA_EMU_PYTEST))
+endif
 
 # sdist and wheel from a clean copy, the sdist installed into a fresh venv, the editable install with the
 # pip that venv ships; SKIP_PACKAGING=1 skips it.

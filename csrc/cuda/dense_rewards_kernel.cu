@@ -1,8 +1,8 @@
 // CUDA kernels of dense_rewards. Three launches, no host synchronisation:
 //   1. row_bounds:  one block per row; first/last completion token, reward position, row state.
 //   2. accumulate:  a (row, chunk) grid; sums heads at the reward position for completion tokens of the chunk
-//                   into out (fp32) and writes the chunk's partial sum. Chunks give small batches with long
-//                   rows enough blocks to fill the GPU.
+//                   into out (fp32) and writes the chunk's partial sum, and whether a head sum was negative.
+//                   Chunks give small batches with long rows enough blocks to fill the GPU.
 //   3. finalize:    same grid; adds the chunk partials (in a fixed order, so results are deterministic),
 //                   normalises and adds the sparse part, or falls back to the sparse reward.
 // All offsets are 64-bit: B * H * L * L passes 2^31 for real models.
@@ -12,6 +12,12 @@
 #include <cstdint>
 
 #include "dense_rewards_kernel.h"
+
+// <<<...>>> is not C++: launches are spelled through this macro, so that the CPU emulation the tests use
+// (csrc/cuda_emu) can build this file with the host compiler; it defines its own.
+#ifndef DENSE_RLHF_LAUNCH
+#define DENSE_RLHF_LAUNCH(kernel, grid, block, stream) kernel<<<(grid), (block), 0, (stream)>>>
+#endif
 
 namespace dense_rlhf {
 namespace {
@@ -100,7 +106,8 @@ __global__ void row_bounds_kernel(DenseRewardsParams p, RowInfo* rows) {
 }
 
 template <typename T>
-__global__ void accumulate_kernel(DenseRewardsParams p, Layout layout, const RowInfo* rows, float* partial) {
+__global__ void accumulate_kernel(DenseRewardsParams p, Layout layout, const RowInfo* rows, float* partial,
+                                  int32_t* negative) {
   __shared__ float shared[kThreads / 32];
   const int64_t b = blockIdx.x, c = blockIdx.y;
   const RowInfo info = rows[b];
@@ -112,6 +119,7 @@ __global__ void accumulate_kernel(DenseRewardsParams p, Layout layout, const Row
   float* out = p.out + b * p.length;
 
   float local = 0.0f;
+  bool any_negative = false;  // -0.0 is not negative, nor is NaN (that is status 4)
   for (int64_t t = begin + threadIdx.x; t < end; t += kThreads) {
     float acc = 0.0f;
     if (read && t >= info.first && t <= info.last && mask[t * p.mask_stride[1]]) {
@@ -121,31 +129,49 @@ __global__ void accumulate_kernel(DenseRewardsParams p, Layout layout, const Row
     }
     out[t] = acc;
     local += acc;
+    any_negative |= acc < 0.0f;
   }
   const float total = block_sum(local, shared);
-  if (threadIdx.x == 0) partial[b * layout.chunks + c] = total;
+  const int chunk_negative = __syncthreads_or(any_negative);
+  if (threadIdx.x == 0) {
+    partial[b * layout.chunks + c] = total;
+    negative[b * layout.chunks + c] = chunk_negative;
+  }
 }
 
-__global__ void finalize_kernel(DenseRewardsParams p, Layout layout, const RowInfo* rows, const float* partial) {
+__global__ void finalize_kernel(DenseRewardsParams p, Layout layout, const RowInfo* rows, const float* partial,
+                                const int32_t* negative) {
   const int64_t b = blockIdx.x, c = blockIdx.y;
   const RowInfo info = rows[b];
   float total = 0.0f;
-  for (int64_t i = 0; i < layout.chunks; ++i) total += partial[b * layout.chunks + i];
-  const bool finite = is_finite(total);
-  if (c == 0 && threadIdx.x == 0) {
-    p.status[b] = (info.state == kStatusOk && !finite) ? static_cast<int32_t>(kStatusBadAttention) : info.state;
+  int32_t any_negative = 0;
+  for (int64_t i = 0; i < layout.chunks; ++i) {
+    total += partial[b * layout.chunks + i];
+    any_negative |= negative[b * layout.chunks + i];
   }
+  const bool finite = is_finite(total);
+  int32_t state = info.state;
+  if (state == kStatusOk && !finite) {
+    state = kStatusBadAttention;
+  } else if (state == kStatusOk && any_negative) {
+    state = kStatusNegativeAttention;
+  }
+  if (c == 0 && threadIdx.x == 0) p.status[b] = state;
   const float score = p.score[b * p.score_stride];
-  const bool usable = info.state == kStatusOk && finite && total != 0.0f;
-  // A bad reward index or bad attention gives the sparse reward; an empty mask or a bad score a zero row.
-  const bool fallback = !usable && (info.state == kStatusOk || info.state == kStatusBadRewardIndex);
-  const float scale = usable ? p.beta * score / total : 0.0f;
+  const bool usable = state == kStatusOk && total != 0.0f;
+  // A bad reward index, bad or negative attention, or a zero total give the sparse reward; an empty mask or a
+  // bad score a zero row.
+  const bool fallback = !usable && state != kStatusEmptyMask && state != kStatusBadScore;
+  const float beta_score = p.beta * score;
 
   const int64_t begin = c * layout.chunk;
   const int64_t end = begin + layout.chunk < p.length ? begin + layout.chunk : p.length;
   float* out = p.out + b * p.length;
   for (int64_t t = begin + threadIdx.x; t < end; t += kThreads) {
-    float value = usable ? out[t] * scale : 0.0f;
+    // One division per token, never beta * score / total once: with a tiny but positive total (the mass next
+    // to an attention sink) that overflows, and a masked token's 0 times it is NaN. "+ 0.0f" turns the -0.0 of
+    // a masked token (0 times a negative score) into +0.0, as on the CPU.
+    float value = usable ? beta_score * (out[t] / total) + 0.0f : 0.0f;
     if (t == info.last) {
       if (usable) value += (1.0f - p.beta) * score;
       if (fallback) value = score;
@@ -156,9 +182,9 @@ __global__ void finalize_kernel(DenseRewardsParams p, Layout layout, const RowIn
 
 template <typename T>
 void launch_accumulate(const DenseRewardsParams& p, Layout layout, const RowInfo* rows, float* partial,
-                       cudaStream_t stream) {
+                       int32_t* negative, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(p.batch), static_cast<unsigned>(layout.chunks));
-  accumulate_kernel<T><<<grid, kThreads, 0, stream>>>(p, layout, rows, partial);
+  DENSE_RLHF_LAUNCH(accumulate_kernel<T>, grid, kThreads, stream)(p, layout, rows, partial, negative);
 }
 
 size_t align_up(size_t bytes) { return (bytes + 255) / 256 * 256; }
@@ -167,7 +193,8 @@ size_t align_up(size_t bytes) { return (bytes + 255) / 256 * 256; }
 
 size_t dense_rewards_cuda_workspace_bytes(const DenseRewardsParams& p, int num_sms) {
   const Layout layout = layout_for(p, num_sms);
-  return align_up(sizeof(RowInfo) * p.batch) + align_up(sizeof(float) * p.batch * layout.chunks);
+  return align_up(sizeof(RowInfo) * p.batch) + align_up(sizeof(float) * p.batch * layout.chunks) +
+         align_up(sizeof(int32_t) * p.batch * layout.chunks);
 }
 
 cudaError_t dense_rewards_cuda_launch(const DenseRewardsParams& p, void* workspace, int num_sms,
@@ -176,17 +203,19 @@ cudaError_t dense_rewards_cuda_launch(const DenseRewardsParams& p, void* workspa
   if (p.batch > 2147483647LL) return cudaErrorInvalidValue;  // gridDim.x limit
   const Layout layout = layout_for(p, num_sms);
   RowInfo* rows = static_cast<RowInfo*>(workspace);
-  float* partial = reinterpret_cast<float*>(static_cast<char*>(workspace) + align_up(sizeof(RowInfo) * p.batch));
+  char* scratch = static_cast<char*>(workspace) + align_up(sizeof(RowInfo) * p.batch);
+  float* partial = reinterpret_cast<float*>(scratch);
+  int32_t* negative = reinterpret_cast<int32_t*>(scratch + align_up(sizeof(float) * p.batch * layout.chunks));
 
-  row_bounds_kernel<<<static_cast<unsigned>(p.batch), kThreads, 0, stream>>>(p, rows);
+  DENSE_RLHF_LAUNCH(row_bounds_kernel, static_cast<unsigned>(p.batch), kThreads, stream)(p, rows);
   switch (p.attn_dtype) {
-    case AttnDtype::kFloat32: launch_accumulate<float>(p, layout, rows, partial, stream); break;
-    case AttnDtype::kFloat16: launch_accumulate<__half>(p, layout, rows, partial, stream); break;
-    case AttnDtype::kBFloat16: launch_accumulate<__nv_bfloat16>(p, layout, rows, partial, stream); break;
-    case AttnDtype::kFloat64: launch_accumulate<double>(p, layout, rows, partial, stream); break;
+    case AttnDtype::kFloat32: launch_accumulate<float>(p, layout, rows, partial, negative, stream); break;
+    case AttnDtype::kFloat16: launch_accumulate<__half>(p, layout, rows, partial, negative, stream); break;
+    case AttnDtype::kBFloat16: launch_accumulate<__nv_bfloat16>(p, layout, rows, partial, negative, stream); break;
+    case AttnDtype::kFloat64: launch_accumulate<double>(p, layout, rows, partial, negative, stream); break;
   }
   const dim3 grid(static_cast<unsigned>(p.batch), static_cast<unsigned>(layout.chunks));
-  finalize_kernel<<<grid, kThreads, 0, stream>>>(p, layout, rows, partial);
+  DENSE_RLHF_LAUNCH(finalize_kernel, grid, kThreads, stream)(p, layout, rows, partial, negative);
   return cudaGetLastError();
 }
 

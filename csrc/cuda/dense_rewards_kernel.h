@@ -9,7 +9,7 @@
 
 namespace dense_rlhf {
 
-// Bytes of scratch device memory one call needs (row bounds and per-chunk partial sums).
+// Bytes of scratch device memory one call needs (row bounds, per-chunk partial sums and negative flags).
 size_t dense_rewards_cuda_workspace_bytes(const DenseRewardsParams& p, int num_sms);
 
 // Enqueues the three kernels on `stream`; no host-device synchronisation, so it can be graph-captured.
