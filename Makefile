@@ -175,7 +175,7 @@ clean: clean-envs
 	rm -rf build dist dense_rlhf/_C*.so *.egg-info
 	@echo "clean: removed the build outputs and the environments"
 
-# The environments `make test` creates take several GB (the README's "Tests and CI" gives the sizes).
+# The environments `make test` creates take several GB (docs/getting-started.md gives the sizes).
 ENVS = $(wildcard $(VENV) $(VERL_VENV) $(VLLM_VENV) $(CUDA_VENV))
 clean-envs:
 ifeq ($(ENVS),)

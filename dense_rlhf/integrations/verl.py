@@ -8,7 +8,7 @@ through :func:`dense_rlhf.score_and_densify_text` (the reward model may have its
 template). ``ServedPrefixRewardManager`` instead scores through the reward-model server verl starts itself (vLLM
 with the ``token_classify`` pooler) and returns prefix-difference rewards, with no reward model in the workers; it
 shares :class:`TokenRewardManagerBase` (routing, refusals, micro-batches, per-sample fault isolation). The
-configurations that route verl to them, and what they cost, are in the README's "verl" section;
+configurations that route verl to them, and what they cost, are in docs/verl.md;
 :func:`check_routing` and :func:`check_served` say why each part is needed.
 """
 
@@ -63,7 +63,7 @@ class ABCSettings:
 
     beta, layer, max_length: as in :func:`dense_rlhf.score_and_densify_text`.
     device: where the reward model runs inside the reward-loop worker ("cpu" by default: verl starts those
-    workers without a GPU reservation; see the README). dtype: the reward model's weights ("float32",
+    workers without a GPU reservation; see docs/verl.md). dtype: the reward model's weights ("float32",
     "bfloat16", "float16"). batch_size: most samples per reward-model forward. num_threads: torch threads in the
     worker process (Ray starts it with OMP_NUM_THREADS=1); None leaves them as they are.
     """
