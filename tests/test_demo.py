@@ -11,6 +11,7 @@ for needed in ("transformers", "trl", "datasets", "matplotlib", "rich"):
 from dense_rlhf import cli  # noqa: E402
 
 
+@pytest.mark.slow
 def test_demo_quick_then_tiny_experiment(tmp_path, monkeypatch, capsys):
     cache = tmp_path / "cache"
     monkeypatch.setenv("DENSE_RLHF_CACHE", str(cache))
