@@ -11,7 +11,8 @@ response tokens, summing to r_C:
   s(x, y<t), the last one also the step to the score at [EOS].
 - ``uniform``: r_C / N on every response token.
 - ``abcd``: ABC-D, the same formula (beta 0.8) with the *policy's* own last-layer attention row from its
-  final generated token, captured during the rollout forward.
+  final generated token, captured during the rollout forward (``ppo.train(..., capture_policy_attention=True)``,
+  which ``runs.run_one`` turns on for this method only).
 
 With a reward model that has its own tokenizer and chat template (``ALIGNED_METHODS``: a byte-level BPE trained
 on the task's text, see ``models.load_or_train_chat_rm``), through ``dense_rlhf.score_and_densify_text``:
@@ -46,6 +47,7 @@ import torch
 from dense_rlhf.study import sentiment_task as task
 from dense_rlhf.capture import capture_prefix_scores, capture_reward_attention
 from dense_rlhf.ops import dense_rewards, prefix_rewards, sparse_rewards, uniform_rewards
+from dense_rlhf.rl.grpo import GroupRollout
 from dense_rlhf.rl.ppo import Rollout
 
 METHODS = ["sparse", "abc-0.5", "abc-0.8", "abc-1.0", "prefix-0.8", "prefix-1.0", "uniform", "abcd"]
@@ -157,6 +159,8 @@ def token_rewards(method: str, score: torch.Tensor, rm_rows: torch.Tensor, rm_ma
     elif method.startswith("prefix-"):
         full = prefix_rewards(prefix_scores, rm_mask, beta=float(method[7:]), reward_index=reward_index)
     elif method == "abcd":
+        if policy_rows is None:
+            raise ValueError("abcd needs the policy's attention rows: run PPO with capture_policy_attention=True")
         mask = torch.zeros(policy_rows.shape[0], policy_rows.shape[-1], dtype=torch.bool)
         mask[:, prompt_len : prompt_len + n_new] = True
         full = dense_rewards(policy_rows, score, mask, beta=ABCD_BETA, layout="rows")
@@ -208,5 +212,21 @@ def make_score_fn(method: str, rm, codec: task.Codec, chat_rm=None):
                                 credit, scale[0] if oracle else 1.0)
         gt = task.scores_of(codec, ro.seq)
         return rewards, {"gt_score": gt.mean().item(), "rm_score": score.mean().item()}
+
+    return score_fn
+
+
+def make_grpo_score_fn(rm, codec: task.Codec):
+    """The ``score_fn`` for ``grpo.train``: reward-model scores [B] and ABC's credit alpha [B, N] (rows summing to
+    1), from one reward-model forward over ``seq + [EOS]`` with the last layer's rows captured, plus the step's
+    metrics."""
+
+    def score_fn(ro: GroupRollout):
+        ids, mask = rm_inputs(codec, ro.seq)
+        score, rows = score_with_attention(rm, ids)
+        p, n_new = task.PROMPT_LEN, ro.seq.shape[1] - task.PROMPT_LEN
+        alpha = dense_rewards(rows, torch.ones_like(score), mask, beta=1.0, layout="rows")[:, p : p + n_new]
+        gt = task.scores_of(codec, ro.seq)
+        return score, alpha, {"gt_score": gt.mean().item(), "rm_score": score.mean().item()}
 
     return score_fn

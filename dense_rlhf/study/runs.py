@@ -48,7 +48,8 @@ def run_one(method: str, seed: int, setup: SetupConfig, ppo: PPOConfig, cache_di
     policy = PolicyWithValue(copy.deepcopy(sft), codec.special_ids)
     t0, c0 = time.time(), time.process_time()
     history = train(policy, sft, prompt_sampler(codec, 10_000 + seed), setup.completion_len,
-                    M.make_score_fn(method, rm, codec, chat_rm), ppo, seed, on_step)
+                    M.make_score_fn(method, rm, codec, chat_rm), ppo, seed, on_step,
+                    capture_policy_attention=method == "abcd")
     keys = ("gt_score", "rm_score", "kl", "pg_loss", "vf_loss", "kl_coef")
     curves = {key: [h[key] for h in history] for key in keys}
     return {"method": method, "seed": seed, "seconds": time.time() - t0, "cpu_seconds": time.process_time() - c0,
