@@ -11,13 +11,13 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 
-def text_config(lm: nn.Module):
+def text_config(lm: nn.Module) -> Any:
     """The config of a causal LM's language model: ``config.get_text_config()`` where transformers has it (a
     multimodal model's config holds its text model's under another name), else ``config``."""
     config = lm.config

@@ -20,14 +20,16 @@ from pathlib import Path
 import torch
 
 from dense_rlhf.cli import default_out
+from dense_rlhf.rl.common import Policy, generate
 from dense_rlhf.study import methods as M
+from dense_rlhf.study import report
 from dense_rlhf.study import sentiment_task as task
-from dense_rlhf.study import runs as study
 from dense_rlhf.study.credit_view import examples_from, html_page, rich_lines
-from dense_rlhf.study.library_log import library_output_to
 from dense_rlhf.study.experiment import PPO, SETUP
+from dense_rlhf.study.library_log import library_output_to
 from dense_rlhf.study.models import QUICK_SETUP, cache_root, load_or_train
-from dense_rlhf.rl.ppo import PolicyWithValue, generate
+from dense_rlhf.study.runs import Run, run_one
+from dense_rlhf.study.stats import summarise
 
 
 def parse_args(argv):
@@ -62,7 +64,7 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def _run(args, argv: list[str], console, out: Path) -> None:
+def _run(args: argparse.Namespace, argv: list[str], console, out: Path) -> None:
     from rich.table import Table
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -84,7 +86,7 @@ def _run(args, argv: list[str], console, out: Path) -> None:
     console.rule("[bold]2. Per-token credit (ABC, beta 0.8) on SFT completions")
     gen = torch.Generator().manual_seed(args.seed)
     with torch.no_grad():
-        seq = generate(PolicyWithValue(sft, codec.special_ids), study.prompt_sampler(codec, args.seed)(args.examples),
+        seq = generate(Policy(sft, codec.special_ids), task.prompt_sampler(codec, args.seed)(args.examples),
                        setup.completion_len, gen)
         ids, mask = M.rm_inputs(codec, seq)
         score, rows = M.score_with_attention(rm, ids)
@@ -112,15 +114,15 @@ def _run(args, argv: list[str], console, out: Path) -> None:
                 def on_step(step, stats, bar=bar):
                     progress.update(bar, advance=1, info=f"true score {stats['gt_score']:+.2f}  KL {stats['kl']:.1f}")
 
-                results.append(study.run_one(method, seed, setup, ppo, cache, on_step=on_step))
+                results.append(run_one(Run(method, seed, setup, ppo, str(cache)), on_step=on_step))
 
     console.rule("[bold]4. Results")
-    summary = study.summarise(results, final_window=min(10, max(1, steps // 4)))
+    summary = summarise(results, final_window=min(10, max(1, steps // 4)))
     meta = {"title": f"demo: sparse vs ABC, {n_seeds} seed(s), {steps} PPO steps, GAE lambda {args.lam:g}"
             + (" (--quick)" if args.quick else ""),
             "command": "dense-rlhf demo " + " ".join(argv), "reward_model": rmm,
-            "config": study.config_dict(setup, ppo)}
-    paths = study.write_outputs(out, "demo", results, summary, None, meta)
+            "config": report.config_dict(setup, ppo)}
+    paths = report.write_outputs(out, "demo", results, summary, None, meta)
     table = Table(title="hidden true score of the PPO policies")
     for col in ("method", "steps to threshold", "final mean ± std", "late spread", "final KL"):
         table.add_column(col)

@@ -18,10 +18,14 @@ from pathlib import Path
 import torch
 
 from dense_rlhf.cli import default_out
-from dense_rlhf.study import methods as M
-from dense_rlhf.study import runs as study
-from dense_rlhf.study.models import QUICK_SETUP, SetupConfig, cache_root, load_or_train, load_or_train_chat_rm
 from dense_rlhf.rl.ppo import PPOConfig
+from dense_rlhf.study import methods as M
+from dense_rlhf.study import report
+from dense_rlhf.study import runs
+from dense_rlhf.study.diagnostics import credit_report
+from dense_rlhf.study.library_log import quiet_transformers
+from dense_rlhf.study.models import QUICK_SETUP, SetupConfig, cache_root, load_or_train, load_or_train_chat_rm
+from dense_rlhf.study.stats import summarise
 
 # The study's settings (see experiments/README.md for why these values).
 SETUP = SetupConfig()
@@ -70,7 +74,7 @@ def parse_args(argv):
                    help="GAE lambda; a comma-separated list runs one study per value (default 0.95,0.8; "
                         "--study length: one value, default 0.95)")
     p.add_argument("--whiten-rewards", action="store_true")
-    p.add_argument("--workers", type=int, default=study.default_workers(), help="parallel runs (1 thread each)")
+    p.add_argument("--workers", type=int, default=runs.default_workers(), help="parallel runs (1 thread each)")
     p.add_argument("--out", default=default_out("experiment"),
                    help=f"output folder (default ./{default_out('experiment')}; `make experiment` writes the "
                         "repository's committed results, experiments/results)")
@@ -103,7 +107,7 @@ def ppo_settings(args) -> dict[str, PPOConfig]:
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    study.quiet_transformers()
+    quiet_transformers()
     t0 = time.time()
     methods = [m.strip() for m in (args.methods or ",".join(M.METHODS)).split(",") if m.strip()]
     for m in methods:
@@ -132,25 +136,18 @@ def main(argv: list[str]) -> int:
         _, _, chat_info = load_or_train_chat_rm(setup, cache)
         info["chat_reward_model"] = chat_info["reward_model"]
     print("[2/3] credit diagnostics")
-    credit = study.credit_report(setup, cache, aligned=aligned)
+    credit = credit_report(setup, cache, aligned=aligned)
     seeds = [args.seed * 1000 + i for i in range(args.seeds)]
-    jobs = [(m, s) for m in methods for s in seeds]
     sections = []
     for k, lam in enumerate(lams):
         ppo = replace(base, lam=lam)
+        jobs = [runs.Run(m, s, setup, ppo, str(cache)) for m in methods for s in seeds]
         print(f"[3/3] study {k + 1}/{len(lams)}, GAE lambda {lam}: {len(jobs)} PPO runs ({len(methods)} methods x "
               f"{len(seeds)} seeds, {ppo.steps} steps, {args.workers} workers)")
-        done = [0]
-
-        def progress(res, done=done):
-            done[0] += 1
-            tail = res["curves"]["gt_score"][-10:]
-            print(f"  {done[0]:3d}/{len(jobs)}  {res['method']:8s} seed {res['seed']:5d}  final true score "
-                  f"{sum(tail) / len(tail):+.2f}  ({res['seconds']:.0f}s, {time.time() - t0:.0f}s elapsed)", flush=True)
-
+        progress = runs.progress_printer(len(jobs), t0, lambda res: f"{res['method']:8s} seed {res['seed']:5d}")
         t_study = time.time()
-        results = study.run_many(jobs, setup, ppo, cache, workers=args.workers, progress=progress)
-        summary = study.summarise(results)
+        results = runs.run_all(jobs, args.workers, progress)
+        summary = summarise(results)
         name = f"{args.name}_lam{lam:g}"
         meta = {
             "title": f"Sentiment task, GAE lambda {lam:g}: reward methods over {len(seeds)} seeds, {ppo.steps} PPO steps",
@@ -158,12 +155,12 @@ def main(argv: list[str]) -> int:
             "study_seconds": time.time() - t_study,
             "reward_model": info["reward_model"],
             "chat_reward_model": info.get("chat_reward_model"),
-            "config": study.config_dict(setup, ppo),
+            "config": report.config_dict(setup, ppo),
             "seeds": seeds,
         }
-        paths = study.write_outputs(Path(args.out), name, results, summary, credit, meta)
-        table = study.markdown_table(summary, credit if k == 0 else None, info["reward_model"] if k == 0 else None,
-                                     info.get("chat_reward_model") if k == 0 else None)
+        paths = report.write_outputs(Path(args.out), name, results, summary, credit, meta)
+        table = report.markdown_table(summary, credit if k == 0 else None, info["reward_model"] if k == 0 else None,
+                                      info.get("chat_reward_model") if k == 0 else None)
         sections.append(f"## GAE lambda = {lam:g}\n\n![curves]({Path(paths['plot']).name})\n\n{table}")
         print()
         print(table)
