@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -22,7 +22,7 @@ import torch
 from dense_rlhf.cli import default_out
 from dense_rlhf.rl.common import Policy, generate
 from dense_rlhf.study import methods as M
-from dense_rlhf.study import report
+from dense_rlhf.study import options, report
 from dense_rlhf.study import sentiment_task as task
 from dense_rlhf.study.credit_view import examples_from, html_page, rich_lines
 from dense_rlhf.study.experiment import PPO, SETUP
@@ -32,19 +32,34 @@ from dense_rlhf.study.runs import Run, run_one
 from dense_rlhf.study.stats import summarise
 
 
-def parse_args(argv):
+@dataclass
+class DemoOptions:
+    """``dense-rlhf demo``'s options."""
+
+    quick: bool = False
+    """tiny, fast version (smoke test)"""
+    seeds: int | None = None
+    """seeds per method (default 3, --quick 1)"""
+    steps: int | None = None
+    """PPO steps per run (default 60, --quick 12)"""
+    lam: float = 0.8
+    """GAE lambda (at 0.95 ABC's lead is small, see experiments/README.md)"""
+    examples: int = 4
+    """completions to show"""
+    seed: int = 0
+    """master seed: the SFT/RM training, the shown completions and the PPO seeds"""
+    out: str = default_out("demo")
+    """output folder"""
+    cache_dir: str | None = None
+    """model cache (default $DENSE_RLHF_CACHE or ~/.cache/dense-rlhf)"""
+    threads: int = 1
+    """torch threads (the models are tiny)"""
+
+
+def parse_args(argv: list[str]) -> DemoOptions:
     p = argparse.ArgumentParser(prog="dense-rlhf demo", description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="tiny, fast version (smoke test)")
-    p.add_argument("--seeds", type=int, default=None, help="seeds per method (default 3, quick 1)")
-    p.add_argument("--steps", type=int, default=None, help="PPO steps per run (default 60, quick 12)")
-    p.add_argument("--lam", type=float, default=0.8,
-                   help="GAE lambda (default 0.8; at 0.95 ABC's lead is small, see experiments/README.md)")
-    p.add_argument("--examples", type=int, default=4, help="completions to show")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=default_out("demo"), help=f"output folder (default ./{default_out('demo')})")
-    p.add_argument("--cache-dir", default=None, help="model cache (default $DENSE_RLHF_CACHE or ~/.cache/dense-rlhf)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the models are tiny)")
-    return p.parse_args(argv)
+    options.add_fields(p, DemoOptions)
+    return options.parse(p, DemoOptions, argv)[0]
 
 
 def main(argv: list[str]) -> int:
@@ -64,7 +79,7 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def _run(args: argparse.Namespace, argv: list[str], console, out: Path) -> None:
+def _run(args: DemoOptions, argv: list[str], console, out: Path) -> None:
     from rich.table import Table
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -33,7 +33,7 @@ from dense_rlhf.cli import default_out
 from dense_rlhf.rl import grpo
 from dense_rlhf.rl.ppo import PPOConfig
 from dense_rlhf.study import methods as M
-from dense_rlhf.study import runs, stats
+from dense_rlhf.study import options, runs, stats
 from dense_rlhf.study.library_log import quiet_transformers
 from dense_rlhf.study.models import QUICK_SETUP, SetupConfig, cache_root, load_or_train
 from dense_rlhf.study.plots import pyplot, save, score_curves
@@ -229,26 +229,46 @@ def plot(summary: dict, path: Path, title: str) -> None:
 # ---------------------------------------------------------------------------------------------------- CLI
 
 
-def parse_args(argv):
+@dataclass
+class GRPOStudyOptions:
+    """``dense-rlhf grpo-study``'s options (besides ``GRPO_OPTIONS``)."""
+
+    seeds: int = 5
+    """seeds per method"""
+    first_seed: int | None = None
+    """run seeds start here (default 1000 x --seed)"""
+    methods: str = ",".join(METHODS)
+    """comma-separated"""
+    seed: int = 0
+    """master seed: SFT/RM training and the run seeds"""
+    workers: int = field(default_factory=runs.default_workers)
+    """parallel runs (1 torch thread each)"""
+    out: str = default_out("grpo-study")
+    """output folder (`make grpo-study` writes the repository's committed results, experiments/results)"""
+    name: str = "grpo_study"
+    """output file stem"""
+    threads: int = 1
+    """torch threads of the main process (SFT/RM training)"""
+    quick: bool = False
+    """the demo's small SFT/RM setup (smoke test only)"""
+    cache_dir: str | None = None
+    """model cache (default $DENSE_RLHF_CACHE or ~/.cache/dense-rlhf)"""
+    grpo_overrides: dict = field(default_factory=dict, metadata={"cli": False})
+    """the GRPO_OPTIONS given on the command line"""
+
+
+# The GRPOConfig fields that the command line can set, over GRPO's values.
+GRPO_OPTIONS = ["steps", "kl_coef", "group_size"]
+NOTES = {"steps": "(the PPO runs make as many)", "kl_coef": "where a method has no @kl suffix",
+         "group_size": "(prompts per step = PPO's batch / G)"}
+
+
+def parse_args(argv: list[str]) -> GRPOStudyOptions:
     p = argparse.ArgumentParser(prog="dense-rlhf grpo-study", description=__doc__.splitlines()[0])
-    p.add_argument("--seeds", type=int, default=5, help="seeds per method (default 5)")
-    p.add_argument("--first-seed", type=int, default=None, help="run seeds start here (default 1000 x --seed)")
-    p.add_argument("--steps", type=int, default=GRPO.steps, help=f"steps per run (default {GRPO.steps})")
-    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated; default " + ",".join(METHODS))
-    p.add_argument("--seed", type=int, default=0, help="master seed: SFT/RM training and the run seeds")
-    p.add_argument("--kl-coef", type=float, default=GRPO.kl_coef,
-                   help=f"GRPO's KL loss coefficient where a method has no @kl suffix (default {GRPO.kl_coef:g})")
-    p.add_argument("--group-size", type=int, default=GRPO.group_size,
-                   help=f"G (default {GRPO.group_size}); prompts per step = PPO's batch / G")
-    p.add_argument("--workers", type=int, default=runs.default_workers(), help="parallel runs (1 thread each)")
-    p.add_argument("--out", default=default_out("grpo-study"),
-                   help=f"output folder (default ./{default_out('grpo-study')}; `make grpo-study` writes the "
-                        "repository's committed results, experiments/results)")
-    p.add_argument("--name", default="grpo_study", help="output file stem")
-    p.add_argument("--threads", type=int, default=1, help="torch threads of the main process (SFT/RM training)")
-    p.add_argument("--quick", action="store_true", help="the demo's small SFT/RM setup (smoke test only)")
-    p.add_argument("--cache-dir", default=None, help="model cache (default $DENSE_RLHF_CACHE or ~/.cache/dense-rlhf)")
-    return p.parse_args(argv)
+    options.add_fields(p, GRPOStudyOptions)
+    options.add_fields(p, grpo.GRPOConfig, GRPO_OPTIONS, defaults=GRPO, notes=NOTES, override=True)
+    opts, given = options.parse(p, GRPOStudyOptions, argv, overrides=(grpo.GRPOConfig,))
+    return replace(opts, grpo_overrides=given[grpo.GRPOConfig])
 
 
 def study_runs(methods: list[str], seeds: list[int], setup: SetupConfig, grpo_cfg: grpo.GRPOConfig,
@@ -281,11 +301,12 @@ def main(argv: list[str]) -> int:
             parse_method(m)
         except ValueError as err:
             raise SystemExit(str(err)) from None
-    if PPO.batch_size % args.group_size:
-        raise SystemExit(f"--group-size {args.group_size} must divide PPO's batch of {PPO.batch_size} completions")
+    grpo_cfg = replace(GRPO, **args.grpo_overrides)
+    if PPO.batch_size % grpo_cfg.group_size:
+        raise SystemExit(f"--group-size {grpo_cfg.group_size} must divide PPO's batch of {PPO.batch_size} "
+                         "completions")
     setup = replace(SetupConfig(), seed=args.seed, **(QUICK_SETUP if args.quick else {}))
-    grpo_cfg = replace(GRPO, steps=args.steps, kl_coef=args.kl_coef, group_size=args.group_size,
-                       prompts_per_step=PPO.batch_size // args.group_size)
+    grpo_cfg = replace(grpo_cfg, prompts_per_step=PPO.batch_size // grpo_cfg.group_size)
     ppo_cfg = replace(PPO, steps=grpo_cfg.steps)
     cache = cache_root(args.cache_dir)
     print(f"[1/2] SFT policy and reward model (cache: {cache})")

@@ -20,11 +20,11 @@ against completion length, with every seed) under ``--out``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -35,6 +35,9 @@ from dense_rlhf.study.diagnostics import credit_report
 from dense_rlhf.study.library_log import quiet_transformers
 from dense_rlhf.study.models import SetupConfig, load_or_train
 from dense_rlhf.study.plots import pyplot, save
+
+if TYPE_CHECKING:
+    from dense_rlhf.study.experiment import ExperimentOptions
 
 LENGTHS = (10, 20, 40, 80)
 METHODS = ("sparse", "abc-0.8", "prefix-0.8", "uniform")
@@ -190,7 +193,7 @@ def plot(per_length: dict, methods: list[str], path: Path, title: str) -> None:
 # ------------------------------------------------------------------------------------------------ the command
 
 
-def main(args: argparse.Namespace, argv: list[str], setup: SetupConfig, ppo: PPOConfig) -> int:
+def main(args: ExperimentOptions, argv: list[str], setup: SetupConfig, ppo: PPOConfig) -> int:
     """Run the study from ``dense-rlhf experiment``'s parsed arguments and its base setup and PPO settings."""
     t0 = time.time()
     lengths = sorted((int(x) for x in args.lengths.split(",") if x.strip()), reverse=True)

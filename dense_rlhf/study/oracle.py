@@ -27,11 +27,11 @@ Every run goes through one pool of single-threaded worker processes. Writes ``<n
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dense_rlhf.rl.ppo import PPOConfig
 from dense_rlhf.study import methods as M
@@ -41,6 +41,9 @@ from dense_rlhf.study import stats
 from dense_rlhf.study.diagnostics import credit_report
 from dense_rlhf.study.models import SetupConfig, load_or_train
 from dense_rlhf.study.plots import pyplot, save, score_curves
+
+if TYPE_CHECKING:
+    from dense_rlhf.study.experiment import ExperimentOptions
 
 METHODS = ("sparse", "abc-0.8", "prefix-0.8", "uniform", "oracle-0.8", "oracle-abs-0.8")
 LAMS = {"ours": (0.95, 0.8), "paper": (0.95,)}  # GAE lambdas per setting unless --lam names them
@@ -235,7 +238,7 @@ def write_outputs(sections: list[dict], credit: dict, info: dict, meta: dict, ou
 # ------------------------------------------------------------------------------------------------ the command
 
 
-def main(args: argparse.Namespace, argv: list[str], setup: SetupConfig, settings: dict[str, PPOConfig]) -> int:
+def main(args: ExperimentOptions, argv: list[str], setup: SetupConfig, settings: dict[str, PPOConfig]) -> int:
     """Run the study from ``dense-rlhf experiment``'s parsed arguments, its setup and its PPO settings by name."""
     t0 = time.time()
     methods = [m.strip() for m in (args.methods or ",".join(METHODS)).split(",") if m.strip()]
