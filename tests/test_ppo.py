@@ -79,8 +79,8 @@ def test_token_rewards_conserve_the_score_and_align_to_the_response(tiny, method
     codec, lm, rm = tiny
     policy = PolicyWithValue(lm, codec.special_ids)
     prompts = codec.encode(task.sample_prompts(__import__("random").Random(1), 6))
-    ro = rollout(policy, lm, prompts, 8, torch.Generator().manual_seed(1), 1.0, capture_policy_attention=True)
-    assert ro.policy_attn_rows.shape == (6, lm.config.n_head, task.PROMPT_LEN + 8)
+    ro = rollout(policy, lm, prompts, 8, torch.Generator().manual_seed(1), 1.0, M.capture_policy_attention)
+    assert ro.captured.rows.shape == (6, lm.config.n_head, task.PROMPT_LEN + 8)
     ids, mask = M.rm_inputs(codec, ro.seq)
     assert ids.shape[1] == ro.seq.shape[1] + 1 and (ids[:, -1] == codec.eos_id).all()
     assert mask.sum(1).tolist() == [8] * 6 and not mask[:, : task.PROMPT_LEN].any() and not mask[:, -1].any()
@@ -89,7 +89,7 @@ def test_token_rewards_conserve_the_score_and_align_to_the_response(tiny, method
     assert rows.shape == (6, rm.config.n_head, ids.shape[1]) and fwd.prefix_scores.shape == ids.shape
     assert (fwd.reward_index == ids.shape[1] - 1).all()  # [EOS]
     torch.testing.assert_close(fwd.prefix_scores[:, -1], score, atol=0, rtol=0)
-    r = M.token_rewards(method, score, rows, mask, ro.policy_attn_rows, task.PROMPT_LEN, 8, fwd.prefix_scores,
+    r = M.token_rewards(method, score, rows, mask, ro.captured.rows, task.PROMPT_LEN, 8, fwd.prefix_scores,
                         fwd.reward_index, task.credits_of(codec, ro.seq))
     assert r.shape == (6, 8)
     assert torch.allclose(r.sum(1), score, atol=1e-5)
@@ -176,19 +176,35 @@ def test_capture_rows_match_eager_attention(tiny):
 
 
 def test_the_plain_rollout_captures_nothing_and_the_capture_changes_no_number(tiny):
-    """ABC-D's capture of the policy's attention is an option, off by default; on, the rollout is the same."""
+    """The rollout hook is optional and off by default; the policy's forward runs inside it, and what it returns on
+    entering is the rollout's ``captured``. ABC-D's hook (the study's) leaves every number of the rollout the same."""
+    import contextlib
+
     codec, lm, rm = tiny
     policy = PolicyWithValue(lm, codec.special_ids)
     prompts = codec.encode(task.sample_prompts(__import__("random").Random(4), 4))
     plain = rollout(policy, lm, prompts, 6, torch.Generator().manual_seed(4), 1.0)
-    captured = rollout(policy, lm, prompts, 6, torch.Generator().manual_seed(4), 1.0, capture_policy_attention=True)
-    assert plain.policy_attn_rows is None and captured.policy_attn_rows is not None
+    captured = rollout(policy, lm, prompts, 6, torch.Generator().manual_seed(4), 1.0, M.capture_policy_attention)
+    assert plain.captured is None and captured.captured.rows.shape == (4, lm.config.n_head, task.PROMPT_LEN + 6)
     for name in ("seq", "old_logp", "ref_logp", "old_values"):
         assert torch.equal(getattr(plain, name), getattr(captured, name)), name
-    with pytest.raises(ValueError, match="capture_policy_attention"):
+    with pytest.raises(ValueError, match="rollout_hook"):
         M.make_score_fn("abcd", rm, codec)(plain)
     rewards, _ = M.make_score_fn("abcd", rm, codec)(captured)
     assert rewards.shape == (4, 6)
+    assert M.rollout_hook("abcd") is M.capture_policy_attention and M.rollout_hook("abc-0.8") is None
+
+    calls = []
+
+    @contextlib.contextmanager
+    def hook(model, seq):
+        calls.append((model, seq.shape))
+        handle = model.register_forward_hook(lambda module, args, out: calls.append("forward"))
+        yield "mine"
+        handle.remove()
+
+    ro = rollout(policy, lm, prompts, 6, torch.Generator().manual_seed(4), 1.0, hook)
+    assert ro.captured == "mine" and calls == [(lm, (4, task.PROMPT_LEN + 6)), "forward"]  # the policy's one forward
 
 
 def tiny_llama(vocab_size: int, bos: int, eos: int, pad: int):
@@ -221,13 +237,13 @@ def test_ppo_trains_a_llama_policy(tiny):
     cfg = PPOConfig(steps=2, batch_size=4, minibatch_size=2, ppo_epochs=2)
     for method in ("abc-0.8", "abcd"):
         hist = train(policy, lm, lambda n: codec.encode(task.sample_prompts(rng, n)), 6,
-                     M.make_score_fn(method, rm, codec), cfg, seed=0, capture_policy_attention=method == "abcd")
+                     M.make_score_fn(method, rm, codec), cfg, seed=0, rollout_hook=M.rollout_hook(method))
         assert len(hist) == 2 and all(math.isfinite(v) for h in hist for v in h.values())
     assert any(not torch.equal(a, b) for a, b in zip(before, policy.parameters()))
     assert policy.v_head.weight.abs().sum() > 0  # the value head learned
-    ro = rollout(policy, lm, prompts, 5, torch.Generator().manual_seed(0), 1.0, capture_policy_attention=True)
-    assert ro.policy_attn_rows.shape == (4, 4, task.PROMPT_LEN + 5)  # Llama's 4 query heads (2 key-value heads)
-    torch.testing.assert_close(ro.policy_attn_rows.sum(-1), torch.ones(4, 4))
+    ro = rollout(policy, lm, prompts, 5, torch.Generator().manual_seed(0), 1.0, M.capture_policy_attention)
+    assert ro.captured.rows.shape == (4, 4, task.PROMPT_LEN + 5)  # Llama's 4 query heads (2 key-value heads)
+    torch.testing.assert_close(ro.captured.rows.sum(-1), torch.ones(4, 4))
 
 
 def test_the_value_head_reads_the_text_config():

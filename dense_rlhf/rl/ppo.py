@@ -17,19 +17,19 @@ are read at position ``P + t - 1``. Every per-token tensor below is [B, N], alig
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from dense_rlhf.capture import capture_reward_attention
 from dense_rlhf.rl.common import (Policy, TrainerState, clipped_policy_loss, generate, kl_k1, minibatch_update,
                                   reference_logprobs, response_logprobs, run_steps, start_training, text_config,
                                   whiten)
 
-__all__ = ["AdaptiveKLController", "FixedKLController", "PPOConfig", "PolicyWithValue", "Rollout", "gae", "generate",
-           "kl_controller", "ppo_losses", "ppo_step", "response_logprobs", "rollout", "train", "whiten"]
+__all__ = ["AdaptiveKLController", "FixedKLController", "PPOConfig", "PolicyWithValue", "Rollout", "RolloutHook", "gae",
+           "generate", "kl_controller", "ppo_losses", "ppo_step", "response_logprobs", "rollout", "train", "whiten"]
 
 
 @dataclass
@@ -137,8 +137,7 @@ class Rollout:
     old_logp: torch.Tensor  # [B, N]
     ref_logp: torch.Tensor  # [B, N]
     old_values: torch.Tensor  # [B, N] V(state before response token t)
-    # [B, H, P + N] the policy's last-layer attention from its final token (ABC-D), when the rollout captured it
-    policy_attn_rows: torch.Tensor | None = None
+    captured: Any = None  # what the rollout's hook returned on entering (None without a hook)
 
 
 class FixedKLController:
@@ -184,27 +183,25 @@ def kl_controller(cfg: PPOConfig) -> FixedKLController | AdaptiveKLController:
 
 # token_scores(rollout) -> [B, N] per-token task rewards (before the KL penalty), plus a dict of metrics
 TokenScoreFn = Callable[[Rollout], "tuple[torch.Tensor, dict]"]
+# rollout_hook(lm, seq) -> a context manager entered around the rollout's forward of the policy's language model over
+# the sampled sequences seq [B, P + N]; what it returns on entering is kept as Rollout.captured for score_fn. The study's
+# ABC-D baseline reads the policy's own attention this way (dense_rlhf.study.methods.capture_policy_attention).
+RolloutHook = Callable[[nn.Module, torch.Tensor], AbstractContextManager]
 
 
 @torch.no_grad()
 def rollout(policy: PolicyWithValue, ref_lm: nn.Module, prompts: torch.Tensor, n_new: int, gen: torch.Generator,
-            temperature: float, capture_policy_attention: bool = False) -> Rollout:
-    """Sample responses, then one forward each of policy and reference over the whole sequence. With
-    ``capture_policy_attention``, the policy's forward also records its last-layer attention row from its final
-    token (``Rollout.policy_attn_rows``, the credit of the ABC-D baseline); its outputs are the same either way."""
+            temperature: float, hook: RolloutHook | None = None) -> Rollout:
+    """Sample responses, then one forward each of policy and reference over the whole sequence; the policy's forward
+    runs inside ``hook(policy.lm, seq)`` if given (``RolloutHook``), whose value is kept as ``Rollout.captured``."""
     policy.eval()
     seq = generate(policy, prompts, n_new, gen, temperature)
     p = prompts.shape[1]
-    if capture_policy_attention:
-        with capture_reward_attention(policy.lm, layer=-1, reward_index=seq.shape[1] - 1) as cap:
-            logits, values = policy(seq)
-        rows = cap.rows
-    else:
+    with hook(policy.lm, seq) if hook is not None else nullcontext() as captured:
         logits, values = policy(seq)
-        rows = None
     old_logp = response_logprobs(logits / temperature, seq, p)
     ref_logp = reference_logprobs(ref_lm, seq, p, temperature, policy.logit_bias)
-    return Rollout(seq, old_logp, ref_logp, values[:, p - 1 : -1], rows)
+    return Rollout(seq, old_logp, ref_logp, values[:, p - 1 : -1], captured)
 
 
 def ppo_step(state: TrainerState, kl_ctl: FixedKLController | AdaptiveKLController, ro: Rollout,
@@ -250,15 +247,15 @@ def ppo_step(state: TrainerState, kl_ctl: FixedKLController | AdaptiveKLControll
 
 def train(policy: PolicyWithValue, ref_lm: nn.Module, sample_prompts: Callable[[int], torch.Tensor],
           n_new: int, score_fn: TokenScoreFn, cfg: PPOConfig, seed: int,
-          on_step: Callable[[int, dict], None] | None = None, capture_policy_attention: bool = False) -> list[dict]:
+          on_step: Callable[[int, dict], None] | None = None, rollout_hook: RolloutHook | None = None) -> list[dict]:
     """Run cfg.steps PPO steps; returns one metrics dict per step (score_fn's metrics included).
-    ``capture_policy_attention``: every rollout records the policy's attention rows for ``score_fn`` (ABC-D)."""
+    ``rollout_hook``: entered around every rollout's policy forward (``RolloutHook``), for ``score_fn`` to read."""
     state = start_training(policy, ref_lm, cfg.lr, cfg.adam_eps, seed)
     kl_ctl = kl_controller(cfg)
 
     def one_step(step: int) -> dict:
         ro = rollout(policy, ref_lm, sample_prompts(cfg.batch_size), n_new, state.gen, cfg.temperature,
-                     capture_policy_attention)
+                     rollout_hook)
         token_scores, metrics = score_fn(ro)
         return {**ppo_step(state, kl_ctl, ro, token_scores, cfg), **metrics}
 

@@ -11,8 +11,8 @@ response tokens, summing to r_C:
   s(x, y<t), the last one also the step to the score at [EOS].
 - ``uniform``: r_C / N on every response token.
 - ``abcd``: ABC-D, the same formula (beta 0.8) with the *policy's* own last-layer attention row from its
-  final generated token, captured during the rollout forward (``ppo.train(..., capture_policy_attention=True)``,
-  which ``runs.run_one`` turns on for this method only).
+  final generated token, captured during the rollout forward by the hook ``capture_policy_attention``
+  (``ppo.train(..., rollout_hook=...)``; ``rollout_hook(method)`` names it for this method only).
 
 With a reward model that has its own tokenizer and chat template (``ALIGNED_METHODS``: a byte-level BPE trained
 on the task's text, see ``models.load_or_train_chat_rm``), through ``dense_rlhf.score_and_densify_text``:
@@ -48,7 +48,7 @@ from dense_rlhf.study import sentiment_task as task
 from dense_rlhf.capture import capture_prefix_scores, capture_reward_attention
 from dense_rlhf.ops import dense_rewards, prefix_rewards, sparse_rewards, uniform_rewards
 from dense_rlhf.rl.grpo import GroupRollout
-from dense_rlhf.rl.ppo import Rollout
+from dense_rlhf.rl.ppo import Rollout, RolloutHook
 
 METHODS = ["sparse", "abc-0.5", "abc-0.8", "abc-1.0", "prefix-0.8", "prefix-1.0", "uniform", "abcd"]
 LABELS = {
@@ -160,7 +160,7 @@ def token_rewards(method: str, score: torch.Tensor, rm_rows: torch.Tensor, rm_ma
         full = prefix_rewards(prefix_scores, rm_mask, beta=float(method[7:]), reward_index=reward_index)
     elif method == "abcd":
         if policy_rows is None:
-            raise ValueError("abcd needs the policy's attention rows: run PPO with capture_policy_attention=True")
+            raise ValueError("abcd needs the policy's attention rows: run PPO with rollout_hook=capture_policy_attention")
         mask = torch.zeros(policy_rows.shape[0], policy_rows.shape[-1], dtype=torch.bool)
         mask[:, prompt_len : prompt_len + n_new] = True
         full = dense_rewards(policy_rows, score, mask, beta=ABCD_BETA, layout="rows")
@@ -181,6 +181,18 @@ def aligned_rewards(chat_rm, codec: task.Codec, seq: torch.Tensor, beta: float) 
     response = seq[:, task.PROMPT_LEN :]
     return score_and_densify_text(rm, rm_tokenizer, prompts, response, policy_tokenizer=codec.tokenizer,
                                   response_mask=torch.ones_like(response, dtype=torch.bool), beta=beta)
+
+
+def capture_policy_attention(lm, seq: torch.Tensor):
+    """ABC-D's rollout hook (``ppo.RolloutHook``): captures the policy's last-layer attention rows from its final
+    token during the rollout's forward, ``Rollout.captured.rows`` [B, H, P + N] after it. The forward's outputs are
+    the same with it as without."""
+    return capture_reward_attention(lm, layer=-1, reward_index=seq.shape[1] - 1)
+
+
+def rollout_hook(method: str) -> RolloutHook | None:
+    """The hook a reward method needs on PPO's rollouts: ``capture_policy_attention`` for abcd, None for the rest."""
+    return capture_policy_attention if method == "abcd" else None
 
 
 def make_score_fn(method: str, rm, codec: task.Codec, chat_rm=None):
@@ -208,8 +220,9 @@ def make_score_fn(method: str, rm, codec: task.Codec, chat_rm=None):
         if oracle and not scale:
             scale.append(1.0 if oracle_spec(method)[1] else rm_scale(rm, codec, n_new))
         credit = task.credits_of(codec, ro.seq) if oracle else None
-        rewards = token_rewards(method, score, rows, mask, ro.policy_attn_rows, task.PROMPT_LEN, n_new, prefix, index,
-                                credit, scale[0] if oracle else 1.0)
+        policy_rows = ro.captured.rows if method == "abcd" and ro.captured is not None else None
+        rewards = token_rewards(method, score, rows, mask, policy_rows, task.PROMPT_LEN, n_new, prefix, index, credit,
+                                scale[0] if oracle else 1.0)
         gt = task.scores_of(codec, ro.seq)
         return rewards, {"gt_score": gt.mean().item(), "rm_score": score.mean().item()}
 

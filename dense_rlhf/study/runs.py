@@ -59,7 +59,7 @@ def run_one(run: Run, on_step: Callable[[int, dict], None] | None = None) -> dic
         torch.manual_seed(run.seed)
         policy = ppo.PolicyWithValue(copy.deepcopy(sft), codec.special_ids)
         train, score_fn, keys = ppo.train, M.make_score_fn(reward, rm, codec, chat_rm), PPO_CURVES
-        options = {"capture_policy_attention": reward == "abcd"}
+        options = {"rollout_hook": M.rollout_hook(reward)}
     t0, c0 = time.time(), time.process_time()
     history = train(policy, sft, task.prompt_sampler(codec, PROMPT_SEED + run.seed), run.setup.completion_len,
                     score_fn, run.config, run.seed, on_step, **options)
