@@ -44,7 +44,7 @@ SOURCES := setup.py pyproject.toml requirements-dev.txt $(filter-out csrc/cuda_e
 # test-cuda-emu's builds of the emulated kernel: plain, and with AddressSanitizer + UndefinedBehaviorSanitizer.
 CUDA_EMU_BUILDS ?= plain sanitized
 # --capture=sys: what the C++ side writes to stderr as it aborts (a sanitizer's report) is not lost in pytest's capture.
-CUDA_EMU_PYTEST = DENSE_RLHF_TEST_CUDA_EMU=1 CXX="$(CXX)" $(PY) -m pytest -q -p no:cacheprovider --capture=sys \
+CUDA_EMU_PYTEST = CXX="$(CXX)" $(PY) -m pytest -q -p no:cacheprovider --capture=sys -m cuda \
   tests/test_cuda_emu.py
 # The sanitized library is loaded into a Python that is not built so: the runtime must be preloaded (with libstdc++,
 # whose exception throwing ASan wraps when it starts), and the interpreter's allocations are not leaks to report.
@@ -67,10 +67,20 @@ grpo-study: $(VENV)/.built
 bench: $(VENV)/.built
 	$(VENV)/bin/dense-rlhf bench --out benchmarks/results $(ARGS)
 
-test: test-cpu test-docs test-cuda-emu test-packaging test-verl test-vllm test-cuda-build
+# The environments the steps need are built first, at once (their downloads and unpacking overlap, and the two
+# compiles take both cores), then the steps run one after another.
+TEST_ENVS := $(VENV)/.built $(if $(filter 1,$(SKIP_VERL)),,$(VERL_VENV)/.built) \
+  $(if $(filter 1,$(SKIP_VLLM)),,$(VLLM_VENV)/.built $(VLLM_TEST_VENV)/.built) $(if $(NVCC),$(CUDA_VENV)/.installed)
+TEST_STEPS := test-cpu test-docs test-cuda-emu test-packaging test-verl test-vllm test-cuda-build
 
+test:
+	$(MAKE) -j4 --output-sync=target $(sort $(TEST_ENVS))
+	$(MAKE) $(TEST_STEPS)
+
+# The steps below select tests by marker (pyproject.toml): the packaging checks and the CUDA kernel's source have
+# steps of their own, and the verl and vLLM tests skip where their packages are missing.
 test-cpu: $(VENV)/.built
-	DENSE_RLHF_REQUIRE_NATIVE=1 $(PY) -m pytest -q tests
+	DENSE_RLHF_REQUIRE_NATIVE=1 $(PY) -m pytest -q -m "not packaging and not cuda" tests
 
 # Every Python code block of README.md and of the pages under docs/ (pytest-markdown-docs; the blocks' fixtures are
 # in tests/docs_fixtures.py), then the documentation site built with --strict (mkdocs.yml), which fails on a broken
@@ -105,7 +115,7 @@ test-packaging: $(VENV)/.built
 ifeq ($(SKIP_PACKAGING),1)
 	@echo "test-packaging: skipped (SKIP_PACKAGING=1)"
 else
-	DENSE_RLHF_TEST_PACKAGING=1 $(PY) -m pytest -q -p no:cacheprovider tests/test_packaging.py
+	$(PY) -m pytest -q -p no:cacheprovider -m packaging tests/test_packaging.py
 endif
 
 # The verl integration's tests, with the transformers that verl pins; SKIP_VERL=1 skips them.
@@ -157,9 +167,18 @@ test-cuda-build:
 ifeq ($(NVCC),)
 	@echo "test-cuda-build: nvcc not found, CUDA build check skipped"
 else
+	$(MAKE) $(CUDA_VENV)/.installed
+	cd $(CUDA_VENV) && DENSE_RLHF_REQUIRE_NATIVE=1 DENSE_RLHF_REQUIRE_CUDA_KERNEL=1 \
+	  bin/python -m pytest -q -p no:cacheprovider --rootdir=$(CURDIR) $(addprefix $(CURDIR)/,$(CORE_TESTS))
+endif
+
+$(CUDA_VENV)/.built: Makefile
 	test -x $(CUDA_VENV)/bin/python || $(PYTHON) -m venv $(CUDA_VENV)
 	$(CUDA_VENV)/bin/python -m pip install -q $(CUDA_TORCH) numpy ninja pytest hypothesis expecttest
-	# Built from a copy, so that the CPU environment's in-place build is left alone.
+	touch $@
+
+# The package built with its CUDA kernel, from a copy, so that the CPU environment's in-place build is left alone.
+$(CUDA_VENV)/.installed: $(CUDA_VENV)/.built $(SOURCES) $(wildcard dense_rlhf/*.py dense_rlhf/*/*.py)
 	rm -rf $(CUDA_VENV)/src && mkdir -p $(CUDA_VENV)/src
 	cp -r setup.py pyproject.toml MANIFEST.in README.md LICENSE csrc dense_rlhf $(CUDA_VENV)/src/
 	rm -f $(CUDA_VENV)/src/dense_rlhf/_C*.so
@@ -167,9 +186,7 @@ else
 	export CUDA_HOME="$(CUDA_HOME)" TORCH_CUDA_ARCH_LIST="$(CUDA_ARCHS)" DENSE_RLHF_CUDA=1 \
 	  CPATH="$$($(CUDA_VENV)/bin/python -c 'import nvidia, os; print(os.path.join(nvidia.__path__[0], "cu13", "include"))')"; \
 	  $(CUDA_VENV)/bin/python -m pip install -q --no-build-isolation --no-deps --force-reinstall $(CUDA_VENV)/src
-	cd $(CUDA_VENV) && DENSE_RLHF_REQUIRE_NATIVE=1 DENSE_RLHF_REQUIRE_CUDA_KERNEL=1 \
-	  bin/python -m pytest -q -p no:cacheprovider --rootdir=$(CURDIR) $(addprefix $(CURDIR)/,$(CORE_TESTS))
-endif
+	touch $@
 
 clean: clean-envs
 	rm -rf build dist dense_rlhf/_C*.so *.egg-info

@@ -81,15 +81,15 @@ class EmulatedKernel:
         for name in ("half_to_float", "bfloat16_to_float", "float_to_half", "float_to_bfloat16"):
             getattr(self.lib, f"dense_rlhf_emu_{name}").argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
 
-    def dense_rewards(self, attn, score, mask, *, beta: float = 0.8, reward_index=None, num_sms: int,
-                      seed: int = 0, backend: str = "fibers") -> tuple[torch.Tensor, torch.Tensor]:
+    def dense_rewards(self, attn, score, mask, *, beta: float = 0.8, reward_index=None, layout: str = "auto",
+                      num_sms: int, seed: int = 0, backend: str = "fibers") -> tuple[torch.Tensor, torch.Tensor]:
         """(out, status) of the emulated CUDA kernel on inputs as ``dense_rlhf.dense_rewards`` takes them.
 
         `num_sms` is the device's multiprocessor count, which sets the kernel's chunks per row; `seed` the
         order of blocks and threads. out and status start as NaN and -1, so an element the kernel never writes
         shows.
         """
-        attn4, score1, mask_b, index = ops._normalise(attn, score, mask, reward_index, "reference")
+        attn4, score1, mask_b, index = ops._normalise(attn, score, mask, reward_index, layout, "reference")
         beta = ops.check_beta(beta)
         batch, _, _, length = attn4.shape
         out = torch.full((batch, length), float("nan"))
@@ -272,10 +272,10 @@ def check_case(kernel: EmulatedKernel, case: Case, *, backend: str = "fibers") -
     """Runs `case` through the emulated kernel and checks it against the PyTorch reference."""
     inputs = make_inputs(case)
     out, status = kernel.dense_rewards(inputs.attn, inputs.score, inputs.mask, beta=case.beta,
-                                       reward_index=inputs.reward_index, num_sms=case.num_sms, seed=case.seed,
-                                       backend=backend)
+                                       reward_index=inputs.reward_index, layout=case.layout, num_sms=case.num_sms,
+                                       seed=case.seed, backend=backend)
     attn4, score1, mask_b, index1 = ops._normalise(inputs.attn, inputs.score, inputs.mask, inputs.reward_index,
-                                                   "reference")
+                                                   case.layout, "reference")
     expected, expected_status = dense_rewards_reference(attn4, score1, mask_b, case.beta, index1)
     assert status.tolist() == expected_status.tolist(), \
         f"status {status.tolist()} != {expected_status.tolist()} for rows {inputs.kinds}"

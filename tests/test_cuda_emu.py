@@ -2,7 +2,7 @@
 emulation in csrc/cuda_emu and run on the CPU, against the PyTorch reference; and the emulation itself: real
 barriers, warp exchanges, grid indices, bit-exact 16-bit float conversions.
 
-Runs with DENSE_RLHF_TEST_CUDA_EMU=1, which ``make test-cuda-emu`` sets. It runs the file twice: plainly, then
+Marked ``cuda``, which ``make test-cpu`` leaves out; ``make test-cuda-emu`` runs the file twice: plainly, then
 with DENSE_RLHF_CUDA_EMU_SANITIZE=1, which builds with AddressSanitizer and UndefinedBehaviorSanitizer, with
 their runtime preloaded (the Makefile says how), so that a read out of bounds fails.
 """
@@ -22,8 +22,7 @@ from cuda_emu import (ROOT, Case, EmulatedKernel, EmulatedLaunchError, build, ch
                       make_inputs)
 from dense_rlhf.reference import dense_rewards_reference
 
-pytestmark = pytest.mark.skipif(os.environ.get("DENSE_RLHF_TEST_CUDA_EMU") != "1",
-                                reason="set DENSE_RLHF_TEST_CUDA_EMU=1 (make test-cuda-emu)")
+pytestmark = pytest.mark.cuda
 SANITIZE = os.environ.get("DENSE_RLHF_CUDA_EMU_SANITIZE") == "1"
 # The C++ tree to build from: this one, or a copy with a planted bug (tests/cuda_emu_planted_bugs.py).
 CSRC = pathlib.Path(os.environ.get("DENSE_RLHF_CUDA_EMU_CSRC", ROOT / "csrc"))
@@ -73,7 +72,7 @@ def test_results_do_not_depend_on_block_or_thread_order(kernel, case):
     """Chunk partials are added in a fixed order, so the result is the same bits for any schedule."""
     inputs = make_inputs(case)
     runs = [kernel.dense_rewards(inputs.attn, inputs.score, inputs.mask, reward_index=inputs.reward_index,
-                                 num_sms=case.num_sms, seed=seed)[0] for seed in range(4)]
+                                 layout=case.layout, num_sms=case.num_sms, seed=seed)[0] for seed in range(4)]
     for other in runs[1:]:
         assert torch.equal(other.view(torch.int32), runs[0].view(torch.int32))
 

@@ -17,6 +17,7 @@ def test_cuda_sources_exist():
     assert CUDA_SOURCES, "csrc/cuda/*.cu not found"
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(NVCC is None, reason="nvcc not found")
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 @pytest.mark.parametrize("source", CUDA_SOURCES, ids=lambda path: path.name)

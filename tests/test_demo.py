@@ -11,6 +11,7 @@ for needed in ("transformers", "trl", "datasets", "matplotlib", "rich"):
 from dense_rlhf import cli  # noqa: E402
 
 
+@pytest.mark.slow
 def test_demo_quick_then_tiny_experiment(tmp_path, monkeypatch, capsys):
     cache = tmp_path / "cache"
     monkeypatch.setenv("DENSE_RLHF_CACHE", str(cache))
@@ -100,3 +101,15 @@ def test_credit_shading_never_looks_like_the_sign_colours():
         assert b >= max(r, g)  # white to blue
         assert Color.from_rgb(r, g, b).downgrade(ColorSystem.STANDARD).number not in signs
     assert Color.from_rgb(*_shade(1.0)).downgrade(ColorSystem.STANDARD).number == Color.parse("bright_blue").number
+
+
+def test_runs_come_back_in_the_order_asked_from_any_number_of_workers():
+    """``runs.map_jobs`` (every study's pool): the results in the order of the arguments, whether the jobs run here or
+    in spawned worker processes that finish in any order; ``progress`` sees each result once."""
+    from dense_rlhf.study.runs import map_jobs
+
+    args = [-3, 1, -2, 5, 0, -7, 4]
+    for workers in (1, 2):
+        seen = []
+        assert map_jobs(abs, args, workers, seen.append) == [3, 1, 2, 5, 0, 7, 4]
+        assert sorted(seen) == sorted(map(abs, args))

@@ -14,7 +14,7 @@ from dense_rlhf.rl.common import Policy
 from dense_rlhf.rl.grpo import (GRPOConfig, credit_weighted_advantages, dense_return_advantages, group_advantages,
                                 grpo_losses, plain_advantages, rollout, token_advantages, train)
 from dense_rlhf.study import sentiment_task as task
-from dense_rlhf.study.grpo_study import make_score_fn
+from dense_rlhf.study.methods import make_grpo_score_fn as make_score_fn
 
 EPS = 1e-4
 

@@ -2,8 +2,8 @@
 installs into a fresh virtual environment and works from outside the tree, and the editable install works
 with the pip that ``python -m venv`` ships.
 
-Slow (a fresh venv, three compiles of the CPU op): runs only with DENSE_RLHF_TEST_PACKAGING=1, which
-``make test-packaging`` (part of ``make test``) sets.
+Slow (a fresh venv, three compiles of the CPU op): marked ``packaging``, which ``make test-cpu`` leaves out and
+``make test-packaging`` (part of ``make test``) selects.
 """
 
 from __future__ import annotations
@@ -22,8 +22,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
-pytestmark = pytest.mark.skipif(os.environ.get("DENSE_RLHF_TEST_PACKAGING") != "1",
-                                reason="slow; set DENSE_RLHF_TEST_PACKAGING=1 (make test-packaging)")
+pytestmark = [pytest.mark.packaging, pytest.mark.slow]
 
 # Run from outside the source tree, in the fresh environment: the native op is built, registered, and agrees
 # with the PyTorch reference.

@@ -79,8 +79,8 @@ def test_token_rewards_conserve_the_score_and_align_to_the_response(tiny, method
     codec, lm, rm = tiny
     policy = PolicyWithValue(lm, codec.special_ids)
     prompts = codec.encode(task.sample_prompts(__import__("random").Random(1), 6))
-    ro = rollout(policy, lm, prompts, 8, torch.Generator().manual_seed(1), 1.0)
-    assert ro.policy_attn_rows.shape == (6, lm.config.n_head, task.PROMPT_LEN + 8)
+    ro = rollout(policy, lm, prompts, 8, torch.Generator().manual_seed(1), 1.0, M.capture_policy_attention)
+    assert ro.captured.rows.shape == (6, lm.config.n_head, task.PROMPT_LEN + 8)
     ids, mask = M.rm_inputs(codec, ro.seq)
     assert ids.shape[1] == ro.seq.shape[1] + 1 and (ids[:, -1] == codec.eos_id).all()
     assert mask.sum(1).tolist() == [8] * 6 and not mask[:, : task.PROMPT_LEN].any() and not mask[:, -1].any()
@@ -89,7 +89,7 @@ def test_token_rewards_conserve_the_score_and_align_to_the_response(tiny, method
     assert rows.shape == (6, rm.config.n_head, ids.shape[1]) and fwd.prefix_scores.shape == ids.shape
     assert (fwd.reward_index == ids.shape[1] - 1).all()  # [EOS]
     torch.testing.assert_close(fwd.prefix_scores[:, -1], score, atol=0, rtol=0)
-    r = M.token_rewards(method, score, rows, mask, ro.policy_attn_rows, task.PROMPT_LEN, 8, fwd.prefix_scores,
+    r = M.token_rewards(method, score, rows, mask, ro.captured.rows, task.PROMPT_LEN, 8, fwd.prefix_scores,
                         fwd.reward_index, task.credits_of(codec, ro.seq))
     assert r.shape == (6, 8)
     assert torch.allclose(r.sum(1), score, atol=1e-5)
@@ -173,6 +173,95 @@ def test_capture_rows_match_eager_attention(tiny):
     finally:
         rm.config._attn_implementation = "sdpa"
     assert torch.allclose(rows, att, atol=1e-5)
+
+
+def test_the_plain_rollout_captures_nothing_and_the_capture_changes_no_number(tiny):
+    """The rollout hook is optional and off by default; the policy's forward runs inside it, and what it returns on
+    entering is the rollout's ``captured``. ABC-D's hook (the study's) leaves every number of the rollout the same."""
+    import contextlib
+
+    codec, lm, rm = tiny
+    policy = PolicyWithValue(lm, codec.special_ids)
+    prompts = codec.encode(task.sample_prompts(__import__("random").Random(4), 4))
+    plain = rollout(policy, lm, prompts, 6, torch.Generator().manual_seed(4), 1.0)
+    captured = rollout(policy, lm, prompts, 6, torch.Generator().manual_seed(4), 1.0, M.capture_policy_attention)
+    assert plain.captured is None and captured.captured.rows.shape == (4, lm.config.n_head, task.PROMPT_LEN + 6)
+    for name in ("seq", "old_logp", "ref_logp", "old_values"):
+        assert torch.equal(getattr(plain, name), getattr(captured, name)), name
+    with pytest.raises(ValueError, match="rollout_hook"):
+        M.make_score_fn("abcd", rm, codec)(plain)
+    rewards, _ = M.make_score_fn("abcd", rm, codec)(captured)
+    assert rewards.shape == (4, 6)
+    assert M.rollout_hook("abcd") is M.capture_policy_attention and M.rollout_hook("abc-0.8") is None
+
+    calls = []
+
+    @contextlib.contextmanager
+    def hook(model, seq):
+        calls.append((model, seq.shape))
+        handle = model.register_forward_hook(lambda module, args, out: calls.append("forward"))
+        yield "mine"
+        handle.remove()
+
+    ro = rollout(policy, lm, prompts, 6, torch.Generator().manual_seed(4), 1.0, hook)
+    assert ro.captured == "mine" and calls == [(lm, (4, task.PROMPT_LEN + 6)), "forward"]  # the policy's one forward
+
+
+def tiny_llama(vocab_size: int, bos: int, eos: int, pad: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         bos_token_id=bos, eos_token_id=eos, pad_token_id=pad)
+    return LlamaForCausalLM(config).eval()
+
+
+def test_ppo_trains_a_llama_policy(tiny):
+    """Any causal LM: the value head is sized from the config's hidden_size (Llama has no n_embd), and a real
+    PPO run with ABC's rewards from the GPT-2 reward model updates the Llama policy, with ABC-D's capture too."""
+    import copy
+    import random
+
+    codec, _, rm = tiny
+    lm = tiny_llama(codec.vocab_size, codec.bos_id, codec.eos_id, codec.pad_id)
+    assert not hasattr(lm.config, "n_embd")
+    policy = PolicyWithValue(copy.deepcopy(lm), codec.special_ids)
+    assert policy.v_head.in_features == 48
+    prompts = codec.encode(task.sample_prompts(random.Random(5), 4))
+    logits, values = policy(prompts)
+    assert logits.shape == (4, task.PROMPT_LEN, codec.vocab_size) and values.shape == (4, task.PROMPT_LEN)
+    assert (values == 0).all()  # the head starts at zero
+    before = [p.detach().clone() for p in policy.parameters()]
+    rng = random.Random(0)
+    cfg = PPOConfig(steps=2, batch_size=4, minibatch_size=2, ppo_epochs=2)
+    for method in ("abc-0.8", "abcd"):
+        hist = train(policy, lm, lambda n: codec.encode(task.sample_prompts(rng, n)), 6,
+                     M.make_score_fn(method, rm, codec), cfg, seed=0, rollout_hook=M.rollout_hook(method))
+        assert len(hist) == 2 and all(math.isfinite(v) for h in hist for v in h.values())
+    assert any(not torch.equal(a, b) for a, b in zip(before, policy.parameters()))
+    assert policy.v_head.weight.abs().sum() > 0  # the value head learned
+    ro = rollout(policy, lm, prompts, 5, torch.Generator().manual_seed(0), 1.0, M.capture_policy_attention)
+    assert ro.captured.rows.shape == (4, 4, task.PROMPT_LEN + 5)  # Llama's 4 query heads (2 key-value heads)
+    torch.testing.assert_close(ro.captured.rows.sum(-1), torch.ones(4, 4))
+
+
+def test_the_value_head_reads_the_text_config():
+    """A config that keeps its language model's settings in a text config (multimodal models) sizes the head
+    from there."""
+    from dense_rlhf.rl.common import text_config
+
+    class Config:
+        vocab_size = 11
+
+        def get_text_config(self):
+            return type("TextConfig", (), {"hidden_size": 24, "vocab_size": 11})()
+
+    class LM(torch.nn.Module):
+        config = Config()
+
+    assert text_config(LM()).hidden_size == 24
+    assert PolicyWithValue(LM(), [0]).v_head.in_features == 24
 
 
 def test_short_ppo_run_updates_the_policy_and_logs_finite_metrics(tiny):
@@ -300,3 +389,49 @@ def test_training_uses_and_updates_the_adaptive_coefficient(tiny, monkeypatch):
         # r_t = s_t - coef * kl_t: recover the per-token KL and check its batch-mean sum is the logged KL
         per_token = (s - rewards) / coef
         assert per_token.sum(1).mean().item() == pytest.approx(kl, rel=1e-4, abs=1e-6)
+
+
+# ------------------------------------------------------------------------------------ the shared minibatch update
+
+
+@pytest.mark.parametrize("max_grad_norm", [None, 0.05])
+def test_minibatch_update_is_the_written_out_loop(max_grad_norm):
+    """``common.minibatch_update`` (PPO's and GRPO's update) against the loop written out: per epoch a fresh
+    permutation from the generator, one Adam step per minibatch (the last one short), optional clipping, the
+    logged terms averaged over the updates, eval mode after."""
+    from dense_rlhf.rl.common import TrainerState, minibatch_update
+
+    x, y = torch.randn(10, 3, generator=torch.Generator().manual_seed(0)), torch.randn(10)
+
+    def make():
+        torch.manual_seed(1)
+        model = torch.nn.Linear(3, 1)
+        return model, torch.optim.Adam(model.parameters(), lr=0.1)
+
+    model, opt = make()
+    state = TrainerState(model, None, opt, torch.Generator().manual_seed(2))
+    logged = []
+
+    def loss_of(rows):
+        loss = ((model(x[rows]).squeeze(-1) - y[rows]) ** 2).mean()
+        logged.append(loss.item())
+        return loss, {"loss": loss, "rows": torch.tensor(float(len(rows)))}
+
+    stats = minibatch_update(state, 10, 4, 3, max_grad_norm, loss_of)
+    assert not model.training and len(logged) == 9  # 3 epochs of minibatches of 4, 4 and 2
+    assert stats["loss"] == pytest.approx(sum(logged) / 9) and stats["rows"] == pytest.approx(30 / 9)
+
+    ref, ref_opt = make()
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(3):
+        order = torch.randperm(10, generator=gen)
+        for start in range(0, 10, 4):
+            rows = order[start : start + 4]
+            loss = ((ref(x[rows]).squeeze(-1) - y[rows]) ** 2).mean()
+            ref_opt.zero_grad()
+            loss.backward()
+            if max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(ref.parameters(), max_grad_norm)
+            ref_opt.step()
+    for a, b in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)

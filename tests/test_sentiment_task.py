@@ -102,7 +102,7 @@ def test_credit_diagnostics_perfect_uniform_and_reversed():
 
 
 def test_length_study_ratios_pair_seeds_and_count_never_as_the_run_length():
-    from dense_rlhf.study.runs import ratios, sparse_level, steps_to
+    from dense_rlhf.study.stats import ratios, sparse_level, steps_to
 
     steps = {
         "sparse": {"steps": 40, "per_seed": [40, None, 50]},

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 pytest.importorskip("verl", reason="the verl extra is not installed (make test-verl)")
+pytestmark = pytest.mark.verl
 
 import verl  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402

@@ -433,8 +433,11 @@ def test_the_server_launcher_reports_a_server_that_exits(tmp_path):
 
 # ----------------------------------------------------------------------------------------- a real vLLM server
 
-needs_vllm = pytest.mark.skipif(VLLM_PYTHON is None, reason="no vLLM to serve with: make test-vllm sets "
-                                                             "DENSE_RLHF_VLLM_PYTHON")
+def needs_vllm(test):
+    """The `vllm` marker, and a skip where no vLLM is given to serve with (make test-vllm sets DENSE_RLHF_VLLM_PYTHON)."""
+    skip = pytest.mark.skipif(VLLM_PYTHON is None, reason="no vLLM to serve with: make test-vllm sets "
+                                                          "DENSE_RLHF_VLLM_PYTHON")
+    return pytest.mark.vllm(skip(test))
 
 
 @pytest.fixture(scope="module")
@@ -629,8 +632,12 @@ def test_served_text_path_async_batches_at_once(served):
 
 # ----------------------------------------------------------------------------------------- verl's reward loop
 
-needs_verl = pytest.mark.skipif(importlib.util.find_spec("verl") is None,
-                                reason="the verl extra is not installed (make test-vllm runs these in its environment)")
+def needs_verl(test):
+    """The `verl` marker, and a skip where the verl extra is not installed (make test-vllm runs these in its
+    environment)."""
+    skip = pytest.mark.skipif(importlib.util.find_spec("verl") is None,
+                              reason="the verl extra is not installed (make test-vllm runs these in its environment)")
+    return pytest.mark.verl(skip(test))
 RM_PATH_IN_DOCS = "/path/to/reward-model"
 
 

@@ -1,5 +1,5 @@
 """What the trainers in this package share: the policy wrapper, sampling, log-probabilities, the KL estimate,
-the clipped surrogate loss, whitening and the step loop with its logging.
+the clipped surrogate loss, whitening, the minibatch update and the training loop with its logging.
 
 Layout (fixed lengths, no padding): ``seq = [BOS] prompt (P tokens in all) | response (N tokens)``.
 Response token t (0-based) is ``seq[:, P + t]``; its log-probability is read at position ``P + t - 1``.
@@ -10,10 +10,18 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Callable
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 from torch import nn
+
+
+def text_config(lm: nn.Module) -> Any:
+    """The config of a causal LM's language model: ``config.get_text_config()`` where transformers has it (a
+    multimodal model's config holds its text model's under another name), else ``config``."""
+    config = lm.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
 class Policy(nn.Module):
@@ -22,7 +30,7 @@ class Policy(nn.Module):
     def __init__(self, lm: nn.Module, banned_ids: list[int]):
         super().__init__()
         self.lm = lm
-        self.register_buffer("logit_bias", torch.zeros(lm.config.vocab_size))
+        self.register_buffer("logit_bias", torch.zeros(text_config(lm).vocab_size))
         self.logit_bias[banned_ids] = float("-inf")  # special tokens are never generated
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -80,7 +88,8 @@ def whiten(x: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch
     return out if shift_mean else out + mean
 
 
-def clipped_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, cliprange: float):
+def clipped_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor,
+                        cliprange: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The clipped surrogate (PPO, Schulman et al. 2017), averaged over every token:
 
         rho_t = exp(log pi(y_t) - log pi_old(y_t))
@@ -92,6 +101,55 @@ def clipped_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.T
     pg = torch.max(-adv * ratio, -adv * ratio.clamp(1 - cliprange, 1 + cliprange)).mean()
     clipfrac = ((ratio - 1).abs() > cliprange).float().mean()
     return pg, clipfrac
+
+
+@dataclass
+class TrainerState:
+    """What a training run carries from step to step: the policy being trained, the frozen reference, the
+    optimiser and the generator that draws the samples and the minibatch orders."""
+
+    policy: Policy
+    ref_lm: nn.Module
+    optimizer: torch.optim.Optimizer
+    gen: torch.Generator
+
+
+def start_training(policy: Policy, ref_lm: nn.Module, lr: float, adam_eps: float, seed: int) -> TrainerState:
+    """Seed torch and the sampling generator with ``seed``, freeze the reference and make the policy's Adam."""
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    freeze(ref_lm)
+    return TrainerState(policy, ref_lm, torch.optim.Adam(policy.parameters(), lr=lr, eps=adam_eps), gen)
+
+
+# minibatch_loss(rows) -> (the loss to minimise, the named terms to log), on the batch rows ``rows`` [M]
+MinibatchLoss = Callable[[torch.Tensor], "tuple[torch.Tensor, dict[str, torch.Tensor]]"]
+
+
+def minibatch_update(state: TrainerState, n_rows: int, minibatch_size: int, epochs: int,
+                     max_grad_norm: float | None, minibatch_loss: MinibatchLoss) -> dict[str, float]:
+    """``epochs`` passes over a batch of ``n_rows`` rows, each in a fresh random order (from ``state.gen``) cut
+    into minibatches of ``minibatch_size`` rows; one optimiser step per minibatch on ``minibatch_loss(rows)``,
+    with the gradient's norm clipped to ``max_grad_norm`` (None: not clipped). The policy is in train mode
+    during the update and in eval mode after it. Returns each logged term's mean over the updates."""
+    policy = state.policy
+    policy.train()
+    totals: dict[str, float] = {}
+    n_updates = 0
+    for _ in range(epochs):
+        order = torch.randperm(n_rows, generator=state.gen)
+        for start in range(0, n_rows, minibatch_size):
+            loss, terms = minibatch_loss(order[start : start + minibatch_size])
+            state.optimizer.zero_grad()
+            loss.backward()
+            if max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(policy.parameters(), max_grad_norm)
+            state.optimizer.step()
+            for name, value in terms.items():
+                totals[name] = totals.get(name, 0.0) + value.item()
+            n_updates += 1
+    policy.eval()
+    return {name: total / n_updates for name, total in totals.items()}
 
 
 def run_steps(n_steps: int, one_step: Callable[[int], dict], name: str,

@@ -4,8 +4,8 @@ GRPO is critic-free: it samples G completions of every prompt, scores each with 
 the score's standing within its group as the advantage of the completion. Plain GRPO gives that one number
 to every token; ABC's credit ``alpha`` (the reward model's attention share per completion token, see
 ``dense_rlhf.dense_rewards``) says which tokens earned the score. This file is the loop, kept readable like
-``ppo.py`` and sharing its sampling, log-probabilities, KL estimate, clipped surrogate and step loop
-(``common.py``), plus the three advantage schemes compared in ``dense-rlhf grpo-study``:
+``ppo.py`` and sharing its sampling, log-probabilities, KL estimate, clipped surrogate, minibatch update and
+training loop (``common.py``), plus the three advantage schemes compared in ``dense-rlhf grpo-study``:
 
 1. ``plain``   ``A[i, t] = A_i``                                                (GRPO as published)
 2. ``credit``  ``A[i, t] = A_i * n_i * (beta * alpha[i, t] + (1 - beta) / n_i)`` (credit-weighted)
@@ -28,8 +28,8 @@ import torch
 from torch import nn
 
 from dense_rlhf.ops import check_beta, dense_rewards
-from dense_rlhf.rl.common import (Policy, clipped_policy_loss, freeze, generate, kl_k1, reference_logprobs,
-                                  response_logprobs, run_steps)
+from dense_rlhf.rl.common import (Policy, TrainerState, clipped_policy_loss, generate, kl_k1, minibatch_update,
+                                  reference_logprobs, response_logprobs, run_steps, start_training)
 
 __all__ = ["GRPOConfig", "GroupRollout", "SCHEMES", "credit_weighted_advantages", "dense_return_advantages",
            "group_advantages", "grpo_losses", "grpo_step", "plain_advantages", "rollout", "token_advantages",
@@ -41,21 +41,41 @@ SCALES = ("group", "batch", "none")
 
 @dataclass
 class GRPOConfig:
+    """GRPO's settings. The defaults match ``PPOConfig``'s budget: 8 prompts x 4 completions = 32 completions per
+    step, 4 epochs of 2 minibatches of 16 = 8 Adam updates per step."""
+
     steps: int = 100
+    """GRPO steps (a rollout, then its update) in a run"""
     prompts_per_step: int = 8
-    group_size: int = 4  # G completions per prompt: 8 x 4 = 32 completions per step, PPO's batch
+    """prompts sampled per step"""
+    group_size: int = 4
+    """G, completions per prompt"""
     minibatch_size: int = 16
-    epochs: int = 4  # passes over each batch (mu in the GRPO paper); 4 x 32/16 = 8 updates, as PPO's
+    """completions per optimiser step"""
+    epochs: int = 4
+    """passes over each rollout batch (mu in the GRPO paper)"""
     lr: float = 3e-4
+    """Adam's learning rate"""
     kl_coef: float = 0.05
+    """coefficient of the KL term in the loss"""
     cliprange: float = 0.2
-    max_grad_norm: float = 1.0
+    """clip range of the probability ratio"""
+    max_grad_norm: float | None = 1.0
+    """the gradient norm is clipped to this (None: no clipping)"""
     temperature: float = 1.0
+    """sampling temperature; log-probabilities are taken at the same temperature"""
     scheme: str = "plain"
-    credit_beta: float = 0.5  # scheme 2: the attention-weighted share; the rest is spread evenly
-    abc_beta: float = 0.8  # scheme 3: ABC's dense/sparse mix of the per-token rewards (the paper's value)
-    scale: str = "group"  # what divides the centred scores: group std (GRPO), batch std, or nothing (Dr. GRPO)
+    """the token advantages: plain, credit (scheme 2) or dense (scheme 3)"""
+    credit_beta: float = 0.5
+    """scheme 2: the attention-weighted share of each token's advantage; the rest is spread evenly"""
+    abc_beta: float = 0.8
+    """scheme 3: ABC's dense/sparse mix of the per-token rewards (the paper's value)"""
+    scale: str = "group"
+    """what divides the centred scores: group std (GRPO), batch std, or none (Dr. GRPO)"""
     eps: float = 1e-4
+    """added to the divisor of the centred scores"""
+    adam_eps: float = 1e-5
+    """Adam's epsilon"""
 
 
 # ------------------------------------------------------------------------------------ advantage schemes
@@ -201,7 +221,8 @@ def rollout(policy: Policy, ref_lm: nn.Module, prompts: torch.Tensor, group_size
     return GroupRollout(seq, old_logp, ref_logp, group_size)
 
 
-def grpo_losses(logp, old_logp, ref_logp, adv, cliprange):
+def grpo_losses(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor, adv: torch.Tensor,
+                cliprange: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Clipped surrogate with per-token advantages, and the KL term of the GRPO loss (Shao et al. 2024):
 
         L_pg = mean_t max(-A_t rho_t, -A_t clip(rho_t, 1 - eps, 1 + eps)),  rho_t = pi(y_t) / pi_old(y_t)
@@ -217,43 +238,21 @@ def grpo_losses(logp, old_logp, ref_logp, adv, cliprange):
     return pg, kl, clipfrac
 
 
-@dataclass
-class GRPOTrainerState:
-    policy: Policy
-    ref_lm: nn.Module
-    optimizer: torch.optim.Optimizer
-
-
-def grpo_step(state: GRPOTrainerState, ro: GroupRollout, adv: torch.Tensor, cfg: GRPOConfig,
-              gen: torch.Generator) -> dict:
+def grpo_step(state: TrainerState, ro: GroupRollout, adv: torch.Tensor, cfg: GRPOConfig) -> dict[str, float]:
     """cfg.epochs passes over one rollout batch in shuffled minibatches, with the token advantages ``adv``
     [B, N] fixed for the batch:
 
-        L = L_pg + kl_coef * L_kl
+        L = L_pg + kl_coef * L_kl                (``grpo_losses``)
     """
-    policy = state.policy
     p = ro.seq.shape[1] - adv.shape[1]
-    policy.train()
-    b = ro.seq.shape[0]
-    stats = {"pg_loss": 0.0, "kl_loss": 0.0, "clipfrac": 0.0}
-    n_updates = 0
-    for _ in range(cfg.epochs):
-        order = torch.randperm(b, generator=gen)
-        for start in range(0, b, cfg.minibatch_size):
-            idx = order[start : start + cfg.minibatch_size]
-            logp = response_logprobs(policy(ro.seq[idx]) / cfg.temperature, ro.seq[idx], p)
-            pg, kl_loss, clipfrac = grpo_losses(logp, ro.old_logp[idx], ro.ref_logp[idx], adv[idx], cfg.cliprange)
-            loss = pg + cfg.kl_coef * kl_loss
-            state.optimizer.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
-            state.optimizer.step()
-            stats["pg_loss"] += pg.item()
-            stats["kl_loss"] += kl_loss.item()
-            stats["clipfrac"] += clipfrac.item()
-            n_updates += 1
-    policy.eval()
-    stats = {k: v / n_updates for k, v in stats.items()}
+
+    def minibatch_loss(idx: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        logp = response_logprobs(state.policy(ro.seq[idx]) / cfg.temperature, ro.seq[idx], p)
+        pg, kl_loss, clipfrac = grpo_losses(logp, ro.old_logp[idx], ro.ref_logp[idx], adv[idx], cfg.cliprange)
+        return pg + cfg.kl_coef * kl_loss, {"pg_loss": pg, "kl_loss": kl_loss, "clipfrac": clipfrac}
+
+    stats = minibatch_update(state, ro.seq.shape[0], cfg.minibatch_size, cfg.epochs, cfg.max_grad_norm,
+                             minibatch_loss)
     stats["kl"] = kl_k1(ro.old_logp, ro.ref_logp).sum(1).mean().item()  # KL(pi || pi_ref) per sequence, k1
     return stats
 
@@ -264,20 +263,15 @@ def train(policy: Policy, ref_lm: nn.Module, sample_prompts: Callable[[int], tor
     """Run cfg.steps GRPO steps; returns one metrics dict per step (score_fn's metrics included)."""
     if cfg.scheme not in SCHEMES:
         raise ValueError(f"scheme must be one of {SCHEMES}, got {cfg.scheme!r}")
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    freeze(ref_lm)
-    state = GRPOTrainerState(policy, ref_lm, torch.optim.Adam(policy.parameters(), lr=cfg.lr, eps=1e-5))
+    state = start_training(policy, ref_lm, cfg.lr, cfg.adam_eps, seed)
 
     def one_step(step: int) -> dict:
-        ro = rollout(policy, ref_lm, sample_prompts(cfg.prompts_per_step), cfg.group_size, n_new, gen,
+        ro = rollout(policy, ref_lm, sample_prompts(cfg.prompts_per_step), cfg.group_size, n_new, state.gen,
                      cfg.temperature)
         scores, alpha, metrics = score_fn(ro)
         mask = torch.ones_like(ro.old_logp, dtype=torch.bool)  # fixed-length completions
         adv = token_advantages(cfg.scheme, scores, alpha, mask, cfg.group_size, credit_beta=cfg.credit_beta,
                                abc_beta=cfg.abc_beta, scale=cfg.scale, eps=cfg.eps)
-        stats = grpo_step(state, ro, adv, cfg, gen)
-        stats.update(metrics)
-        return stats
+        return {**grpo_step(state, ro, adv, cfg), **metrics}
 
     return run_steps(cfg.steps, one_step, "GRPO", on_step)

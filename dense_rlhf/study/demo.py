@@ -14,35 +14,52 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from dense_rlhf.cli import default_out
+from dense_rlhf.rl.common import Policy, generate
 from dense_rlhf.study import methods as M
+from dense_rlhf.study import options, report
 from dense_rlhf.study import sentiment_task as task
-from dense_rlhf.study import runs as study
 from dense_rlhf.study.credit_view import examples_from, html_page, rich_lines
-from dense_rlhf.study.library_log import library_output_to
 from dense_rlhf.study.experiment import PPO, SETUP
+from dense_rlhf.study.library_log import library_output_to
 from dense_rlhf.study.models import QUICK_SETUP, cache_root, load_or_train
-from dense_rlhf.rl.ppo import PolicyWithValue, generate
+from dense_rlhf.study.runs import Run, run_one
+from dense_rlhf.study.stats import summarise
 
 
-def parse_args(argv):
+@dataclass
+class DemoOptions:
+    """``dense-rlhf demo``'s options."""
+
+    quick: bool = False
+    """tiny, fast version (smoke test)"""
+    seeds: int | None = None
+    """seeds per method (default 3, --quick 1)"""
+    steps: int | None = None
+    """PPO steps per run (default 60, --quick 12)"""
+    lam: float = 0.8
+    """GAE lambda (at 0.95 ABC's lead is small, see experiments/README.md)"""
+    examples: int = 4
+    """completions to show"""
+    seed: int = 0
+    """master seed: the SFT/RM training, the shown completions and the PPO seeds"""
+    out: str = default_out("demo")
+    """output folder"""
+    cache_dir: str | None = None
+    """model cache (default $DENSE_RLHF_CACHE or ~/.cache/dense-rlhf)"""
+    threads: int = 1
+    """torch threads (the models are tiny)"""
+
+
+def parse_args(argv: list[str]) -> DemoOptions:
     p = argparse.ArgumentParser(prog="dense-rlhf demo", description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="tiny, fast version (smoke test)")
-    p.add_argument("--seeds", type=int, default=None, help="seeds per method (default 3, quick 1)")
-    p.add_argument("--steps", type=int, default=None, help="PPO steps per run (default 60, quick 12)")
-    p.add_argument("--lam", type=float, default=0.8,
-                   help="GAE lambda (default 0.8; at 0.95 ABC's lead is small, see experiments/README.md)")
-    p.add_argument("--examples", type=int, default=4, help="completions to show")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=default_out("demo"), help=f"output folder (default ./{default_out('demo')})")
-    p.add_argument("--cache-dir", default=None, help="model cache (default $DENSE_RLHF_CACHE or ~/.cache/dense-rlhf)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the models are tiny)")
-    return p.parse_args(argv)
+    options.add_fields(p, DemoOptions)
+    return options.parse(p, DemoOptions, argv)[0]
 
 
 def main(argv: list[str]) -> int:
@@ -62,7 +79,7 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def _run(args, argv: list[str], console, out: Path) -> None:
+def _run(args: DemoOptions, argv: list[str], console, out: Path) -> None:
     from rich.table import Table
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -84,7 +101,7 @@ def _run(args, argv: list[str], console, out: Path) -> None:
     console.rule("[bold]2. Per-token credit (ABC, beta 0.8) on SFT completions")
     gen = torch.Generator().manual_seed(args.seed)
     with torch.no_grad():
-        seq = generate(PolicyWithValue(sft, codec.special_ids), study.prompt_sampler(codec, args.seed)(args.examples),
+        seq = generate(Policy(sft, codec.special_ids), task.prompt_sampler(codec, args.seed)(args.examples),
                        setup.completion_len, gen)
         ids, mask = M.rm_inputs(codec, seq)
         score, rows = M.score_with_attention(rm, ids)
@@ -112,15 +129,15 @@ def _run(args, argv: list[str], console, out: Path) -> None:
                 def on_step(step, stats, bar=bar):
                     progress.update(bar, advance=1, info=f"true score {stats['gt_score']:+.2f}  KL {stats['kl']:.1f}")
 
-                results.append(study.run_one(method, seed, setup, ppo, cache, on_step=on_step))
+                results.append(run_one(Run(method, seed, setup, ppo, str(cache)), on_step=on_step))
 
     console.rule("[bold]4. Results")
-    summary = study.summarise(results, final_window=min(10, max(1, steps // 4)))
+    summary = summarise(results, final_window=min(10, max(1, steps // 4)))
     meta = {"title": f"demo: sparse vs ABC, {n_seeds} seed(s), {steps} PPO steps, GAE lambda {args.lam:g}"
             + (" (--quick)" if args.quick else ""),
             "command": "dense-rlhf demo " + " ".join(argv), "reward_model": rmm,
-            "config": study.config_dict(setup, ppo)}
-    paths = study.write_outputs(out, "demo", results, summary, None, meta)
+            "config": report.config_dict(setup, ppo)}
+    paths = report.write_outputs(out, "demo", results, summary, None, meta)
     table = Table(title="hidden true score of the PPO policies")
     for col in ("method", "steps to threshold", "final mean ± std", "late spread", "final KL"):
         table.add_column(col)

@@ -1,4 +1,5 @@
-"""Credit diagnostics: how well a method's per-token weights alpha match the task's true per-token credit.
+"""Credit diagnostics: how well a method's per-token weights alpha match the task's true per-token credit
+(``credit_diagnostics``), and the report of every method's on the study's models (``credit_report``).
 
 For each completion with at least one credited token (nonzero leave-one-out credit), with c_t = |credit_t|:
 
@@ -14,7 +15,16 @@ For each completion with at least one credited token (nonzero leave-one-out cred
 
 from __future__ import annotations
 
+import random
+
 import torch
+
+from dense_rlhf.capture import capture_reward_attention
+from dense_rlhf.ops import prefix_rewards
+from dense_rlhf.rl.common import Policy, generate
+from dense_rlhf.study import methods as M
+from dense_rlhf.study import sentiment_task as task
+from dense_rlhf.study.models import SetupConfig, load_or_train, load_or_train_chat_rm
 
 
 def _average_ranks(x: torch.Tensor) -> torch.Tensor:
@@ -71,3 +81,66 @@ def credit_diagnostics(alpha: torch.Tensor, credit: torch.Tensor, seed: int = 0,
         "n": int(alpha.shape[0]),
         **({} if sign is None else {"sign_agreement": sign}),
     }
+
+
+@torch.no_grad()
+def credit_report(setup: SetupConfig, cache_dir=None, n: int = 512, seed: int = 123, aligned: bool = False,
+                  oracle: bool = False) -> dict:
+    """Diagnostics of ABC's alpha (RM attention), prefix differences (the RM's score at every position),
+    ABC-D's alpha (SFT policy attention) and uniform against the leave-one-out true credit, on completions
+    sampled from the SFT policy and on grammar texts; and ``prefix_tracking``, the Pearson correlation over all
+    completion positions between the RM's score of each prefix and the hidden score of the same prefix. With
+    ``aligned``, also ABC through alignment: the BPE chat reward model's alpha projected onto the policy's tokens
+    (``score_and_densify_text`` with beta 1, divided by the score). With ``oracle``, also the oracle methods' rewards
+    at beta 1 (alpha: their size; the signed oracle's last token carries the rest of the score) and
+    ``rm_calibration``, the least-squares line of the RM's score on the hidden score, their Pearson r and the signed
+    oracle's scale (``methods.rm_scale``)."""
+    codec, sft, rm, _ = load_or_train(setup, cache_dir, log=None)
+    chat_rm = load_or_train_chat_rm(setup, cache_dir, log=None)[:2] if aligned else None
+    policy = Policy(sft, codec.special_ids)
+    gen = torch.Generator().manual_seed(seed)
+    n_new = setup.completion_len
+    seq = generate(policy, task.prompt_sampler(codec, seed)(n), n_new, gen)
+    rng = random.Random(seed)
+    grammar = codec.encode([task.sample_words(rng, task.Style.random_for_preferences(rng), task.PROMPT_WORDS + n_new)
+                            for _ in range(n)])
+    out = {}
+    p = task.PROMPT_LEN
+    for name, s in (("sft_samples", seq), ("grammar_texts", grammar)):
+        credit = task.credits_of(codec, s)
+        ids, mask = M.rm_inputs(codec, s)
+        fwd = M.rm_forward(rm, ids)
+        alpha = fwd.rows.mean(1)[:, p : p + n_new]
+        alpha = alpha / alpha.sum(1, keepdim=True)
+        dense = prefix_rewards(fwd.prefix_scores, mask, beta=1.0, reward_index=fwd.reward_index)[:, p : p + n_new]
+        with capture_reward_attention(sft, layer=-1, reward_index=s.shape[1] - 1) as cap:
+            sft(input_ids=s, use_cache=False)
+        policy_alpha = cap.rows.mean(1)[:, p : p + n_new]
+        policy_alpha = policy_alpha / policy_alpha.sum(1, keepdim=True)
+        score = fwd.score[:, None]
+        prefix = fwd.prefix_scores[:, p : p + n_new].flatten()
+        running = task.running_scores_of(codec, s).flatten()
+        out[name] = {
+            "prefix_tracking": torch.corrcoef(torch.stack([prefix, running]))[0, 1].item(),
+            "abc": credit_diagnostics(alpha, credit, shares=score * alpha),
+            "prefix": credit_diagnostics(dense.abs(), credit, shares=dense),
+            "abcd": credit_diagnostics(policy_alpha, credit, shares=score * policy_alpha),
+            "uniform": credit_diagnostics(torch.ones(s.shape[0], n_new), credit,
+                                          shares=score.expand(-1, n_new) / n_new),
+        }
+        if chat_rm is not None:
+            chat_score, shares = M.aligned_rewards(chat_rm, codec, s, beta=1.0)
+            out[name]["abc_aligned"] = credit_diagnostics(shares / chat_score[:, None], credit, shares=shares)
+        if oracle:
+            scale = M.rm_scale(rm, codec, n_new)
+            signed = M.oracle_rewards(credit, fwd.score, 1.0, abc_shape=False, scale=scale)
+            shaped = M.oracle_rewards(credit, fwd.score, 1.0, abc_shape=True)
+            out[name]["oracle"] = credit_diagnostics(signed.abs(), credit, shares=signed)
+            out[name]["oracle_abs"] = credit_diagnostics(shaped / score, credit, shares=shaped)
+            hidden = task.scores_of(codec, s).double()
+            rm_score = fwd.score.double()
+            slope = torch.cov(torch.stack([hidden, rm_score]))[0, 1] / hidden.var()
+            out[name]["rm_calibration"] = {
+                "slope": slope.item(), "intercept": (rm_score.mean() - slope * hidden.mean()).item(),
+                "pearson": torch.corrcoef(torch.stack([hidden, rm_score]))[0, 1].item(), "oracle_scale": scale}
+    return out

@@ -12,16 +12,21 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Literal
 
 import torch
 
 from dense_rlhf.cli import default_out
-from dense_rlhf.study import methods as M
-from dense_rlhf.study import runs as study
-from dense_rlhf.study.models import QUICK_SETUP, SetupConfig, cache_root, load_or_train, load_or_train_chat_rm
 from dense_rlhf.rl.ppo import PPOConfig
+from dense_rlhf.study import methods as M
+from dense_rlhf.study import options, report
+from dense_rlhf.study import runs
+from dense_rlhf.study.diagnostics import credit_report
+from dense_rlhf.study.library_log import quiet_transformers
+from dense_rlhf.study.models import QUICK_SETUP, SetupConfig, cache_root, load_or_train, load_or_train_chat_rm
+from dense_rlhf.study.stats import summarise
 
 # The study's settings (see experiments/README.md for why these values).
 SETUP = SetupConfig()
@@ -39,52 +44,66 @@ PAPER_PPO = replace(PPO, steps=150, batch_size=16, minibatch_size=1, kl_coef=0.2
 PPO_SETTINGS = {"ours": PPO, "paper": PAPER_PPO}
 
 
-def parse_args(argv):
+# The PPOConfig fields that the command line can set, over the --ppo setting's values.
+PPO_OPTIONS = ["steps", "kl_coef", "lr", "batch_size", "whiten_rewards"]
+
+
+@dataclass
+class ExperimentOptions:
+    """``dense-rlhf experiment``'s options (besides ``PPO_OPTIONS`` and ``--rm-layers``)."""
+
+    study: Literal["methods", "length", "oracle"] = "methods"
+    """methods: every reward method at one completion length; length: the completion-length sweep (sparse, ABC
+    0.8, prefix 0.8, uniform by default); oracle: the true credit as a reward method beside sparse, ABC 0.8, prefix
+    0.8 and uniform, in each --ppo setting"""
+    seeds: int = 5
+    """PPO seeds per method"""
+    ppo: str | None = None
+    """PPO settings: ours (the study's, default) or paper (trl 0.7.4's PPOTrainer defaults with the paper's batch
+    16 and 150 steps: adaptive KL from 0.2 to a target of 6 ...); --study oracle takes a comma-separated list
+    (default ours,paper). --steps, --kl-coef, --lr, --batch-size and --whiten-rewards override the setting's
+    values"""
+    lengths: str = "10,20,40,80"
+    """completion lengths of --study length"""
+    methods: str | None = None
+    """comma-separated reward methods (default: all but bpe-*; --study length: sparse,abc-0.8,prefix-0.8,uniform;
+    --study oracle: those and the oracles)"""
+    seed: int = 0
+    """master seed: SFT/RM training and the PPO seeds"""
+    lam: str | None = None
+    """GAE lambda; a comma-separated list runs one study per value (default 0.95,0.8; --study length: one value,
+    default 0.95; --study oracle: 0.95,0.8 in ours, 0.95 in the paper's)"""
+    workers: int = field(default_factory=runs.default_workers)
+    """parallel runs (1 torch thread each)"""
+    out: str = default_out("experiment")
+    """output folder (`make experiment` writes the repository's committed results, experiments/results)"""
+    name: str | None = None
+    """output file stem (default experiment, length_study or oracle_study)"""
+    threads: int = 1
+    """torch threads of the main process (SFT/RM training); runs always use 1 each"""
+    quick: bool = False
+    """the demo's small SFT/RM setup (smoke test only)"""
+    cache_dir: str | None = None
+    """model cache (default $DENSE_RLHF_CACHE or ~/.cache/dense-rlhf)"""
+    ppo_overrides: dict = field(default_factory=dict, metadata={"cli": False})
+    """the PPO_OPTIONS given on the command line"""
+    setup_overrides: dict = field(default_factory=dict, metadata={"cli": False})
+    """the SetupConfig fields given on the command line (--rm-layers)"""
+
+
+def parse_args(argv: list[str]) -> ExperimentOptions:
     p = argparse.ArgumentParser(prog="dense-rlhf experiment", description=__doc__.splitlines()[0])
-    p.add_argument("--seeds", type=int, default=5, help="PPO seeds per method (default 5)")
-    p.add_argument("--steps", type=int, default=None,
-                   help=f"PPO steps per run (default {PPO.steps}; --ppo paper: {PAPER_PPO.steps})")
-    p.add_argument("--study", choices=("methods", "length", "oracle"), default="methods",
-                   help="methods: every reward method at one completion length (default); length: the "
-                        "completion-length sweep (sparse, ABC 0.8, prefix 0.8, uniform by default); oracle: the "
-                        "true credit as a reward method beside sparse, ABC 0.8, prefix 0.8 and uniform, in each --ppo "
-                        "setting")
-    p.add_argument("--ppo", default=None,
-                   help="PPO settings: ours (the study's, default) or paper (trl 0.7.4's PPOTrainer defaults with "
-                        "the paper's batch 16 and 150 steps: adaptive KL from 0.2 to a target of 6 ...); --study "
-                        "oracle takes a comma-separated list (default ours,paper). --steps, --kl-coef, --lr and "
-                        "--batch-size override the setting's values")
-    p.add_argument("--lengths", default="10,20,40,80", help="completion lengths of --study length (default 10,20,40,80)")
-    p.add_argument("--methods", default=None,
-                   help="comma-separated subset of " + ",".join(M.ALL_METHODS) + " (default: all but bpe-*; "
-                        "--study length: sparse,abc-0.8,prefix-0.8,uniform)")
-    p.add_argument("--seed", type=int, default=0, help="master seed: SFT/RM training and the PPO seeds")
-    p.add_argument("--kl-coef", type=float, default=None,
-                   help=f"KL coefficient, the initial one with an adaptive controller (default {PPO.kl_coef}; "
-                        f"--ppo paper: {PAPER_PPO.kl_coef})")
-    p.add_argument("--lr", type=float, default=None, help=f"Adam learning rate (default {PPO.lr}; --ppo paper: "
-                                                          f"{PAPER_PPO.lr})")
-    p.add_argument("--batch-size", type=int, default=None,
-                   help=f"completions per PPO step (default {PPO.batch_size}; --ppo paper: {PAPER_PPO.batch_size})")
-    p.add_argument("--lam", default=None,
-                   help="GAE lambda; a comma-separated list runs one study per value (default 0.95,0.8; "
-                        "--study length: one value, default 0.95)")
-    p.add_argument("--whiten-rewards", action="store_true")
-    p.add_argument("--workers", type=int, default=study.default_workers(), help="parallel runs (1 thread each)")
-    p.add_argument("--out", default=default_out("experiment"),
-                   help=f"output folder (default ./{default_out('experiment')}; `make experiment` writes the "
-                        "repository's committed results, experiments/results)")
-    p.add_argument("--name", default=None, help="output file stem (default experiment, or length_study)")
-    p.add_argument("--rm-layers", type=int, default=SETUP.rm_n_layer,
-                   help=f"reward-model layers (default {SETUP.rm_n_layer}); ABC reads the last one")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads of the main process (SFT/RM training); runs always use 1 each")
-    p.add_argument("--quick", action="store_true", help="the demo's small SFT/RM setup (smoke test only)")
-    p.add_argument("--cache-dir", default=None, help="model cache (default $DENSE_RLHF_CACHE or ~/.cache/dense-rlhf)")
-    return p.parse_args(argv)
+    options.add_fields(p, ExperimentOptions)
+    defaults = {name: "(default: " + ", ".join(f"{key} {getattr(cfg, name)}" for key, cfg in PPO_SETTINGS.items())
+                + ")" for name in PPO_OPTIONS}
+    options.add_fields(p, PPOConfig, PPO_OPTIONS, notes=defaults, override=True)
+    options.add_fields(p, SetupConfig, ["rm_n_layer"], defaults=SETUP, flags={"rm_n_layer": "--rm-layers"},
+                       override=True)
+    opts, given = options.parse(p, ExperimentOptions, argv, overrides=(PPOConfig, SetupConfig))
+    return replace(opts, ppo_overrides=given[PPOConfig], setup_overrides=given[SetupConfig])
 
 
-def ppo_settings(args) -> dict[str, PPOConfig]:
+def ppo_settings(args: ExperimentOptions) -> dict[str, PPOConfig]:
     """The --ppo settings by name, each with the command line's overrides applied."""
     names = [x.strip() for x in (args.ppo or ("ours,paper" if args.study == "oracle" else "ours")).split(",")
              if x.strip()]
@@ -93,23 +112,19 @@ def ppo_settings(args) -> dict[str, PPOConfig]:
             raise SystemExit(f"unknown --ppo setting {name!r}; choose from {sorted(PPO_SETTINGS)}")
     if len(names) != 1 and args.study != "oracle":
         raise SystemExit(f"--study {args.study} runs one --ppo setting")
-    overrides = {k: v for k, v in (("steps", args.steps), ("kl_coef", args.kl_coef), ("lr", args.lr),
-                                   ("batch_size", args.batch_size)) if v is not None}
-    if args.whiten_rewards:
-        overrides["whiten_rewards"] = True
-    return {name: replace(PPO_SETTINGS[name], **overrides) for name in names}
+    return {name: replace(PPO_SETTINGS[name], **args.ppo_overrides) for name in names}
 
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    study.quiet_transformers()
+    quiet_transformers()
     t0 = time.time()
     methods = [m.strip() for m in (args.methods or ",".join(M.METHODS)).split(",") if m.strip()]
     for m in methods:
         if m not in M.ALL_METHODS:
             raise SystemExit(f"unknown method {m!r}; choose from {M.ALL_METHODS}")
-    setup = replace(SETUP, seed=args.seed, rm_n_layer=args.rm_layers, **(QUICK_SETUP if args.quick else {}))
+    setup = replace(SETUP, seed=args.seed, **args.setup_overrides, **(QUICK_SETUP if args.quick else {}))
     settings = ppo_settings(args)
     if args.study == "oracle":
         from dense_rlhf.study import oracle
@@ -132,25 +147,18 @@ def main(argv: list[str]) -> int:
         _, _, chat_info = load_or_train_chat_rm(setup, cache)
         info["chat_reward_model"] = chat_info["reward_model"]
     print("[2/3] credit diagnostics")
-    credit = study.credit_report(setup, cache, aligned=aligned)
+    credit = credit_report(setup, cache, aligned=aligned)
     seeds = [args.seed * 1000 + i for i in range(args.seeds)]
-    jobs = [(m, s) for m in methods for s in seeds]
     sections = []
     for k, lam in enumerate(lams):
         ppo = replace(base, lam=lam)
+        jobs = [runs.Run(m, s, setup, ppo, str(cache)) for m in methods for s in seeds]
         print(f"[3/3] study {k + 1}/{len(lams)}, GAE lambda {lam}: {len(jobs)} PPO runs ({len(methods)} methods x "
               f"{len(seeds)} seeds, {ppo.steps} steps, {args.workers} workers)")
-        done = [0]
-
-        def progress(res, done=done):
-            done[0] += 1
-            tail = res["curves"]["gt_score"][-10:]
-            print(f"  {done[0]:3d}/{len(jobs)}  {res['method']:8s} seed {res['seed']:5d}  final true score "
-                  f"{sum(tail) / len(tail):+.2f}  ({res['seconds']:.0f}s, {time.time() - t0:.0f}s elapsed)", flush=True)
-
+        progress = runs.progress_printer(len(jobs), t0, lambda res: f"{res['method']:8s} seed {res['seed']:5d}")
         t_study = time.time()
-        results = study.run_many(jobs, setup, ppo, cache, workers=args.workers, progress=progress)
-        summary = study.summarise(results)
+        results = runs.run_all(jobs, args.workers, progress)
+        summary = summarise(results)
         name = f"{args.name}_lam{lam:g}"
         meta = {
             "title": f"Sentiment task, GAE lambda {lam:g}: reward methods over {len(seeds)} seeds, {ppo.steps} PPO steps",
@@ -158,12 +166,12 @@ def main(argv: list[str]) -> int:
             "study_seconds": time.time() - t_study,
             "reward_model": info["reward_model"],
             "chat_reward_model": info.get("chat_reward_model"),
-            "config": study.config_dict(setup, ppo),
+            "config": report.config_dict(setup, ppo),
             "seeds": seeds,
         }
-        paths = study.write_outputs(Path(args.out), name, results, summary, credit, meta)
-        table = study.markdown_table(summary, credit if k == 0 else None, info["reward_model"] if k == 0 else None,
-                                     info.get("chat_reward_model") if k == 0 else None)
+        paths = report.write_outputs(Path(args.out), name, results, summary, credit, meta)
+        table = report.markdown_table(summary, credit if k == 0 else None, info["reward_model"] if k == 0 else None,
+                                      info.get("chat_reward_model") if k == 0 else None)
         sections.append(f"## GAE lambda = {lam:g}\n\n![curves]({Path(paths['plot']).name})\n\n{table}")
         print()
         print(table)

@@ -13,32 +13,31 @@ Adam updates per step (4 epochs of 2 minibatches of 16) at the same learning rat
 GRPO names take an optional ``@kl<coefficient>`` (GRPO's KL-loss coefficient; default ``--kl-coef``).
 ``alpha`` is ABC's credit: the reward model's last-layer attention row from ``[EOS]``, captured with
 ``capture_reward_attention``, restricted to the completion and normalised (``dense_rewards`` with beta 1 and
-score 1). The schemes are in ``dense_rlhf.rl.grpo``. Final score, late spread and final KL are
-``dense_rlhf.study.runs.summarise``'s; the threshold is plain GRPO's (see :func:`summarise`), and the score at
-a KL budget compares methods at equal distance from the reference. Writes ``<name>.json`` (every curve),
-``<name>.md`` (the tables) and ``<name>.png`` under ``--out``.
+score 1; ``methods.make_grpo_score_fn``). The schemes are in ``dense_rlhf.rl.grpo``. Final score, late spread
+and final KL are ``dense_rlhf.study.stats.summarise``'s; the threshold is plain GRPO's (see :func:`summarise`),
+and the score at a KL budget compares methods at equal distance from the reference. Writes ``<name>.json``
+(every curve), ``<name>.md`` (the tables) and ``<name>.png`` under ``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
-from dense_rlhf.ops import dense_rewards
-from dense_rlhf.rl import grpo
-from dense_rlhf.rl.common import Policy
-from dense_rlhf.rl.ppo import PPOConfig
 from dense_rlhf.cli import default_out
+from dense_rlhf.rl import grpo
+from dense_rlhf.rl.ppo import PPOConfig
 from dense_rlhf.study import methods as M
-from dense_rlhf.study import runs
-from dense_rlhf.study import sentiment_task as task
+from dense_rlhf.study import options, runs, stats
+from dense_rlhf.study.library_log import quiet_transformers
 from dense_rlhf.study.models import QUICK_SETUP, SetupConfig, cache_root, load_or_train
+from dense_rlhf.study.plots import pyplot, save, score_curves
+from dense_rlhf.study.report import fmt
 
 # GRPO's KL-loss coefficients: the first (the default of --kl-coef) is the usual small one (DeepSeekMath used
 # 0.04); the second, chosen by a pilot of plain GRPO on other seeds, holds plain GRPO near PPO's final KL.
@@ -96,54 +95,6 @@ def label(name: str) -> str:
     return f"GRPO dense returns, ABC beta={spec['abc_beta']:g} (scheme 3){kl}"
 
 
-def make_score_fn(rm, codec: task.Codec):
-    """GRPO's ``score_fn``: reward-model scores [B] and ABC's credit alpha [B, N] (rows summing to 1), from one
-    reward-model forward over ``seq + [EOS]`` with the last layer's rows captured, plus the step's metrics."""
-
-    def score_fn(ro: grpo.GroupRollout):
-        ids, mask = M.rm_inputs(codec, ro.seq)
-        score, rows = M.score_with_attention(rm, ids)
-        p, n_new = task.PROMPT_LEN, ro.seq.shape[1] - task.PROMPT_LEN
-        alpha = dense_rewards(rows, torch.ones_like(score), mask, beta=1.0, layout="rows")[:, p : p + n_new]
-        gt = task.scores_of(codec, ro.seq)
-        return score, alpha, {"gt_score": gt.mean().item(), "rm_score": score.mean().item()}
-
-    return score_fn
-
-
-def run_grpo_one(method: str, seed: int, setup: SetupConfig, cfg: grpo.GRPOConfig, cache_dir=None) -> dict:
-    """One GRPO run from the cached SFT policy with one advantage scheme; returns its per-step curves."""
-    _, spec = parse_method(method)
-    codec, sft, rm, _ = load_or_train(setup, cache_dir, log=None)
-    torch.manual_seed(seed)
-    policy = Policy(copy.deepcopy(sft), codec.special_ids)
-    t0 = time.time()
-    history = grpo.train(policy, sft, runs.prompt_sampler(codec, 10_000 + seed), setup.completion_len,
-                         make_score_fn(rm, codec), replace(cfg, **spec), seed)
-    curves = {key: [h[key] for h in history] for key in ("gt_score", "rm_score", "kl", "pg_loss", "kl_loss")}
-    return {"method": method, "seed": seed, "seconds": time.time() - t0, "curves": curves}
-
-
-def _run_job(args) -> dict:
-    method, seed, setup, grpo_cfg, ppo_cfg, cache_dir = args
-    torch.set_num_threads(1)
-    runs.quiet_transformers()
-    kind, spec = parse_method(method)
-    if kind == "grpo":
-        return run_grpo_one(method, seed, setup, grpo_cfg, cache_dir)
-    res = runs.run_one(spec, seed, setup, ppo_cfg, cache_dir)
-    return {**res, "method": method}
-
-
-def run_many(jobs, setup, grpo_cfg, ppo_cfg, cache_dir=None, workers=1, progress=None) -> list[dict]:
-    """All (method, seed) runs in ``workers`` spawned processes with one torch thread each."""
-    args = [(m, s, setup, grpo_cfg, ppo_cfg, str(cache_dir) if cache_dir else None) for m, s in jobs]
-    order = {m: i for i, m in enumerate(dict.fromkeys(m for m, _ in jobs))}
-    results = runs.map_jobs(_run_job, args, workers, progress)
-    results.sort(key=lambda r: (order[r["method"]], r["seed"]))
-    return results
-
-
 # ------------------------------------------------------------------------------------------------ summary
 
 
@@ -152,54 +103,50 @@ def _score_at_kl(runs_of_method: list[dict], budget: float) -> tuple[float | Non
     number of seeds whose KL got there."""
     values = []
     for r in runs_of_method:
-        kl, score = runs.moving_average(r["curves"]["kl"]), runs.moving_average(r["curves"]["gt_score"])
-        step = runs.first_reach(kl, budget)
+        kl, score = stats.moving_average(r["curves"]["kl"]), stats.moving_average(r["curves"]["gt_score"])
+        step = stats.first_reach(kl, budget)
         if step is not None:
             values.append(score[step])
     return (sum(values) / len(values) if values else None), len(values)
 
 
 def summarise(results: list[dict], methods: list[str], default_kl: float) -> dict:
-    """``runs.summarise``'s per-method statistics (final score, late spread, final KL), the score at each KL
+    """``stats.summarise``'s per-method statistics (final score, late spread, final KL), the score at each KL
     budget, and one section per GRPO KL coefficient whose threshold is plain GRPO's at that coefficient:
 
         threshold = SFT score + 0.8 (final score of plain GRPO - SFT score)
 
-    with steps to threshold measured as in ``runs.summarise`` (seed mean, 5-step trailing MA; per seed too).
+    with steps to threshold measured as in ``stats.summarise`` (seed mean, 5-step trailing MA; per seed too).
     PPO rows are in every section, for reference."""
-    base = runs.summarise(results)
-    stats = base["methods"]
-    for m in stats:
+    base = stats.summarise(results)
+    per_method = base["methods"]
+    for m in per_method:
         for key in ("steps_to_threshold", "per_seed_steps_to_threshold", "seeds_reaching", "median_seed_steps"):
-            del stats[m][key]  # against runs.summarise's best-method threshold; the sections hold ours
+            del per_method[m][key]  # against stats.summarise's best-method threshold; the sections hold ours
         mine = [r for r in results if r["method"] == m]
-        stats[m]["score_at_kl"] = {f"{k:g}": _score_at_kl(mine, k) for k in KL_BUDGETS}
-        stats[m]["kl_curve"] = [sum(step) / len(step) for step in zip(*(r["curves"]["kl"] for r in mine))]
+        per_method[m]["score_at_kl"] = {f"{k:g}": _score_at_kl(mine, k) for k in KL_BUDGETS}
+        per_method[m]["kl_curve"] = [sum(step) / len(step) for step in zip(*(r["curves"]["kl"] for r in mine))]
     coefs = list(dict.fromkeys(kl_coef_of(m, default_kl) for m in methods if m.startswith("grpo-")))
     sections = []
     for coef in coefs:
-        members = [m for m in methods if kl_coef_of(m, default_kl) in (coef, None) and m in stats]
+        members = [m for m in methods if kl_coef_of(m, default_kl) in (coef, None) and m in per_method]
         plain = next((m for m in members if m.startswith("grpo-") and parse_method(m)[1]["scheme"] == "plain"), None)
         threshold = None
         if plain is not None:
-            threshold = base["sft_score"] + 0.8 * (stats[plain]["final_mean"] - base["sft_score"])
+            threshold = base["sft_score"] + 0.8 * (per_method[plain]["final_mean"] - base["sft_score"])
         rows = {}
         for m in members:
             row = {"steps_to_threshold": None, "per_seed_steps_to_threshold": [], "seeds_reaching": 0,
                    "median_seed_steps": None}
             if threshold is not None:
                 curves = [r["curves"]["gt_score"][: base["steps"]] for r in results if r["method"] == m]
-                row = runs.threshold_stats(stats[m]["mean_curve"], curves, threshold)
+                row = stats.threshold_stats(per_method[m]["mean_curve"], curves, threshold)
             rows[m] = row
         sections.append({"kl_coef": coef, "reference": plain, "threshold": threshold, "rows": rows})
-    return {"steps": base["steps"], "sft_score": base["sft_score"], "methods": stats, "sections": sections}
+    return {"steps": base["steps"], "sft_score": base["sft_score"], "methods": per_method, "sections": sections}
 
 
 # ------------------------------------------------------------------------------------------------ outputs
-
-
-def _fmt(x, digits=1):
-    return "never" if x is None else (f"{x:.{digits}f}" if isinstance(x, float) else str(x))
 
 
 def _versus_plain(steps, base, n_steps) -> tuple[str, bool]:
@@ -214,7 +161,7 @@ def _versus_plain(steps, base, n_steps) -> tuple[str, bool]:
 
 
 def markdown_table(summary: dict) -> str:
-    stats, n_steps = summary["methods"], summary["steps"]
+    per_method, n_steps = summary["methods"], summary["steps"]
     budgets = [f"{k:g}" for k in KL_BUDGETS]
     lines = [f"SFT score {summary['sft_score']:.2f} (mean of every run's first step); {n_steps} steps of 32 "
              "completions each. Score at KL k: the 5-step-MA score when the 5-step-MA KL first reaches k nats, "
@@ -229,11 +176,11 @@ def markdown_table(summary: dict) -> str:
         lines += ["", f"### GRPO KL coefficient {sec['kl_coef']:g}: {head}", "",
                   "| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
         for m, row in sec["rows"].items():
-            s = stats[m]
+            s = per_method[m]
             ratio = _versus_plain(row["steps_to_threshold"], base, n_steps)[0] if ref else ""
-            at_kl = [f"{_fmt(v, 2)} ({n})" for v, n in (s["score_at_kl"][b] for b in budgets)]
-            lines.append(f"| {label(m)} | {_fmt(row['steps_to_threshold'])} | {ratio} | "
-                         f"{_fmt(row['median_seed_steps'])} ({row['seeds_reaching']}/{s['seeds']}) | "
+            at_kl = [f"{fmt(v, 2)} ({n})" for v, n in (s["score_at_kl"][b] for b in budgets)]
+            lines.append(f"| {label(m)} | {fmt(row['steps_to_threshold'])} | {ratio} | "
+                         f"{fmt(row['median_seed_steps'], 1)} ({row['seeds_reaching']}/{s['seeds']}) | "
                          f"{s['final_mean']:.2f} ± {s['final_std']:.2f} | {s['late_spread']:.2f} | "
                          f"{s['final_kl']:.2f} | " + " | ".join(at_kl) + " |")
         schemes = [m for m in sec["rows"] if m.startswith("grpo-") and m != ref]
@@ -248,11 +195,7 @@ def markdown_table(summary: dict) -> str:
 def plot(summary: dict, path: Path, title: str) -> None:
     """One panel of score against step per KL section, and one of score against KL for every method. A method's
     colour is its scheme; solid lines are GRPO at the first KL coefficient, dash-dotted at the others, dashed PPO."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     sections = summary["sections"]
     bases = list(dict.fromkeys(m.partition("@kl")[0] for m in summary["methods"]))
     cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -268,63 +211,89 @@ def plot(summary: dict, path: Path, title: str) -> None:
 
     fig, axes = plt.subplots(1, len(sections) + 1, figsize=(6 * (len(sections) + 1), 5.5), squeeze=False)
     for ax, sec in zip(axes[0], sections):
-        for m in sec["rows"]:
-            s = summary["methods"][m]
-            mean, std = runs.moving_average(s["mean_curve"]), runs.moving_average(s["std_curve"])
-            xs = range(len(mean))
-            ax.plot(xs, mean, label=label(m), **style(m))
-            ax.fill_between(xs, [a - b for a, b in zip(mean, std)], [a + b for a, b in zip(mean, std)],
-                            color=style(m)["color"], alpha=0.1)
-        if sec["threshold"] is not None:
-            ax.axhline(sec["threshold"], color="k", ls=":", lw=1, label="threshold")
-        ax.set_title(f"GRPO KL coefficient {sec['kl_coef']:g}", fontsize=10)
-        ax.set_xlabel("step (32 completions each)")
-        ax.set_ylabel("ground-truth score (5-step MA, ±1 std over seeds)")
-        ax.legend(fontsize=7)
+        score_curves(ax, [(label(m), summary["methods"][m], style(m)) for m in sec["rows"]],
+                     threshold=sec["threshold"], title=f"GRPO KL coefficient {sec['kl_coef']:g}", title_size=10,
+                     xlabel="step (32 completions each)")
     ax = axes[0][-1]
     for m, s in summary["methods"].items():
-        ax.plot(runs.moving_average(s["kl_curve"]), runs.moving_average(s["mean_curve"]), label=label(m), lw=1.2,
+        ax.plot(stats.moving_average(s["kl_curve"]), stats.moving_average(s["mean_curve"]), label=label(m), lw=1.2,
                 **style(m))
     ax.set_xscale("log")
     ax.set_xlabel("KL to the reference, nats per completion (seed mean, 5-step MA; log scale)")
     ax.set_ylabel("ground-truth score (seed mean, 5-step MA)")
     ax.set_title("score against KL, every method", fontsize=10)
     ax.legend(fontsize=7)
-    fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path, title=title, dpi=110)
 
 
 # ---------------------------------------------------------------------------------------------------- CLI
 
 
-def parse_args(argv):
+@dataclass
+class GRPOStudyOptions:
+    """``dense-rlhf grpo-study``'s options (besides ``GRPO_OPTIONS``)."""
+
+    seeds: int = 5
+    """seeds per method"""
+    first_seed: int | None = None
+    """run seeds start here (default 1000 x --seed)"""
+    methods: str = ",".join(METHODS)
+    """comma-separated"""
+    seed: int = 0
+    """master seed: SFT/RM training and the run seeds"""
+    workers: int = field(default_factory=runs.default_workers)
+    """parallel runs (1 torch thread each)"""
+    out: str = default_out("grpo-study")
+    """output folder (`make grpo-study` writes the repository's committed results, experiments/results)"""
+    name: str = "grpo_study"
+    """output file stem"""
+    threads: int = 1
+    """torch threads of the main process (SFT/RM training)"""
+    quick: bool = False
+    """the demo's small SFT/RM setup (smoke test only)"""
+    cache_dir: str | None = None
+    """model cache (default $DENSE_RLHF_CACHE or ~/.cache/dense-rlhf)"""
+    grpo_overrides: dict = field(default_factory=dict, metadata={"cli": False})
+    """the GRPO_OPTIONS given on the command line"""
+
+
+# The GRPOConfig fields that the command line can set, over GRPO's values.
+GRPO_OPTIONS = ["steps", "kl_coef", "group_size"]
+NOTES = {"steps": "(the PPO runs make as many)", "kl_coef": "where a method has no @kl suffix",
+         "group_size": "(prompts per step = PPO's batch / G)"}
+
+
+def parse_args(argv: list[str]) -> GRPOStudyOptions:
     p = argparse.ArgumentParser(prog="dense-rlhf grpo-study", description=__doc__.splitlines()[0])
-    p.add_argument("--seeds", type=int, default=5, help="seeds per method (default 5)")
-    p.add_argument("--first-seed", type=int, default=None, help="run seeds start here (default 1000 x --seed)")
-    p.add_argument("--steps", type=int, default=GRPO.steps, help=f"steps per run (default {GRPO.steps})")
-    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated; default " + ",".join(METHODS))
-    p.add_argument("--seed", type=int, default=0, help="master seed: SFT/RM training and the run seeds")
-    p.add_argument("--kl-coef", type=float, default=GRPO.kl_coef,
-                   help=f"GRPO's KL loss coefficient where a method has no @kl suffix (default {GRPO.kl_coef:g})")
-    p.add_argument("--group-size", type=int, default=GRPO.group_size,
-                   help=f"G (default {GRPO.group_size}); prompts per step = PPO's batch / G")
-    p.add_argument("--workers", type=int, default=runs.default_workers(), help="parallel runs (1 thread each)")
-    p.add_argument("--out", default=default_out("grpo-study"),
-                   help=f"output folder (default ./{default_out('grpo-study')}; `make grpo-study` writes the "
-                        "repository's committed results, experiments/results)")
-    p.add_argument("--name", default="grpo_study", help="output file stem")
-    p.add_argument("--threads", type=int, default=1, help="torch threads of the main process (SFT/RM training)")
-    p.add_argument("--quick", action="store_true", help="the demo's small SFT/RM setup (smoke test only)")
-    p.add_argument("--cache-dir", default=None, help="model cache (default $DENSE_RLHF_CACHE or ~/.cache/dense-rlhf)")
-    return p.parse_args(argv)
+    options.add_fields(p, GRPOStudyOptions)
+    options.add_fields(p, grpo.GRPOConfig, GRPO_OPTIONS, defaults=GRPO, notes=NOTES, override=True)
+    opts, given = options.parse(p, GRPOStudyOptions, argv, overrides=(grpo.GRPOConfig,))
+    return replace(opts, grpo_overrides=given[grpo.GRPOConfig])
+
+
+def study_runs(methods: list[str], seeds: list[int], setup: SetupConfig, grpo_cfg: grpo.GRPOConfig,
+               ppo_cfg: PPOConfig, cache_dir: str | None) -> list[runs.Run]:
+    """One run per (method, seed): GRPO with the method's scheme, or PPO with its reward method."""
+    out = []
+    for m in methods:
+        kind, spec = parse_method(m)
+        for s in seeds:
+            if kind == "grpo":
+                out.append(runs.Run(m, s, setup, replace(grpo_cfg, **spec), cache_dir))
+            else:
+                out.append(runs.Run(m, s, setup, ppo_cfg, cache_dir, reward=spec))
+    return out
+
+
+def _describe(res: dict) -> str:
+    kl = res["curves"]["kl"][-10:]
+    return f"{res['method']:22s} seed {res['seed']:5d}  final KL {sum(kl) / len(kl):6.1f}"
 
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    runs.quiet_transformers()
+    quiet_transformers()
     t0 = time.time()
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for m in methods:
@@ -332,34 +301,28 @@ def main(argv: list[str]) -> int:
             parse_method(m)
         except ValueError as err:
             raise SystemExit(str(err)) from None
-    if PPO.batch_size % args.group_size:
-        raise SystemExit(f"--group-size {args.group_size} must divide PPO's batch of {PPO.batch_size} completions")
+    grpo_cfg = replace(GRPO, **args.grpo_overrides)
+    if PPO.batch_size % grpo_cfg.group_size:
+        raise SystemExit(f"--group-size {grpo_cfg.group_size} must divide PPO's batch of {PPO.batch_size} "
+                         "completions")
     setup = replace(SetupConfig(), seed=args.seed, **(QUICK_SETUP if args.quick else {}))
-    grpo_cfg = replace(GRPO, steps=args.steps, kl_coef=args.kl_coef, group_size=args.group_size,
-                       prompts_per_step=PPO.batch_size // args.group_size)
-    ppo_cfg = replace(PPO, steps=args.steps)
+    grpo_cfg = replace(grpo_cfg, prompts_per_step=PPO.batch_size // grpo_cfg.group_size)
+    ppo_cfg = replace(PPO, steps=grpo_cfg.steps)
     cache = cache_root(args.cache_dir)
     print(f"[1/2] SFT policy and reward model (cache: {cache})")
     _, _, _, info = load_or_train(setup, cache)
     first = args.seed * 1000 if args.first_seed is None else args.first_seed
     seeds = list(range(first, first + args.seeds))
-    jobs = [(m, s) for m in methods for s in seeds]
-    print(f"[2/2] {len(jobs)} runs ({len(methods)} methods x {len(seeds)} seeds, {args.steps} steps, "
+    jobs = study_runs(methods, seeds, setup, grpo_cfg, ppo_cfg, str(cache))
+    print(f"[2/2] {len(jobs)} runs ({len(methods)} methods x {len(seeds)} seeds, {grpo_cfg.steps} steps, "
           f"{args.workers} workers)")
-    done = [0]
-
-    def progress(res):
-        done[0] += 1
-        tail, kl = res["curves"]["gt_score"][-10:], res["curves"]["kl"][-10:]
-        print(f"  {done[0]:3d}/{len(jobs)}  {res['method']:22s} seed {res['seed']:5d}  final true score "
-              f"{sum(tail) / len(tail):+6.2f}  KL {sum(kl) / len(kl):6.1f}  ({res['seconds']:.0f}s, "
-              f"{time.time() - t0:.0f}s elapsed)", flush=True)
-
+    progress = runs.progress_printer(len(jobs), t0, _describe)
     t_runs = time.time()
-    results = run_many(jobs, setup, grpo_cfg, ppo_cfg, cache, workers=args.workers, progress=progress)
-    summary = summarise(results, methods, args.kl_coef)
+    results = runs.run_all(jobs, args.workers, progress)
+    summary = summarise(results, methods, grpo_cfg.kl_coef)
     wall = time.time() - t0
-    title = f"Sentiment task: GRPO with ABC token-level advantages vs PPO, {len(seeds)} seeds, {args.steps} steps"
+    title = (f"Sentiment task: GRPO with ABC token-level advantages vs PPO, {len(seeds)} seeds, {grpo_cfg.steps} "
+             "steps")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     table = markdown_table(summary)

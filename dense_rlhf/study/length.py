@@ -9,7 +9,7 @@ diagnostics are measured, and PPO runs every (method, seed) at one GAE lambda (d
 Per length, each dense method's steps to threshold against sparse's, for two thresholds, both 80% of the way
 from the SFT score: to sparse's own final score ("sparse's level", the primary measure: sparse reaches it by
 construction, so the ratio is always defined and does not depend on which other methods are run) and to the best
-method's final score (``runs.summarise``, the definition of ``dense-rlhf experiment``). Each ratio is taken from
+method's final score (``stats.summarise``, the definition of ``dense-rlhf experiment``). Each ratio is taken from
 the seed-mean curves (the point) and per seed, paired with the sparse run of the same seed (same prompts); a run
 that never reaches the threshold counts as the number of PPO steps and is marked as censored.
 
@@ -24,12 +24,20 @@ import json
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
+from dense_rlhf.rl.ppo import PPOConfig
 from dense_rlhf.study import methods as M
-from dense_rlhf.study import runs as study
-from dense_rlhf.study.models import load_or_train
+from dense_rlhf.study import report, runs, stats
+from dense_rlhf.study.diagnostics import credit_report
+from dense_rlhf.study.library_log import quiet_transformers
+from dense_rlhf.study.models import SetupConfig, load_or_train
+from dense_rlhf.study.plots import pyplot, save
+
+if TYPE_CHECKING:
+    from dense_rlhf.study.experiment import ExperimentOptions
 
 LENGTHS = (10, 20, 40, 80)
 METHODS = ("sparse", "abc-0.8", "prefix-0.8", "uniform")
@@ -43,20 +51,13 @@ def _prepare(job):
     """Train (or load) the SFT policy and reward model of one length, then its credit diagnostics."""
     setup, cache, threads = job
     torch.set_num_threads(threads)
-    study.quiet_transformers()
+    quiet_transformers()
     t0 = time.time()
     _, _, _, info = load_or_train(setup, cache, log=None)
     t1 = time.time()
-    credit = study.credit_report(setup, cache)
+    credit = credit_report(setup, cache)
     return {"completion_len": setup.completion_len, "info": info, "credit": credit,
             "train_seconds": t1 - t0, "diagnostics_seconds": time.time() - t1}
-
-
-def _run(job):
-    """One PPO run, tagged with its completion length."""
-    result = study._run_job(job)
-    result["completion_len"] = job[2].completion_len
-    return result
 
 
 # ------------------------------------------------------------------------------------------------ outputs
@@ -70,14 +71,12 @@ def _ratio_table(per_length: dict, key: str, dense: list[str], steps: int) -> li
         cells = []
         for m in dense:
             r = d["ratios"][m]
-            seeds = r["per_seed"]
-            star = "*" if any(r["per_seed_censored"]) else ""
             if r["steps"] is None or r["sparse_steps"] is None or r["sparse_steps"] == 0:
                 head = r["text"] if r["steps"] is None else f"{r['text'].split(' (')[0]} ({r['steps']} steps; " + (
                     "sparse never)" if r["sparse_steps"] is None else "sparse at step 0)")
             else:
                 head = f"{r['text']} ({r['steps']} steps)"
-            cells.append(f"{head} [{r['per_seed_median']:.2f}; {min(seeds):.2f}-{max(seeds):.2f}{star}]")
+            cells.append(f"{head} {report.seed_ratios(r)}")
         sparse_steps = d["ratios"][dense[0]]["sparse_steps"] if dense else None
         lines.append(f"| {length} | {d['threshold']:.2f} | {sparse_steps if sparse_steps is not None else 'never'} | "
                      + " | ".join(cells) + " |")
@@ -153,22 +152,19 @@ def markdown(per_length: dict, meta: dict) -> str:
             f"{rm['score_correlation']:.3f}. Training {d['train_seconds']:.0f} s, diagnostics "
             f"{d['diagnostics_seconds']:.0f} s, PPO runs {d['run_seconds']:.0f} s of worker time.",
             "",
-            study.markdown_table(d["summary"], d["credit"], None).strip(),
+            report.markdown_table(d["summary"], d["credit"], None).strip(),
             "",
         ]
     return "\n".join(lines) + "\n"
 
 
-def plot(per_length: dict, methods, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(per_length: dict, methods: list[str], path: Path, title: str) -> None:
+    """Each dense method's steps to sparse's level over sparse's against the completion length: the seed-mean
+    curves' ratio and every seed's."""
     lengths = sorted(per_length)
     dense = [m for m in methods if m != "sparse"]
     colours = {"abc-0.8": "tab:blue", "prefix-0.8": "tab:orange", "uniform": "tab:gray"}
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    fig, ax = pyplot().subplots(figsize=(7.5, 4.8))
     for k, m in enumerate(dense):
         colour = colours.get(m, f"C{k + 3}")
         offset = (k - (len(dense) - 1) / 2) * 0.035
@@ -191,15 +187,13 @@ def plot(per_length: dict, methods, path: Path, title: str) -> None:
     ax.scatter([], [], s=18, color="k", alpha=0.45, marker=".", label="per seed (paired with sparse)")
     ax.scatter([], [], s=18, color="k", alpha=0.45, marker="x", label="per seed, a run never reached it")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path)
 
 
 # ------------------------------------------------------------------------------------------------ the command
 
 
-def main(args, argv: list[str], setup, ppo) -> int:
+def main(args: ExperimentOptions, argv: list[str], setup: SetupConfig, ppo: PPOConfig) -> int:
     """Run the study from ``dense-rlhf experiment``'s parsed arguments and its base setup and PPO settings."""
     t0 = time.time()
     lengths = sorted((int(x) for x in args.lengths.split(",") if x.strip()), reverse=True)
@@ -227,22 +221,16 @@ def main(args, argv: list[str], setup, ppo) -> int:
               f"{res['credit']['sft_samples']['prefix']['spearman']:.2f} ({res['train_seconds']:.0f}s + "
               f"{res['diagnostics_seconds']:.0f}s, {time.time() - t0:.0f}s elapsed)", flush=True)
 
-    study.map_jobs(_prepare, [(setups[length], cache, 1) for length in lengths], args.workers, prepared_one)
+    runs.map_jobs(_prepare, [(setups[length], cache, 1) for length in lengths], args.workers, prepared_one)
     t_prepared = time.time()
 
-    jobs = [(m, s, setups[length], ppo, cache, 1) for length in lengths for m in methods for s in seeds]
+    jobs = [runs.Run(m, s, setups[length], ppo, cache, tags=(("completion_len", length),))
+            for length in lengths for m in methods for s in seeds]
     print(f"[2/2] {len(jobs)} PPO runs ({len(lengths)} lengths x {len(methods)} methods x {len(seeds)} seeds, "
           f"{ppo.steps} steps, GAE lambda {ppo.lam:g}), longest completions first", flush=True)
-    done = [0]
-
-    def progress(res):
-        done[0] += 1
-        tail = res["curves"]["gt_score"][-10:]
-        print(f"  {done[0]:3d}/{len(jobs)}  {res['completion_len']:3d} tokens  {res['method']:10s} seed {res['seed']:5d}  "
-              f"final true score {sum(tail) / len(tail):+.2f}  ({res['seconds']:.0f}s, {time.time() - t0:.0f}s elapsed)",
-              flush=True)
-
-    results = study.map_jobs(_run, jobs, args.workers, progress)
+    progress = runs.progress_printer(
+        len(jobs), t0, lambda res: f"{res['completion_len']:3d} tokens  {res['method']:10s} seed {res['seed']:5d}")
+    results = runs.run_all(jobs, args.workers, progress)
     t_runs = time.time()
 
     per_length = analyse(results, prepared, methods, ppo.steps)
@@ -252,7 +240,7 @@ def main(args, argv: list[str], setup, ppo) -> int:
         "command": "dense-rlhf experiment " + " ".join(argv), "name": args.name, "methods": methods,
         "lengths": sorted(lengths), "seeds": seeds, "steps": ppo.steps, "workers": args.workers,
         "wall_seconds": time.time() - t0, "prepare_seconds": t_prepared - t0, "runs_seconds": t_runs - t_prepared,
-        "config": study.config_dict(setup, ppo),
+        "config": report.config_dict(setup, ppo),
     }
     write_outputs(per_length, meta, Path(args.out))
     print()
@@ -268,14 +256,14 @@ def analyse(results: list[dict], prepared: dict, methods: list[str], n_steps: in
     for length in sorted(prepared):
         mine = sorted((r for r in results if r["completion_len"] == length),
                       key=lambda r: (methods.index(r["method"]), r["seed"]))
-        summary = study.summarise(mine)
-        level = study.sparse_level(summary)
+        summary = stats.summarise(mine)
+        level = stats.sparse_level(summary)
         per_length[length] = {
             "summary": summary,
             "sparse_level": {"threshold": level,
-                             "ratios": study.ratios(study.steps_to(summary, mine, level), methods, n_steps)},
+                             "ratios": stats.ratios(stats.steps_to(summary, mine, level), methods, n_steps)},
             "best_threshold": {"threshold": summary["threshold"],
-                               "ratios": study.ratios(study.steps_to(summary, mine, summary["threshold"]), methods,
+                               "ratios": stats.ratios(stats.steps_to(summary, mine, summary["threshold"]), methods,
                                                       n_steps)},
             "runs": mine,
             "info": prepared[length]["info"], "credit": prepared[length]["credit"],

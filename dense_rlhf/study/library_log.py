@@ -48,6 +48,13 @@ def library_output_to(path: str | Path):
             handler.close()
 
 
+def quiet_transformers() -> None:
+    """No weight-loading / shard-writing progress bars from transformers (they drown the commands' output)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def _datasets_progress_bars(enabled: bool) -> bool:
     """Turns datasets' progress bars on or off; returns whether they were on (False without datasets)."""
     try:

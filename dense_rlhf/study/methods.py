@@ -11,7 +11,8 @@ response tokens, summing to r_C:
   s(x, y<t), the last one also the step to the score at [EOS].
 - ``uniform``: r_C / N on every response token.
 - ``abcd``: ABC-D, the same formula (beta 0.8) with the *policy's* own last-layer attention row from its
-  final generated token, captured during the rollout forward.
+  final generated token, captured during the rollout forward by the hook ``capture_policy_attention``
+  (``ppo.train(..., rollout_hook=...)``; ``rollout_hook(method)`` names it for this method only).
 
 With a reward model that has its own tokenizer and chat template (``ALIGNED_METHODS``: a byte-level BPE trained
 on the task's text, see ``models.load_or_train_chat_rm``), through ``dense_rlhf.score_and_densify_text``:
@@ -46,7 +47,8 @@ import torch
 from dense_rlhf.study import sentiment_task as task
 from dense_rlhf.capture import capture_prefix_scores, capture_reward_attention
 from dense_rlhf.ops import dense_rewards, prefix_rewards, sparse_rewards, uniform_rewards
-from dense_rlhf.rl.ppo import Rollout
+from dense_rlhf.rl.grpo import GroupRollout
+from dense_rlhf.rl.ppo import Rollout, RolloutHook
 
 METHODS = ["sparse", "abc-0.5", "abc-0.8", "abc-1.0", "prefix-0.8", "prefix-1.0", "uniform", "abcd"]
 LABELS = {
@@ -157,6 +159,8 @@ def token_rewards(method: str, score: torch.Tensor, rm_rows: torch.Tensor, rm_ma
     elif method.startswith("prefix-"):
         full = prefix_rewards(prefix_scores, rm_mask, beta=float(method[7:]), reward_index=reward_index)
     elif method == "abcd":
+        if policy_rows is None:
+            raise ValueError("abcd needs the policy's attention rows: run PPO with rollout_hook=capture_policy_attention")
         mask = torch.zeros(policy_rows.shape[0], policy_rows.shape[-1], dtype=torch.bool)
         mask[:, prompt_len : prompt_len + n_new] = True
         full = dense_rewards(policy_rows, score, mask, beta=ABCD_BETA, layout="rows")
@@ -177,6 +181,18 @@ def aligned_rewards(chat_rm, codec: task.Codec, seq: torch.Tensor, beta: float) 
     response = seq[:, task.PROMPT_LEN :]
     return score_and_densify_text(rm, rm_tokenizer, prompts, response, policy_tokenizer=codec.tokenizer,
                                   response_mask=torch.ones_like(response, dtype=torch.bool), beta=beta)
+
+
+def capture_policy_attention(lm, seq: torch.Tensor):
+    """ABC-D's rollout hook (``ppo.RolloutHook``): captures the policy's last-layer attention rows from its final
+    token during the rollout's forward, ``Rollout.captured.rows`` [B, H, P + N] after it. The forward's outputs are
+    the same with it as without."""
+    return capture_reward_attention(lm, layer=-1, reward_index=seq.shape[1] - 1)
+
+
+def rollout_hook(method: str) -> RolloutHook | None:
+    """The hook a reward method needs on PPO's rollouts: ``capture_policy_attention`` for abcd, None for the rest."""
+    return capture_policy_attention if method == "abcd" else None
 
 
 def make_score_fn(method: str, rm, codec: task.Codec, chat_rm=None):
@@ -204,9 +220,26 @@ def make_score_fn(method: str, rm, codec: task.Codec, chat_rm=None):
         if oracle and not scale:
             scale.append(1.0 if oracle_spec(method)[1] else rm_scale(rm, codec, n_new))
         credit = task.credits_of(codec, ro.seq) if oracle else None
-        rewards = token_rewards(method, score, rows, mask, ro.policy_attn_rows, task.PROMPT_LEN, n_new, prefix, index,
-                                credit, scale[0] if oracle else 1.0)
+        policy_rows = ro.captured.rows if method == "abcd" and ro.captured is not None else None
+        rewards = token_rewards(method, score, rows, mask, policy_rows, task.PROMPT_LEN, n_new, prefix, index, credit,
+                                scale[0] if oracle else 1.0)
         gt = task.scores_of(codec, ro.seq)
         return rewards, {"gt_score": gt.mean().item(), "rm_score": score.mean().item()}
+
+    return score_fn
+
+
+def make_grpo_score_fn(rm, codec: task.Codec):
+    """The ``score_fn`` for ``grpo.train``: reward-model scores [B] and ABC's credit alpha [B, N] (rows summing to
+    1), from one reward-model forward over ``seq + [EOS]`` with the last layer's rows captured, plus the step's
+    metrics."""
+
+    def score_fn(ro: GroupRollout):
+        ids, mask = rm_inputs(codec, ro.seq)
+        score, rows = score_with_attention(rm, ids)
+        p, n_new = task.PROMPT_LEN, ro.seq.shape[1] - task.PROMPT_LEN
+        alpha = dense_rewards(rows, torch.ones_like(score), mask, beta=1.0, layout="rows")[:, p : p + n_new]
+        gt = task.scores_of(codec, ro.seq)
+        return score, alpha, {"gt_score": gt.mean().item(), "rm_score": score.mean().item()}
 
     return score_fn

@@ -25,26 +25,45 @@ from dense_rlhf.study import sentiment_task as task
 
 @dataclass
 class SetupConfig:
-    """Everything that determines the trained SFT policy and reward model."""
+    """Everything that determines the trained SFT policy and reward model (their cache key)."""
 
     seed: int = 0
+    """seeds the models' initialisation, their training data and their training"""
     completion_len: int = 20
+    """completion tokens after the prompt, in the SFT data, the preference pairs and the rollouts"""
     n_embd: int = 64
+    """the policy's hidden size"""
     n_layer: int = 2
+    """the policy's layers"""
     n_head: int = 4
+    """the policy's attention heads"""
     rm_n_embd: int = 64
-    rm_n_layer: int = 1  # a 2-layer RM pools in layer 0; its last layer's row carries little credit
+    """the reward model's hidden size"""
+    rm_n_layer: int = 1
+    """the reward model's layers; ABC reads the last one (a 2-layer RM pools in layer 0, and its last layer's row
+    carries little credit)"""
     rm_n_head: int = 4
+    """the reward model's attention heads"""
     sft_texts: int = 20000
+    """texts in the SFT data"""
     sft_steps: int = 1500
+    """SFT optimiser steps"""
     sft_batch: int = 64
+    """texts per SFT step"""
     sft_lr: float = 2e-3
+    """SFT's peak learning rate (AdamW, warm-up then cosine)"""
     rm_pairs: int = 20000
+    """preference pairs the reward model trains on"""
     rm_eval_pairs: int = 2000
+    """held-out preference pairs the reward model is evaluated on"""
     rm_epochs: float = 2.0
+    """the reward model's epochs over its pairs"""
     rm_batch: int = 64
+    """pairs per reward-model step"""
     rm_lr: float = 1e-3
+    """the reward model's peak learning rate (trl's RewardTrainer, cosine)"""
     bt_temperature: float = 1.0
+    """the Bradley-Terry temperature of the preference labels: P(a > b) = sigmoid((s_a - s_b) / T)"""
 
     def key(self) -> str:
         blob = json.dumps(asdict(self), sort_keys=True).encode()

@@ -14,12 +14,12 @@ CPU).
 Per (setting, lambda), each method's steps to a threshold over sparse's, for two thresholds, both 80% of the way
 from the SFT score and so relative to the section's own scale: to sparse's own final score ("sparse's level", the
 primary measure: sparse reaches it by construction, so the ratio is always defined and does not depend on which
-other methods run; the length study's measure) and to the best method's final score (``runs.summarise``, the
+other methods run; the length study's measure) and to the best method's final score (``stats.summarise``, the
 definition of ``dense-rlhf experiment``). Ratios come from the seed-mean curves (5-step moving average) and per
 seed, paired with the sparse run of the same seed; a run that never reaches the threshold counts as the number of
 PPO steps and is marked as censored. The share of the oracle's speed-up that a method reaches is
 ``(1 - ratio_method) / (1 - ratio_oracle)`` from the seed-mean ratios at sparse's level (undefined when the oracle
-is not faster than sparse). Final score, late spread and final KL are ``runs.summarise``'s.
+is not faster than sparse). Final score, late spread and final KL are ``stats.summarise``'s.
 
 Every run goes through one pool of single-threaded worker processes. Writes ``<name>.json`` (every curve),
 ``<name>.md`` (tables) and ``<name>.png`` (seed-mean curves, one panel per setting and lambda) under ``--out``.
@@ -31,23 +31,24 @@ import json
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from dense_rlhf.rl.ppo import PPOConfig
 from dense_rlhf.study import methods as M
-from dense_rlhf.study import runs as study
-from dense_rlhf.study.models import load_or_train
+from dense_rlhf.study import report
+from dense_rlhf.study import runs
+from dense_rlhf.study import stats
+from dense_rlhf.study.diagnostics import credit_report
+from dense_rlhf.study.models import SetupConfig, load_or_train
+from dense_rlhf.study.plots import pyplot, save, score_curves
+
+if TYPE_CHECKING:
+    from dense_rlhf.study.experiment import ExperimentOptions
 
 METHODS = ("sparse", "abc-0.8", "prefix-0.8", "uniform", "oracle-0.8", "oracle-abs-0.8")
 LAMS = {"ours": (0.95, 0.8), "paper": (0.95,)}  # GAE lambdas per setting unless --lam names them
 ORACLES = ("oracle-0.8", "oracle-abs-0.8")
 COMPARED = ("abc-0.8", "prefix-0.8", "uniform")  # the methods whose share of the oracle's speed-up is reported
-
-
-def _run(job):
-    """One PPO run, tagged with its PPO setting and GAE lambda."""
-    setting, args = job
-    result = study._run_job(args)
-    result["setting"], result["lam"] = setting, args[3].lam
-    return result
 
 
 # ------------------------------------------------------------------------------------------------ statistics
@@ -73,17 +74,17 @@ def analyse(results: list[dict], methods: list[str], settings: dict, lams: dict)
         for lam in lams[name]:
             mine = sorted((r for r in results if r["setting"] == name and r["lam"] == lam),
                           key=lambda r: (methods.index(r["method"]), r["seed"]))
-            summary = study.summarise(mine)
+            summary = stats.summarise(mine)
             n = summary["steps"]
-            level = study.sparse_level(summary)
-            at_level = study.ratios(study.steps_to(summary, mine, level), methods, n)
+            level = stats.sparse_level(summary)
+            at_level = stats.ratios(stats.steps_to(summary, mine, level), methods, n)
             kl_coef = {m: sum(r["curves"]["kl_coef"][n - 1] for r in mine if r["method"] == m)
                        / summary["methods"][m]["seeds"] for m in summary["methods"]}
             sections.append({
                 "setting": name, "lam": lam, "ppo": asdict(replace(settings[name], lam=lam)), "summary": summary,
                 "sparse_level": {"threshold": level, "ratios": at_level},
                 "best_threshold": {"threshold": summary["threshold"],
-                                   "ratios": study.ratios(study.steps_to(summary, mine, summary["threshold"]), methods,
+                                   "ratios": stats.ratios(stats.steps_to(summary, mine, summary["threshold"]), methods,
                                                           n)},
                 "shares": {o: shares_of_oracle(at_level, o) for o in ORACLES if o in methods},
                 "final_kl_coef": kl_coef,
@@ -99,10 +100,8 @@ def analyse(results: list[dict], methods: list[str], settings: dict, lams: dict)
 def _ratio_cell(r: dict | None) -> str:
     if r is None:
         return ""
-    seeds = r["per_seed"]
-    star = "*" if any(r["per_seed_censored"]) else ""
     steps = "never" if r["steps"] is None else str(r["steps"])
-    return f"{r['text'].split(' (')[0]} ({steps}) [{r['per_seed_median']:.2f}; {min(seeds):.2f}-{max(seeds):.2f}{star}]"
+    return f"{r['text'].split(' (')[0]} ({steps}) {report.seed_ratios(r)}"
 
 
 def _ratio_table(sections: list[dict], key: str, dense: list[str]) -> list[str]:
@@ -195,48 +194,35 @@ def markdown(sections: list[dict], credit: dict, info: dict, meta: dict) -> str:
                   + f". The signed oracle multiplies the true credit by the reward model's scale "
                   f"{next(iter(calib.values()))['oracle_scale']:.3f} (``methods.rm_scale``: the same slope on 2048 "
                   "grammar texts drawn as the preference data are)."]
-    lines += ["", *study.credit_lines(credit)]
+    lines += ["", *report.credit_lines(credit)]
     lines += ["", "## Per setting and lambda", ""]
     for sec in sections:
-        lines += [f"### {_setting_title(sec)}", "", study.markdown_table(sec["summary"], None, None).strip(), ""]
+        lines += [f"### {_setting_title(sec)}", "", report.markdown_table(sec["summary"], None, None).strip(), ""]
     return "\n".join(lines) + "\n"
 
 
 def plot(sections: list[dict], methods: list[str], path: Path, title: str) -> None:
     """Seed-mean score curves (5-step MA, ±1 std band), one panel per (setting, lambda), sparse's level dotted."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     settings = list(dict.fromkeys(s["setting"] for s in sections))
     lams = list(dict.fromkeys(s["lam"] for s in sections))
-    fig, axes = plt.subplots(len(settings), len(lams), figsize=(6.5 * len(lams), 4.6 * len(settings)), squeeze=False)
+    fig, axes = pyplot().subplots(len(settings), len(lams), figsize=(6.5 * len(lams), 4.6 * len(settings)),
+                                  squeeze=False)
     bold = {"sparse", "abc-0.8", "prefix-0.8", "oracle-0.8"}
     for sec in sections:
         ax = axes[settings.index(sec["setting"])][lams.index(sec["lam"])]
-        for k, m in enumerate(methods):
-            s = sec["summary"]["methods"][m]
-            mean, std = study.moving_average(s["mean_curve"]), study.moving_average(s["std_curve"])
-            xs = range(len(mean))
-            ls = "--" if m.startswith("oracle") else "-"
-            ax.plot(xs, mean, color=f"C{k}", ls=ls, lw=2 if m in bold else 1.2, label=M.LABELS[m])
-            ax.fill_between(xs, [a - b for a, b in zip(mean, std)], [a + b for a, b in zip(mean, std)],
-                            color=f"C{k}", alpha=0.1)
-        ax.axhline(sec["sparse_level"]["threshold"], color="k", ls=":", lw=1, label="sparse's level")
-        ax.set_title(_setting_title(sec, "\n"), fontsize=8)
-        ax.set_xlabel(f"PPO step ({sec['ppo']['batch_size']} completions each)")
-        ax.set_ylabel("true score (5-step MA, ±1 std over seeds)")
-        ax.legend(fontsize=7)
+        curves = [(M.LABELS[m], sec["summary"]["methods"][m],
+                   {"color": f"C{k}", "ls": "--" if m.startswith("oracle") else "-", "lw": 2 if m in bold else 1.2})
+                  for k, m in enumerate(methods)]
+        score_curves(ax, curves, threshold=sec["sparse_level"]["threshold"], threshold_label="sparse's level",
+                     title=_setting_title(sec, "\n"), title_size=8,
+                     xlabel=f"PPO step ({sec['ppo']['batch_size']} completions each)",
+                     ylabel="true score (5-step MA, ±1 std over seeds)")
     used = {(settings.index(sec["setting"]), lams.index(sec["lam"])) for sec in sections}
     for i, row in enumerate(axes):
         for j, ax in enumerate(row):
             if (i, j) not in used:
                 ax.set_visible(False)
-    fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path, title=title, dpi=110)
 
 
 def write_outputs(sections: list[dict], credit: dict, info: dict, meta: dict, out: Path) -> None:
@@ -252,7 +238,7 @@ def write_outputs(sections: list[dict], credit: dict, info: dict, meta: dict, ou
 # ------------------------------------------------------------------------------------------------ the command
 
 
-def main(args, argv: list[str], setup, settings: dict) -> int:
+def main(args: ExperimentOptions, argv: list[str], setup: SetupConfig, settings: dict[str, PPOConfig]) -> int:
     """Run the study from ``dense-rlhf experiment``'s parsed arguments, its setup and its PPO settings by name."""
     t0 = time.time()
     methods = [m.strip() for m in (args.methods or ",".join(METHODS)).split(",") if m.strip()]
@@ -269,25 +255,18 @@ def main(args, argv: list[str], setup, settings: dict) -> int:
 
     print("[1/2] SFT policy, reward model and credit diagnostics", flush=True)
     _, _, _, info = load_or_train(setup, cache)
-    credit = study.credit_report(setup, cache, oracle=True)
+    credit = credit_report(setup, cache, oracle=True)
     # the slowest setting (most Adam updates per step) first, so that the two workers finish together
     order = sorted(settings, key=lambda k: -settings[k].steps * settings[k].ppo_epochs * settings[k].batch_size
                    / settings[k].minibatch_size)
-    jobs = [(name, (m, s, setup, replace(settings[name], lam=lam), cache, 1))
+    jobs = [runs.Run(m, s, setup, replace(settings[name], lam=lam), cache, tags=(("setting", name), ("lam", lam)))
             for name in order for lam in lams[name] for m in methods for s in seeds]
     plan = ", ".join(f"{name} at GAE lambda {'/'.join(f'{x:g}' for x in lams[name])}" for name in settings)
     print(f"[2/2] {len(jobs)} PPO runs ({plan}; {len(methods)} methods x {len(seeds)} seeds, {args.workers} workers)",
           flush=True)
-    done = [0]
-
-    def progress(res):
-        done[0] += 1
-        tail = res["curves"]["gt_score"][-10:]
-        print(f"  {done[0]:3d}/{len(jobs)}  {res['setting']:5s} lambda {res['lam']:g}  {res['method']:14s} seed "
-              f"{res['seed']:5d}  final true score {sum(tail) / len(tail):+.2f}  ({res['seconds']:.0f}s, "
-              f"{time.time() - t0:.0f}s elapsed)", flush=True)
-
-    results = study.map_jobs(_run, jobs, args.workers, progress)
+    progress = runs.progress_printer(len(jobs), t0, lambda res: f"{res['setting']:5s} lambda {res['lam']:g}  "
+                                                                 f"{res['method']:14s} seed {res['seed']:5d}")
+    results = runs.run_all(jobs, args.workers, progress)
     sections = analyse(results, methods, settings, lams)
     meta = {
         "title": f"Oracle credit and the paper's PPO settings: {len(seeds)} seeds per method",

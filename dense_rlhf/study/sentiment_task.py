@@ -266,6 +266,17 @@ class Codec:
         return [self.tokenizer.convert_ids_to_tokens(row) for row in ids.tolist()]
 
 
+def prompt_sampler(codec: Codec, seed: int):
+    """``sample(n)`` -> [n, PROMPT_LEN] ids of ``n`` prompts (``sample_prompts``), drawn from one stream seeded with
+    ``seed``: the trainers' ``sample_prompts``."""
+    rng = random.Random(seed)
+
+    def sample(n: int) -> torch.Tensor:
+        return codec.encode(sample_prompts(rng, n))
+
+    return sample
+
+
 def scores_of(codec: Codec, seq: torch.Tensor) -> torch.Tensor:
     """Ground-truth score of each row of [B, PROMPT_LEN + N] policy sequences (prompt kept as context)."""
     words = codec.decode(seq[:, 1:])
