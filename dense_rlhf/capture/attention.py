@@ -145,7 +145,11 @@ class RewardAttentionCapture:
 
     # -- hooks --------------------------------------------------------------------------------------------
 
-    def _pre_hook(self, module, args, kwargs):
+    # The hooks take their kwargs as optional: torch adds a hook before marking it with_kwargs, and a forward in
+    # another thread may iterate over a snapshot of the hooks while a closing capture removes that mark, so such a
+    # forward may call them without kwargs. Those calls are never from the owner's thread; they record nothing.
+
+    def _pre_hook(self, module, args, kwargs=None):
         if threading.get_ident() != self._owner:
             return None
         if self._depth == 0:
@@ -163,7 +167,7 @@ class RewardAttentionCapture:
         self._depth += 1
         return None
 
-    def _post_hook(self, module, args, kwargs, output):
+    def _post_hook(self, module, args, *kwargs_and_output):
         if threading.get_ident() != self._owner:
             return None
         self._depth -= 1

@@ -92,7 +92,11 @@ class PrefixScoreCapture:
                 hook.remove()
         return False
 
-    def _pre_hook(self, module, args, kwargs):
+    # The hooks take their kwargs as optional: torch adds a hook before marking it with_kwargs, and a forward in
+    # another thread may iterate over a snapshot of the hooks while a closing capture removes that mark, so such a
+    # forward may call them without kwargs. Those calls are never from the owner's thread; they record nothing.
+
+    def _pre_hook(self, module, args, kwargs=None):
         if threading.get_ident() != self._owner:
             return None
         if self._depth == 0:
@@ -106,9 +110,10 @@ class PrefixScoreCapture:
         if threading.get_ident() == self._owner and self._depth > 0 and isinstance(output, torch.Tensor):
             self._head_out = output.detach()
 
-    def _post_hook(self, module, args, kwargs, output):
+    def _post_hook(self, module, args, *kwargs_and_output):
         if threading.get_ident() != self._owner:
             return None
+        output = kwargs_and_output[-1]
         self._depth -= 1
         if self._depth == 0:
             self._finish(output)
