@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from dense_rlhf.ops import dense_rewards
+from dense_rlhf.capture import score_with_credit
 from dense_rlhf.rl import grpo
 from dense_rlhf.rl.common import Policy
 from dense_rlhf.rl.ppo import PPOConfig
@@ -102,9 +102,9 @@ def make_score_fn(rm, codec: task.Codec):
 
     def score_fn(ro: grpo.GroupRollout):
         ids, mask = M.rm_inputs(codec, ro.seq)
-        score, rows = M.score_with_attention(rm, ids)
+        score, credit = score_with_credit(rm, ids, None, mask)
         p, n_new = task.PROMPT_LEN, ro.seq.shape[1] - task.PROMPT_LEN
-        alpha = dense_rewards(rows, torch.ones_like(score), mask, beta=1.0, layout="rows")[:, p : p + n_new]
+        alpha = credit[:, p : p + n_new]
         gt = task.scores_of(codec, ro.seq)
         return score, alpha, {"gt_score": gt.mean().item(), "rm_score": score.mean().item()}
 
