@@ -144,7 +144,7 @@ def prefix_rewards(
     return out
 
 
-def check_beta(beta, name: str = "beta") -> float:
+def check_beta(beta: float | torch.Tensor, name: str = "beta") -> float:
     """beta as a Python float, checked: any real number in [0, 1], given as a Python number, a NumPy scalar
     or 0-dim array, or a 0-dim real tensor (read with one host sync). Anything else is a TypeError naming
     its type; a value outside [0, 1] (NaN included, or an int or Fraction beyond float's range) and a tensor on

@@ -3,6 +3,7 @@ reward model's per-token values of one row projected onto the policy's response 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -30,7 +31,8 @@ def _as_spans(spans, argument: str) -> torch.Tensor:
     return spans
 
 
-def project_credit(credit: torch.Tensor, src_spans, dst_spans) -> torch.Tensor:
+def project_credit(credit: torch.Tensor, src_spans: torch.Tensor | Sequence[Sequence[int]],
+                   dst_spans: torch.Tensor | Sequence[Sequence[int]]) -> torch.Tensor:
     """Move per-token credit between two tokenisations of the same bytes, in proportion to byte overlap.
 
     ``dst[i] = sum_j credit[j] * |src_j ∩ dst_i| / |src_j|``: each source token spreads its credit evenly over

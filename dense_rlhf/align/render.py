@@ -4,12 +4,19 @@ with offsets, and the response's text kept from becoming control tokens (:func:`
 from __future__ import annotations
 
 import numbers
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Union
 
 from dense_rlhf.align.spans import _SLOW_TOKENIZER_FIX, _backend
 from dense_rlhf.align.text_only import _TextOnlyTokenizer
 
-__all__ = ["render_and_tokenize", "RewardModelInputs"]
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+__all__ = ["render_and_tokenize", "RewardModelInputs", "Prompts"]
+
+Prompts = Union[Sequence[str], Sequence[Sequence[Mapping[str, Any]]]]
+"""B plain-text prompts, or B chat conversations (lists of messages: dicts with "role" and "content"); one kind."""
 
 _PLACEHOLDER = "\ue000dense-rlhf-response\ue001"  # private-use characters: no template alters them
 
@@ -84,7 +91,8 @@ class RewardModelInputs:
         return b not in self.failed and b not in self.unmapped
 
 
-def render_and_tokenize(rm_tokenizer, prompts, responses: list[str], *, max_length: int | None = None,
+def render_and_tokenize(rm_tokenizer: PreTrainedTokenizerBase, prompts: Prompts, responses: list[str], *,
+                        max_length: int | None = None,
                         strict: bool = True, mapping: bool = True) -> RewardModelInputs:
     """The reward model's input for each (prompt, decoded response), as :func:`score_and_densify_text` builds it:
     rendered (``prompt + response``, or the chat template with the response as the assistant turn), located, and

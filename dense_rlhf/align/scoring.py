@@ -7,12 +7,13 @@ from __future__ import annotations
 import contextlib
 import inspect
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import torch
 
 from dense_rlhf._padding import pad_rows
 from dense_rlhf.align.projection import _project_row
-from dense_rlhf.align.render import (RewardModelInputs, _check_max_length, _check_offsets, _check_prompts,
+from dense_rlhf.align.render import (Prompts, RewardModelInputs, _check_max_length, _check_offsets, _check_prompts,
                                      render_and_tokenize)
 from dense_rlhf.align.rewards import _baseline_rewards, _rewards_from_credit, _rewards_from_differences
 from dense_rlhf.align.spans import _backend, _decode_with_spans, _Unmappable
@@ -20,6 +21,9 @@ from dense_rlhf.capture.attention import capture_reward_attention
 from dense_rlhf.capture.model import _logits_of, _pooled_scores
 from dense_rlhf.capture.prefix import capture_prefix_scores
 from dense_rlhf.ops import _check_mask_values, _mask, check_beta
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 __all__ = ["score_and_densify_text"]
 
@@ -245,9 +249,10 @@ def _score_text(reward_model, rm_tokenizer, prompts, response_ids, *, policy_tok
     return _finish_text(batch, results, method)
 
 
-def score_and_densify_text(reward_model, rm_tokenizer, prompts, response_ids, *, policy_tokenizer,
-                           response_mask=None, beta: float = 0.8, layer: int = -1, max_length: int | None = None,
-                           method: str = "abc"):
+def score_and_densify_text(reward_model: PreTrainedModel, rm_tokenizer: PreTrainedTokenizerBase, prompts: Prompts,
+                           response_ids: torch.Tensor, *, policy_tokenizer: PreTrainedTokenizerBase,
+                           response_mask: torch.Tensor | None = None, beta: float = 0.8, layer: int = -1,
+                           max_length: int | None = None, method: str = "abc") -> tuple[torch.Tensor, torch.Tensor]:
     """Dense rewards from a reward model with its own tokenizer and chat template, on the policy's response tokens:
     ABC by default, or prefix differences, or the sparse or uniform baseline (``method``, as in
     :func:`dense_rlhf.score_and_densify`).

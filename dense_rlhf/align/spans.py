@@ -4,10 +4,16 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 from dense_rlhf.align.decoders import _HF_CLEANUP, _Unit, _apply_decoder, _backend_steps, _join
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerBase
 
 __all__ = ["token_byte_spans"]
 
@@ -106,7 +112,8 @@ def _as_id_list(ids, argument: str) -> list[int]:
     return ids
 
 
-def token_byte_spans(tokenizer, ids, *, skip_special_tokens: bool = False) -> torch.Tensor:
+def token_byte_spans(tokenizer: PreTrainedTokenizerBase | Tokenizer, ids: Sequence[int] | torch.Tensor, *,
+                     skip_special_tokens: bool = False) -> torch.Tensor:
     """Byte offsets of each token of one sequence in the UTF-8 bytes of ``tokenizer.decode(ids)``.
 
     Args:

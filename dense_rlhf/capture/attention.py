@@ -13,6 +13,7 @@ the row maths in :mod:`dense_rlhf.capture.rows`.
 from __future__ import annotations
 
 import threading
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -20,13 +21,16 @@ from dense_rlhf.capture import interface
 from dense_rlhf.capture.model import _configs_of, _is_self_attention, _last_non_pad
 from dense_rlhf.capture.rows import _reward_rows
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
 __all__ = ["RewardAttentionCapture", "capture_reward_attention"]
 
 
 class RewardAttentionCapture:
     """Context manager returned by :func:`capture_reward_attention`; read ``rows`` after the forward."""
 
-    def __init__(self, model, *, layer: int = -1, reward_index=None):
+    def __init__(self, model: PreTrainedModel, *, layer: int = -1, reward_index: int | torch.Tensor | None = None):
         from transformers import PreTrainedModel
 
         if not isinstance(model, PreTrainedModel):
@@ -264,7 +268,8 @@ class RewardAttentionCapture:
 
 
 
-def capture_reward_attention(model, *, layer: int = -1, reward_index=None) -> RewardAttentionCapture:
+def capture_reward_attention(model: PreTrainedModel, *, layer: int = -1,
+                             reward_index: int | torch.Tensor | None = None) -> RewardAttentionCapture:
     """Record, during the model's ordinary forward, each head's attention row from the reward position.
 
     Usage::

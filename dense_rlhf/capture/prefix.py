@@ -9,10 +9,14 @@ every prefix in the same forward.
 from __future__ import annotations
 
 import threading
+from typing import TYPE_CHECKING
 
 import torch
 
 from dense_rlhf.capture.model import _bidirectional_reason, _last_non_pad, _score_of
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 __all__ = ["PrefixScoreCapture", "capture_prefix_scores"]
 
@@ -20,7 +24,7 @@ __all__ = ["PrefixScoreCapture", "capture_prefix_scores"]
 class PrefixScoreCapture:
     """Context manager returned by :func:`capture_prefix_scores`; read ``prefix_scores`` after the forward."""
 
-    def __init__(self, model):
+    def __init__(self, model: PreTrainedModel):
         from transformers import PreTrainedModel
 
         if not isinstance(model, PreTrainedModel):
@@ -157,7 +161,7 @@ class PrefixScoreCapture:
         self._prefix_scores, self._score, self._index = scores, pooled, index
 
 
-def capture_prefix_scores(model) -> PrefixScoreCapture:
+def capture_prefix_scores(model: PreTrainedModel) -> PrefixScoreCapture:
     """Record, during the reward model's ordinary forward, its score at every position: the prefix scores.
 
     A decoder ``*ForSequenceClassification`` model applies its ``score`` head to every position's hidden

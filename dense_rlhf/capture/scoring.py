@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -12,12 +13,15 @@ from dense_rlhf.capture.model import _bidirectional_reason, _last_non_pad, _logi
 from dense_rlhf.capture.prefix import capture_prefix_scores
 from dense_rlhf.ops import _mask, check_beta, dense_rewards, prefix_rewards, sparse_rewards, uniform_rewards
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
 __all__ = ["score_and_densify", "score_with_credit"]
 
 METHODS = ("abc", "prefix", "sparse", "uniform")
 
 
-def score_and_densify(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+def score_and_densify(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                       completion_mask: torch.Tensor, *, method: str = "abc", beta: float = 0.8, layer: int = -1,
                       reward_index: int | torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Run a reward model once and return ``(scores [B] float32, rewards [B, L] float32)``.
@@ -70,7 +74,7 @@ def score_and_densify(model: torch.nn.Module, input_ids: torch.Tensor, attention
     return scores, rewards
 
 
-def score_with_credit(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+def score_with_credit(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                       completion_mask: torch.Tensor, *, layer: int = -1,
                       reward_index: int | torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Run a reward model once and return ``(scores [B] float32, credit [B, L] float32)``: its score and ABC's

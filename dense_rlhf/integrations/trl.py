@@ -41,6 +41,7 @@ ABC's credit across processes for scheme 3 as trl gathers the rewards; it is tes
 from __future__ import annotations
 
 import warnings
+from typing import TYPE_CHECKING, Any
 
 import torch
 from trl import GRPOTrainer
@@ -49,6 +50,9 @@ from dense_rlhf._padding import pad_rows
 from dense_rlhf.capture import capture_reward_attention, score_with_credit
 from dense_rlhf.ops import check_beta
 from dense_rlhf.rl import grpo
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 __all__ = ["ABCGRPOTrainer", "TESTED_TRL"]
 
@@ -83,9 +87,9 @@ class ABCGRPOTrainer(GRPOTrainer):
     ids that are not ints of its vocabulary, or a policy tokenizer with more tokens than its embeddings.
     """
 
-    def __init__(self, model, reward_model: torch.nn.Module, *, scheme: str = "credit", credit_beta: float = 0.5,
-                 abc_beta: float = 0.8, reward_suffix_ids: list[int] | None = None, reward_layer: int = -1,
-                 **kwargs):
+    def __init__(self, model: str | PreTrainedModel, reward_model: PreTrainedModel, *, scheme: str = "credit",
+                 credit_beta: float = 0.5, abc_beta: float = 0.8, reward_suffix_ids: list[int] | None = None,
+                 reward_layer: int = -1, **kwargs: Any):
         _check_trl_version()
         for name in ("reward_funcs", "reward_processing_classes"):
             if kwargs.get(name) is not None:
@@ -125,7 +129,8 @@ class ABCGRPOTrainer(GRPOTrainer):
         self._abc_prompt_ids = [[int(t) for t in ids] for ids in result[0]]
         return result
 
-    def abc_reward(self, prompts, completions, completion_ids, **kwargs) -> list[float]:
+    def abc_reward(self, prompts: list, completions: list, completion_ids: list[list[int]],
+                   **kwargs: Any) -> list[float]:
         """trl reward function: the reward model's score of each local completion. Keeps ABC's credit alpha
         [B, T] (completion-aligned, right-padded) and the completion mask for the advantages."""
         prompt_ids = self._abc_prompt_ids

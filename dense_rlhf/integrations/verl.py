@@ -19,14 +19,14 @@ import asyncio
 import logging
 import math
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import torch
 
 from dense_rlhf._padding import pad_rows
-from dense_rlhf.align.scoring import _score_text
+from dense_rlhf.align.scoring import _score_text, _TextScores
 from dense_rlhf.integrations.verl_config import (  # noqa: F401  (the estimator sets: re-exported)
     MODULE_PATH, SEQUENCE_SUM_ESTIMATORS, TOKEN_LEVEL_ESTIMATORS, ABCSettings, ServedSettings, check_algorithm,
     check_routing, check_served)
@@ -39,6 +39,10 @@ try:
 except ImportError as error:  # pragma: no cover - exercised only where verl is missing
     raise ImportError("dense_rlhf.integrations.verl needs verl: pip install 'dense-rlhf[verl]'") from error
 
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
+    from transformers import PreTrainedTokenizerBase
+
 __all__ = ["ABCRewardManager", "ABCSettings", "SampleResult", "ServedPrefixRewardManager", "ServedSettings",
            "TokenRewardManagerBase", "check_algorithm", "check_routing", "check_served", "compute_score",
            "load_reward_model"]
@@ -46,7 +50,7 @@ __all__ = ["ABCRewardManager", "ABCSettings", "SampleResult", "ServedPrefixRewar
 logger = logging.getLogger(__name__)
 
 
-def compute_score(*args: Any, **kwargs: Any):
+def compute_score(*args: Any, **kwargs: Any) -> NoReturn:
     """The routing target for ``reward.custom_reward_function``: verl's reward-loop worker calls a manager's
     ``run_single`` only when that path is set, and loads this function from it. ``ABCRewardManager`` and
     ``ServedPrefixRewardManager`` score with the reward model and never call it; another manager that does gets this
@@ -145,14 +149,15 @@ class TokenRewardManagerBase(RewardManagerBase):
 
     extra_prefix = "abc"
 
-    def __init__(self, config, tokenizer, compute_score=None, *, reward_model_tokenizer, batch_size: int):
+    def __init__(self, config: DictConfig, tokenizer: PreTrainedTokenizerBase, compute_score: Callable | None = None, *,
+                 reward_model_tokenizer: PreTrainedTokenizerBase | None, batch_size: int):
         super().__init__(config, tokenizer, compute_score)
         check_routing(config, type(self).__name__)
         check_algorithm(config)
         self.reward_model_tokenizer = reward_model_tokenizer
         self._batcher = _MicroBatcher(self.score_batch, int(batch_size))
 
-    def score_texts(self, prompts: list, response_ids: torch.Tensor, response_mask: torch.Tensor):
+    def score_texts(self, prompts: list, response_ids: torch.Tensor, response_mask: torch.Tensor) -> _TextScores:
         """The subclass's scorer: ``dense_rlhf.align.scoring._score_text``'s result (scores, rewards, and the rows that
         ``failed`` or were ``unmapped``, each with its reason) for B prompts of one kind and their [B, R]
         right-padded response ids; rows that fail must not raise."""
@@ -252,8 +257,9 @@ class ABCRewardManager(TokenRewardManagerBase):
     credit cannot be mapped gets the sparse reward and ``abc_fallback: 1`` (see :class:`TokenRewardManagerBase`).
     """
 
-    def __init__(self, config, tokenizer, compute_score=None, reward_router_address=None,
-                 reward_model_tokenizer=None):
+    def __init__(self, config: DictConfig, tokenizer: PreTrainedTokenizerBase, compute_score: Callable | None = None,
+                 reward_router_address: str | None = None,
+                 reward_model_tokenizer: PreTrainedTokenizerBase | None = None):
         settings = ABCSettings.from_config(config)
         super().__init__(config, tokenizer, compute_score, reward_model_tokenizer=reward_model_tokenizer,
                          batch_size=settings.batch_size)
@@ -266,7 +272,7 @@ class ABCRewardManager(TokenRewardManagerBase):
             torch.set_num_threads(int(settings.num_threads))
         self.reward_model = load_reward_model(settings.model_path, settings.device, settings.dtype)
 
-    def score_texts(self, prompts, response_ids, response_mask):
+    def score_texts(self, prompts: list, response_ids: torch.Tensor, response_mask: torch.Tensor) -> _TextScores:
         """One reward-model forward, in this process, with the attention capture."""
         with _FORWARD_LOCKS[id(self.reward_model)]:
             return _score_text(self.reward_model, self.reward_model_tokenizer, prompts, response_ids,
@@ -291,8 +297,9 @@ class ServedPrefixRewardManager(TokenRewardManagerBase):
 
     extra_prefix = "prefix"
 
-    def __init__(self, config, tokenizer, compute_score=None, reward_router_address=None,
-                 reward_model_tokenizer=None):
+    def __init__(self, config: DictConfig, tokenizer: PreTrainedTokenizerBase, compute_score: Callable | None = None,
+                 reward_router_address: str | None = None,
+                 reward_model_tokenizer: PreTrainedTokenizerBase | None = None):
         settings = ServedSettings.from_config(config)
         check_served(config)
         super().__init__(config, tokenizer, compute_score, reward_model_tokenizer=reward_model_tokenizer,
@@ -308,7 +315,7 @@ class ServedPrefixRewardManager(TokenRewardManagerBase):
         self.client = ServedRewardModel(reward_router_address, settings.model, timeout=settings.timeout,
                                         max_retries=settings.max_retries, backoff=settings.backoff)
 
-    def score_texts(self, prompts, response_ids, response_mask):
+    def score_texts(self, prompts: list, response_ids: torch.Tensor, response_mask: torch.Tensor) -> _TextScores:
         """One request to the server for the batch (this runs in a worker thread: the client's own event loop)."""
         return _run(self.client._ascore_text(
             self.reward_model_tokenizer, prompts, response_ids, policy_tokenizer=self.tokenizer,

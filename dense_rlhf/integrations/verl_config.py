@@ -11,11 +11,15 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
 
 import torch
 
 from dense_rlhf.integrations.vllm_messages import POOLER_CONFIG, VERL_POOLER_CONFIG_KEY
 from dense_rlhf.ops import check_beta
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig  # verl's configuration
 
 __all__ = ["ABCSettings", "ServedSettings", "check_algorithm", "check_routing", "check_served", "MODULE_PATH",
            "SEQUENCE_SUM_ESTIMATORS", "TOKEN_LEVEL_ESTIMATORS"]
@@ -60,7 +64,7 @@ class ABCSettings:
     num_threads: int | None = None
 
     @classmethod
-    def from_config(cls, config) -> "ABCSettings":
+    def from_config(cls, config: DictConfig) -> ABCSettings:
         model_path = config.reward.reward_model.get("model_path")
         if not model_path:
             raise ValueError("reward.reward_model.model_path is not set: ABCRewardManager loads the reward model "
@@ -80,7 +84,7 @@ class ABCSettings:
         return settings
 
 
-def check_routing(config, manager: str = "ABCRewardManager") -> None:
+def check_routing(config: DictConfig, manager: str = "ABCRewardManager") -> None:
     """Raise ValueError unless verl 0.9.x will call the manager's (``manager``: its name, for the message)
     ``run_single`` and ``assemble_rm_scores``.
 
@@ -107,7 +111,7 @@ def check_routing(config, manager: str = "ABCRewardManager") -> None:
         raise ValueError(f"{manager} is not reached by this verl configuration; set " + "; ".join(problems))
 
 
-def check_algorithm(config) -> None:
+def check_algorithm(config: DictConfig) -> None:
     """Raise ValueError unless verl's advantage estimator keeps per-token rewards and does not discount them.
 
     ``algorithm.adv_estimator`` must be one of ``TOKEN_LEVEL_ESTIMATORS``: the estimators in
@@ -153,7 +157,7 @@ class ServedSettings:
     model: str | None = None
 
     @classmethod
-    def from_config(cls, config) -> "ServedSettings":
+    def from_config(cls, config: DictConfig) -> ServedSettings:
         kwargs = dict(config.reward.get("reward_kwargs") or {})
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(kwargs) - known)
@@ -172,7 +176,7 @@ class ServedSettings:
         return settings
 
 
-def check_served(config) -> None:
+def check_served(config: DictConfig) -> None:
     """Raise ValueError unless verl 0.9.x starts its reward-model server with vLLM and the ``token_classify`` pooler
     (``reward.reward_model.rollout.name=vllm`` and ``+reward.reward_model.rollout.engine_kwargs.vllm.pooler_config``,
     which verl passes to vLLM as ``--pooler-config``)."""

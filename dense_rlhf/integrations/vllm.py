@@ -26,19 +26,24 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import json
+from typing import TYPE_CHECKING
 
 import torch
 
+from dense_rlhf.align.render import Prompts
 from dense_rlhf.align.scoring import _finish_text, _prepare_text
 from dense_rlhf.integrations.vllm_messages import (
     _MAX_BACKOFF_S, _RETRIED_STATUS, POOLER_CONFIG, VERL_POOLER_CONFIG_KEY, ServedRewardModelError, _check_batch,
-    _check_method, _check_number, _error_text, _Permanent, _prefix_rows, _token_rows)
+    TokenRows, _check_method, _check_number, _error_text, _Permanent, _prefix_rows, _token_rows)
 from dense_rlhf.ops import check_beta, prefix_rewards, sparse_rewards, uniform_rewards
 
 try:
     import aiohttp
 except ImportError as error:  # pragma: no cover - exercised only where aiohttp is missing
     raise ImportError("dense_rlhf.integrations.vllm needs aiohttp: pip install 'dense-rlhf[served]'") from error
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 __all__ = ["ServedRewardModel", "ServedRewardModelError", "POOLER_CONFIG", "VERL_POOLER_CONFIG_KEY"]
 
@@ -205,13 +210,13 @@ class ServedRewardModel:
 
     # ------------------------------------------------------------------------------------------ public API
 
-    async def aprefix_scores(self, token_ids) -> list[torch.Tensor]:
+    async def aprefix_scores(self, token_ids: TokenRows) -> list[torch.Tensor]:
         """Async :meth:`prefix_scores`."""
         rows = _token_rows(token_ids)
         async with self._session() as session:
             return await self._pool(session, rows)
 
-    def prefix_scores(self, token_ids) -> list[torch.Tensor]:
+    def prefix_scores(self, token_ids: TokenRows) -> list[torch.Tensor]:
         """The reward model's score at every position of each sequence, in one request.
 
         Args:
@@ -232,8 +237,9 @@ class ServedRewardModel:
         """
         return _run(self.aprefix_scores(token_ids))
 
-    async def ascore_and_densify(self, input_ids, attention_mask, completion_mask, *, method: str = "prefix",
-                                 beta=0.8):
+    async def ascore_and_densify(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                                 completion_mask: torch.Tensor, *, method: str = "prefix",
+                                 beta: float = 0.8) -> tuple[torch.Tensor, torch.Tensor]:
         """Async :meth:`score_and_densify`."""
         _check_method(method)
         beta = check_beta(beta)
@@ -260,7 +266,8 @@ class ServedRewardModel:
             rewards = uniform_rewards(scores.to(device), completion)
         return scores.to(device), rewards
 
-    def score_and_densify(self, input_ids, attention_mask, completion_mask, *, method: str = "prefix", beta=0.8):
+    def score_and_densify(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor,
+                          *, method: str = "prefix", beta: float = 0.8) -> tuple[torch.Tensor, torch.Tensor]:
         """:func:`dense_rlhf.score_and_densify` with the forward on the server: ``(scores [B], rewards [B, L])``.
 
         Args:
@@ -282,9 +289,10 @@ class ServedRewardModel:
 
     async def _ascore_text(self, rm_tokenizer, prompts, response_ids, *, policy_tokenizer, response_mask, beta,
                            method, max_length, strict: bool):
-        """The served twin of ``dense_rlhf.align.scoring._score_text``: the same preparation (decode, render, tokenise) and
-        the same finish (projection, rewards), with the per-token scores from the server. ``strict=False``: rows
-        that cannot be scored or mapped are reported (``failed``, ``unmapped``) instead of raising."""
+        """The served twin of ``dense_rlhf.align.scoring._score_text``: the same preparation (decode, render,
+        tokenise) and the same finish (projection, rewards), with the per-token scores from the server.
+        ``strict=False``: rows that cannot be scored or mapped are reported (``failed``, ``unmapped``) instead of
+        raising."""
         _check_method(method)
         batch = _prepare_text(rm_tokenizer, prompts, response_ids, policy_tokenizer=policy_tokenizer,
                               response_mask=response_mask, beta=beta, max_length=max_length, strict=strict,
@@ -308,16 +316,21 @@ class ServedRewardModel:
             results[b] = (float(row[-1]), row)
         return _finish_text(batch, results, method)
 
-    async def ascore_and_densify_text(self, rm_tokenizer, prompts, response_ids, *, policy_tokenizer,
-                                      response_mask=None, beta=0.8, method: str = "prefix", max_length=None):
+    async def ascore_and_densify_text(self, rm_tokenizer: PreTrainedTokenizerBase, prompts: Prompts,
+                                      response_ids: torch.Tensor, *, policy_tokenizer: PreTrainedTokenizerBase,
+                                      response_mask: torch.Tensor | None = None, beta: float = 0.8,
+                                      method: str = "prefix",
+                                      max_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Async :meth:`score_and_densify_text`."""
         result = await self._ascore_text(rm_tokenizer, prompts, response_ids, policy_tokenizer=policy_tokenizer,
                                          response_mask=response_mask, beta=beta, method=method,
                                          max_length=max_length, strict=True)
         return result.scores, result.rewards
 
-    def score_and_densify_text(self, rm_tokenizer, prompts, response_ids, *, policy_tokenizer, response_mask=None,
-                               beta=0.8, method: str = "prefix", max_length=None):
+    def score_and_densify_text(self, rm_tokenizer: PreTrainedTokenizerBase, prompts: Prompts,
+                               response_ids: torch.Tensor, *, policy_tokenizer: PreTrainedTokenizerBase,
+                               response_mask: torch.Tensor | None = None, beta: float = 0.8, method: str = "prefix",
+                               max_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """:func:`dense_rlhf.score_and_densify_text` with the reward model on the server: ``(scores [B],
         rewards [B, R])`` on the policy's response tokens, equal to the local call on the same weights for
         ``method="prefix"`` (default), ``"sparse"`` and ``"uniform"``.

@@ -8,6 +8,7 @@ import json
 import math
 import numbers
 from collections.abc import Sequence
+from typing import Union
 
 import torch
 
@@ -18,6 +19,8 @@ POOLER_CONFIG = '{"task":"token_classify","use_activation":false}'
 """The value of vLLM's ``--pooler-config`` that makes a reward-model server answer ``token_classify``."""
 VERL_POOLER_CONFIG_KEY = "reward.reward_model.rollout.engine_kwargs.vllm.pooler_config"
 """Where verl 0.9.x takes that value from for the reward-model server it starts."""
+TokenRows = Union[Sequence[Sequence[int]], Sequence[torch.Tensor], torch.Tensor]
+"""A batch of token-id rows: lists of ints or 1-D integer tensors, or a [B, L] integer tensor."""
 METHODS = ("prefix", "sparse", "uniform")
 _RETRIED_STATUS = {408, 429, 500, 502, 503, 504}  # 501 (Not Implemented) is permanent
 _MAX_BACKOFF_S = 30.0
@@ -68,7 +71,7 @@ def _check_number(value, name: str, *, integer: bool = False, minimum: float = 0
     return int(value) if integer else float(value)
 
 
-def _token_rows(token_ids, argument: str = "token_ids") -> list[list[int]]:
+def _token_rows(token_ids: TokenRows, argument: str = "token_ids") -> list[list[int]]:
     """A batch of token-id rows as lists of Python ints: a sequence of sequences or 1-D integer tensors, or a 2-D
     integer tensor (every row then has the same length)."""
     if isinstance(token_ids, torch.Tensor):
