@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from dense_rlhf.capture import interface
-from dense_rlhf.capture.model import _configs_of, _is_self_attention, _last_non_pad
+from dense_rlhf.capture.model import _configs_of, _is_self_attention, _last_non_pad, _recorded
 from dense_rlhf.capture.rows import _reward_rows
 
 if TYPE_CHECKING:
@@ -76,11 +76,7 @@ class RewardAttentionCapture:
     @property
     def rows(self) -> torch.Tensor:
         """float32 [B, H, L]: per query head, the attention row from the reward position (last forward)."""
-        if self._error is not None:
-            raise RuntimeError(self._error)
-        if self._rows is None:
-            raise RuntimeError("capture_reward_attention: no forward of the model ran inside the capture")
-        return self._rows
+        return _recorded(self._rows, self._error, "capture_reward_attention")
 
     @property
     def reward_index(self) -> torch.Tensor:

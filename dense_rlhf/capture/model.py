@@ -1,5 +1,6 @@
 """What the captures read from a reward model: its configs, its self-attention modules, the position its
-sequence-classification head pools, the score of its logits, and whether its positions are prefixes."""
+sequence-classification head pools, the score of its logits, and whether its positions are prefixes; and how a
+capture hands over what it recorded."""
 
 from __future__ import annotations
 
@@ -64,3 +65,13 @@ def _bidirectional_reason(model) -> str | None:
 def _logits_of(output) -> torch.Tensor:
     """The logits of a model's output: ``output.logits``, or the first element of a tuple output."""
     return output.logits if hasattr(output, "logits") else output[0]
+
+
+def _recorded(value, error: str | None, caller: str):
+    """What a capture recorded in its last forward: ``error`` raised if that forward's recording failed, a
+    RuntimeError if no forward ran inside the capture."""
+    if error is not None:
+        raise RuntimeError(error)
+    if value is None:
+        raise RuntimeError(f"{caller}: no forward of the model ran inside the capture")
+    return value

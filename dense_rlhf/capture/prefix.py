@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from dense_rlhf.capture.model import _bidirectional_reason, _last_non_pad, _score_of
+from dense_rlhf.capture.model import _bidirectional_reason, _last_non_pad, _recorded, _score_of
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -59,11 +59,7 @@ class PrefixScoreCapture:
     @property
     def prefix_scores(self) -> torch.Tensor:
         """float32 [B, L]: the score read at every position, i.e. the score of the prefix ending there."""
-        if self._error is not None:
-            raise RuntimeError(self._error)
-        if self._prefix_scores is None:
-            raise RuntimeError("capture_prefix_scores: no forward of the model ran inside the capture")
-        return self._prefix_scores
+        return _recorded(self._prefix_scores, self._error, "capture_prefix_scores")
 
     @property
     def reward_index(self) -> torch.Tensor:
