@@ -167,7 +167,7 @@ def worker_rows(length: int, batch: int) -> dict:
     from torch.utils._python_dispatch import TorchDispatchMode
     from transformers.masking_utils import causal_mask_function, sdpa_mask
 
-    from dense_rlhf.capture import _reward_rows
+    from dense_rlhf.capture.rows import _reward_rows
 
     heads, kv_heads = CONFIG["num_attention_heads"], CONFIG["num_key_value_heads"]
     dim = CONFIG["hidden_size"] // heads

@@ -144,7 +144,7 @@ def prefix_rewards(
     return out
 
 
-def check_beta(beta, name: str = "beta") -> float:
+def check_beta(beta: float | torch.Tensor, name: str = "beta") -> float:
     """beta as a Python float, checked: any real number in [0, 1], given as a Python number, a NumPy scalar
     or 0-dim array, or a 0-dim real tensor (read with one host sync). Anything else is a TypeError naming
     its type; a value outside [0, 1] (NaN included, or an int or Fraction beyond float's range) and a tensor on
@@ -325,14 +325,14 @@ def _reward_index(reward_index, batch, ref):
     return reward_index.long()
 
 
-def _mask(mask):
-    """Check the type and rank of a completion mask; return it as bool."""
+def _mask(mask, name: str = "mask"):
+    """Check the type and rank of a completion mask; return it as bool. ``name``: the argument, for messages."""
     if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(mask).__name__}")
     if mask.dtype.is_floating_point or mask.dtype.is_complex:
-        raise TypeError(f"mask must be bool or an integer 0/1 tensor, got {mask.dtype}")
+        raise TypeError(f"{name} must be bool or an integer 0/1 tensor, got {mask.dtype}")
     if mask.dim() != 2:
-        raise ValueError(f"mask must be [B, L], got {tuple(mask.shape)}")
+        raise ValueError(f"{name} must be [B, L], got {tuple(mask.shape)}")
     return mask if mask.dtype == torch.bool else mask != 0
 
 
@@ -371,9 +371,9 @@ def _same_device(ref: torch.Tensor, **tensors: torch.Tensor) -> None:
             raise ValueError(f"{name} is on {tensor.device} but the other inputs are on {ref.device}")
 
 
-def _check_mask_values(mask: torch.Tensor) -> None:
+def _check_mask_values(mask: torch.Tensor, name: str = "mask") -> None:
     if mask.dtype != torch.bool and bool(((mask != 0) & (mask != 1)).any()):
-        raise ValueError("mask must hold only 0 and 1 (or be bool)")
+        raise ValueError(f"{name} must hold only 0 and 1 (or be bool)")
 
 
 def _raise_on_status(status: torch.Tensor, function: str = "dense_rewards", messages=STATUS_MESSAGES) -> None:

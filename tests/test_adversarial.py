@@ -314,7 +314,7 @@ from transformers import LlamaConfig, LlamaForSequenceClassification  # noqa: E4
 from transformers.masking_utils import AttentionMaskInterface  # noqa: E402
 from transformers.modeling_utils import AttentionInterface  # noqa: E402
 
-from dense_rlhf import capture as capture_module  # noqa: E402
+from dense_rlhf.capture import interface as capture_interface  # noqa: E402
 
 PAD = 0
 
@@ -385,7 +385,7 @@ def test_capture_closing_during_another_threads_forward(llama, monkeypatch, inte
     result = {}
 
     def paused(self, name, *args):
-        if threading.current_thread() is worker and name.startswith(capture_module.PREFIX) and not looked_up.is_set():
+        if threading.current_thread() is worker and name.startswith(capture_interface.PREFIX) and not looked_up.is_set():
             looked_up.set()
             closed.wait(10)
         return original(self, name, *args)

@@ -30,7 +30,10 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS  # noqa: E40
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS  # noqa: E402
 
 import dense_rlhf  # noqa: E402
-from dense_rlhf import capture as capture_module  # noqa: E402
+from dense_rlhf.capture import attention as capture_attention  # noqa: E402
+from dense_rlhf.capture import interface as capture_interface  # noqa: E402
+from dense_rlhf.capture import model as capture_model  # noqa: E402
+from dense_rlhf.capture import rows as capture_rows  # noqa: E402
 from dense_rlhf import capture_reward_attention, score_and_densify  # noqa: E402
 
 PAD = 0
@@ -122,7 +125,7 @@ def eager_rows(arch, ids, mask, layer, index):
 
 
 def _state(model):
-    configs = capture_module._configs_of(model)
+    configs = capture_model._configs_of(model)
     return ([c.__dict__.get("_attn_implementation_internal") for c in configs],
             [(len(m._forward_pre_hooks), len(m._forward_hooks)) for m in model.modules()])
 
@@ -131,9 +134,9 @@ def _all_closed():
     """No config left switched and no capture left open. The capturing names stay registered, as
     pass-throughs to the original implementations (a forward in another thread may still look them up)."""
     names = {k for k in list(ALL_ATTENTION_FUNCTIONS) + list(ALL_MASK_ATTENTION_FUNCTIONS)
-             if k.startswith(capture_module.PREFIX)}
-    registered = {capture_module.PREFIX + orig for orig in capture_module._registered}
-    return names == registered and not capture_module._swaps and not capture_module._by_config
+             if k.startswith(capture_interface.PREFIX)}
+    registered = {capture_interface.PREFIX + orig for orig in capture_interface._registered}
+    return names == registered and not capture_interface._swaps and not capture_interface._by_config
 
 
 # ----------------------------------------------------------------------------------------- correctness
@@ -246,15 +249,15 @@ def test_missing_mask_registration_is_caught(monkeypatch):
         plain = model(input_ids=ids, attention_mask=mask).logits
     with capture_reward_attention(model):  # registers the names, which then stay
         pass
-    monkeypatch.setattr(capture_module, "_register_mask", lambda orig: None)
-    monkeypatch.delitem(ALL_MASK_ATTENTION_FUNCTIONS._global_mapping, capture_module.PREFIX + "sdpa")
+    monkeypatch.setattr(capture_interface, "_register_mask", lambda orig: None)
+    monkeypatch.delitem(ALL_MASK_ATTENTION_FUNCTIONS._global_mapping, capture_interface.PREFIX + "sdpa")
     with pytest.raises(RuntimeError, match="no mask"):
         with torch.no_grad(), capture_reward_attention(model):
             model(input_ids=ids, attention_mask=mask)
     assert _all_closed()
 
     # Without the loud check, the comparison with eager attention is what catches it.
-    monkeypatch.setattr(capture_module.RewardAttentionCapture, "_check_mask_delivered", lambda *a: None)
+    monkeypatch.setattr(capture_attention.RewardAttentionCapture, "_check_mask_delivered", lambda *a: None)
     with torch.no_grad(), capture_reward_attention(model) as cap:
         logits = model(input_ids=ids, attention_mask=mask).logits
     assert not torch.allclose(logits, plain)
@@ -502,13 +505,13 @@ def test_never_materialises_full_maps(monkeypatch):
                     largest.append(t.numel())
             return out
 
-    original = capture_module._reward_rows
+    original = capture_attention._reward_rows
 
     def spied(*args, **kwargs):
         with Sizes():
             return original(*args, **kwargs)
 
-    monkeypatch.setattr(capture_module, "_reward_rows", spied)
+    monkeypatch.setattr(capture_attention, "_reward_rows", spied)
     model = make_model("llama")
     ids, mask = make_batch("left")
     with torch.no_grad(), capture_reward_attention(model) as cap:
@@ -536,9 +539,9 @@ def test_flash_mask_logic_matches_sdpa_masks():
             fn = causal_mask_function if window is None else sliding_window_causal_mask_function(window)
             mask4 = sdpa_mask(batch_size=B, q_length=L, kv_length=L, mask_function=fn, attention_mask=padding,
                               allow_is_causal_skip=False, local_size=window)
-            ref = capture_module._reward_rows(q, k, mask4, index, kind="sdpa", scaling=0.3, causal=True,
+            ref = capture_rows._reward_rows(q, k, mask4, index, kind="sdpa", scaling=0.3, causal=True,
                                               sliding_window=None, softcap=None, position_bias=None)
-            got = capture_module._reward_rows(q, k, padding, index, kind="flash", scaling=0.3, causal=True,
+            got = capture_rows._reward_rows(q, k, padding, index, kind="flash", scaling=0.3, causal=True,
                                               sliding_window=window, softcap=None, position_bias=None)
             torch.testing.assert_close(got, ref, atol=1e-6, rtol=0)
 
@@ -546,7 +549,7 @@ def test_flash_mask_logic_matches_sdpa_masks():
 def test_flash_module_view_reports_the_original_implementation():
     model = make_model("llama")
     attn = model.model.layers[0].self_attn
-    view = capture_module._ModuleView(attn, "flash_attention_2")
+    view = capture_interface._ModuleView(attn, "flash_attention_2")
     assert view.config._attn_implementation == "flash_attention_2"
     assert view.layer_idx == 0 and view.is_causal and view.config.hidden_size == 64
     assert next(iter(view.modules())) is attn

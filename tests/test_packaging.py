@@ -110,7 +110,8 @@ def test_sdist_carries_every_source_header_and_cuda_file(dist, source):
     needed = {str(p.relative_to(source)) for p in (source / "csrc").rglob("*") if p.is_file()}
     assert any(n.endswith(".cu") for n in needed) and any(n.endswith(".h") for n in needed)
     assert needed <= names, sorted(needed - names)
-    assert {"README.md", "LICENSE", "pyproject.toml", "setup.py", "dense_rlhf/_version.py"} <= names
+    assert {"README.md", "LICENSE", "pyproject.toml", "setup.py", "dense_rlhf/_version.py",
+            "dense_rlhf/py.typed"} <= names
     assert not any(n.endswith((".so", ".o")) for n in names)
 
 
@@ -120,8 +121,10 @@ def test_wheel_holds_the_built_op_the_subpackages_and_the_console_script(dist):
         names = set(zf.namelist())
         entry_points = next(zf.read(n).decode() for n in names if n.endswith("entry_points.txt"))
     assert any(n.startswith("dense_rlhf/_C") and n.endswith(".so") for n in names)
-    for module in ("ops", "capture", "rl/ppo", "study/demo", "bench/run"):
+    for module in ("ops", "capture/__init__", "align/scoring", "integrations/verl_config", "rl/ppo", "study/demo",
+                   "bench/run"):
         assert f"dense_rlhf/{module}.py" in names
+    assert "dense_rlhf/py.typed" in names  # PEP 561: type checkers read the package's hints
     assert "dense-rlhf = dense_rlhf.cli:main" in entry_points
 
 

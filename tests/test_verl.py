@@ -308,7 +308,7 @@ def test_configurations_that_never_reach_the_manager_are_refused(paths):
     typo = verl_config(*paths, extra=("+reward.reward_kwargs.betta=0.5",))
     with pytest.raises(ValueError, match="betta"):
         abc_verl.ABCSettings.from_config(typo)
-    with pytest.raises(ValueError, match=r"beta must be in \[0, 1\]"):
+    with pytest.raises(ValueError, match=r"reward_kwargs.beta must be a number in \[0, 1\]"):
         abc_verl.ABCSettings.from_config(verl_config(*paths, extra=("reward.reward_kwargs.beta=1.5",)))
     with pytest.raises(RuntimeError, match="routes"):
         abc_verl.compute_score(data_source="x", solution_str="y", ground_truth=None, extra_info={})

@@ -41,13 +41,18 @@ ABC's credit across processes for scheme 3 as trl gathers the rewards; it is tes
 from __future__ import annotations
 
 import warnings
+from typing import TYPE_CHECKING, Any
 
 import torch
 from trl import GRPOTrainer
 
-from dense_rlhf.capture import _pooled_scores, capture_reward_attention
-from dense_rlhf.ops import check_beta, dense_rewards
+from dense_rlhf._padding import pad_rows
+from dense_rlhf.capture import capture_reward_attention, score_with_credit
+from dense_rlhf.ops import check_beta
 from dense_rlhf.rl import grpo
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 __all__ = ["ABCGRPOTrainer", "TESTED_TRL"]
 
@@ -82,9 +87,9 @@ class ABCGRPOTrainer(GRPOTrainer):
     ids that are not ints of its vocabulary, or a policy tokenizer with more tokens than its embeddings.
     """
 
-    def __init__(self, model, reward_model: torch.nn.Module, *, scheme: str = "credit", credit_beta: float = 0.5,
-                 abc_beta: float = 0.8, reward_suffix_ids: list[int] | None = None, reward_layer: int = -1,
-                 **kwargs):
+    def __init__(self, model: str | PreTrainedModel, reward_model: PreTrainedModel, *, scheme: str = "credit",
+                 credit_beta: float = 0.5, abc_beta: float = 0.8, reward_suffix_ids: list[int] | None = None,
+                 reward_layer: int = -1, **kwargs: Any):
         _check_trl_version()
         for name in ("reward_funcs", "reward_processing_classes"):
             if kwargs.get(name) is not None:
@@ -124,7 +129,8 @@ class ABCGRPOTrainer(GRPOTrainer):
         self._abc_prompt_ids = [[int(t) for t in ids] for ids in result[0]]
         return result
 
-    def abc_reward(self, prompts, completions, completion_ids, **kwargs) -> list[float]:
+    def abc_reward(self, prompts: list, completions: list, completion_ids: list[list[int]],
+                   **kwargs: Any) -> list[float]:
         """trl reward function: the reward model's score of each local completion. Keeps ABC's credit alpha
         [B, T] (completion-aligned, right-padded) and the completion mask for the advantages."""
         prompt_ids = self._abc_prompt_ids
@@ -151,32 +157,25 @@ class ABCGRPOTrainer(GRPOTrainer):
 
     # ---------------------------------------------------------------------------------------- the credit
 
-    @torch.no_grad()
-    def score_with_credit(self, prompt_ids: list[list[int]], completion_ids: list[list[int]]):
+    def score_with_credit(self, prompt_ids: list[list[int]],
+                          completion_ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Reward-model scores [B] and ABC's credit alpha [B, T] on the completion tokens (mask [B, T] bool, T the
-        longest completion), from one reward-model forward over ``prompt + completion + suffix``, right-padded."""
+        longest completion), from one reward-model forward over ``prompt + completion + suffix``, right-padded
+        (:func:`dense_rlhf.capture.score_with_credit`)."""
         rm = self.abc_reward_model
         device = self.accelerator.device
         rows = [list(p) + list(c) + self.abc_suffix_ids for p, c in zip(prompt_ids, completion_ids)]
-        length = max(len(r) for r in rows)
         pad_id = rm.config.pad_token_id if rm.config.pad_token_id is not None else 0
-        ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros(len(rows), length, dtype=torch.long)
-        completion_mask = torch.zeros(len(rows), length, dtype=torch.bool)
-        for i, (row, p, c) in enumerate(zip(rows, prompt_ids, completion_ids)):
-            ids[i, : len(row)] = torch.tensor(row)
-            attention_mask[i, : len(row)] = 1
+        ids, attention_mask = pad_rows(rows, pad_id)
+        completion_mask = torch.zeros(ids.shape, dtype=torch.bool)
+        for i, (p, c) in enumerate(zip(prompt_ids, completion_ids)):
             completion_mask[i, len(p) : len(p) + len(c)] = True
-        ids, attention_mask, completion_mask = ids.to(device), attention_mask.to(device), completion_mask.to(device)
-        with capture_reward_attention(rm, layer=self.abc_layer) as cap:
-            logits = rm(input_ids=ids, attention_mask=attention_mask).logits
-        scores = _pooled_scores(logits, "ABCGRPOTrainer")
-        alpha_full = dense_rewards(cap.rows, torch.ones_like(scores), completion_mask, beta=1.0, layout="rows")  # [B, L]
+        scores, alpha_full = score_with_credit(rm, ids.to(device), attention_mask.long().to(device),
+                                               completion_mask.to(device), layer=self.abc_layer)  # [B], [B, L]
         # completion-aligned: alpha[i, t] = alpha_full[i, len(prompt_i) + t]
-        width = max(len(c) for c in completion_ids)
+        mask = pad_rows(completion_ids, 0)[1].to(device)
         starts = torch.tensor([len(p) for p in prompt_ids], device=device)
-        cols = (starts[:, None] + torch.arange(width, device=device)).clamp(max=length - 1)
-        mask = torch.tensor([[t < len(c) for t in range(width)] for c in completion_ids], device=device)
+        cols = (starts[:, None] + torch.arange(mask.shape[1], device=device)).clamp(max=ids.shape[1] - 1)
         alpha = alpha_full.gather(1, cols) * mask
         return scores, alpha, mask
 

@@ -26,43 +26,26 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import json
-import math
-import numbers
-from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
+
+from dense_rlhf.align.render import Prompts
+from dense_rlhf.align.scoring import _finish_text, _prepare_text
+from dense_rlhf.integrations.vllm_messages import (
+    _MAX_BACKOFF_S, _RETRIED_STATUS, POOLER_CONFIG, VERL_POOLER_CONFIG_KEY, ServedRewardModelError, _check_batch,
+    TokenRows, _check_method, _check_number, _error_text, _Permanent, _prefix_rows, _token_rows)
+from dense_rlhf.ops import check_beta, prefix_rewards, sparse_rewards, uniform_rewards
 
 try:
     import aiohttp
 except ImportError as error:  # pragma: no cover - exercised only where aiohttp is missing
     raise ImportError("dense_rlhf.integrations.vllm needs aiohttp: pip install 'dense-rlhf[served]'") from error
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
 __all__ = ["ServedRewardModel", "ServedRewardModelError", "POOLER_CONFIG", "VERL_POOLER_CONFIG_KEY"]
-
-POOLER_CONFIG = '{"task":"token_classify","use_activation":false}'
-"""The value of vLLM's ``--pooler-config`` that makes a reward-model server answer ``token_classify``."""
-VERL_POOLER_CONFIG_KEY = "reward.reward_model.rollout.engine_kwargs.vllm.pooler_config"
-"""Where verl 0.9.x takes that value from for the reward-model server it starts."""
-METHODS = ("prefix", "sparse", "uniform")
-_RETRIED_STATUS = {408, 429, 500, 502, 503, 504}  # 501 (Not Implemented) is permanent
-_MAX_BACKOFF_S = 30.0
-
-
-class ServedRewardModelError(RuntimeError):
-    """The served reward model could not give the prefix scores: ``url`` is the request's address, ``status`` the
-    last HTTP status (None when no reply came)."""
-
-    def __init__(self, message: str, *, url: str, status: int | None = None):
-        super().__init__(message)
-        self.url, self.status = url, status
-
-
-class _Permanent(Exception):
-    """An HTTP reply that retrying cannot change (raised inside a try, turned into ServedRewardModelError)."""
-
-    def __init__(self, status: int, message: str, param):
-        super().__init__(message)
-        self.status, self.message, self.param = status, message, param
 
 
 def _run(coroutine):
@@ -74,61 +57,6 @@ def _run(coroutine):
         return asyncio.run(coroutine)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         return pool.submit(asyncio.run, coroutine).result()
-
-
-def _error_text(body: str) -> tuple[str, object]:
-    """(message, param) of an error reply: vLLM's ``{"error": {"message", "param"}}``, FastAPI's ``{"detail"}``,
-    or the text itself."""
-    try:
-        reply = json.loads(body)
-    except ValueError:
-        return body.strip()[:500], None
-    if isinstance(reply, dict):
-        error = reply.get("error")
-        if isinstance(error, dict):
-            return str(error.get("message", error))[:500], error.get("param")
-        if "detail" in reply:
-            return str(reply["detail"])[:500], None
-        if "message" in reply:
-            return str(reply["message"])[:500], None
-    return body.strip()[:500], None
-
-
-def _check_number(value, name: str, *, integer: bool = False, minimum: float = 0.0, strict: bool = False):
-    kind = numbers.Integral if integer else numbers.Real
-    if isinstance(value, bool) or not isinstance(value, kind):
-        raise TypeError(f"{name} must be {'an integer' if integer else 'a number'}, got {type(value).__name__}")
-    if not math.isfinite(float(value)) or value < minimum or (strict and value == minimum):
-        raise ValueError(f"{name} must be {'above' if strict else 'at least'} {minimum}, got {value!r}")
-    return int(value) if integer else float(value)
-
-
-def _token_rows(token_ids, argument: str = "token_ids") -> list[list[int]]:
-    """A batch of token-id rows as lists of Python ints: a sequence of sequences or 1-D integer tensors, or a 2-D
-    integer tensor (every row then has the same length)."""
-    if isinstance(token_ids, torch.Tensor):
-        if token_ids.dim() != 2:
-            raise ValueError(f"{argument} as a tensor must be 2-D [B, L], got shape {tuple(token_ids.shape)}")
-        token_ids = list(token_ids)
-    if isinstance(token_ids, (str, bytes)) or not isinstance(token_ids, Sequence):
-        raise TypeError(f"{argument} must be a list of token-id lists, got {type(token_ids).__name__}")
-    rows = []
-    for b, row in enumerate(token_ids):
-        if isinstance(row, torch.Tensor):
-            if row.dim() != 1 or row.dtype.is_floating_point or row.dtype.is_complex or row.dtype == torch.bool:
-                raise TypeError(f"{argument}[{b}] must be a 1-D integer tensor, got {row.dtype} of shape "
-                                f"{tuple(row.shape)}")
-            row = row.tolist()
-        if isinstance(row, (str, bytes)) or not isinstance(row, Sequence):
-            raise TypeError(f"{argument}[{b}] must be a list of token ids, got {type(row).__name__}")
-        if not row:
-            raise ValueError(f"{argument}[{b}] is empty: a reward model scores at least one token")
-        if not all(isinstance(t, numbers.Integral) and not isinstance(t, bool) and t >= 0 for t in row):
-            raise TypeError(f"{argument}[{b}] must hold non-negative integer token ids")
-        rows.append([int(t) for t in row])
-    if not rows:
-        raise ValueError(f"{argument} is empty")
-    return rows
 
 
 class ServedRewardModel:
@@ -251,7 +179,7 @@ class ServedRewardModel:
             reply = await self._request(session, "POST", "/pooling", payload)
         except _Permanent as error:
             raise await self._explain(session, error, url) from None
-        return self._prefix_rows(reply, rows, url)
+        return _prefix_rows(reply, rows, url)
 
     async def _explain(self, session, error: _Permanent, url: str) -> ServedRewardModelError:
         """A refused /pooling request, said in terms of what to change."""
@@ -280,52 +208,15 @@ class ServedRewardModel:
         return ServedRewardModelError(f"POST {url} answered HTTP {error.status}: {error.message}", url=url,
                                       status=error.status)
 
-    def _prefix_rows(self, reply, rows: list[list[int]], url: str) -> list[torch.Tensor]:
-        """float32 [n_b] scores per row from a token_classify reply, checked against the request."""
-        from dense_rlhf.capture import _score_of
-
-        data = reply.get("data") if isinstance(reply, dict) else None
-        if not isinstance(data, list) or len(data) != len(rows):
-            got = len(data) if isinstance(data, list) else type(data).__name__
-            raise ServedRewardModelError(f"POST {url} returned {got} results for {len(rows)} sequences", url=url,
-                                         status=200)
-        out: list[torch.Tensor | None] = [None] * len(rows)
-        for position, item in enumerate(data):
-            index = item.get("index", position) if isinstance(item, dict) else None
-            values = item.get("data") if isinstance(item, dict) else None
-            if not isinstance(index, int) or not 0 <= index < len(rows) or out[index] is not None:
-                raise ServedRewardModelError(f"POST {url} returned a result with a bad index ({index!r})", url=url,
-                                             status=200)
-            n = len(rows[index])
-            if not isinstance(values, list) or len(values) != n:
-                got = len(values) if isinstance(values, list) else type(values).__name__
-                raise ServedRewardModelError(
-                    f"POST {url} returned {got} per-token values for sequence {index}, which has {n} tokens: the "
-                    "server does not apply the score head at every token (is its pooler token_classify with "
-                    "tok_pooling_type ALL?) or truncated the input", url=url, status=200)
-            try:
-                logits = torch.tensor(values, dtype=torch.float32)
-            except (TypeError, ValueError):
-                raise ServedRewardModelError(f"POST {url} returned values for sequence {index} that are not numbers",
-                                             url=url, status=200) from None
-            if logits.dim() == 1:
-                logits = logits[:, None]
-            if logits.dim() != 2 or logits.shape[1] not in (1, 2):
-                raise ServedRewardModelError(
-                    f"POST {url} returned {tuple(logits.shape[1:])} values per token for sequence {index}; a reward "
-                    "model has one logit (the score) or two (logit[1] - logit[0])", url=url, status=200)
-            out[index] = _score_of(logits, "the served logits")
-        return out
-
     # ------------------------------------------------------------------------------------------ public API
 
-    async def aprefix_scores(self, token_ids) -> list[torch.Tensor]:
+    async def aprefix_scores(self, token_ids: TokenRows) -> list[torch.Tensor]:
         """Async :meth:`prefix_scores`."""
         rows = _token_rows(token_ids)
         async with self._session() as session:
             return await self._pool(session, rows)
 
-    def prefix_scores(self, token_ids) -> list[torch.Tensor]:
+    def prefix_scores(self, token_ids: TokenRows) -> list[torch.Tensor]:
         """The reward model's score at every position of each sequence, in one request.
 
         Args:
@@ -346,11 +237,10 @@ class ServedRewardModel:
         """
         return _run(self.aprefix_scores(token_ids))
 
-    async def ascore_and_densify(self, input_ids, attention_mask, completion_mask, *, method: str = "prefix",
-                                 beta=0.8):
+    async def ascore_and_densify(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                                 completion_mask: torch.Tensor, *, method: str = "prefix",
+                                 beta: float = 0.8) -> tuple[torch.Tensor, torch.Tensor]:
         """Async :meth:`score_and_densify`."""
-        from dense_rlhf.ops import check_beta, prefix_rewards, sparse_rewards, uniform_rewards
-
         _check_method(method)
         beta = check_beta(beta)
         attention, completion = _check_batch(input_ids, attention_mask, completion_mask)
@@ -376,7 +266,8 @@ class ServedRewardModel:
             rewards = uniform_rewards(scores.to(device), completion)
         return scores.to(device), rewards
 
-    def score_and_densify(self, input_ids, attention_mask, completion_mask, *, method: str = "prefix", beta=0.8):
+    def score_and_densify(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor,
+                          *, method: str = "prefix", beta: float = 0.8) -> tuple[torch.Tensor, torch.Tensor]:
         """:func:`dense_rlhf.score_and_densify` with the forward on the server: ``(scores [B], rewards [B, L])``.
 
         Args:
@@ -396,14 +287,12 @@ class ServedRewardModel:
         """
         return _run(self.ascore_and_densify(input_ids, attention_mask, completion_mask, method=method, beta=beta))
 
-
     async def _ascore_text(self, rm_tokenizer, prompts, response_ids, *, policy_tokenizer, response_mask, beta,
                            method, max_length, strict: bool):
-        """The served twin of ``dense_rlhf.align._score_text``: the same preparation (decode, render, tokenise) and
-        the same finish (projection, rewards), with the per-token scores from the server. ``strict=False``: rows
-        that cannot be scored or mapped are reported (``failed``, ``unmapped``) instead of raising."""
-        from dense_rlhf.align import _finish_text, _prepare_text
-
+        """The served twin of ``dense_rlhf.align.scoring._score_text``: the same preparation (decode, render,
+        tokenise) and the same finish (projection, rewards), with the per-token scores from the server.
+        ``strict=False``: rows that cannot be scored or mapped are reported (``failed``, ``unmapped``) instead of
+        raising."""
         _check_method(method)
         batch = _prepare_text(rm_tokenizer, prompts, response_ids, policy_tokenizer=policy_tokenizer,
                               response_mask=response_mask, beta=beta, max_length=max_length, strict=strict,
@@ -427,16 +316,21 @@ class ServedRewardModel:
             results[b] = (float(row[-1]), row)
         return _finish_text(batch, results, method)
 
-    async def ascore_and_densify_text(self, rm_tokenizer, prompts, response_ids, *, policy_tokenizer,
-                                      response_mask=None, beta=0.8, method: str = "prefix", max_length=None):
+    async def ascore_and_densify_text(self, rm_tokenizer: PreTrainedTokenizerBase, prompts: Prompts,
+                                      response_ids: torch.Tensor, *, policy_tokenizer: PreTrainedTokenizerBase,
+                                      response_mask: torch.Tensor | None = None, beta: float = 0.8,
+                                      method: str = "prefix",
+                                      max_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Async :meth:`score_and_densify_text`."""
         result = await self._ascore_text(rm_tokenizer, prompts, response_ids, policy_tokenizer=policy_tokenizer,
                                          response_mask=response_mask, beta=beta, method=method,
                                          max_length=max_length, strict=True)
         return result.scores, result.rewards
 
-    def score_and_densify_text(self, rm_tokenizer, prompts, response_ids, *, policy_tokenizer, response_mask=None,
-                               beta=0.8, method: str = "prefix", max_length=None):
+    def score_and_densify_text(self, rm_tokenizer: PreTrainedTokenizerBase, prompts: Prompts,
+                               response_ids: torch.Tensor, *, policy_tokenizer: PreTrainedTokenizerBase,
+                               response_mask: torch.Tensor | None = None, beta: float = 0.8, method: str = "prefix",
+                               max_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """:func:`dense_rlhf.score_and_densify_text` with the reward model on the server: ``(scores [B],
         rewards [B, R])`` on the policy's response tokens, equal to the local call on the same weights for
         ``method="prefix"`` (default), ``"sparse"`` and ``"uniform"``.
@@ -462,38 +356,3 @@ class ServedRewardModel:
         return _run(self.ascore_and_densify_text(rm_tokenizer, prompts, response_ids, policy_tokenizer=policy_tokenizer,
                                                  response_mask=response_mask, beta=beta, method=method,
                                                  max_length=max_length))
-
-
-def _check_method(method) -> None:
-    if method == "abc":
-        raise ValueError("method='abc' needs the reward model's attention, which a served model does not expose; use "
-                         "method='prefix' (or 'sparse', 'uniform') here, or run ABC with the reward model in-process "
-                         "(dense_rlhf.score_and_densify or score_and_densify_text)")
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS} for a served reward model, got {method!r}")
-
-
-def _as_mask(mask, name: str, shape) -> torch.Tensor:
-    if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(mask).__name__}")
-    if tuple(mask.shape) != tuple(shape):
-        raise ValueError(f"{name} must have input_ids' shape {tuple(shape)}, got {tuple(mask.shape)}")
-    if mask.dtype != torch.bool:
-        if mask.dtype.is_floating_point or mask.dtype.is_complex or not bool(((mask == 0) | (mask == 1)).all()):
-            raise ValueError(f"{name} must be bool or hold only 0 and 1")
-        mask = mask.bool()
-    return mask.cpu()
-
-
-def _check_batch(input_ids, attention_mask, completion_mask):
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
-        got = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
-        raise TypeError(f"input_ids must be a 2-D [B, L] integer tensor, got {got}")
-    if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
-        raise TypeError(f"input_ids must hold integer token ids, got {input_ids.dtype}")
-    attention = _as_mask(attention_mask, "attention_mask", input_ids.shape)
-    completion = _as_mask(completion_mask, "completion_mask", input_ids.shape)
-    outside = (completion & ~attention).any(1).nonzero().flatten().tolist()
-    if outside:
-        raise ValueError(f"completion_mask marks padding (attention_mask False) in rows {outside[:10]}")
-    return attention, completion

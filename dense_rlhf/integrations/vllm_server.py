@@ -22,6 +22,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 
 from dense_rlhf.integrations.vllm import POOLER_CONFIG
@@ -59,9 +60,9 @@ class LocalVLLMServer:
         env: extra environment variables for the process.
     """
 
-    def __init__(self, model_dir, *, python: str | None = None, token_classify: bool = True, args=(),
-                 host: str = "127.0.0.1", port: int | None = None, log_path=None, startup_timeout: float = 600.0,
-                 env: dict | None = None):
+    def __init__(self, model_dir: str | os.PathLike, *, python: str | None = None, token_classify: bool = True,
+                 args: Sequence[str] = (), host: str = "127.0.0.1", port: int | None = None,
+                 log_path: str | os.PathLike | None = None, startup_timeout: float = 600.0, env: dict | None = None):
         self.model_dir = str(model_dir)
         self.python = python or sys.executable
         self.host, self.port = host, port or free_port(host)

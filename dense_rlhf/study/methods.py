@@ -45,7 +45,7 @@ from typing import NamedTuple
 import torch
 
 from dense_rlhf.study import sentiment_task as task
-from dense_rlhf.capture import capture_prefix_scores, capture_reward_attention
+from dense_rlhf.capture import capture_prefix_scores, capture_reward_attention, score_with_credit
 from dense_rlhf.ops import dense_rewards, prefix_rewards, sparse_rewards, uniform_rewards
 from dense_rlhf.rl.grpo import GroupRollout
 from dense_rlhf.rl.ppo import Rollout, RolloutHook
@@ -236,9 +236,9 @@ def make_grpo_score_fn(rm, codec: task.Codec):
 
     def score_fn(ro: GroupRollout):
         ids, mask = rm_inputs(codec, ro.seq)
-        score, rows = score_with_attention(rm, ids)
+        score, credit = score_with_credit(rm, ids, None, mask)
         p, n_new = task.PROMPT_LEN, ro.seq.shape[1] - task.PROMPT_LEN
-        alpha = dense_rewards(rows, torch.ones_like(score), mask, beta=1.0, layout="rows")[:, p : p + n_new]
+        alpha = credit[:, p : p + n_new]
         gt = task.scores_of(codec, ro.seq)
         return score, alpha, {"gt_score": gt.mean().item(), "rm_score": score.mean().item()}
 
