@@ -83,13 +83,21 @@ test-cpu: $(VENV)/.built
 	DENSE_RLHF_REQUIRE_NATIVE=1 $(PY) -m pytest -q -m "not packaging and not cuda" tests
 
 # Every Python code block of README.md and of the pages under docs/ (pytest-markdown-docs; the blocks' fixtures are
-# in tests/docs_fixtures.py).
-# The superfences syntax option also reads the plain `python fixture:...` info strings, so pages written for
-# MkDocs ({.python fixture:...}) and the README (GitHub's syntax) both run.
+# in tests/docs_fixtures.py), then the documentation site built with --strict (mkdocs.yml), which fails on a broken
+# link or anchor and on an API reference that no longer resolves. The pages and the README use the same plain
+# `python fixture:...` info strings; the superfences syntax option reads them as well as MkDocs' braces.
 DOCS := README.md $(wildcard docs)
+# Material for MkDocs prints a notice about MkDocs 2.0 on every build.
+MKDOCS := NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs
 test-docs: $(VENV)/.built
 	PYTHONPATH=tests $(PY) -m pytest -q -p no:cacheprovider -p docs_fixtures --markdown-docs \
 	  --markdown-docs-syntax=superfences $(DOCS)
+	$(MKDOCS) build --strict --quiet
+
+# The documentation site, into site/ (open site/index.html).
+.PHONY: docs
+docs: $(VENV)/.built
+	$(MKDOCS) build --strict
 
 # The CUDA kernel's unmodified source built by $(CXX) through csrc/cuda_emu and run on the CPU against the
 # reference (no nvcc, no GPU), then again built with the sanitizers; SKIP_CUDA_EMU=1 skips it.
@@ -184,7 +192,7 @@ clean: clean-envs
 	rm -rf build dist dense_rlhf/_C*.so *.egg-info
 	@echo "clean: removed the build outputs and the environments"
 
-# The environments `make test` creates take several GB (the README's "Tests and CI" gives the sizes).
+# The environments `make test` creates take several GB (docs/getting-started.md gives the sizes).
 ENVS = $(wildcard $(VENV) $(VERL_VENV) $(VLLM_VENV) $(CUDA_VENV))
 clean-envs:
 ifeq ($(ENVS),)

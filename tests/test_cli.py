@@ -68,7 +68,7 @@ def test_default_output_folders():
     assert experiment.parse_args([]).out == "dense-rlhf-results/experiment"
     assert grpo_study.parse_args([]).out == "dense-rlhf-results/grpo-study"
     assert bench.parse_args([]).out is None  # then dense-rlhf-results/bench/<device>
-    assert demo.parse_args([]).lam == 0.8  # the README says the demo runs GAE lambda 0.8
+    assert demo.parse_args([]).lam == 0.8  # docs/getting-started.md says the demo runs GAE lambda 0.8
 
 
 def test_make_targets_write_the_committed_results():

@@ -1,7 +1,7 @@
-"""The verl integration against verl's own classes (CPU): the README's configuration resolves to our reward manager,
-verl's reward-loop worker routes each sample to it, its rm_scores equal score_and_densify_text on the same batch,
-and they pass through verl's KL-penalty step and GAE. Skipped where verl is not installed (`make test-verl` runs it
-in an environment with the `verl` extra)."""
+"""The verl integration against verl's own classes (CPU): the configuration of docs/verl.md resolves to our reward
+manager, verl's reward-loop worker routes each sample to it, its rm_scores equal score_and_densify_text on the same
+batch, and they pass through verl's KL-penalty step and GAE. Skipped where verl is not installed (`make test-verl`
+runs it in an environment with the `verl` extra)."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ from dense_rlhf.align import score_and_densify_text  # noqa: E402
 from dense_rlhf.integrations import verl as abc_verl  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-RM_PATH_IN_README = "/path/to/reward-model"
+RM_PATH_IN_DOCS = "/path/to/reward-model"
 
 WORDS = ["the", "film", "was", "great", "terrible", "plot", "acting", "café", "naïve", "日本", "映画", "🙂", "very",
          "not", "quite", "boring", "lovely", "ending", "a", "and"]
@@ -87,17 +87,16 @@ def paths(tmp_path_factory):
     return str(policy_dir), str(rm_dir)
 
 
-def readme_overrides() -> list[str]:
-    """The Hydra overrides of the README's verl section, in the order written there."""
-    text = (ROOT / "README.md").read_text()
-    section = text.split("\n## verl\n", 1)[1].split("\n## ", 1)[0]
-    block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
+def documented_overrides() -> list[str]:
+    """The Hydra overrides of the documentation's command for ABCRewardManager (docs/verl.md), in the order written."""
+    text = (ROOT / "docs" / "verl.md").read_text()
+    block = next(b for b in re.findall(r"```bash\n(.*?)```", text, re.S) if "=ABCRewardManager" in b)
     return re.findall(r"(?:^|\s)(\+?reward\.[\w.]+=\S+)", block)
 
 
 def verl_config(policy_dir: str, rm_dir: str, extra: tuple[str, ...] = ()):
-    """verl's own PPO trainer configuration (its Hydra files) with the README's overrides."""
-    overrides = [o.replace(RM_PATH_IN_README, rm_dir) for o in readme_overrides()]
+    """verl's own PPO trainer configuration (its Hydra files) with the documented overrides."""
+    overrides = [o.replace(RM_PATH_IN_DOCS, rm_dir) for o in documented_overrides()]
     overrides += [f"actor_rollout_ref.model.path={policy_dir}", *extra]
     with initialize_config_dir(config_dir=os.path.join(os.path.dirname(verl.__file__), "trainer", "config"),
                                version_base=None):
@@ -150,8 +149,8 @@ def worker_rm_scores(worker: RewardLoopWorker, config, data: DataProto):
     return rm_scores, outputs
 
 
-def test_readme_configuration_resolves_to_the_abc_manager(paths):
-    overrides = readme_overrides()
+def test_the_documented_configuration_resolves_to_the_abc_manager(paths):
+    overrides = documented_overrides()
     assert "reward.reward_manager.name=ABCRewardManager" in overrides and len(overrides) >= 8
     config = verl_config(*paths)
     assert resolve_reward_manager_cls(config) is abc_verl.ABCRewardManager
@@ -160,7 +159,7 @@ def test_readme_configuration_resolves_to_the_abc_manager(paths):
 
 @pytest.mark.parametrize("prompt_padding", ["left", "right"])
 @pytest.mark.parametrize("extra", [(), ("reward.reward_kwargs.beta=0.3", "reward.reward_kwargs.layer=0")],
-                         ids=["readme", "beta0.3-layer0"])
+                         ids=["documented", "beta0.3-layer0"])
 def test_worker_rm_scores_equal_score_and_densify_text(paths, prompt_padding, extra):
     config = verl_config(*paths, extra=extra)
     worker = RewardLoopWorker(config)
@@ -438,7 +437,7 @@ def test_a_sample_that_cannot_be_scored_raises_with_its_index(paths):
 
 
 def test_the_extra_info_is_what_verls_validation_metrics_read(paths):
-    """The README says where abc_score and abc_fallback show up: verl's legacy trainer turns reward_extra_info into
+    """docs/verl.md says where abc_score and abc_fallback show up: verl's legacy trainer turns reward_extra_info into
     validation metrics with process_validation_metrics (val-aux/<data_source>/<key>/mean@N)."""
     from verl.trainer.ppo.metric_utils import process_validation_metrics
 

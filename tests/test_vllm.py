@@ -638,24 +638,24 @@ def needs_verl(test):
     skip = pytest.mark.skipif(importlib.util.find_spec("verl") is None,
                               reason="the verl extra is not installed (make test-vllm runs these in its environment)")
     return pytest.mark.verl(skip(test))
-RM_PATH_IN_README = "/path/to/reward-model"
+RM_PATH_IN_DOCS = "/path/to/reward-model"
 
 
-def served_readme_overrides() -> list[str]:
-    """The Hydra overrides of the README's command for ServedPrefixRewardManager, as the shell passes them."""
-    text = (ROOT / "README.md").read_text()
-    section = text.split("\n## verl\n", 1)[1].split("\n## ", 1)[0]
-    block = next(b for b in re.findall(r"```bash\n(.*?)```", section, re.S) if "ServedPrefixRewardManager" in b)
+def served_documented_overrides() -> list[str]:
+    """The Hydra overrides of the documentation's command for ServedPrefixRewardManager (docs/verl.md), as the shell
+    passes them."""
+    text = (ROOT / "docs" / "verl.md").read_text()
+    block = next(b for b in re.findall(r"```bash\n(.*?)```", text, re.S) if "=ServedPrefixRewardManager" in b)
     words = shlex.split(block.replace("\\\n", " "), comments=True)
     return [w for w in words if re.match(r"\+?reward\.", w)]
 
 
 def served_verl_config(policy_dir: str, rm_dir: str, extra: tuple[str, ...] = ()):
-    """verl's own PPO trainer configuration (its Hydra files) with the README's overrides for the served manager."""
+    """verl's own PPO trainer configuration (its Hydra files) with the documented overrides for the served manager."""
     import verl
     from hydra import compose, initialize_config_dir
 
-    overrides = [o.replace(RM_PATH_IN_README, rm_dir) for o in served_readme_overrides()]
+    overrides = [o.replace(RM_PATH_IN_DOCS, rm_dir) for o in served_documented_overrides()]
     overrides += [f"actor_rollout_ref.model.path={policy_dir}", *extra]
     with initialize_config_dir(config_dir=os.path.join(os.path.dirname(verl.__file__), "trainer", "config"),
                                version_base=None):
@@ -672,13 +672,13 @@ def policy_dir(tmp_path_factory):
 
 
 @needs_verl
-def test_the_readme_configuration_makes_verl_serve_token_classify_and_route_to_the_manager(policy_dir, tmp_path):
+def test_the_documented_configuration_makes_verl_serve_token_classify_and_route_to_the_manager(policy_dir, tmp_path):
     from verl.trainer.ppo.reward import resolve_reward_manager_cls
     from verl.utils.config import omega_conf_to_dataclass
 
     from dense_rlhf.integrations import verl as dense_verl
 
-    overrides = served_readme_overrides()
+    overrides = served_documented_overrides()
     assert "reward.reward_manager.name=ServedPrefixRewardManager" in overrides
     config = served_verl_config(policy_dir, str(tmp_path))
     assert resolve_reward_manager_cls(config) is dense_verl.ServedPrefixRewardManager
@@ -755,12 +755,12 @@ def worker_rm_scores(worker, data):
 @needs_vllm
 @needs_verl
 @pytest.mark.parametrize("extra", [(), ("reward.reward_kwargs.beta=0.3", "+reward.reward_kwargs.method=uniform")],
-                         ids=["readme", "beta0.3-uniform"])
+                         ids=["documented", "beta0.3-uniform"])
 def test_the_verl_manager_through_the_reward_loop_worker_equals_the_local_call(served, policy_dir, monkeypatch,
                                                                                extra):
-    """verl's RewardLoopWorker, built from the README's configuration and handed the server's address as verl hands
-    its router's (host:port), routes every sample to the manager, which scores them through the server and loads no
-    weights; rm_scores equal score_and_densify_text in-process on the same weights."""
+    """verl's RewardLoopWorker, built from the configuration of docs/verl.md and handed the server's address as verl
+    hands its router's (host:port), routes every sample to the manager, which scores them through the server and loads
+    no weights; rm_scores equal score_and_densify_text in-process on the same weights."""
     from transformers import AutoModelForSequenceClassification
     from verl.experimental.reward_loop import RewardLoopWorker
 

@@ -8,7 +8,7 @@ through :func:`dense_rlhf.score_and_densify_text` (the reward model may have its
 template). ``ServedPrefixRewardManager`` instead scores through the reward-model server verl starts itself (vLLM
 with the ``token_classify`` pooler) and returns prefix-difference rewards, with no reward model in the workers; it
 shares :class:`TokenRewardManagerBase` (routing, refusals, micro-batches, per-sample fault isolation). The
-configurations that route verl to them, and what they cost, are in the README's "verl" section;
+configurations that route verl to them, and what they cost, are in docs/verl.md;
 :func:`check_routing` and :func:`check_served` say why each part is needed; they and the settings the managers
 read live in :mod:`dense_rlhf.integrations.verl_config` (which needs no verl) and are importable from here too.
 """

@@ -49,7 +49,7 @@ class ABCSettings:
 
     beta, layer, max_length: as in :func:`dense_rlhf.score_and_densify_text`.
     device: where the reward model runs inside the reward-loop worker ("cpu" by default: verl starts those
-    workers without a GPU reservation; see the README). dtype: the reward model's weights ("float32",
+    workers without a GPU reservation; see docs/verl.md). dtype: the reward model's weights ("float32",
     "bfloat16", "float16"). batch_size: most samples per reward-model forward. num_threads: torch threads in the
     worker process (Ray starts it with OMP_NUM_THREADS=1); None leaves them as they are.
     """
