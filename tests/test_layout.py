@@ -16,16 +16,26 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_import_dense_rlhf_leaves_the_study_and_heavy_libraries_alone():
-    code = ("import sys, dense_rlhf; print(' '.join(sorted(m for m in sys.modules if m.split('.')[0] in "
-            "('trl', 'transformers', 'matplotlib', 'datasets', 'rich') or m.startswith(('dense_rlhf.study', "
-            "'dense_rlhf.bench', 'dense_rlhf.rl', 'dense_rlhf.integrations')))))")
+    code = (
+        "import sys, dense_rlhf; print(' '.join(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('trl', 'transformers', 'matplotlib', 'datasets', 'rich') or m.startswith(('dense_rlhf.study', "
+        "'dense_rlhf.bench', 'dense_rlhf.rl', 'dense_rlhf.integrations')))))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == ""
 
 
 def test_public_api_at_the_top():
-    for name in ("dense_rewards", "prefix_rewards", "sparse_rewards", "uniform_rewards", "capture_reward_attention",
-                 "capture_prefix_scores", "score_and_densify", "score_and_densify_text"):
+    for name in (
+        "dense_rewards",
+        "prefix_rewards",
+        "sparse_rewards",
+        "uniform_rewards",
+        "capture_reward_attention",
+        "capture_prefix_scores",
+        "score_and_densify",
+        "score_and_densify_text",
+    ):
         assert callable(getattr(dense_rlhf, name)), name
         assert name in dense_rlhf.__all__
 
@@ -43,3 +53,12 @@ def test_one_version_string():
     written = [p for p in (ROOT / "dense_rlhf").rglob("*.py") if re.search(r"^__version__ = ", p.read_text(), re.M)]
     assert written == [ROOT / "dense_rlhf" / "_version.py"]
     assert importlib.metadata.version("dense-rlhf") == dense_rlhf.__version__
+
+
+def test_modules_keep_to_one_concern():
+    """A module that outgrows about 450 lines (ruff's formatting included) is doing more than one job: split it."""
+    sizes = {
+        path.relative_to(ROOT).as_posix(): len(path.read_text().splitlines())
+        for path in (ROOT / "dense_rlhf").rglob("*.py")
+    }
+    assert sizes and all(size <= 480 for size in sizes.values()), {p: n for p, n in sizes.items() if n > 480}
