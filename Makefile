@@ -52,7 +52,7 @@ CUDA_EMU_PYTEST = CXX="$(CXX)" $(PY) -m pytest -q -p no:cacheprovider --capture=
 CUDA_EMU_SANITIZER_ENV = LD_PRELOAD="$$($(CXX) -print-file-name=libasan.so) $$($(CXX) -print-file-name=libstdc++.so)" \
   ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 
-.PHONY: demo test test-cpu test-docs test-cuda-emu test-packaging test-verl test-vllm test-cuda-build bench experiment \
+.PHONY: demo test lint test-cpu test-docs test-cuda-emu test-packaging test-verl test-vllm test-cuda-build bench experiment \
 	grpo-study clean clean-envs
 
 demo: $(VENV)/.built
@@ -71,11 +71,16 @@ bench: $(VENV)/.built
 # compiles take both cores), then the steps run one after another.
 TEST_ENVS := $(VENV)/.built $(if $(filter 1,$(SKIP_VERL)),,$(VERL_VENV)/.built) \
   $(if $(filter 1,$(SKIP_VLLM)),,$(VLLM_VENV)/.built $(VLLM_TEST_VENV)/.built) $(if $(NVCC),$(CUDA_VENV)/.installed)
-TEST_STEPS := test-cpu test-docs test-cuda-emu test-packaging test-verl test-vllm test-cuda-build
+TEST_STEPS := lint test-cpu test-docs test-cuda-emu test-packaging test-verl test-vllm test-cuda-build
 
 test:
 	$(MAKE) -j4 --output-sync=target $(sort $(TEST_ENVS))
 	$(MAKE) $(TEST_STEPS)
+
+# ruff's lint rules and formatting (pyproject.toml); `ruff format .` and `ruff check --fix .` fix most of what it finds.
+lint: $(VENV)/.built
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 # The steps below select tests by marker (pyproject.toml): the packaging checks and the CUDA kernel's source have
 # steps of their own, and the verl and vLLM tests skip where their packages are missing.

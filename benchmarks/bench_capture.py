@@ -34,8 +34,15 @@ import time
 
 BATCH = 8
 CONFIG = dict(
-    vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
-    num_key_value_heads=4, max_position_embeddings=4096, pad_token_id=0, num_labels=1,
+    vocab_size=32000,
+    hidden_size=768,
+    intermediate_size=2048,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    num_key_value_heads=4,
+    max_position_embeddings=4096,
+    pad_token_id=0,
+    num_labels=1,
 )
 MEMORY_BUDGET_FRACTION = 0.6  # skip a run whose attention maps alone are projected above this share of RAM
 
@@ -59,7 +66,7 @@ def _build_inputs(length: int, batch: int):
     generator = torch.Generator().manual_seed(1)
     ids = torch.randint(1, CONFIG["vocab_size"], (batch, length), generator=generator)
     mask = torch.ones_like(ids)
-    mask[::2, length - length // 8:] = 0
+    mask[::2, length - length // 8 :] = 0
     ids[mask == 0] = CONFIG["pad_token_id"]
     return None, ids, mask
 
@@ -75,7 +82,7 @@ def _forward(method: str, model, ids, mask):
         if method == "capture":
             with dense_rlhf.capture_reward_attention(model) as cap:
                 logits = model(input_ids=ids, attention_mask=mask).logits
-            cap.rows
+            _ = cap.rows  # reading the rows is part of what the capture costs
             return logits
         if method == "eager":
             out = model(input_ids=ids, attention_mask=mask, output_attentions=True)
@@ -156,8 +163,12 @@ def worker_memory(method: str, length: int, batch: int) -> dict:
         reset = False
     _forward(method, model, ids, mask)
     peak = _status("VmHWM")
-    return {"rss_before_bytes": before, "peak_rss_bytes": peak, "forward_increment_bytes": peak - before,
-            "peak_reset": reset}
+    return {
+        "rss_before_bytes": before,
+        "peak_rss_bytes": peak,
+        "forward_increment_bytes": peak - before,
+        "peak_reset": reset,
+    }
 
 
 def worker_rows(length: int, batch: int) -> dict:
@@ -174,13 +185,29 @@ def worker_rows(length: int, batch: int) -> dict:
     torch.manual_seed(0)
     q, k = torch.randn(batch, heads, length, dim), torch.randn(batch, kv_heads, length, dim)
     _, _, pad = _build_inputs(length, batch)
-    mask = sdpa_mask(batch_size=batch, q_length=length, kv_length=length, mask_function=causal_mask_function,
-                     attention_mask=pad.bool(), allow_is_causal_skip=False)
+    mask = sdpa_mask(
+        batch_size=batch,
+        q_length=length,
+        kv_length=length,
+        mask_function=causal_mask_function,
+        attention_mask=pad.bool(),
+        allow_is_causal_skip=False,
+    )
     index = (torch.arange(length) * pad).argmax(-1)
 
     def rows():
-        return _reward_rows(q, k, mask, index, kind="sdpa", scaling=dim**-0.5, causal=True, sliding_window=None,
-                            softcap=None, position_bias=None)
+        return _reward_rows(
+            q,
+            k,
+            mask,
+            index,
+            kind="sdpa",
+            scaling=dim**-0.5,
+            causal=True,
+            sliding_window=None,
+            softcap=None,
+            position_bias=None,
+        )
 
     created = []
 
@@ -210,7 +237,7 @@ def worker_rows(length: int, batch: int) -> dict:
 
 # ----------------------------------------------------------------------------------------- the text path
 
-CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] | trim }}<|end|>\n{% endfor %}")
+CHAT_TEMPLATE = "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] | trim }}<|end|>\n{% endfor %}"
 
 
 def _text_corpus(seed: int, n: int) -> list[str]:
@@ -239,25 +266,38 @@ def _text_tokenizers():
     policy = Tokenizer(models.BPE())
     policy.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     policy.decoder = decoders.ByteLevel()
-    policy.train_from_iterator(texts, trainers.BpeTrainer(
-        vocab_size=8000, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        special_tokens=["<|pad|>", "<|endoftext|>"], show_progress=False))
+    policy.train_from_iterator(
+        texts,
+        trainers.BpeTrainer(
+            vocab_size=8000,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            special_tokens=["<|pad|>", "<|endoftext|>"],
+            show_progress=False,
+        ),
+    )
     base = Tokenizer(models.BPE(unk_token="<unk>"))
     base.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-    base.train_from_iterator(texts, trainers.BpeTrainer(
-        vocab_size=6000, special_tokens=["<pad>", "<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|end|>"],
-        show_progress=False))
+    base.train_from_iterator(
+        texts,
+        trainers.BpeTrainer(
+            vocab_size=6000,
+            special_tokens=["<pad>", "<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|end|>"],
+            show_progress=False,
+        ),
+    )
     state = json_.loads(base.to_str())
     for byte in range(256):
         state["model"]["vocab"].setdefault(f"<0x{byte:02X}>", len(state["model"]["vocab"]))
     state["model"]["byte_fallback"] = True
     rm = Tokenizer.from_str(json_.dumps(state))
-    rm.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                    decoders.Strip(" ", 1, 0)])
+    rm.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
     rm.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", rm.token_to_id("<s>"))])
     policy_tok = PreTrainedTokenizerFast(tokenizer_object=policy, pad_token="<|pad|>", eos_token="<|endoftext|>")
-    rm_tok = PreTrainedTokenizerFast(tokenizer_object=rm, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                     unk_token="<unk>")
+    rm_tok = PreTrainedTokenizerFast(
+        tokenizer_object=rm, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
     rm_tok.chat_template = CHAT_TEMPLATE
     assert len(rm_tok) <= CONFIG["vocab_size"] and rm_tok.pad_token_id == CONFIG["pad_token_id"]
     return policy_tok, rm_tok
@@ -278,8 +318,9 @@ def _text_batch(policy_tok, rm_tok, length: int, batch: int):
         response = ""
         while True:
             candidate = (response + " " + next(texts)).strip()
-            rendered = rm_tok.apply_chat_template(messages + [{"role": "assistant", "content": candidate}],
-                                                  tokenize=False)
+            rendered = rm_tok.apply_chat_template(
+                messages + [{"role": "assistant", "content": candidate}], tokenize=False
+            )
             if len(rm_tok(rendered, add_special_tokens=False)["input_ids"]) > target:
                 break
             response = candidate
@@ -289,12 +330,13 @@ def _text_batch(policy_tok, rm_tok, length: int, batch: int):
     width = max(map(len, rows))
     response_ids = torch.full((batch, width), policy_tok.pad_token_id, dtype=torch.long)
     for b, row in enumerate(rows):
-        response_ids[b, :len(row)] = torch.tensor(row)
+        response_ids[b, : len(row)] = torch.tensor(row)
 
-    rendered = [rm_tok.apply_chat_template(p + [{"role": "assistant", "content": r}], tokenize=False)
-                for p, r in zip(prompts, responses)]
-    encoded = rm_tok(rendered, add_special_tokens=False, return_offsets_mapping=True, padding=True,
-                     return_tensors="pt")
+    rendered = [
+        rm_tok.apply_chat_template(p + [{"role": "assistant", "content": r}], tokenize=False)
+        for p, r in zip(prompts, responses)
+    ]
+    encoded = rm_tok(rendered, add_special_tokens=False, return_offsets_mapping=True, padding=True, return_tensors="pt")
     completion = torch.zeros(encoded["input_ids"].shape, dtype=torch.bool)
     for b, (text, response) in enumerate(zip(rendered, responses)):
         start = text.rindex(response)
@@ -326,10 +368,14 @@ def worker_text(length: int, reps: int, batch: int) -> dict:
 
     scores_ids, rewards_ids = ids_path()  # warm-up, and the two paths read the same input
     scores_text, rewards_text = text_path()
-    result = {"rm_lengths": mask.sum(1).tolist(), "response_tokens": (response_ids != policy_tok.pad_token_id)
-              .sum(1).tolist(), "scores_identical": bool(torch.equal(scores_ids, scores_text)),
-              "rows_sum_to_score": bool(torch.allclose(rewards_text.sum(1), scores_text, atol=1e-5)),
-              "times_s": {"ids": [], "text": []}, "forward_s": {"ids": [], "text": []}}
+    result = {
+        "rm_lengths": mask.sum(1).tolist(),
+        "response_tokens": (response_ids != policy_tok.pad_token_id).sum(1).tolist(),
+        "scores_identical": bool(torch.equal(scores_ids, scores_text)),
+        "rows_sum_to_score": bool(torch.allclose(rewards_text.sum(1), scores_text, atol=1e-5)),
+        "times_s": {"ids": [], "text": []},
+        "forward_s": {"ids": [], "text": []},
+    }
     for _ in range(reps):
         for name, call in (("ids", ids_path), ("text", text_path)):
             forward.clear()
@@ -374,24 +420,32 @@ def _write_text(results: dict, out: str) -> None:
         t_ids, t_text = statistics.median(data["times_s"]["ids"]), statistics.median(data["times_s"]["text"])
         ratios = [t / i for i, t in zip(data["times_s"]["ids"], data["times_s"]["text"])]
         own = statistics.median(data["text_own_s"]) - statistics.median(data["ids_own_s"])
-        lines.append(f"| {row['L']} | {t_ids:.2f} | {t_text:.2f} | {statistics.median(ratios):.3f} | "
-                     f"{own * 1e3:.1f} | {own / t_ids * 100:.2f}% |")
-        notes.append(f"- L={row['L']}: paired ratios {', '.join(f'{r:.3f}' for r in ratios)}; reward-model input "
-                     f"lengths {data['rm_lengths']}, policy response tokens {data['response_tokens']}; scores "
-                     f"identical on both paths: {data['scores_identical']}; text-path rows sum to the score: "
-                     f"{data['rows_sum_to_score']}; forward medians inside the calls "
-                     f"{statistics.median(data['forward_s']['ids']):.2f} s (ids) and "
-                     f"{statistics.median(data['forward_s']['text']):.2f} s (text)")
+        lines.append(
+            f"| {row['L']} | {t_ids:.2f} | {t_text:.2f} | {statistics.median(ratios):.3f} | "
+            f"{own * 1e3:.1f} | {own / t_ids * 100:.2f}% |"
+        )
+        notes.append(
+            f"- L={row['L']}: paired ratios {', '.join(f'{r:.3f}' for r in ratios)}; reward-model input "
+            f"lengths {data['rm_lengths']}, policy response tokens {data['response_tokens']}; scores "
+            f"identical on both paths: {data['scores_identical']}; text-path rows sum to the score: "
+            f"{data['rows_sum_to_score']}; forward medians inside the calls "
+            f"{statistics.median(data['forward_s']['ids']):.2f} s (ids) and "
+            f"{statistics.median(data['forward_s']['text']):.2f} s (text)"
+        )
     lines += ["", "Target: the text path adds at most 5% to the call.", ""]
     for row in results["runs"]:
         data = row["text_path"]
         if "error" not in data:
-            own = (statistics.median(data["text_own_s"]) - statistics.median(data["ids_own_s"])) / \
-                statistics.median(data["times_s"]["ids"]) * 100
+            own = (
+                (statistics.median(data["text_own_s"]) - statistics.median(data["ids_own_s"]))
+                / statistics.median(data["times_s"]["ids"])
+                * 100
+            )
             ratio = statistics.median(t / i for i, t in zip(data["times_s"]["ids"], data["times_s"]["text"]))
             verdict = "met" if own <= 5 and ratio <= 1.05 else "NOT met"
-            lines.append(f"- L={row['L']}: extra work {own:.2f}% of the ids call, paired wall-time ratio "
-                         f"{ratio:.3f}: {verdict}")
+            lines.append(
+                f"- L={row['L']}: extra work {own:.2f}% of the ids call, paired wall-time ratio {ratio:.3f}: {verdict}"
+            )
     lines += ["", "Details:", ""] + notes
     with open(os.path.join(out, "capture_text.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -414,8 +468,10 @@ def _median_memory(runs: list[dict]) -> dict:
     good = [r for r in runs if "error" not in r]
     if not good:
         return runs[0]
-    return {key: statistics.median(r[key] for r in good) for key in ("rss_before_bytes", "peak_rss_bytes",
-                                                                     "forward_increment_bytes")}
+    return {
+        key: statistics.median(r[key] for r in good)
+        for key in ("rss_before_bytes", "peak_rss_bytes", "forward_increment_bytes")
+    }
 
 
 def _portable(arg: str) -> str:
@@ -441,8 +497,11 @@ def main() -> None:
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "cpu"))
     parser.add_argument("--worker", nargs="*")
     parser.add_argument("--render", action="store_true", help="only rewrite capture.md from capture.json in --out")
-    parser.add_argument("--text-path", action="store_true",
-                        help="measure score_and_densify_text against score_and_densify instead (capture_text.*)")
+    parser.add_argument(
+        "--text-path",
+        action="store_true",
+        help="measure score_and_densify_text against score_and_densify instead (capture_text.*)",
+    )
     args = parser.parse_args()
 
     if args.render:
@@ -468,8 +527,13 @@ def main() -> None:
 
     total_ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     results = {
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "ram_bytes": total_ram,
-                    "torch": torch.__version__, "transformers": transformers.__version__},
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "ram_bytes": total_ram,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+        },
         "config": {**CONFIG, "batch": BATCH, "padding": "rows 0,2,4,6 right-padded by L/8"},
         "command": "python benchmarks/bench_capture.py " + " ".join(_portable(a) for a in sys.argv[1:]),
         "notes": [],
@@ -477,10 +541,17 @@ def main() -> None:
     }
     if args.text_path:
         for length in args.lengths:
-            print(f"L={length}: timing score_and_densify vs score_and_densify_text ({args.reps} reps, alternating)",
-                  flush=True)
-            results["runs"].append({"L": length, "batch": BATCH, "text_path": _run_worker(
-                ["text", str(length), str(args.reps), str(BATCH)], 3600)})
+            print(
+                f"L={length}: timing score_and_densify vs score_and_densify_text ({args.reps} reps, alternating)",
+                flush=True,
+            )
+            results["runs"].append(
+                {
+                    "L": length,
+                    "batch": BATCH,
+                    "text_path": _run_worker(["text", str(length), str(args.reps), str(BATCH)], 3600),
+                }
+            )
             _write_text(results, args.out)
         return
     for length in args.lengths:
@@ -494,15 +565,18 @@ def main() -> None:
             for method in ("sdpa", "capture"):
                 print(f"L={length}: memory {method} ({repeat + 1}/{args.memory_reps})", flush=True)
                 row.setdefault(f"memory_{method}_all", []).append(
-                    _run_worker(["mem", method, str(length), str(BATCH)], 1800))
+                    _run_worker(["mem", method, str(length), str(BATCH)], 1800)
+                )
         for method in ("sdpa", "capture"):
             row[f"memory_{method}"] = _median_memory(row[f"memory_{method}_all"])
 
         projected = _eager_projection_bytes(length, BATCH)
         if projected > MEMORY_BUDGET_FRACTION * total_ram:
-            note = (f"L={length}: eager + output_attentions at B={BATCH} skipped: its attention maps alone would take "
-                    f"{projected / 2**30:.1f} GiB of {total_ram / 2**30:.1f} GiB RAM; measured at B=1 instead, "
-                    "the maps scale linearly in B")
+            note = (
+                f"L={length}: eager + output_attentions at B={BATCH} skipped: its attention maps alone would take "
+                f"{projected / 2**30:.1f} GiB of {total_ram / 2**30:.1f} GiB RAM; measured at B=1 instead, "
+                "the maps scale linearly in B"
+            )
             results["notes"].append(note)
             print(note, flush=True)
             eager_batch, eager_reps = 1, args.eager_reps_long
@@ -559,9 +633,11 @@ def _write(results: dict, out: str) -> None:
         base_t = _median(row, "time_sdpa_capture", "sdpa")
         base_c = _median(row, "time_sdpa_capture", "sdpa", "cpu_times_s")
         base_m = row.get("memory_sdpa", {}).get("peak_rss_bytes")
-        for method, tkey, label in (("sdpa", "time_sdpa_capture", "SDPA"),
-                                    ("capture", "time_sdpa_capture", "SDPA + capture"),
-                                    ("eager", "time_eager", "eager + output_attentions")):
+        for method, tkey, label in (
+            ("sdpa", "time_sdpa_capture", "SDPA"),
+            ("capture", "time_sdpa_capture", "SDPA + capture"),
+            ("eager", "time_eager", "eager + output_attentions"),
+        ):
             batch = row["eager_batch"] if method == "eager" else row["batch"]
             same_batch = batch == row["batch"]
             t = _median(row, tkey, method)
@@ -591,8 +667,10 @@ def _write(results: dict, out: str) -> None:
         times = row.get("time_sdpa_capture", {}).get("times_s", {})
         if times.get("sdpa") and times.get("capture"):
             ratios = [c / p for p, c in zip(times["sdpa"], times["capture"])]
-            lines.append(f"- L={row['L']}: median capture/SDPA wall-time ratio {statistics.median(ratios):.3f} "
-                         f"(pairs: {', '.join(f'{r:.2f}' for r in ratios)})")
+            lines.append(
+                f"- L={row['L']}: median capture/SDPA wall-time ratio {statistics.median(ratios):.3f} "
+                f"(pairs: {', '.join(f'{r:.2f}' for r in ratios)})"
+            )
     lines += ["", "The capture's own work:", ""]
     for row in results["runs"]:
         data = row.get("time_sdpa_capture", {})
@@ -601,18 +679,22 @@ def _write(results: dict, out: str) -> None:
         base_t = _median(row, "time_sdpa_capture", "sdpa")
         if not (rows_s and enter_exit and base_t):
             continue
-        line = (f"- L={row['L']}: inside the captured forwards the row computation took "
-                f"{statistics.median(rows_s) * 1e3:.1f} ms (median) and enter+exit "
-                f"{statistics.median(enter_exit) * 1e3:.2f} ms, together "
-                f"{(statistics.median(rows_s) + statistics.median(enter_exit)) / base_t * 100:.2f}% of the SDPA forward")
+        line = (
+            f"- L={row['L']}: inside the captured forwards the row computation took "
+            f"{statistics.median(rows_s) * 1e3:.1f} ms (median) and enter+exit "
+            f"{statistics.median(enter_exit) * 1e3:.2f} ms, together "
+            f"{(statistics.median(rows_s) + statistics.median(enter_exit)) / base_t * 100:.2f}% of the SDPA forward"
+        )
         single = iso.get("median_s_1_threads")
         if single is not None:
             others = {k: v for k, v in iso.items() if k.startswith("median_s_") and k != "median_s_1_threads"}
-            line += (f"; in isolation on the same shapes {single * 1e3:.2f} ms with 1 thread"
-                     + "".join(f", {v * 1e3:.2f} ms with {k.split('_')[2]} threads" for k, v in others.items())
-                     + f". Tensors it creates: {iso['created_bytes'] / 2**20:.2f} MiB in all (the rows themselves "
-                     f"{iso['rows_bytes'] / 2**20:.2f} MiB), "
-                     f"{iso['created_bytes'] / row['memory_sdpa']['peak_rss_bytes'] * 100:.3f}% of SDPA's peak RSS")
+            line += (
+                f"; in isolation on the same shapes {single * 1e3:.2f} ms with 1 thread"
+                + "".join(f", {v * 1e3:.2f} ms with {k.split('_')[2]} threads" for k, v in others.items())
+                + f". Tensors it creates: {iso['created_bytes'] / 2**20:.2f} MiB in all (the rows themselves "
+                f"{iso['rows_bytes'] / 2**20:.2f} MiB), "
+                f"{iso['created_bytes'] / row['memory_sdpa']['peak_rss_bytes'] * 100:.3f}% of SDPA's peak RSS"
+            )
         lines.append(line + f"; logits identical with and without capture: {data.get('logits_identical')}")
     lines += ["", "Raw wall times (s):", ""]
     for row in results["runs"]:

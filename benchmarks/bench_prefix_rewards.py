@@ -55,7 +55,8 @@ def methods(scores, row, mask, score):
     }
     if _native.has_kernel("cpu"):
         found["dense_rewards native, [B, L] row"] = lambda: dense_rlhf.dense_rewards(
-            row, score, mask, beta=0.8, backend="native", validate=False)
+            row, score, mask, beta=0.8, backend="native", validate=False
+        )
     return found
 
 
@@ -68,7 +69,7 @@ def measure(rounds: int, budget_s: float) -> list[dict]:
         expected = fns["prefix eager"]()
         torch.testing.assert_close(fns["prefix compiled"](), expected)  # also the compile warm-up
         times = {name: [] for name in fns}
-        for name, fn in fns.items():
+        for fn in fns.values():
             fn()
         for _ in range(rounds):
             for name, fn in fns.items():
@@ -76,8 +77,16 @@ def measure(rounds: int, budget_s: float) -> list[dict]:
                 times[name] += list(timer.blocked_autorange(min_run_time=budget_s).times)
         medians = {name: statistics.median(ts) for name, ts in times.items()}
         for name, median in medians.items():
-            rows.append({"B": batch, "L": length, "method": name, "median_s": median, "reps": len(times[name]),
-                         "vs_prefix_eager": median / medians["prefix eager"]})
+            rows.append(
+                {
+                    "B": batch,
+                    "L": length,
+                    "method": name,
+                    "median_s": median,
+                    "reps": len(times[name]),
+                    "vs_prefix_eager": median / medians["prefix eager"],
+                }
+            )
         print(f"B={batch} L={length}: " + ", ".join(f"{n} {m * 1e6:.0f} us" for n, m in medians.items()), flush=True)
     return rows
 
@@ -98,9 +107,15 @@ def markdown(rows: list[dict], meta: dict) -> str:
         "|---|---|---|---|---|",
     ]
     for r in rows:
-        lines.append(f"| {r['B']} | {r['L']} | {r['method']} | {r['median_s'] * 1e6:.0f} | {r['vs_prefix_eager']:.2f} |")
-    lines += ["", "prefix_rewards (eager) over the native ABC op on the same [B, L]: "
-              + ", ".join(f"{case} {ratio:.1f}x" for case, ratio in meta["medians_vs_native"].items()) + "."]
+        lines.append(
+            f"| {r['B']} | {r['L']} | {r['method']} | {r['median_s'] * 1e6:.0f} | {r['vs_prefix_eager']:.2f} |"
+        )
+    lines += [
+        "",
+        "prefix_rewards (eager) over the native ABC op on the same [B, L]: "
+        + ", ".join(f"{case} {ratio:.1f}x" for case, ratio in meta["medians_vs_native"].items())
+        + ".",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -113,9 +128,12 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     rows = measure(args.rounds, args.budget)
-    meta = {"command": "python benchmarks/bench_prefix_rewards.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "torch": torch.__version__,
-            "threads": args.threads}
+    meta = {
+        "command": "python benchmarks/bench_prefix_rewards.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "torch": torch.__version__,
+        "threads": args.threads,
+    }
     meta["command"] = meta["command"].rstrip()
     meta["medians_vs_native"] = {f"B={b} L={n}": round(_ratio(rows, b, n), 1) for b, n in CASES}
     out = Path(args.out)

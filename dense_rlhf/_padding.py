@@ -7,8 +7,9 @@ from collections.abc import Sequence
 import torch
 
 
-def pad_rows(rows: Sequence[Sequence[int] | torch.Tensor], pad_id: int, *, side: str = "right",
-             width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_rows(
+    rows: Sequence[Sequence[int] | torch.Tensor], pad_id: int, *, side: str = "right", width: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(ids, mask)``: long [B, W] ids with each row's tokens at its start (``side="right"``) or end (``"left"``)
     and ``pad_id`` elsewhere, and the bool [B, W] mask of the tokens; on the CPU. ``rows``: lists of ints or 1-D
     integer tensors; ``width``: W, at least the longest row (default: the longest row)."""
@@ -23,6 +24,6 @@ def pad_rows(rows: Sequence[Sequence[int] | torch.Tensor], pad_id: int, *, side:
     mask = torch.zeros((len(lengths), width), dtype=torch.bool)
     for b, (row, n) in enumerate(zip(rows, lengths)):
         start = width - n if side == "left" else 0
-        ids[b, start:start + n] = torch.as_tensor(row, dtype=torch.long)
-        mask[b, start:start + n] = True
+        ids[b, start : start + n] = torch.as_tensor(row, dtype=torch.long)
+        mask[b, start : start + n] = True
     return ids, mask

@@ -35,8 +35,11 @@ def default_out(command: str) -> str:
 def usage() -> str:
     lines = ["usage: dense-rlhf {" + ",".join(_COMMANDS) + "} [options]", ""]
     lines += [f"  {name:<11} {text}" for name, (_, text) in _COMMANDS.items()]
-    lines += ["", f"Results go to ./{RESULTS_ROOT}/<command>/ unless --out is given; "
-                  "`dense-rlhf <command> --help` lists the options."]
+    lines += [
+        "",
+        f"Results go to ./{RESULTS_ROOT}/<command>/ unless --out is given; "
+        "`dense-rlhf <command> --help` lists the options.",
+    ]
     return "\n".join(lines)
 
 
@@ -71,8 +74,10 @@ def check_extra(command: str, extra: str) -> str | None:
     missing = missing_modules(extra_modules(extra))
     if not missing:
         return None
-    return (f"dense-rlhf {command} needs the '{extra}' extra, and these of its packages are not installed: "
-            f"{', '.join(missing)}.\nInstall them with:  pip install \"dense-rlhf[{extra}]\"")
+    return (
+        f"dense-rlhf {command} needs the '{extra}' extra, and these of its packages are not installed: "
+        f'{", ".join(missing)}.\nInstall them with:  pip install "dense-rlhf[{extra}]"'
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,8 +15,16 @@ import warnings
 import torch
 
 from dense_rlhf import _native
-from dense_rlhf.reference import (PREFIX_STATUS_MESSAGES, STATUS_BAD_SCORE, STATUS_EMPTY_MASK, STATUS_MESSAGES,
-                                  STATUS_OK, dense_rewards_reference, last_true, prefix_rewards_reference)
+from dense_rlhf.reference import (
+    PREFIX_STATUS_MESSAGES,
+    STATUS_BAD_SCORE,
+    STATUS_EMPTY_MASK,
+    STATUS_MESSAGES,
+    STATUS_OK,
+    dense_rewards_reference,
+    last_true,
+    prefix_rewards_reference,
+)
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _BACKENDS = ("auto", "native", "reference")
@@ -154,8 +162,10 @@ def check_beta(beta: float | torch.Tensor, name: str = "beta") -> float:
         if isinstance(beta, torch.Tensor):
             if beta.dim() == 0 and not (beta.dtype.is_complex or beta.dtype == torch.bool):
                 if beta.device.type == "meta":
-                    raise ValueError(f"{name} is a tensor on the meta device, which holds no value: pass a Python "
-                                     "number or a tensor on a real device")
+                    raise ValueError(
+                        f"{name} is a tensor on the meta device, which holds no value: pass a Python "
+                        "number or a tensor on a real device"
+                    )
                 value = float(beta.detach().item())
         elif isinstance(beta, numbers.Real) and not _is_boolean(beta):
             value = float(beta)
@@ -164,8 +174,10 @@ def check_beta(beta: float | torch.Tensor, name: str = "beta") -> float:
     except OverflowError:  # an int or Fraction beyond float's range, e.g. 10**400
         raise ValueError(f"{name} must be a number in [0, 1], got {_describe(beta)} too large for a float") from None
     if value is None:
-        raise TypeError(f"{name} must be a real number in [0, 1] (a Python or NumPy number or a 0-dim real tensor), "
-                        f"got {_describe(beta)}")
+        raise TypeError(
+            f"{name} must be a real number in [0, 1] (a Python or NumPy number or a 0-dim real tensor), "
+            f"got {_describe(beta)}"
+        )
     if not 0.0 <= value <= 1.0:  # also False for NaN
         raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
     return value
@@ -178,8 +190,7 @@ def _is_boolean(value) -> bool:
 
 def _is_numpy_real_0d(value) -> bool:
     numpy = sys.modules.get("numpy")  # never imported here: a NumPy value means NumPy is loaded already
-    return (numpy is not None and isinstance(value, numpy.ndarray) and value.ndim == 0
-            and value.dtype.kind in "fiu")
+    return numpy is not None and isinstance(value, numpy.ndarray) and value.ndim == 0 and value.dtype.kind in "fiu"
 
 
 def _describe(value) -> str:
@@ -260,9 +271,7 @@ def _normalise(attn, score, mask, reward_index, layout, backend):
         raise TypeError(f"attn must be float16, bfloat16, float32 or float64, got {attn.dtype}")
     _not_meta(attn=attn)
     if layout == "auto" and attn.dim() not in (2, 3, 4):
-        raise ValueError(
-            f"attn must be [B, H, L, L], [B, H, L] or [B, L], got {attn.dim()} dims {tuple(attn.shape)}"
-        )
+        raise ValueError(f"attn must be [B, H, L, L], [B, H, L] or [B, L], got {attn.dim()} dims {tuple(attn.shape)}")
     if layout != "auto" and attn.dim() != _LAYOUT_DIMS[layout]:
         raise ValueError(f"attn must be {_LAYOUT_SHAPES[layout]} with layout={layout!r}, got {tuple(attn.shape)}")
     if attn.dim() == 4 and attn.shape[2] != attn.shape[3]:
@@ -280,8 +289,9 @@ def _normalise(attn, score, mask, reward_index, layout, backend):
             "with layout='rows'"
         )
     if attn.dim() >= 3 and attn.shape[1] == 0:
-        raise ValueError(f"attn has no heads (H = 0 in {tuple(attn.shape)}): there is no attention to spread the "
-                         "score by")
+        raise ValueError(
+            f"attn has no heads (H = 0 in {tuple(attn.shape)}): there is no attention to spread the score by"
+        )
     index = _reward_index(reward_index, batch, attn)
 
     attn = attn.detach()
@@ -303,8 +313,9 @@ def _normalise_prefix(prefix_scores, mask, reward_index):
     _not_meta(prefix_scores=prefix_scores)
     mask_b = _mask(mask)
     if mask_b.shape != prefix_scores.shape:
-        raise ValueError(f"mask {tuple(mask_b.shape)} and prefix_scores {tuple(prefix_scores.shape)} must have the "
-                         "same [B, L]")
+        raise ValueError(
+            f"mask {tuple(mask_b.shape)} and prefix_scores {tuple(prefix_scores.shape)} must have the same [B, L]"
+        )
     _same_device(prefix_scores, mask=mask)
     _check_length(prefix_scores.shape[1])
     index = _reward_index(reward_index, prefix_scores.shape[0], prefix_scores)
@@ -355,8 +366,10 @@ def _score_and_mask(score, mask, batch=None, attn=None):
 def _not_meta(**tensors: torch.Tensor) -> None:
     for name, tensor in tensors.items():
         if tensor.device.type == "meta":
-            raise ValueError(f"{name} is on the meta device, which holds shapes but no values: rewards are computed "
-                             "from values, so pass tensors on a real device (cpu, cuda)")
+            raise ValueError(
+                f"{name} is on the meta device, which holds shapes but no values: rewards are computed "
+                "from values, so pass tensors on a real device (cpu, cuda)"
+            )
 
 
 def _check_length(length: int) -> None:

@@ -24,8 +24,7 @@ STATUS_MESSAGES = {
     STATUS_EMPTY_MASK: "mask has no completion token, so the score would be lost",
     STATUS_BAD_SCORE: "score is NaN or Inf",
     STATUS_BAD_REWARD_INDEX: "reward_index is outside [0, L)",
-    STATUS_BAD_ATTENTION: "attn has NaN or Inf in the values used (the row at the reward position, "
-    "completion tokens)",
+    STATUS_BAD_ATTENTION: "attn has NaN or Inf in the values used (the row at the reward position, completion tokens)",
     STATUS_NEGATIVE_ATTENTION: "attn has negative values at completion tokens of the row at the reward position "
     "(attention weights are >= 0: were logits or scores passed instead of softmax probabilities?)",
 }

@@ -11,7 +11,9 @@ from dense_rlhf import _native
 def _devices() -> list:
     devices = [pytest.param("cpu", id="cpu")]
     cuda_ready = torch.cuda.is_available() and _native.has_kernel("cuda")
-    devices.append(pytest.param("cuda", id="cuda", marks=pytest.mark.skipif(not cuda_ready, reason="no CUDA kernel or GPU")))
+    devices.append(
+        pytest.param("cuda", id="cuda", marks=pytest.mark.skipif(not cuda_ready, reason="no CUDA kernel or GPU"))
+    )
     return devices
 
 

@@ -2,8 +2,9 @@
 
 ``build`` compiles ``csrc/cuda/dense_rewards_kernel.cu`` (and the emulation's self-test kernels) with the host
 C++ compiler into a shared library, optionally with AddressSanitizer and UndefinedBehaviorSanitizer (a Python
-that loads that one needs the sanitizer runtime preloaded: ``make test-cuda-emu`` shows how); no nvcc, no GPU. ``EmulatedKernel`` calls it through ctypes on the CPU tensors that ``dense_rlhf.dense_rewards``' wrapper
-produces. ``grid_cases`` is the case grid that ``tests/test_cuda_emu.py`` runs against the PyTorch reference and
+that loads that one needs the sanitizer runtime preloaded: ``make test-cuda-emu`` shows how); no nvcc, no GPU.
+``EmulatedKernel`` calls it through ctypes on the CPU tensors that ``dense_rlhf.dense_rewards``' wrapper produces.
+``grid_cases`` is the case grid that ``tests/test_cuda_emu.py`` runs against the PyTorch reference and
 ``tests/cuda_emu_planted_bugs.py`` runs against kernels with planted bugs.
 """
 
@@ -20,15 +21,20 @@ import subprocess
 import torch
 
 from dense_rlhf import ops
-from dense_rlhf.reference import (STATUS_BAD_ATTENTION, STATUS_BAD_REWARD_INDEX, STATUS_BAD_SCORE,
-                                  STATUS_EMPTY_MASK, STATUS_NEGATIVE_ATTENTION, STATUS_OK,
-                                  dense_rewards_reference)
+from dense_rlhf.reference import (
+    STATUS_BAD_ATTENTION,
+    STATUS_BAD_REWARD_INDEX,
+    STATUS_BAD_SCORE,
+    STATUS_EMPTY_MASK,
+    STATUS_NEGATIVE_ATTENTION,
+    STATUS_OK,
+    dense_rewards_reference,
+)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EMU_SOURCES = ("cuda_emu.cpp", "dense_rewards_emu.cpp", "selftest_kernels.cpp")
 FLAGS = ["-std=c++20", "-fPIC", "-shared", "-pthread", "-Wall", "-Wno-unknown-pragmas", "-Wno-sign-compare"]
-SANITIZE_FLAGS = ["-O1", "-g", "-fsanitize=address,undefined", "-fno-sanitize-recover=all",
-                  "-fno-omit-frame-pointer"]
+SANITIZE_FLAGS = ["-O1", "-g", "-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
 BACKENDS = {"fibers": 0, "threads": 1}  # cuda_emu::Backend
 
 
@@ -41,8 +47,15 @@ def build(out_dir: pathlib.Path, *, csrc: pathlib.Path = ROOT / "csrc", sanitize
     out_dir.mkdir(parents=True, exist_ok=True)
     library = out_dir / ("libdense_rlhf_emu_sanitized.so" if sanitize else "libdense_rlhf_emu.so")
     emu = csrc / "cuda_emu"
-    command = [compiler(), *FLAGS, *(SANITIZE_FLAGS if sanitize else ["-O2"]), f"-I{emu / 'include'}",
-               *(str(emu / name) for name in EMU_SOURCES), "-o", str(library)]
+    command = [
+        compiler(),
+        *FLAGS,
+        *(SANITIZE_FLAGS if sanitize else ["-O2"]),
+        f"-I{emu / 'include'}",
+        *(str(emu / name) for name in EMU_SOURCES),
+        "-o",
+        str(library),
+    ]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"building the emulated kernels failed:\n{' '.join(command)}\n{result.stderr}")
@@ -69,20 +82,53 @@ class EmulatedKernel:
         self.lib = ctypes.CDLL(str(library))
         self.lib.dense_rlhf_emu_dense_rewards.restype = ctypes.c_int
         self.lib.dense_rlhf_emu_dense_rewards.argtypes = [
-            ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-            ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p,
-            ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32, ctypes.c_uint64, ctypes.c_char_p, ctypes.c_size_t]
+            ctypes.c_void_p,
+            ctypes.c_int32,
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+            ctypes.c_int64,
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+            ctypes.c_int64,
+            ctypes.c_float,
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+            ctypes.c_int32,
+            ctypes.c_int32,
+            ctypes.c_uint64,
+            ctypes.c_char_p,
+            ctypes.c_size_t,
+        ]
         self.lib.dense_rlhf_emu_attn_dtype.restype = ctypes.c_int
         self.lib.dense_rlhf_emu_attn_dtype.argtypes = [ctypes.c_char_p]
         self.lib.dense_rlhf_emu_selftest.restype = ctypes.c_int
-        self.lib.dense_rlhf_emu_selftest.argtypes = [ctypes.c_char_p, ctypes.c_int32, ctypes.c_uint64,
-                                                     ctypes.c_void_p, ctypes.c_int64, ctypes.c_char_p,
-                                                     ctypes.c_size_t]
+        self.lib.dense_rlhf_emu_selftest.argtypes = [
+            ctypes.c_char_p,
+            ctypes.c_int32,
+            ctypes.c_uint64,
+            ctypes.c_void_p,
+            ctypes.c_int64,
+            ctypes.c_char_p,
+            ctypes.c_size_t,
+        ]
         for name in ("half_to_float", "bfloat16_to_float", "float_to_half", "float_to_bfloat16"):
             getattr(self.lib, f"dense_rlhf_emu_{name}").argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
 
-    def dense_rewards(self, attn, score, mask, *, beta: float = 0.8, reward_index=None, layout: str = "auto",
-                      num_sms: int, seed: int = 0, backend: str = "fibers") -> tuple[torch.Tensor, torch.Tensor]:
+    def dense_rewards(
+        self,
+        attn,
+        score,
+        mask,
+        *,
+        beta: float = 0.8,
+        reward_index=None,
+        layout: str = "auto",
+        num_sms: int,
+        seed: int = 0,
+        backend: str = "fibers",
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(out, status) of the emulated CUDA kernel on inputs as ``dense_rlhf.dense_rewards`` takes them.
 
         `num_sms` is the device's multiprocessor count, which sets the kernel's chunks per row; `seed` the
@@ -97,10 +143,25 @@ class EmulatedKernel:
         code = self.lib.dense_rlhf_emu_attn_dtype(str(attn4.dtype).removeprefix("torch.").encode())
         error = ctypes.create_string_buffer(1024)
         result = self.lib.dense_rlhf_emu_dense_rewards(
-            _pointer(attn4), code, _int64s(attn4.shape), _int64s(attn4.stride()), _pointer(score1),
-            score1.stride(0), _pointer(mask_b), _int64s(mask_b.stride()), _pointer(index),
-            index.stride(0) if index is not None else 0, beta, _pointer(out), _pointer(status), num_sms,
-            BACKENDS[backend], seed, error, len(error))
+            _pointer(attn4),
+            code,
+            _int64s(attn4.shape),
+            _int64s(attn4.stride()),
+            _pointer(score1),
+            score1.stride(0),
+            _pointer(mask_b),
+            _int64s(mask_b.stride()),
+            _pointer(index),
+            index.stride(0) if index is not None else 0,
+            beta,
+            _pointer(out),
+            _pointer(status),
+            num_sms,
+            BACKENDS[backend],
+            seed,
+            error,
+            len(error),
+        )
         if result != 0:
             raise EmulatedLaunchError(error.value.decode())
         return out, status
@@ -108,8 +169,9 @@ class EmulatedKernel:
     def selftest(self, name: str, size: int, *, seed: int = 0, backend: str = "fibers") -> torch.Tensor:
         out = torch.full((size,), float("nan"))
         error = ctypes.create_string_buffer(1024)
-        result = self.lib.dense_rlhf_emu_selftest(name.encode(), BACKENDS[backend], seed, _pointer(out), size,
-                                                  error, len(error))
+        result = self.lib.dense_rlhf_emu_selftest(
+            name.encode(), BACKENDS[backend], seed, _pointer(out), size, error, len(error)
+        )
         if result != 0:
             raise EmulatedLaunchError(error.value.decode())
         return out
@@ -164,8 +226,17 @@ def grid_cases() -> list[Case]:
         cases.append(Case(layout, dtype, length, num_sms, with_index=i % 2 == 0, seed=i))
     for i, (memory, length, num_sms) in enumerate(itertools.product(MEMORY, (37, 777), (1, 1000))):
         layout = "rows" if memory == "expanded_heads" else "maps"
-        cases.append(Case(layout, torch.float16 if i % 2 else torch.float32, length, num_sms, with_index=True,
-                          memory=memory, seed=1000 + i))
+        cases.append(
+            Case(
+                layout,
+                torch.float16 if i % 2 else torch.float32,
+                length,
+                num_sms,
+                with_index=True,
+                memory=memory,
+                seed=1000 + i,
+            )
+        )
     for beta in (0.0, 1.0):
         cases.append(Case("maps", torch.bfloat16, 300, 1000, with_index=True, beta=beta, seed=2000))
     return cases
@@ -206,7 +277,7 @@ def make_inputs(case: Case) -> Inputs:
         last = int(torch.randint(first, length, (1,), generator=g))
         if kind == "bad_index" and not case.with_index:
             last = length - 1  # without reward_index no index is bad: the row ends on the last position instead
-        mask[b, first:last + 1] = True
+        mask[b, first : last + 1] = True
         if kind == "gaps" and last > first:
             mask[b, first:last] &= torch.rand(last - first, generator=g) > 0.4
         if not case.with_index:
@@ -215,7 +286,7 @@ def make_inputs(case: Case) -> Inputs:
             index[b] = -1 if b % 2 else length
         if kind in ("ok", "gaps"):
             read[:, ~mask[b]] = float("nan")
-            read[:, first:last + 1][:, ~mask[b, first:last + 1]] = -1.0
+            read[:, first : last + 1][:, ~mask[b, first : last + 1]] = -1.0
             # Negative per head but not summed over heads, and -0.0: neither is negative attention.
             position = int(torch.randint(first, last + 1, (1,), generator=g))
             read[:, position] = torch.tensor([-0.25, 0.25, -0.0]) if kind == "ok" else -0.0
@@ -231,10 +302,10 @@ def make_inputs(case: Case) -> Inputs:
         elif kind == "negative":  # a completion token's head sum < 0 (logits passed for probabilities)
             read[:, int(torch.randint(first, last + 1, (1,), generator=g))] = -1e-3
         elif kind == "zero_attention":
-            read[:, first:last + 1] = 0.0  # sums to 0 over the completion: the sparse reward, status 0
+            read[:, first : last + 1] = 0.0  # sums to 0 over the completion: the sparse reward, status 0
         elif kind == "sink":
             # Nearly all mass on position 0, a tiny but positive mass on the completion (float32 subnormals).
-            read[:, first:last + 1] = torch.rand(heads, last - first + 1, generator=g) * 1e-40 + 1e-41
+            read[:, first : last + 1] = torch.rand(heads, last - first + 1, generator=g) * 1e-40 + 1e-41
             read[:, 0] = 1.0
 
     if case.layout == "maps":
@@ -253,9 +324,11 @@ def _lay_out(attn: torch.Tensor, memory: str) -> torch.Tensor:
     if memory == "transposed":
         return attn.transpose(-1, -2).contiguous().transpose(-1, -2)
     if memory == "head_slice":
-        return torch.stack([attn, torch.full_like(attn, float("nan"))], dim=2).flatten(1, 2)[:, ::2]  # NaN heads between
+        return torch.stack([attn, torch.full_like(attn, float("nan"))], dim=2).flatten(1, 2)[
+            :, ::2
+        ]  # NaN heads between
     if memory == "padded_rows":
-        return torch.nn.functional.pad(attn, (0, 5), value=float("nan"))[..., :attn.shape[-1]]
+        return torch.nn.functional.pad(attn, (0, 5), value=float("nan"))[..., : attn.shape[-1]]
     if memory == "expanded_heads":  # one head's values seen as four heads, as a stride-0 expand
         return attn[:, :1].expand(attn.shape[0], 4, *attn.shape[2:])
     return attn
@@ -264,28 +337,42 @@ def _lay_out(attn: torch.Tensor, memory: str) -> torch.Tensor:
 def _lay_out_others(score, mask, index, memory):
     if memory != "strided_mask_score_index":
         return score, mask, index
-    return (torch.stack([score, score + 1], 1)[:, 0], torch.stack([mask, ~mask], 2)[..., 0],
-            torch.stack([index, index + 1], 1)[:, 0])
+    return (
+        torch.stack([score, score + 1], 1)[:, 0],
+        torch.stack([mask, ~mask], 2)[..., 0],
+        torch.stack([index, index + 1], 1)[:, 0],
+    )
 
 
 def check_case(kernel: EmulatedKernel, case: Case, *, backend: str = "fibers") -> None:
     """Runs `case` through the emulated kernel and checks it against the PyTorch reference."""
     inputs = make_inputs(case)
-    out, status = kernel.dense_rewards(inputs.attn, inputs.score, inputs.mask, beta=case.beta,
-                                       reward_index=inputs.reward_index, layout=case.layout, num_sms=case.num_sms,
-                                       seed=case.seed, backend=backend)
-    attn4, score1, mask_b, index1 = ops._normalise(inputs.attn, inputs.score, inputs.mask, inputs.reward_index,
-                                                   case.layout, "reference")
+    out, status = kernel.dense_rewards(
+        inputs.attn,
+        inputs.score,
+        inputs.mask,
+        beta=case.beta,
+        reward_index=inputs.reward_index,
+        layout=case.layout,
+        num_sms=case.num_sms,
+        seed=case.seed,
+        backend=backend,
+    )
+    attn4, score1, mask_b, index1 = ops._normalise(
+        inputs.attn, inputs.score, inputs.mask, inputs.reward_index, case.layout, "reference"
+    )
     expected, expected_status = dense_rewards_reference(attn4, score1, mask_b, case.beta, index1)
-    assert status.tolist() == expected_status.tolist(), \
+    assert status.tolist() == expected_status.tolist(), (
         f"status {status.tolist()} != {expected_status.tolist()} for rows {inputs.kinds}"
+    )
     assert not out.isnan().any(), f"NaN (or never written) at {out.isnan().nonzero().tolist()[:5]}"
     assert (out[~mask_b] == 0).all() and not out[~mask_b].signbit().any(), "reward outside the mask is not +0.0"
     scale = score1.abs().nan_to_num(1.0, 1.0, 1.0).clamp(min=1.0)[:, None]  # rewards are fractions of the score
     torch.testing.assert_close(out / scale, expected / scale, rtol=1e-6, atol=1e-6)
     last = torch.where(mask_b, torch.arange(mask_b.shape[1]), -1).amax(1)
-    sparse = (status == STATUS_BAD_REWARD_INDEX) | (status == STATUS_BAD_ATTENTION) | (status ==
-                                                                                    STATUS_NEGATIVE_ATTENTION)
+    sparse = (
+        (status == STATUS_BAD_REWARD_INDEX) | (status == STATUS_BAD_ATTENTION) | (status == STATUS_NEGATIVE_ATTENTION)
+    )
     conserved = (status == STATUS_OK) | sparse
     torch.testing.assert_close(out[conserved].sum(1), score1[conserved], rtol=1e-5, atol=1e-5)
     for b in sparse.nonzero().flatten():

@@ -18,8 +18,15 @@ from hypothesis import strategies as st
 
 import dense_rlhf
 from dense_rlhf import _native, ops
-from dense_rlhf.reference import (STATUS_BAD_ATTENTION, STATUS_BAD_REWARD_INDEX, STATUS_BAD_SCORE, STATUS_EMPTY_MASK,
-                                  STATUS_NEGATIVE_ATTENTION, STATUS_OK, dense_rewards_reference)
+from dense_rlhf.reference import (
+    STATUS_BAD_ATTENTION,
+    STATUS_BAD_REWARD_INDEX,
+    STATUS_BAD_SCORE,
+    STATUS_EMPTY_MASK,
+    STATUS_NEGATIVE_ATTENTION,
+    STATUS_OK,
+    dense_rewards_reference,
+)
 
 needs_native_cpu = pytest.mark.skipif(not _native.has_kernel("cpu"), reason="native CPU op not built")
 BACKENDS = ["reference", pytest.param("native", marks=needs_native_cpu)]
@@ -196,8 +203,11 @@ def test_baselines_refuse_nan_and_inf_scores(function):
     score = torch.tensor([1.0, math.nan, -math.inf, 2.0])
     with pytest.raises(ValueError, match=rf"{function}: mask has no completion token.* rows \[3\]"):
         rewards(torch.tensor([1.0, 2.0, 3.0, 4.0]), mask)
-    with pytest.raises(ValueError, match=rf"{function}: mask has no completion token.* rows \[3\]; score is NaN or "
-                                         r"Inf in rows \[1, 2\]"):
+    with pytest.raises(
+        ValueError,
+        match=rf"{function}: mask has no completion token.* rows \[3\]; score is NaN or "
+        r"Inf in rows \[1, 2\]",
+    ):
         rewards(score, mask)
     out = rewards(score, mask, validate=False)  # documented: such rows are all zeros
     assert torch.isfinite(out).all()
@@ -214,8 +224,11 @@ def test_prefix_rewards_with_huge_finite_scores():
     assert torch.isfinite(part).all()
     expected = torch.tensor([0.0, 0.4 * 3.0e38, 0.4 * -6.0e38, 0.4 * 4.0e38 + 0.6 * 1.0e38, 0.0], dtype=torch.float64)
     torch.testing.assert_close(part[0].double(), expected, rtol=1e-6, atol=0)
-    with pytest.raises(ValueError, match=r"prefix_rewards: prefix_scores' differences give rewards beyond float32's "
-                                         r"range .* in rows \[0\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"prefix_rewards: prefix_scores' differences give rewards beyond float32's "
+        r"range .* in rows \[0\]",
+    ):
         dense_rlhf.prefix_rewards(s, mask, beta=1.0)  # -6e38 does not fit: refused, not inf
     out = dense_rlhf.prefix_rewards(s, mask, beta=1.0, validate=False)
     torch.testing.assert_close(out[0], torch.tensor([0.0, 0.0, 0.0, 1.0e38, 0.0]))  # the sparse reward
@@ -230,18 +243,24 @@ def _calls(length=6, heads=2, device="cpu"):
     score = torch.ones(2, device=device)
     mask = torch.ones(2, length, dtype=torch.bool, device=device)
     scores = torch.rand(2, length, device=device)
-    calls = [("dense_rewards reference", lambda: dense_rlhf.dense_rewards(attn, score, mask, backend="reference")),
-             ("sparse_rewards", lambda: dense_rlhf.sparse_rewards(score, mask)),
-             ("uniform_rewards", lambda: dense_rlhf.uniform_rewards(score, mask)),
-             ("prefix_rewards", lambda: dense_rlhf.prefix_rewards(scores, mask))]
+    calls = [
+        ("dense_rewards reference", lambda: dense_rlhf.dense_rewards(attn, score, mask, backend="reference")),
+        ("sparse_rewards", lambda: dense_rlhf.sparse_rewards(score, mask)),
+        ("uniform_rewards", lambda: dense_rlhf.uniform_rewards(score, mask)),
+        ("prefix_rewards", lambda: dense_rlhf.prefix_rewards(scores, mask)),
+    ]
     if _native.has_kernel("cpu"):
-        calls.append(("dense_rewards native",
-                      lambda: dense_rlhf.dense_rewards(attn, score, mask, backend="native", validate=False)))
+        calls.append(
+            (
+                "dense_rewards native",
+                lambda: dense_rlhf.dense_rewards(attn, score, mask, backend="native", validate=False),
+            )
+        )
     return calls
 
 
 def test_zero_length_is_the_same_error_everywhere():
-    for name, call in _calls(length=0):
+    for _name, call in _calls(length=0):
         with pytest.raises(ValueError, match=r"^mask has L = 0 positions: there is no completion token"):
             call()
 
@@ -266,12 +285,15 @@ def test_meta_device(backend):
         dense_rlhf.prefix_rewards(torch.zeros(1, 16, device="meta"), mask)
 
 
-@pytest.mark.parametrize("beta, error, message", [
-    (10**400, ValueError, r"beta must be a number in \[0, 1\], got int too large for a float"),
-    (-(10**400), ValueError, r"got int too large for a float"),
-    (Fraction(10**400, 3), ValueError, r"got fractions.Fraction too large for a float"),
-    (torch.tensor(0.5, device="meta"), ValueError, r"beta is a tensor on the meta device"),
-])
+@pytest.mark.parametrize(
+    "beta, error, message",
+    [
+        (10**400, ValueError, r"beta must be a number in \[0, 1\], got int too large for a float"),
+        (-(10**400), ValueError, r"got int too large for a float"),
+        (Fraction(10**400, 3), ValueError, r"got fractions.Fraction too large for a float"),
+        (torch.tensor(0.5, device="meta"), ValueError, r"beta is a tensor on the meta device"),
+    ],
+)
 def test_beta_beyond_float_or_without_value(beta, error, message):
     attn, score, mask = sink_reproducer()
     for backend in ("reference", "native") if _native.has_kernel("cpu") else ("reference",):
@@ -322,9 +344,18 @@ PAD = 0
 @pytest.fixture(scope="module")
 def llama():
     torch.manual_seed(0)
-    model = LlamaForSequenceClassification(LlamaConfig(
-        vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, pad_token_id=PAD, num_labels=1)).eval()
+    model = LlamaForSequenceClassification(
+        LlamaConfig(
+            vocab_size=50,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            pad_token_id=PAD,
+            num_labels=1,
+        )
+    ).eval()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield model
@@ -351,8 +382,11 @@ def test_score_and_densify_refuses_completions_on_padding(llama):
     with pytest.raises(ValueError, match=r"completion_mask marks padding \(attention_mask 0\) in rows \[1\]"):
         dense_rlhf.score_and_densify(llama, ids, attention_mask, completion)
     for method in ("abc", "prefix", "sparse", "uniform"):  # no attention_mask given: the pooled position tells
-        with pytest.raises(ValueError, match=r"completion_mask marks only tokens after the position the reward "
-                                             r"model reads its score from .* in rows \[1\]"):
+        with pytest.raises(
+            ValueError,
+            match=r"completion_mask marks only tokens after the position the reward "
+            r"model reads its score from .* in rows \[1\]",
+        ):
             dense_rlhf.score_and_densify(llama, ids, None, completion, method=method)
     completion[1, 3:] = True  # the pads together with real tokens before them: accepted
     completion[1, 5:] = False
@@ -371,8 +405,9 @@ def test_score_and_densify_with_as_many_heads_as_positions(llama):
     torch.testing.assert_close(rewards, dense_rlhf.dense_rewards(cap.rows, scores, completion, layout="rows"))
 
 
-@pytest.mark.parametrize("interface, method", [(AttentionInterface, "get_interface"),
-                                               (AttentionMaskInterface, "__getitem__")])
+@pytest.mark.parametrize(
+    "interface, method", [(AttentionInterface, "get_interface"), (AttentionMaskInterface, "__getitem__")]
+)
 def test_capture_closing_during_another_threads_forward(llama, monkeypatch, interface, method):
     """Deterministic interleaving: a plain forward in another thread reads the capturing name from the config and
     checks it is registered, the capture closes, then the forward looks the name up (the attention function in
@@ -385,7 +420,11 @@ def test_capture_closing_during_another_threads_forward(llama, monkeypatch, inte
     result = {}
 
     def paused(self, name, *args):
-        if threading.current_thread() is worker and name.startswith(capture_interface.PREFIX) and not looked_up.is_set():
+        if (
+            threading.current_thread() is worker
+            and name.startswith(capture_interface.PREFIX)
+            and not looked_up.is_set()
+        ):
             looked_up.set()
             closed.wait(10)
         return original(self, name, *args)

@@ -14,7 +14,6 @@ hypothesis = pytest.importorskip("hypothesis")
 
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
 from test_align import (  # noqa: E402
     CHAT_SPECIALS,
     EXACT_TEMPLATE,
@@ -31,6 +30,7 @@ from test_align import (  # noqa: E402
     tokenizer,
     wordpiece,
 )
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
 
 from dense_rlhf import score_and_densify_text  # noqa: E402
 from dense_rlhf.align import render_and_tokenize  # noqa: E402
@@ -57,8 +57,12 @@ def metaspace_first():
     core = Tokenizer(models.Unigram())
     core.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
     core.decoder = decoders.Metaspace(prepend_scheme="first")
-    core.train_from_iterator(corpus(4), trainers.UnigramTrainer(
-        vocab_size=300, special_tokens=["<pad>", "</s>", "<unk>"] + ROLE_TOKENS, unk_token="<unk>"))
+    core.train_from_iterator(
+        corpus(4),
+        trainers.UnigramTrainer(
+            vocab_size=300, special_tokens=["<pad>", "</s>", "<unk>"] + ROLE_TOKENS, unk_token="<unk>"
+        ),
+    )
     tok = _fast(core, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
     tok.chat_template = EXACT_TEMPLATE
     return tok
@@ -72,8 +76,13 @@ def stripping():
     return tok
 
 
-RM_TOKENIZERS = {"byte_bpe": lambda: byte_bpe(EXACT_TEMPLATE), "sp_bpe": lambda: sp_bpe(EXACT_TEMPLATE),
-                 "wordpiece": wordpiece_chat, "metaspace_first": metaspace_first, "stripping": stripping}
+RM_TOKENIZERS = {
+    "byte_bpe": lambda: byte_bpe(EXACT_TEMPLATE),
+    "sp_bpe": lambda: sp_bpe(EXACT_TEMPLATE),
+    "wordpiece": wordpiece_chat,
+    "metaspace_first": metaspace_first,
+    "stripping": stripping,
+}
 _built: dict = {}
 
 
@@ -95,8 +104,8 @@ def spelled(policy, responses):
     ids = torch.full((len(rows), width), policy.pad_token_id)
     mask = torch.zeros(len(rows), width, dtype=torch.bool)
     for b, row in enumerate(rows):
-        ids[b, :len(row)] = torch.tensor(row)
-        mask[b, :len(row)] = True
+        ids[b, : len(row)] = torch.tensor(row)
+        mask[b, : len(row)] = True
     return ids, mask
 
 
@@ -114,8 +123,10 @@ class Reads:
 
 def no_forward(model):
     """Fail the test if the model's forward runs."""
+
     def hook(module, args, kwargs):
         raise AssertionError("the reward model's forward ran before the bad argument was refused")
+
     return model.register_forward_pre_hook(hook, with_kwargs=True)
 
 
@@ -140,8 +151,9 @@ def test_spelled_control_tokens_reach_the_reward_model_as_text(family):
     check_rewards(scores, rewards, mask)
 
     control = {rm_tok.convert_tokens_to_ids(t) for t in ROLE_TOKENS}
-    head = rm_tok(rm_tok.apply_chat_template(MESSAGES[0], tokenize=False) + "<|assistant|>",
-                  add_special_tokens=False)["input_ids"]
+    head = rm_tok(rm_tok.apply_chat_template(MESSAGES[0], tokenize=False) + "<|assistant|>", add_special_tokens=False)[
+        "input_ids"
+    ]
     tail = [rm_tok.convert_tokens_to_ids("<|end|>")]
     for b, response in enumerate([ATTACK, HONEST]):
         read = reads.ids[0][b][reads.masks[0][b].bool()].tolist()
@@ -153,7 +165,7 @@ def test_spelled_control_tokens_reach_the_reward_model_as_text(family):
         torch.testing.assert_close(scores[b], alone, **TOL)
     # the tokens that spell "<|user|>" get attention credit like any text
     n_good = len(policy("good", add_special_tokens=False)["input_ids"])
-    assert bool((rewards[0, n_good:n_good + 5] != 0).all())
+    assert bool((rewards[0, n_good : n_good + 5] != 0).all())
 
 
 def test_without_spelled_control_tokens_nothing_changes():
@@ -182,8 +194,11 @@ def test_property_text_only_copy_reproduces_the_tokenizer(family, data):
     backend = tok.backend_tokenizer
     controls = _control_tokens(tok, backend)
     plain = tok(text, add_special_tokens=add, return_offsets_mapping=True, return_special_tokens_mask=True)
-    frame = [(i, s, e) for i, (s, e) in zip(plain["input_ids"], plain["offset_mapping"])
-             if i in {c[0] for c in controls.values()} and s < e]
+    frame = [
+        (i, s, e)
+        for i, (s, e) in zip(plain["input_ids"], plain["offset_mapping"])
+        if i in {c[0] for c in controls.values()} and s < e
+    ]
     copy = _TextOnlyTokenizer.of(tok, backend, controls, [text])
     row = copy.encode(text, frame, add)
     assert row["input_ids"] == plain["input_ids"]
@@ -231,7 +246,7 @@ def test_plain_prompts_keep_their_control_tokens_and_responses_do_not():
     inputs = render_and_tokenize(rm_tok, prompts, [policy.decode(r[m]) for r, m in zip(ids, mask)])
     assert inputs.rows[0]["input_ids"].count(end) == 1  # the prompt's
     prompt_ids = rm_tok("Review<|end|>", add_special_tokens=True)["input_ids"]
-    assert inputs.rows[0]["input_ids"][:len(prompt_ids)] == prompt_ids
+    assert inputs.rows[0]["input_ids"][: len(prompt_ids)] == prompt_ids
     assert end not in inputs.rows[1]["input_ids"]
     rm = reward_model(rm_tok, gpt2_rm)
     scores, rewards = score_and_densify_text(rm, rm_tok, prompts, ids, policy_tokenizer=policy, response_mask=mask)
@@ -246,12 +261,13 @@ def test_a_word_level_model_cannot_make_control_tokens_from_the_response():
     words = "good [EOS] [BOS] movie"
     assert rm_tok.eos_token_id in rm_tok(words, add_special_tokens=False, split_special_tokens=True)["input_ids"]
     ids, mask = spelled(policy, [words, "good movie"])
-    inputs = render_and_tokenize(rm_tok, ["the plot was ", "the plot was "],
-                                 [policy.decode(r[m]) for r, m in zip(ids, mask)])
+    inputs = render_and_tokenize(
+        rm_tok, ["the plot was ", "the plot was "], [policy.decode(r[m]) for r, m in zip(ids, mask)]
+    )
     row = inputs.rows[0]
     assert row["input_ids"] == [rm_tok.bos_token_id] + rm_tok("the plot was good", add_special_tokens=False)[
-        "input_ids"] + [rm_tok.unk_token_id] * 2 + rm_tok("movie", add_special_tokens=False)["input_ids"] + [
-        rm_tok.eos_token_id]
+        "input_ids"
+    ] + [rm_tok.unk_token_id] * 2 + rm_tok("movie", add_special_tokens=False)["input_ids"] + [rm_tok.eos_token_id]
     assert row["special"] == [1] + [0] * (len(row["input_ids"]) - 2) + [1]
 
 
@@ -289,8 +305,9 @@ def test_added_tokens_the_template_writes_are_control_tokens_too():
 def test_a_response_spelling_control_tokens_where_the_template_cannot_be_located():
     """If the template's rendering of the response cannot be located, spelled control tokens cannot be kept as text:
     the row fails (strict: the rendering error is raised)."""
-    rm_tok = byte_bpe("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{{ m['content'] }}<|end|>"
-                      "{% endfor %}")
+    rm_tok = byte_bpe(
+        "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{{ m['content'] }}<|end|>{% endfor %}"
+    )
     inputs = render_and_tokenize(rm_tok, MESSAGES, ["fine<|end|>", "fine"], strict=False)
     assert 0 in inputs.failed and "control tokens" in inputs.failed[0]
     assert 1 in inputs.unmapped and 1 not in inputs.failed and inputs.rows[1] is not None
@@ -299,8 +316,10 @@ def test_a_response_spelling_control_tokens_where_the_template_cannot_be_located
 
 
 def test_a_chat_template_that_raises_fails_its_row_only():
-    rm_tok = byte_bpe("{% for m in messages %}{% if 'boring' in m['content'] %}{{ raise_exception('no') }}{% endif %}"
-                      "<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}")
+    rm_tok = byte_bpe(
+        "{% for m in messages %}{% if 'boring' in m['content'] %}{{ raise_exception('no') }}{% endif %}"
+        "<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+    )
     inputs = render_and_tokenize(rm_tok, MESSAGES, ["boring", "fine"], strict=False)
     assert set(inputs.failed) == {0} and "chat template failed" in inputs.failed[0] and inputs.rows[0] is None
     assert inputs.rows[1]["input_ids"] == rm_tok(inputs.texts[1], add_special_tokens=False)["input_ids"]
@@ -330,21 +349,39 @@ def _bad_call(**change):
         handle.remove()
 
 
-@pytest.mark.parametrize("change, error, match", [
-    (dict(max_length=-1), ValueError, "max_length must be None or a positive int, got -1"),
-    (dict(max_length=0), ValueError, "max_length must be None or a positive int"),
-    (dict(max_length=5.5), TypeError, "max_length must be None or a positive int, got float"),
-    (dict(max_length="10"), TypeError, "max_length must be None or a positive int, got str"),
-    (dict(max_length=True), TypeError, "max_length must be None or a positive int, got bool"),
-    (dict(response_ids=lambda ids: torch.where(ids == ids[0, 0], -5, ids)), ValueError,
-     r"response_ids holds negative token ids .* rows \[0\]"),
-    (dict(policy_tokenizer=None), TypeError, "policy_tokenizer is None"),
-    (dict(rm_tokenizer=None), TypeError, "rm_tokenizer is None"),
-    (dict(beta=2), ValueError, "beta"),
-    (dict(beta=float("nan")), ValueError, "beta"),
-    (dict(layer=7), IndexError, "layer=7"),
-], ids=["max_length=-1", "max_length=0", "max_length=5.5", "max_length='10'", "max_length=True", "negative ids",
-        "policy_tokenizer=None", "rm_tokenizer=None", "beta=2", "beta=nan", "layer=7"])
+@pytest.mark.parametrize(
+    "change, error, match",
+    [
+        (dict(max_length=-1), ValueError, "max_length must be None or a positive int, got -1"),
+        (dict(max_length=0), ValueError, "max_length must be None or a positive int"),
+        (dict(max_length=5.5), TypeError, "max_length must be None or a positive int, got float"),
+        (dict(max_length="10"), TypeError, "max_length must be None or a positive int, got str"),
+        (dict(max_length=True), TypeError, "max_length must be None or a positive int, got bool"),
+        (
+            dict(response_ids=lambda ids: torch.where(ids == ids[0, 0], -5, ids)),
+            ValueError,
+            r"response_ids holds negative token ids .* rows \[0\]",
+        ),
+        (dict(policy_tokenizer=None), TypeError, "policy_tokenizer is None"),
+        (dict(rm_tokenizer=None), TypeError, "rm_tokenizer is None"),
+        (dict(beta=2), ValueError, "beta"),
+        (dict(beta=float("nan")), ValueError, "beta"),
+        (dict(layer=7), IndexError, "layer=7"),
+    ],
+    ids=[
+        "max_length=-1",
+        "max_length=0",
+        "max_length=5.5",
+        "max_length='10'",
+        "max_length=True",
+        "negative ids",
+        "policy_tokenizer=None",
+        "rm_tokenizer=None",
+        "beta=2",
+        "beta=nan",
+        "layer=7",
+    ],
+)
 def test_bad_arguments_are_refused_before_the_forward(change, error, match):
     with pytest.raises(error, match=match):
         _bad_call(**change)
@@ -355,8 +392,9 @@ def test_negative_ids_off_the_mask_are_padding():
     rm_tok = rm_tokenizer("sp_bpe")
     ids, mask = policy_batch(policy, ["good movie", "bad"])
     padded = torch.where(mask, ids, -100)  # e.g. a label-style pad value, outside the mask
-    scores, rewards = score_and_densify_text(reward_model(rm_tok), rm_tok, ["Review: "] * 2, padded,
-                                             policy_tokenizer=policy, response_mask=mask)
+    scores, rewards = score_and_densify_text(
+        reward_model(rm_tok), rm_tok, ["Review: "] * 2, padded, policy_tokenizer=policy, response_mask=mask
+    )
     check_rewards(scores, rewards, mask)
 
 
@@ -374,8 +412,9 @@ def test_an_input_longer_than_the_reward_models_positions_is_refused_before_the_
         score_and_densify_text(rm, rm_tok, prompts, ids, policy_tokenizer=policy, response_mask=mask)
     handle.remove()
     monkeypatch.setattr(rm_tok, "truncation_side", "left")
-    scores, rewards = score_and_densify_text(rm, rm_tok, prompts, ids, policy_tokenizer=policy, response_mask=mask,
-                                             max_length=24)
+    scores, rewards = score_and_densify_text(
+        rm, rm_tok, prompts, ids, policy_tokenizer=policy, response_mask=mask, max_length=24
+    )
     check_rewards(scores, rewards, mask)
 
 
@@ -415,12 +454,20 @@ def _trainer(tok, policy, rm, tmp_path, **kwargs):
 
     from dense_rlhf.integrations.trl import ABCGRPOTrainer
 
-    args = GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4,
-                      max_completion_length=4, max_steps=1, use_cpu=True, report_to=[], save_strategy="no",
-                      disable_tqdm=True, bf16=False)
+    args = GRPOConfig(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        num_generations=4,
+        max_completion_length=4,
+        max_steps=1,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        disable_tqdm=True,
+        bf16=False,
+    )
     data = Dataset.from_dict({"prompt": ["w1 w2", "w3 w4"]})
-    return ABCGRPOTrainer(model=policy, reward_model=rm, args=args, train_dataset=data, processing_class=tok,
-                          **kwargs)
+    return ABCGRPOTrainer(model=policy, reward_model=rm, args=args, train_dataset=data, processing_class=tok, **kwargs)
 
 
 def test_trl_trainer_refuses_reward_models_it_cannot_use(trl_parts):
@@ -437,14 +484,18 @@ def test_trl_trainer_refuses_reward_models_it_cannot_use(trl_parts):
         _trainer(tok, policy, classifier(small), tmp_path)
 
 
-@pytest.mark.parametrize("kwargs, error, match", [
-    (dict(reward_layer=7), ValueError, "reward_layer=7: layer=7 is out of range for a model with 1 layers"),
-    (dict(reward_layer="last"), TypeError, "reward_layer must be an int .*'last'"),
-    (dict(reward_suffix_ids=["x"]), TypeError, r"reward_suffix_ids must hold ints .*\['x'\]"),
-    (dict(reward_suffix_ids=[10**6]), ValueError, r"reward_suffix_ids \[1000000\] are outside"),
-    (dict(reward_suffix_ids=[-1]), ValueError, r"reward_suffix_ids \[-1\] are outside"),
-    (dict(reward_suffix_ids="2"), TypeError, "reward_suffix_ids must be a list"),
-], ids=["layer=7", "layer='last'", "suffix ['x']", "suffix out of vocabulary", "suffix -1", "suffix '2'"])
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(reward_layer=7), ValueError, "reward_layer=7: layer=7 is out of range for a model with 1 layers"),
+        (dict(reward_layer="last"), TypeError, "reward_layer must be an int .*'last'"),
+        (dict(reward_suffix_ids=["x"]), TypeError, r"reward_suffix_ids must hold ints .*\['x'\]"),
+        (dict(reward_suffix_ids=[10**6]), ValueError, r"reward_suffix_ids \[1000000\] are outside"),
+        (dict(reward_suffix_ids=[-1]), ValueError, r"reward_suffix_ids \[-1\] are outside"),
+        (dict(reward_suffix_ids="2"), TypeError, "reward_suffix_ids must be a list"),
+    ],
+    ids=["layer=7", "layer='last'", "suffix ['x']", "suffix out of vocabulary", "suffix -1", "suffix '2'"],
+)
 def test_trl_trainer_refuses_bad_reward_arguments_in_init(trl_parts, kwargs, error, match):
     tok, policy, classifier, _, gpt2_config, tmp_path = trl_parts
     rm = classifier(gpt2_config(tok, num_labels=1))

@@ -53,8 +53,10 @@ def _one_thread():
 def corpus(seed: int = 0, n: int = 400, emoji: bool = True) -> list[str]:
     """Generated text: English words, accented words, CJK, emoji, punctuation, contractions and newlines."""
     rng = random.Random(seed)
-    words = ("the a movie plot was very good bad and but not it is don't it's i think acting really great "
-             "awful story music ending").split()
+    words = (
+        "the a movie plot was very good bad and but not it is don't it's i think acting really great "
+        "awful story music ending"
+    ).split()
     accented = "café naïve über façade jalapeño crème brûlée señor déjà vu".split()
     cjk = ["你好", "世界", "今天", "天气", "很好", "电影", "好看"]
     pictographs = ["🙂", "🚀", "👍🏽", "🎬"] if emoji else []
@@ -79,8 +81,12 @@ def byte_bpe(template: str = EXACT_TEMPLATE) -> PreTrainedTokenizerFast:
     core = Tokenizer(models.BPE())
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
-    core.train_from_iterator(corpus(), trainers.BpeTrainer(
-        vocab_size=600, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=CHAT_SPECIALS))
+    core.train_from_iterator(
+        corpus(),
+        trainers.BpeTrainer(
+            vocab_size=600, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=CHAT_SPECIALS
+        ),
+    )
     tok = _fast(core, pad_token="<|pad|>", eos_token="<|endoftext|>")
     tok.chat_template = template
     return tok
@@ -91,8 +97,10 @@ def sp_bpe(template: str = TRIM_TEMPLATE) -> PreTrainedTokenizerFast:
     the vocabulary: the emoji here), a decoder that strips the first space, and a trimming chat template."""
     base = Tokenizer(models.BPE(unk_token="<unk>"))
     base.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-    base.train_from_iterator(corpus(1, emoji=False), trainers.BpeTrainer(
-        vocab_size=500, special_tokens=["<unk>", "<s>", "</s>", "<pad>"] + CHAT_SPECIALS[2:]))
+    base.train_from_iterator(
+        corpus(1, emoji=False),
+        trainers.BpeTrainer(vocab_size=500, special_tokens=["<unk>", "<s>", "</s>", "<pad>"] + CHAT_SPECIALS[2:]),
+    )
     state = json.loads(base.to_str())
     vocab = state["model"]["vocab"]
     for byte in range(256):
@@ -100,10 +108,12 @@ def sp_bpe(template: str = TRIM_TEMPLATE) -> PreTrainedTokenizerFast:
     state["model"]["byte_fallback"] = True
     state["model"]["fuse_unk"] = True
     core = Tokenizer.from_str(json.dumps(state))
-    core.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                      decoders.Strip(" ", 1, 0)])
-    core.post_processor = processors.TemplateProcessing(single="<s> $A",
-                                                        special_tokens=[("<s>", core.token_to_id("<s>"))])
+    core.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    core.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", core.token_to_id("<s>"))]
+    )
     tok = _fast(core, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>")
     tok.chat_template = template
     return tok
@@ -114,10 +124,12 @@ def sp_unigram() -> PreTrainedTokenizerFast:
     core = Tokenizer(models.Unigram())
     core.pre_tokenizer = pre_tokenizers.Metaspace()
     core.decoder = decoders.Metaspace()
-    core.train_from_iterator(corpus(2), trainers.UnigramTrainer(
-        vocab_size=300, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>"))
-    core.post_processor = processors.TemplateProcessing(single="$A </s>",
-                                                        special_tokens=[("</s>", core.token_to_id("</s>"))])
+    core.train_from_iterator(
+        corpus(2), trainers.UnigramTrainer(vocab_size=300, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>")
+    )
+    core.post_processor = processors.TemplateProcessing(
+        single="$A </s>", special_tokens=[("</s>", core.token_to_id("</s>"))]
+    )
     return _fast(core, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
 
 
@@ -128,13 +140,21 @@ def wordpiece() -> PreTrainedTokenizerFast:
     core.normalizer = normalizers.BertNormalizer(lowercase=True)
     core.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     core.decoder = decoders.WordPiece()
-    core.train_from_iterator(corpus(3), trainers.WordPieceTrainer(
-        vocab_size=300, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]"]))
+    core.train_from_iterator(
+        corpus(3), trainers.WordPieceTrainer(vocab_size=300, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]"])
+    )
     core.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]",
-        special_tokens=[("[CLS]", core.token_to_id("[CLS]")), ("[SEP]", core.token_to_id("[SEP]"))])
-    return _fast(core, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]",
-                 clean_up_tokenization_spaces=True)
+        special_tokens=[("[CLS]", core.token_to_id("[CLS]")), ("[SEP]", core.token_to_id("[SEP]"))],
+    )
+    return _fast(
+        core,
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        clean_up_tokenization_spaces=True,
+    )
 
 
 def word_level() -> PreTrainedTokenizerFast:
@@ -144,7 +164,8 @@ def word_level() -> PreTrainedTokenizerFast:
     tok = build_tokenizer()
     core = tok.backend_tokenizer
     core.post_processor = processors.TemplateProcessing(
-        single="[BOS] $A [EOS]", special_tokens=[("[BOS]", tok.bos_token_id), ("[EOS]", tok.eos_token_id)])
+        single="[BOS] $A [EOS]", special_tokens=[("[BOS]", tok.bos_token_id), ("[EOS]", tok.eos_token_id)]
+    )
     return tok
 
 
@@ -154,8 +175,13 @@ _built: dict = {}
 def tokenizer(name: str, **kwargs):
     key = (name, tuple(sorted(kwargs.items())))
     if key not in _built:
-        _built[key] = {"byte_bpe": byte_bpe, "sp_bpe": sp_bpe, "sp_unigram": sp_unigram, "wordpiece": wordpiece,
-                       "word_level": word_level}[name](**kwargs)
+        _built[key] = {
+            "byte_bpe": byte_bpe,
+            "sp_bpe": sp_bpe,
+            "sp_unigram": sp_unigram,
+            "wordpiece": wordpiece,
+            "word_level": word_level,
+        }[name](**kwargs)
     return _built[key]
 
 
@@ -305,7 +331,7 @@ def test_byte_fallback_tokens_get_one_byte_each():
     assert tokens[-4:] == ["<0xF0>", "<0x9F>", "<0x99>", "<0x82>"]
     spans = token_byte_spans(tok, ids)
     assert [e - s for s, e in spans.tolist()[-4:]] == [1, 1, 1, 1]
-    assert tok.decode(ids).encode()[int(spans[-4, 0]):] == "🙂".encode()
+    assert tok.decode(ids).encode()[int(spans[-4, 0]) :] == "🙂".encode()
 
 
 def test_leading_space_conventions():
@@ -471,8 +497,9 @@ def test_property_projection_matches_the_loop_and_conserves_mass(seed, n_bytes, 
     credit = torch.tensor([rng.uniform(-2, 2) for _ in src], dtype=torch.float64)
     out = project_credit(credit.float(), src, dst)
     assert out.dtype == torch.float32 and out.shape == (len(dst),)
-    torch.testing.assert_close(out.double(), torch.tensor(naive_projection(credit.tolist(), src, dst),
-                                                          dtype=torch.float64), **TOL)
+    torch.testing.assert_close(
+        out.double(), torch.tensor(naive_projection(credit.tolist(), src, dst), dtype=torch.float64), **TOL
+    )
     carried = sum(c for c, (a, b) in zip(credit.tolist(), src) if b > a)  # empty source spans carry nothing
     torch.testing.assert_close(out.sum().double(), torch.tensor(carried, dtype=torch.float64), **TOL)
 
@@ -486,8 +513,9 @@ def test_property_projection_with_overlapping_and_partial_spans(seed):
     dst = [(a, a + rng.randint(0, 8)) for a in (rng.randint(0, 30) for _ in range(rng.randint(1, 12)))]
     credit = [rng.uniform(0, 1) for _ in src]
     out = project_credit(torch.tensor(credit), torch.tensor(src), torch.tensor(dst))
-    torch.testing.assert_close(out.double(), torch.tensor(naive_projection(credit, src, dst), dtype=torch.float64),
-                               **TOL)
+    torch.testing.assert_close(
+        out.double(), torch.tensor(naive_projection(credit, src, dst), dtype=torch.float64), **TOL
+    )
 
 
 def test_projection_cases():
@@ -523,21 +551,48 @@ def test_projection_bad_inputs():
 
 
 def llama_rm(tok):  # grouped-query attention (4 query heads, 2 kv heads), rotary
-    return LlamaForSequenceClassification(LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, pad_token_id=tok.pad_token_id, num_labels=1, max_position_embeddings=512))
+    return LlamaForSequenceClassification(
+        LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            pad_token_id=tok.pad_token_id,
+            num_labels=1,
+            max_position_embeddings=512,
+        )
+    )
 
 
 def gpt2_rm(tok):
-    return GPT2ForSequenceClassification(GPT2Config(
-        vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4, n_positions=512, pad_token_id=tok.pad_token_id,
-        num_labels=1))
+    return GPT2ForSequenceClassification(
+        GPT2Config(
+            vocab_size=len(tok),
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            n_positions=512,
+            pad_token_id=tok.pad_token_id,
+            num_labels=1,
+        )
+    )
 
 
 def bert_rm(tok):  # bidirectional: the score is read at [CLS], position 0; two logits
-    return BertForSequenceClassification(BertConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=512, pad_token_id=tok.pad_token_id, num_labels=2))
+    return BertForSequenceClassification(
+        BertConfig(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=512,
+            pad_token_id=tok.pad_token_id,
+            num_labels=2,
+        )
+    )
 
 
 _models: dict = {}
@@ -559,8 +614,8 @@ def policy_batch(tok, responses: list[str], *, eos: bool = False, side: str = "r
     mask = torch.zeros(len(rows), width, dtype=torch.bool)
     for b, row in enumerate(rows):
         start = width - len(row) if side == "left" else 0
-        ids[b, start:start + len(row)] = torch.tensor(row)
-        mask[b, start:start + len(row)] = True
+        ids[b, start : start + len(row)] = torch.tensor(row)
+        mask[b, start : start + len(row)] = True
     return ids, mask
 
 
@@ -571,13 +626,15 @@ def check_rewards(scores, rewards, mask, beta=0.8):
     torch.testing.assert_close(rewards.sum(1), scores, **TOL)
 
 
-def reference_text_path(rm, rm_tok, texts_and_regions, policy_tok, response_ids, mask, beta, policy_spans_fn,
-                        rm_spans_fn, method="abc"):
+def reference_text_path(
+    rm, rm_tok, texts_and_regions, policy_tok, response_ids, mask, beta, policy_spans_fn, rm_spans_fn, method="abc"
+):
     """A plain re-implementation: RM rows (or prefix scores) from a separate capture, byte spans from the reference
     helpers, the projection as a loop and each method's formula written out."""
     batch, width = response_ids.shape
-    encoded = [rm_tok(text, add_special_tokens=add, return_offsets_mapping=True)
-               for text, _, _, add in texts_and_regions]
+    encoded = [
+        rm_tok(text, add_special_tokens=add, return_offsets_mapping=True) for text, _, _, add in texts_and_regions
+    ]
     out = torch.zeros(batch, width, dtype=torch.float64)
     scores = []
     for b in range(batch):
@@ -594,8 +651,9 @@ def reference_text_path(rm, rm_tok, texts_and_regions, policy_tok, response_ids,
         row = cap.prefix_scores[0].tolist() if method == "prefix" else cap.rows[0].mean(0).tolist()
         rm_spans = rm_spans_fn(rm_tok, text, ids, encoded[b]["offset_mapping"])
         first, last = len(text[:start].encode()), len(text[:end].encode())
-        picked = [(row[j], (s - first, e - first)) for j, (s, e) in enumerate(rm_spans)
-                  if s < e and s < last and e > first]
+        picked = [
+            (row[j], (s - first, e - first)) for j, (s, e) in enumerate(rm_spans) if s < e and s < last and e > first
+        ]
         if method == "prefix":  # each response token's change of the score, the first one's own score
             picked = [(c - (picked[k - 1][0] if k else 0.0), span) for k, (c, span) in enumerate(picked)]
         positions = mask[b].nonzero().flatten().tolist()
@@ -645,8 +703,9 @@ def test_property_same_word_level_tokenizer_equals_score_and_densify(arch, data)
     responses = [data.draw(st.lists(words, min_size=1, max_size=8)) for _ in range(batch)]
     beta = data.draw(st.sampled_from([0.0, 0.5, 0.8, 1.0]))
     response_ids, mask = policy_batch(tok, [" ".join(r) for r in responses])
-    scores, rewards = score_and_densify_text(rm, tok, [" ".join(p) + " " for p in prompts], response_ids,
-                                             policy_tokenizer=tok, beta=beta)
+    scores, rewards = score_and_densify_text(
+        rm, tok, [" ".join(p) + " " for p in prompts], response_ids, policy_tokenizer=tok, beta=beta
+    )
 
     rows = [tok(" ".join(p + r))["input_ids"] for p, r in zip(prompts, responses)]
     length = max(len(r) for r in rows)
@@ -654,9 +713,9 @@ def test_property_same_word_level_tokenizer_equals_score_and_densify(arch, data)
     attention = torch.zeros(batch, length, dtype=torch.long)
     completion = torch.zeros(batch, length, dtype=torch.bool)
     for b, (row, p, r) in enumerate(zip(rows, prompts, responses)):
-        ids[b, :len(row)] = torch.tensor(row)
-        attention[b, :len(row)] = 1
-        completion[b, 1 + len(p):1 + len(p) + len(r)] = True
+        ids[b, : len(row)] = torch.tensor(row)
+        attention[b, : len(row)] = 1
+        completion[b, 1 + len(p) : 1 + len(p) + len(r)] = True
     ref_scores, ref = score_and_densify(rm, ids, attention, completion, beta=beta)
     torch.testing.assert_close(scores, ref_scores, **TOL)
     expected = torch.zeros_like(rewards)
@@ -680,7 +739,7 @@ def test_property_same_byte_level_tokenizer_through_a_chat_template_equals_score
     prefix = tok(head, add_special_tokens=False)["input_ids"]
     ids = torch.tensor([prefix + response_ids[0].tolist() + [tok.convert_tokens_to_ids("<|end|>")]])
     completion = torch.zeros(ids.shape, dtype=torch.bool)
-    completion[0, len(prefix):len(prefix) + response_ids.shape[1]] = True
+    completion[0, len(prefix) : len(prefix) + response_ids.shape[1]] = True
     ref_scores, ref = score_and_densify(rm, ids, torch.ones_like(ids), completion, beta=beta)
     torch.testing.assert_close(scores, ref_scores, **TOL)
     torch.testing.assert_close(rewards[0], ref[0, completion[0]], **TOL)
@@ -693,12 +752,15 @@ RESPONSES = ["the movie was very good 🙂", "你好 café, naïve über!", "it'
 
 
 @pytest.mark.parametrize("method", ["abc", "prefix", "sparse", "uniform"])
-@pytest.mark.parametrize("arch, rm_name, chat", [
-    ("llama", "sp_bpe", True),       # Llama-style GQA reward model, ▁ + byte fallback, trimming template
-    ("gpt2", "sp_unigram", False),   # GPT-2 reward model, Metaspace Unigram, plain text
-    ("bert", "wordpiece", False),    # BERT reward model (two logits, [CLS]), WordPiece with cleanup
-    ("llama", "byte_bpe", True),     # byte-level BPE on both sides, but an RM template that adds text around
-])
+@pytest.mark.parametrize(
+    "arch, rm_name, chat",
+    [
+        ("llama", "sp_bpe", True),  # Llama-style GQA reward model, ▁ + byte fallback, trimming template
+        ("gpt2", "sp_unigram", False),  # GPT-2 reward model, Metaspace Unigram, plain text
+        ("bert", "wordpiece", False),  # BERT reward model (two logits, [CLS]), WordPiece with cleanup
+        ("llama", "byte_bpe", True),  # byte-level BPE on both sides, but an RM template that adds text around
+    ],
+)
 def test_across_tokenizers_matches_the_plain_reference(arch, rm_name, chat, method):
     policy = tokenizer("byte_bpe")
     rm_tok = tokenizer(rm_name)
@@ -710,12 +772,13 @@ def test_across_tokenizers_matches_the_plain_reference(arch, rm_name, chat, meth
         with pytest.raises(ValueError, match="not a causal decoder"):
             score_and_densify_text(rm, rm_tok, inputs, response_ids, policy_tokenizer=policy, method=method)
         return
-    scores, rewards = score_and_densify_text(rm, rm_tok, inputs, response_ids, policy_tokenizer=policy, beta=0.8,
-                                             method=method)
+    scores, rewards = score_and_densify_text(
+        rm, rm_tok, inputs, response_ids, policy_tokenizer=policy, beta=0.8, method=method
+    )
     check_rewards(scores, rewards, mask)
 
     regions = []
-    for b, p in enumerate(prompts):
+    for b, _p in enumerate(prompts):
         response = policy.decode(response_ids[b][mask[b]], skip_special_tokens=True)
         if chat:
             full = rm_tok.apply_chat_template(inputs[b] + [{"role": "assistant", "content": response}], tokenize=False)
@@ -726,8 +789,18 @@ def test_across_tokenizers_matches_the_plain_reference(arch, rm_name, chat, meth
         else:
             regions.append((inputs[b] + response, len(inputs[b]), len(inputs[b] + response), True))
     rm_spans = byte_level_rm_spans if rm_name == "byte_bpe" else offsets_to_bytes
-    ref_scores, ref = reference_text_path(rm, rm_tok, regions, policy, response_ids, mask, 0.8,
-                                          lambda t, ids: byte_level_spans(t, ids, True), rm_spans, method=method)
+    ref_scores, ref = reference_text_path(
+        rm,
+        rm_tok,
+        regions,
+        policy,
+        response_ids,
+        mask,
+        0.8,
+        lambda t, ids: byte_level_spans(t, ids, True),
+        rm_spans,
+        method=method,
+    )
     torch.testing.assert_close(scores, ref_scores, **TOL)
     torch.testing.assert_close(rewards, ref, **TOL)
 
@@ -743,14 +816,15 @@ def test_property_every_method_through_a_chat_template_equals_score_and_densify(
     rm = reward_model("llama", "byte_bpe")
     response_ids, mask = policy_batch(tok, [response])
     messages = [[{"role": "user", "content": prompt}]]
-    scores, rewards = score_and_densify_text(rm, tok, messages, response_ids, policy_tokenizer=tok, beta=beta,
-                                             method=method)
+    scores, rewards = score_and_densify_text(
+        rm, tok, messages, response_ids, policy_tokenizer=tok, beta=beta, method=method
+    )
 
     head = tok.apply_chat_template(messages[0], tokenize=False) + "<|assistant|>"
     prefix = tok(head, add_special_tokens=False)["input_ids"]
     ids = torch.tensor([prefix + response_ids[0].tolist() + [tok.convert_tokens_to_ids("<|end|>")]])
     completion = torch.zeros(ids.shape, dtype=torch.bool)
-    completion[0, len(prefix):len(prefix) + response_ids.shape[1]] = True
+    completion[0, len(prefix) : len(prefix) + response_ids.shape[1]] = True
     ref_scores, ref = score_and_densify(rm, ids, torch.ones_like(ids), completion, beta=beta, method=method)
     torch.testing.assert_close(scores, ref_scores, **TOL)
     torch.testing.assert_close(rewards[0], ref[0, completion[0]], **TOL)
@@ -794,8 +868,9 @@ def test_metaspace_policy_response_loses_its_leading_space_as_decoded():
     rm_tok = tokenizer("byte_bpe")
     rm = reward_model("gpt2", "byte_bpe")
     response_ids, mask = policy_batch(policy, ["good movie", "bad plot"])
-    scores, rewards = score_and_densify_text(rm, rm_tok, ["Review: ", "Review: "], response_ids,
-                                             policy_tokenizer=policy, beta=1.0)
+    scores, rewards = score_and_densify_text(
+        rm, rm_tok, ["Review: ", "Review: "], response_ids, policy_tokenizer=policy, beta=1.0
+    )
     check_rewards(scores, rewards, mask)
     assert policy.decode(response_ids[0][mask[0]]) == "good movie"
     for b in range(2):
@@ -806,10 +881,13 @@ def test_metaspace_policy_response_loses_its_leading_space_as_decoded():
     assert policy.convert_ids_to_tokens(response_ids[0, :1].tolist()) == ["▁"]  # a lone ▁ first: no text
 
 
-@pytest.mark.parametrize("template, response", [
-    (TRIM_TEMPLATE, "  very good movie \n\n"),  # the template trims: the whitespace tokens get no attention credit
-    (PAD_TEMPLATE, "very good movie"),           # the template adds blank lines around the content
-])
+@pytest.mark.parametrize(
+    "template, response",
+    [
+        (TRIM_TEMPLATE, "  very good movie \n\n"),  # the template trims: the whitespace tokens get no attention credit
+        (PAD_TEMPLATE, "very good movie"),  # the template adds blank lines around the content
+    ],
+)
 def test_chat_template_whitespace(template, response):
     policy = tokenizer("byte_bpe")
     rm_tok = tokenizer("sp_bpe", template=template)
@@ -834,8 +912,7 @@ def test_special_tokens_inside_the_response_get_no_attention_and_nothing_is_lost
     ids = policy("good<|endoftext|> movie", add_special_tokens=False)["input_ids"]
     response_ids = torch.tensor([ids])
     inner = ids.index(policy.eos_token_id)
-    scores, rewards = score_and_densify_text(rm, rm_tok, ["Review: "], response_ids, policy_tokenizer=policy,
-                                             beta=0.8)
+    scores, rewards = score_and_densify_text(rm, rm_tok, ["Review: "], response_ids, policy_tokenizer=policy, beta=0.8)
     check_rewards(scores, rewards, torch.ones_like(response_ids, dtype=torch.bool))
     assert float(rewards[0, inner]) == 0.0  # no text for the RM, not the last token
 
@@ -850,8 +927,9 @@ def test_eos_kept_or_stripped():
     ids, kept_mask = policy_batch(policy, RESPONSES[:2], eos=True)
     stripped_mask = kept_mask & (ids != policy.eos_token_id)
     s1, kept = score_and_densify_text(rm, rm_tok, messages, ids, policy_tokenizer=policy, response_mask=kept_mask)
-    s2, stripped = score_and_densify_text(rm, rm_tok, messages, ids, policy_tokenizer=policy,
-                                          response_mask=stripped_mask)
+    s2, stripped = score_and_densify_text(
+        rm, rm_tok, messages, ids, policy_tokenizer=policy, response_mask=stripped_mask
+    )
     torch.testing.assert_close(s1, s2, **TOL)
     check_rewards(s1, kept, kept_mask)
     check_rewards(s2, stripped, stripped_mask)
@@ -876,10 +954,12 @@ def test_padding_sides_agree(arch, rm_name, monkeypatch):
     prompts = ["Short: ", "A much longer prompt, with more words in it: "]
     right_ids, right_mask = policy_batch(policy, ["good", "very very good movie 🙂"])
     left_ids, left_mask = policy_batch(policy, ["good", "very very good movie 🙂"], side="left")
-    s_right, r_right = score_and_densify_text(rm, rm_tok, prompts, right_ids, policy_tokenizer=policy,
-                                              response_mask=right_mask)
-    s_left, r_left = score_and_densify_text(rm, rm_tok, prompts, left_ids, policy_tokenizer=policy,
-                                            response_mask=left_mask)
+    s_right, r_right = score_and_densify_text(
+        rm, rm_tok, prompts, right_ids, policy_tokenizer=policy, response_mask=right_mask
+    )
+    s_left, r_left = score_and_densify_text(
+        rm, rm_tok, prompts, left_ids, policy_tokenizer=policy, response_mask=left_mask
+    )
     torch.testing.assert_close(s_left, s_right, **TOL)
     torch.testing.assert_close(r_left[left_mask], r_right[right_mask], **TOL)
     monkeypatch.setattr(rm_tok, "padding_side", "left")
@@ -887,8 +967,9 @@ def test_padding_sides_agree(arch, rm_name, monkeypatch):
         with pytest.raises(ValueError, match="padding position"):
             score_and_densify_text(rm, rm_tok, prompts, right_ids, policy_tokenizer=policy, response_mask=right_mask)
         return
-    s_pad_left, r_pad_left = score_and_densify_text(rm, rm_tok, prompts, right_ids, policy_tokenizer=policy,
-                                                    response_mask=right_mask)
+    s_pad_left, r_pad_left = score_and_densify_text(
+        rm, rm_tok, prompts, right_ids, policy_tokenizer=policy, response_mask=right_mask
+    )
     torch.testing.assert_close(s_pad_left, s_right, **TOL)
     torch.testing.assert_close(r_pad_left, r_right, **TOL)
 

@@ -8,13 +8,15 @@ from fractions import Fraction
 import numpy as np
 import pytest
 import torch
+from conftest import DEVICES, make_case
 
 import dense_rlhf
 from dense_rlhf import _native
-from conftest import DEVICES, make_case
 
-BACKENDS = ["reference", pytest.param("native", marks=pytest.mark.skipif(not _native.has_kernel("cpu"),
-                                                                       reason="native CPU op not built"))]
+BACKENDS = [
+    "reference",
+    pytest.param("native", marks=pytest.mark.skipif(not _native.has_kernel("cpu"), reason="native CPU op not built")),
+]
 
 
 @pytest.fixture
@@ -46,10 +48,13 @@ def test_shape_and_type_errors(case, backend):
         (ValueError, "beta must be a number in \\[0, 1\\]", (attn, score, mask), {"beta": 1.5}),
         (ValueError, "beta must be a number in \\[0, 1\\]", (attn, score, mask), {"beta": -0.1}),
         (ValueError, "beta must be a number in \\[0, 1\\]", (attn, score, mask), {"beta": math.nan}),
-        (TypeError, "reward_index must be an integer tensor", (attn, score, mask),
-         {"reward_index": torch.zeros(3)}),
-        (ValueError, "reward_index must be \\[B\\]=\\[3\\]", (attn, score, mask),
-         {"reward_index": torch.zeros(2, dtype=torch.long)}),
+        (TypeError, "reward_index must be an integer tensor", (attn, score, mask), {"reward_index": torch.zeros(3)}),
+        (
+            ValueError,
+            "reward_index must be \\[B\\]=\\[3\\]",
+            (attn, score, mask),
+            {"reward_index": torch.zeros(2, dtype=torch.long)},
+        ),
     ]
     for error, message, args, kwargs in bad:
         with pytest.raises(error, match=message):
@@ -169,9 +174,16 @@ def test_beta_accepts_any_real_number(function):
     """Configs read through NumPy or torch hand over NumPy scalars and 0-dim tensors."""
     rewards = BETA_FUNCTIONS[function]
     expected = rewards(0.5)
-    for beta in (np.float32(0.5), np.float64(0.5), np.array(0.5), np.array(0.5, dtype=np.float16),
-                 torch.tensor(0.5), torch.tensor(0.5, dtype=torch.float64), torch.tensor(0.5).requires_grad_(),
-                 Fraction(1, 2)):
+    for beta in (
+        np.float32(0.5),
+        np.float64(0.5),
+        np.array(0.5),
+        np.array(0.5, dtype=np.float16),
+        torch.tensor(0.5),
+        torch.tensor(0.5, dtype=torch.float64),
+        torch.tensor(0.5).requires_grad_(),
+        Fraction(1, 2),
+    ):
         torch.testing.assert_close(rewards(beta), expected, rtol=0, atol=0, msg=f"beta={beta!r}")
     for whole in (0, 1, np.int64(1), torch.tensor(0), np.array(1, dtype=np.uint8)):
         torch.testing.assert_close(rewards(whole), rewards(float(whole)), rtol=0, atol=0, msg=f"beta={whole!r}")
@@ -181,9 +193,15 @@ def test_beta_accepts_any_real_number(function):
 def test_beta_rejects_the_rest_naming_the_type(function):
     rewards = BETA_FUNCTIONS[function]
     wrong_type = [
-        ("0.5", "got str"), (None, "got NoneType"), ([0.5], "got list"), (True, "got bool"),
-        (np.bool_(True), "got numpy.bool"), (0.5 + 0j, "got complex"), (np.complex64(0.5), "got numpy.complex64"),
-        (torch.tensor([0.5]), r"got torch.Tensor of shape \(1,\)"), (torch.tensor(True), "dtype torch.bool"),
+        ("0.5", "got str"),
+        (None, "got NoneType"),
+        ([0.5], "got list"),
+        (True, "got bool"),
+        (np.bool_(True), "got numpy.bool"),
+        (0.5 + 0j, "got complex"),
+        (np.complex64(0.5), "got numpy.complex64"),
+        (torch.tensor([0.5]), r"got torch.Tensor of shape \(1,\)"),
+        (torch.tensor(True), "dtype torch.bool"),
         (np.array([0.5]), r"got numpy.ndarray of shape \(1,\)"),
     ]
     for beta, named in wrong_type:

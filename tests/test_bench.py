@@ -85,16 +85,21 @@ def test_case_over_memory_budget_is_skipped_with_a_reason():
 def timed(times: list[float], cpu_wait: float | None = 0.01) -> dict:
     """A method's result as run_case records it, from the given repeats (seconds)."""
     q1, q3 = run.quartiles(times)
-    return {"median_s": statistics.median(times), "q1_s": q1, "q3_s": q3, "reps": len(times),
-            "cpu_wait_frac": cpu_wait}
+    return {"median_s": statistics.median(times), "q1_s": q1, "q3_s": q3, "reps": len(times), "cpu_wait_frac": cpu_wait}
 
 
-def cpu_target_case(native: list[float], reference: list[float], official: list[float],
-                    native_wait: float | None = 0.01) -> dict:
+def cpu_target_case(
+    native: list[float], reference: list[float], official: list[float], native_wait: float | None = 0.01
+) -> dict:
     methods = {"native": timed(native, native_wait), "reference": timed(reference), "official": timed(official)}
     speedup = {name: methods[name]["median_s"] / methods["native"]["median_s"] for name in ("reference", "official")}
-    return {"label": "[B,H,L,L] fp32 B=64 H=16 L=512 threads=2", "skipped": None, "methods": methods,
-            "speedup": speedup, "case": {"target": cases.target_cases("cpu")[0].target}}
+    return {
+        "label": "[B,H,L,L] fp32 B=64 H=16 L=512 threads=2",
+        "skipped": None,
+        "methods": methods,
+        "speedup": speedup,
+        "case": {"target": cases.target_cases("cpu")[0].target},
+    }
 
 
 US = 1e-6
@@ -129,8 +134,10 @@ def test_a_clear_miss_is_missed_even_with_some_noise():
 
 def test_one_missed_goal_misses_the_target_whatever_the_other():
     assert cases.verdict({"a": 10.0, "b": 1.0}, {"a": (1.0, 20.0), "b": (0.9, 1.1)}, {"a": 5.0, "b": 2.0}) == "missed"
-    assert cases.verdict({"a": 10.0, "b": 3.0}, {"a": (1.0, 20.0), "b": (2.5, 3.5)}, {"a": 5.0, "b": 2.0}) == \
-        "inconclusive"
+    assert (
+        cases.verdict({"a": 10.0, "b": 3.0}, {"a": (1.0, 20.0), "b": (2.5, 3.5)}, {"a": 5.0, "b": 2.0})
+        == "inconclusive"
+    )
     assert cases.verdict({"a": None}, {"a": None}, {"a": 5.0}) == "missed"
 
 
@@ -142,8 +149,13 @@ def test_one_repeat_has_no_spread():
 def test_bandwidth_target_uses_natives_quartiles():
     native = timed([1.0, 1.0, 1.1, 1.2, 1.3])
     native["pct_copy_bandwidth"] = 90.0 * 1.0 / native["median_s"]  # 90% at 1.0 s
-    case = {"label": "rows", "skipped": None, "methods": {"native": native}, "speedup": {},
-            "case": {"target": cases.target_cases("cuda")[1].target}}
+    case = {
+        "label": "rows",
+        "skipped": None,
+        "methods": {"native": native},
+        "speedup": {},
+        "case": {"target": cases.target_cases("cuda")[1].target},
+    }
     [check] = cases.check_targets([case])
     low, high = check["ranges"]["pct_copy_bandwidth"]
     assert high == pytest.approx(90.0) and low == pytest.approx(90.0 / 1.2)
@@ -173,8 +185,9 @@ def test_thread_waits_are_read_and_differenced():
 
 
 def test_run_case_records_the_wait_share_of_each_method():
-    args = run.parse_args(["--device", "cpu", "--time-budget", "0.02", "--rounds", "1", "--methods", "native",
-                           "reference"])
+    args = run.parse_args(
+        ["--device", "cpu", "--time-budget", "0.02", "--rounds", "1", "--methods", "native", "reference"]
+    )
     args.max_input_bytes, args.copy_gbps, args.max_call_s = 2**30, None, 20.0
     record = run.run_case(cases.Case("rows", "fp32", 2, 2, 16), "cpu", args, CpuTimer(), None)
     for result in record["methods"].values():

@@ -30,11 +30,11 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS  # noqa: E40
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS  # noqa: E402
 
 import dense_rlhf  # noqa: E402
+from dense_rlhf import capture_reward_attention, score_and_densify  # noqa: E402
 from dense_rlhf.capture import attention as capture_attention  # noqa: E402
 from dense_rlhf.capture import interface as capture_interface  # noqa: E402
 from dense_rlhf.capture import model as capture_model  # noqa: E402
 from dense_rlhf.capture import rows as capture_rows  # noqa: E402
-from dense_rlhf import capture_reward_attention, score_and_densify  # noqa: E402
 
 PAD = 0
 VOCAB = 97
@@ -43,33 +43,83 @@ TOL = dict(atol=1e-5, rtol=0)
 
 
 def _llama(attn):
-    return LlamaForSequenceClassification(LlamaConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, pad_token_id=PAD, num_labels=1, attn_implementation=attn))
+    return LlamaForSequenceClassification(
+        LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            pad_token_id=PAD,
+            num_labels=1,
+            attn_implementation=attn,
+        )
+    )
 
 
 def _gpt2(attn):
-    return GPT2ForSequenceClassification(GPT2Config(
-        vocab_size=VOCAB, n_embd=64, n_layer=3, n_head=4, n_positions=64, pad_token_id=PAD, num_labels=1,
-        attn_implementation=attn))
+    return GPT2ForSequenceClassification(
+        GPT2Config(
+            vocab_size=VOCAB,
+            n_embd=64,
+            n_layer=3,
+            n_head=4,
+            n_positions=64,
+            pad_token_id=PAD,
+            num_labels=1,
+            attn_implementation=attn,
+        )
+    )
 
 
 def _qwen2(attn):
-    return Qwen2ForSequenceClassification(Qwen2Config(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, pad_token_id=PAD, num_labels=1, attn_implementation=attn))
+    return Qwen2ForSequenceClassification(
+        Qwen2Config(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            pad_token_id=PAD,
+            num_labels=1,
+            attn_implementation=attn,
+        )
+    )
 
 
 def _mistral(attn):  # one kv head (MQA) and a sliding window shorter than the sequence
-    return MistralForSequenceClassification(MistralConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=1, sliding_window=5, pad_token_id=PAD, num_labels=1, attn_implementation=attn))
+    return MistralForSequenceClassification(
+        MistralConfig(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            sliding_window=5,
+            pad_token_id=PAD,
+            num_labels=1,
+            attn_implementation=attn,
+        )
+    )
 
 
 def _bert(attn):
-    return BertForSequenceClassification(BertConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-        max_position_embeddings=64, pad_token_id=PAD, num_labels=1, attn_implementation=attn))
+    return BertForSequenceClassification(
+        BertConfig(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            max_position_embeddings=64,
+            pad_token_id=PAD,
+            num_labels=1,
+            attn_implementation=attn,
+        )
+    )
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -106,7 +156,7 @@ def make_batch(padding, seed=1):
             if padding == "left":
                 mask[row, :pad] = 0
             else:
-                mask[row, L - pad:] = 0
+                mask[row, L - pad :] = 0
     ids[mask == 0] = PAD
     return ids, mask
 
@@ -126,15 +176,20 @@ def eager_rows(arch, ids, mask, layer, index):
 
 def _state(model):
     configs = capture_model._configs_of(model)
-    return ([c.__dict__.get("_attn_implementation_internal") for c in configs],
-            [(len(m._forward_pre_hooks), len(m._forward_hooks)) for m in model.modules()])
+    return (
+        [c.__dict__.get("_attn_implementation_internal") for c in configs],
+        [(len(m._forward_pre_hooks), len(m._forward_hooks)) for m in model.modules()],
+    )
 
 
 def _all_closed():
     """No config left switched and no capture left open. The capturing names stay registered, as
     pass-throughs to the original implementations (a forward in another thread may still look them up)."""
-    names = {k for k in list(ALL_ATTENTION_FUNCTIONS) + list(ALL_MASK_ATTENTION_FUNCTIONS)
-             if k.startswith(capture_interface.PREFIX)}
+    names = {
+        k
+        for k in list(ALL_ATTENTION_FUNCTIONS) + list(ALL_MASK_ATTENTION_FUNCTIONS)
+        if k.startswith(capture_interface.PREFIX)
+    }
     registered = {capture_interface.PREFIX + orig for orig in capture_interface._registered}
     return names == registered and not capture_interface._swaps and not capture_interface._by_config
 
@@ -207,8 +262,11 @@ def test_rows_are_post_rotary():
 def test_reward_index_override():
     model = make_model("llama")
     ids, mask = make_batch("right")
-    for given, index in ((5, torch.full((B,), 5)), (-1, torch.full((B,), L - 1)),
-                         (torch.tensor([3, 4, 2]), torch.tensor([3, 4, 2]))):
+    for given, index in (
+        (5, torch.full((B,), 5)),
+        (-1, torch.full((B,), L - 1)),
+        (torch.tensor([3, 4, 2]), torch.tensor([3, 4, 2])),
+    ):
         with torch.no_grad(), capture_reward_attention(model, reward_index=given) as cap:
             model(input_ids=ids, attention_mask=mask)
         assert torch.equal(cap.reward_index, index)
@@ -226,9 +284,18 @@ def test_reward_index_override():
 
 def test_no_pad_token_uses_last_position():
     torch.manual_seed(0)
-    model = LlamaForSequenceClassification(LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, pad_token_id=None, num_labels=1)).eval()
+    model = LlamaForSequenceClassification(
+        LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            pad_token_id=None,
+            num_labels=1,
+        )
+    ).eval()
     ids = torch.randint(1, VOCAB, (1, L))
     with torch.no_grad(), capture_reward_attention(model) as cap:
         model(input_ids=ids)
@@ -359,9 +426,18 @@ def test_no_forward():
 
 def test_gpt2_eager_reorder_and_upcast_is_refused():
     torch.manual_seed(0)
-    model = GPT2ForSequenceClassification(GPT2Config(
-        vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, pad_token_id=PAD, num_labels=1,
-        reorder_and_upcast_attn=True, attn_implementation="eager"))
+    model = GPT2ForSequenceClassification(
+        GPT2Config(
+            vocab_size=VOCAB,
+            n_embd=32,
+            n_layer=2,
+            n_head=2,
+            pad_token_id=PAD,
+            num_labels=1,
+            reorder_and_upcast_attn=True,
+            attn_implementation="eager",
+        )
+    )
     with pytest.raises(NotImplementedError, match="reorder_and_upcast_attn"):
         with capture_reward_attention(model):
             pass
@@ -408,8 +484,9 @@ def test_sequential_nested_and_two_models():
         with capture_reward_attention(llama) as second:
             llama(input_ids=ids2, attention_mask=mask2)
         torch.testing.assert_close(first.rows, eager_rows("llama", ids, mask, -1, expected_index("llama", ids)), **TOL)
-        torch.testing.assert_close(second.rows,
-                                   eager_rows("llama", ids2, mask2, -1, expected_index("llama", ids2)), **TOL)
+        torch.testing.assert_close(
+            second.rows, eager_rows("llama", ids2, mask2, -1, expected_index("llama", ids2)), **TOL
+        )
 
         with capture_reward_attention(llama) as outer:
             with capture_reward_attention(llama, layer=0) as inner, capture_reward_attention(llama) as same:
@@ -468,17 +545,21 @@ def test_threads():
         except BaseException as e:  # pragma: no cover - reported below
             errors.append(e)
 
-    threads = [threading.Thread(target=run, args=("llama", llama, ids, mask)),
-               threading.Thread(target=run, args=("qwen", qwen, ids2, mask2))]
+    threads = [
+        threading.Thread(target=run, args=("llama", llama, ids, mask)),
+        threading.Thread(target=run, args=("qwen", qwen, ids2, mask2)),
+    ]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     assert not errors
-    torch.testing.assert_close(results["llama"], eager_rows("llama", ids, mask, -1, expected_index("llama", ids)),
-                               **TOL)
-    torch.testing.assert_close(results["qwen"], eager_rows("qwen2", ids2, mask2, -1, expected_index("qwen2", ids2)),
-                               **TOL)
+    torch.testing.assert_close(
+        results["llama"], eager_rows("llama", ids, mask, -1, expected_index("llama", ids)), **TOL
+    )
+    torch.testing.assert_close(
+        results["qwen"], eager_rows("qwen2", ids2, mask2, -1, expected_index("qwen2", ids2)), **TOL
+    )
 
     with torch.no_grad(), capture_reward_attention(llama) as cap:
         other = threading.Thread(target=lambda: llama(input_ids=ids, attention_mask=mask))
@@ -537,12 +618,39 @@ def test_flash_mask_logic_matches_sdpa_masks():
     for window in (None, 4):
         for padding in (pad.bool(), None):
             fn = causal_mask_function if window is None else sliding_window_causal_mask_function(window)
-            mask4 = sdpa_mask(batch_size=B, q_length=L, kv_length=L, mask_function=fn, attention_mask=padding,
-                              allow_is_causal_skip=False, local_size=window)
-            ref = capture_rows._reward_rows(q, k, mask4, index, kind="sdpa", scaling=0.3, causal=True,
-                                              sliding_window=None, softcap=None, position_bias=None)
-            got = capture_rows._reward_rows(q, k, padding, index, kind="flash", scaling=0.3, causal=True,
-                                              sliding_window=window, softcap=None, position_bias=None)
+            mask4 = sdpa_mask(
+                batch_size=B,
+                q_length=L,
+                kv_length=L,
+                mask_function=fn,
+                attention_mask=padding,
+                allow_is_causal_skip=False,
+                local_size=window,
+            )
+            ref = capture_rows._reward_rows(
+                q,
+                k,
+                mask4,
+                index,
+                kind="sdpa",
+                scaling=0.3,
+                causal=True,
+                sliding_window=None,
+                softcap=None,
+                position_bias=None,
+            )
+            got = capture_rows._reward_rows(
+                q,
+                k,
+                padding,
+                index,
+                kind="flash",
+                scaling=0.3,
+                causal=True,
+                sliding_window=window,
+                softcap=None,
+                position_bias=None,
+            )
             torch.testing.assert_close(got, ref, atol=1e-6, rtol=0)
 
 
@@ -576,9 +684,18 @@ def test_score_and_densify():
 
 def test_score_and_densify_two_logits():
     torch.manual_seed(0)
-    model = LlamaForSequenceClassification(LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, pad_token_id=PAD, num_labels=2)).eval()
+    model = LlamaForSequenceClassification(
+        LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            pad_token_id=PAD,
+            num_labels=2,
+        )
+    ).eval()
     ids, mask = make_batch("right")
     completion = mask.bool() & (torch.arange(L)[None] >= 2)
     scores, rewards = score_and_densify(model, ids, mask, completion, beta=1.0)
@@ -655,8 +772,10 @@ def test_prefix_scores_match_running_every_truncated_prefix(arch, padding, dtype
     if dtype != torch.float32:
         model = copy.deepcopy(model).to(dtype)
     ids, mask = make_batch(padding)
-    completion = mask.bool() & (torch.arange(L)[None] >= torch.tensor([[4], [2], [0]]) + (L - mask.sum(1, keepdim=True))
-                                * int(padding == "left"))
+    completion = mask.bool() & (
+        torch.arange(L)[None]
+        >= torch.tensor([[4], [2], [0]]) + (L - mask.sum(1, keepdim=True)) * int(padding == "left")
+    )
     naive = truncated_prefix_scores(model, ids, mask)
     with torch.no_grad(), dense_rlhf.capture_prefix_scores(model) as cap:
         logits = model(input_ids=ids, attention_mask=mask).logits
@@ -673,8 +792,9 @@ def test_prefix_scores_match_running_every_truncated_prefix(arch, padding, dtype
     torch.testing.assert_close(rewards.sum(1), scores, atol=1e-5, rtol=1e-5)
     assert bool((rewards[~completion] == 0).all())
     mixed = score_and_densify(model, ids, mask, completion, method="prefix", beta=0.8)[1]
-    torch.testing.assert_close(mixed, 0.8 * rewards + 0.2 * dense_rlhf.sparse_rewards(scores, completion),
-                               atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(
+        mixed, 0.8 * rewards + 0.2 * dense_rlhf.sparse_rewards(scores, completion), atol=1e-6, rtol=1e-6
+    )
     assert len(model.score._forward_hooks) == 0 and len(model._forward_hooks) == 0
 
 
@@ -694,8 +814,9 @@ def test_prefix_scores_guard_padding_and_position_matter():
 
 def test_prefix_scores_two_logit_head():
     torch.manual_seed(0)
-    model = GPT2ForSequenceClassification(GPT2Config(
-        vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=64, pad_token_id=PAD, num_labels=2)).eval()
+    model = GPT2ForSequenceClassification(
+        GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=64, pad_token_id=PAD, num_labels=2)
+    ).eval()
     ids, mask = make_batch("right")
     completion = mask.bool() & (torch.arange(L)[None] >= 2)
     naive = torch.full(ids.shape, float("nan"))
@@ -728,9 +849,16 @@ def test_prefix_scores_refuse_encoders_and_models_without_a_score_head():
     with pytest.raises(ValueError, match="not a causal decoder"):
         score_and_densify(make_model("bert"), ids, mask, mask.bool(), method="prefix")
     torch.manual_seed(0)
-    lm = transformers.LlamaForCausalLM(LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=1))
+    lm = transformers.LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+        )
+    )
     with pytest.raises(ValueError, match="LlamaForCausalLM has no `score` head"):
         dense_rlhf.capture_prefix_scores(lm)
     with pytest.raises(TypeError, match="PreTrainedModel"):
@@ -773,7 +901,7 @@ def test_score_and_densify_methods_take_one_forward():
     finally:
         handle.remove()
     scores = results["abc"][0]
-    for method, (s, r) in results.items():
+    for s, r in results.values():
         torch.testing.assert_close(s, scores, atol=0, rtol=0)
         torch.testing.assert_close(r.sum(1), scores, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(results["sparse"][1], dense_rlhf.sparse_rewards(scores, completion))

@@ -90,8 +90,15 @@ def test_every_setting_is_written_once_with_a_one_line_doc():
     from dense_rlhf.study.models import SetupConfig
     from dense_rlhf.study.runs import Run
 
-    for cls in (PPOConfig, GRPOConfig, SetupConfig, experiment.ExperimentOptions, grpo_study.GRPOStudyOptions,
-                demo.DemoOptions, Run):
+    for cls in (
+        PPOConfig,
+        GRPOConfig,
+        SetupConfig,
+        experiment.ExperimentOptions,
+        grpo_study.GRPOStudyOptions,
+        demo.DemoOptions,
+        Run,
+    ):
         docs = options.field_docs(cls)
         assert set(docs) == {f.name for f in fields(cls)}, cls
         assert all(docs.values()), cls
@@ -110,15 +117,24 @@ def test_the_help_is_the_fields_docs(command, capsys):
     with pytest.raises(SystemExit):
         module.parse_args(["--help"])
     text = " ".join(capsys.readouterr().out.split())
-    expected = {"demo": ["--lam FLOAT GAE lambda (at 0.95 ABC's lead is small, see experiments/README.md) (default "
-                         "0.8)", "--quick tiny, fast version (smoke test)", "--examples INT completions to show "
-                         "(default 4)"],
-                "experiment": [f"--lr FLOAT {options.field_docs(PPOConfig)['lr']} (default: ours 0.0003, "
-                               "paper 0.0003)",
-                               "--seeds INT PPO seeds per method (default 5)", "--study {methods,length,oracle}",
-                               "--rm-layers INT the reward model's layers; ABC reads the last one"],
-                "grpo-study": [f"--kl-coef FLOAT {options.field_docs(GRPOConfig)['kl_coef']} where a method has no "
-                               "@kl suffix (default 0.05)", "--group-size INT G, completions per prompt"]}[command]
+    expected = {
+        "demo": [
+            "--lam FLOAT GAE lambda (at 0.95 ABC's lead is small, see experiments/README.md) (default 0.8)",
+            "--quick tiny, fast version (smoke test)",
+            "--examples INT completions to show (default 4)",
+        ],
+        "experiment": [
+            f"--lr FLOAT {options.field_docs(PPOConfig)['lr']} (default: ours 0.0003, paper 0.0003)",
+            "--seeds INT PPO seeds per method (default 5)",
+            "--study {methods,length,oracle}",
+            "--rm-layers INT the reward model's layers; ABC reads the last one",
+        ],
+        "grpo-study": [
+            f"--kl-coef FLOAT {options.field_docs(GRPOConfig)['kl_coef']} where a method has no "
+            "@kl suffix (default 0.05)",
+            "--group-size INT G, completions per prompt",
+        ],
+    }[command]
     for part in expected:
         assert part in text, part
 
@@ -128,14 +144,14 @@ def test_options_set_the_fields_they_name():
     from dense_rlhf.study import demo, experiment, grpo_study
 
     assert experiment.parse_args([]) == experiment.ExperimentOptions()
-    args = experiment.parse_args(["--study", "length", "--rm-layers", "2", "--whiten-rewards", "--lr", "1e-3",
-                                  "--quick", "--lam", "0.9"])
+    args = experiment.parse_args(
+        ["--study", "length", "--rm-layers", "2", "--whiten-rewards", "--lr", "1e-3", "--quick", "--lam", "0.9"]
+    )
     assert (args.study, args.quick, args.lam) == ("length", True, "0.9")
     assert args.setup_overrides == {"rm_n_layer": 2}
     assert args.ppo_overrides == {"whiten_rewards": True, "lr": 1e-3}
     with pytest.raises(SystemExit):
         experiment.parse_args(["--study", "lengths"])  # choices from the Literal
-    assert grpo_study.parse_args(["--steps", "3", "--group-size", "8"]).grpo_overrides == {"steps": 3,
-                                                                                           "group_size": 8}
+    assert grpo_study.parse_args(["--steps", "3", "--group-size", "8"]).grpo_overrides == {"steps": 3, "group_size": 8}
     assert grpo_study.parse_args([]).grpo_overrides == {}
     assert demo.parse_args(["--seeds", "2"]) == demo.DemoOptions(seeds=2)

@@ -17,9 +17,8 @@ import textwrap
 
 import pytest
 import torch
+from cuda_emu import ROOT, Case, EmulatedKernel, EmulatedLaunchError, build, check_case, grid_cases, make_inputs
 
-from cuda_emu import (ROOT, Case, EmulatedKernel, EmulatedLaunchError, build, check_case, grid_cases,
-                      make_inputs)
 from dense_rlhf.reference import dense_rewards_reference
 
 pytestmark = pytest.mark.cuda
@@ -31,8 +30,10 @@ CSRC = pathlib.Path(os.environ.get("DENSE_RLHF_CUDA_EMU_CSRC", ROOT / "csrc"))
 @pytest.fixture(scope="module")
 def library(tmp_path_factory):
     if SANITIZE and "libasan" not in os.environ.get("LD_PRELOAD", ""):
-        pytest.fail("DENSE_RLHF_CUDA_EMU_SANITIZE=1 needs the AddressSanitizer runtime in LD_PRELOAD "
-                    "(make test-cuda-emu sets it)")
+        pytest.fail(
+            "DENSE_RLHF_CUDA_EMU_SANITIZE=1 needs the AddressSanitizer runtime in LD_PRELOAD "
+            "(make test-cuda-emu sets it)"
+        )
     return build(tmp_path_factory.mktemp("cuda_emu"), csrc=CSRC, sanitize=SANITIZE)
 
 
@@ -42,6 +43,7 @@ def kernel(library) -> EmulatedKernel:
 
 
 # ---- The kernel against the reference ----
+
 
 @pytest.mark.parametrize("case", grid_cases(), ids=lambda case: case.id)
 def test_kernel_matches_reference(kernel, case):
@@ -66,27 +68,46 @@ def test_overflow_next_to_an_attention_sink(kernel):
         torch.testing.assert_close(out.sum(), score.sum())
 
 
-@pytest.mark.parametrize("case", [Case("maps", torch.float32, 300, 1000, True, seed=7),
-                                  Case("rows", torch.bfloat16, 777, 2, False, seed=8)], ids=lambda case: case.id)
+@pytest.mark.parametrize(
+    "case",
+    [Case("maps", torch.float32, 300, 1000, True, seed=7), Case("rows", torch.bfloat16, 777, 2, False, seed=8)],
+    ids=lambda case: case.id,
+)
 def test_results_do_not_depend_on_block_or_thread_order(kernel, case):
     """Chunk partials are added in a fixed order, so the result is the same bits for any schedule."""
     inputs = make_inputs(case)
-    runs = [kernel.dense_rewards(inputs.attn, inputs.score, inputs.mask, reward_index=inputs.reward_index,
-                                 layout=case.layout, num_sms=case.num_sms, seed=seed)[0] for seed in range(4)]
+    runs = [
+        kernel.dense_rewards(
+            inputs.attn,
+            inputs.score,
+            inputs.mask,
+            reward_index=inputs.reward_index,
+            layout=case.layout,
+            num_sms=case.num_sms,
+            seed=seed,
+        )[0]
+        for seed in range(4)
+    ]
     for other in runs[1:]:
         assert torch.equal(other.view(torch.int32), runs[0].view(torch.int32))
 
 
-@pytest.mark.skipif(SANITIZE, reason="one OS thread per CUDA thread: slow under the sanitizers, and plain runs "
-                    "have shown the kernel the same")
-@pytest.mark.parametrize("case", [Case("maps", torch.float16, 300, 1000, True, seed=3),
-                                  Case("row", torch.float32, 37, 1, False, seed=4)], ids=lambda case: case.id)
+@pytest.mark.skipif(
+    SANITIZE,
+    reason="one OS thread per CUDA thread: slow under the sanitizers, and plain runs have shown the kernel the same",
+)
+@pytest.mark.parametrize(
+    "case",
+    [Case("maps", torch.float16, 300, 1000, True, seed=3), Case("row", torch.float32, 37, 1, False, seed=4)],
+    ids=lambda case: case.id,
+)
 def test_kernel_on_os_threads(kernel, case):
     """The other block backend: each CUDA thread an OS thread, __syncthreads a std::barrier."""
     check_case(kernel, case, backend="threads")
 
 
 # ---- The emulation ----
+
 
 def test_half_and_bfloat16_to_float_are_bit_exact(kernel):
     bits = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16)  # all 65536 patterns
@@ -106,9 +127,17 @@ def test_float_to_half_and_bfloat16_round_to_nearest_even(kernel):
         middle = middle.float()
         up = torch.nextafter(middle, torch.tensor(float("inf")))
         down = torch.nextafter(middle, torch.tensor(float("-inf")))
-        random = torch.randint(-2**31, 2**31, (1 << 20,), generator=g, dtype=torch.int64).to(torch.int32)
-        floats = torch.cat([values, middle, up, down, random.view(torch.float32),
-                            torch.tensor([float("inf"), float("-inf"), 65520.0, 65519.996, 2.0**-25, 2.0**-24 * 1.5])])
+        random = torch.randint(-(2**31), 2**31, (1 << 20,), generator=g, dtype=torch.int64).to(torch.int32)
+        floats = torch.cat(
+            [
+                values,
+                middle,
+                up,
+                down,
+                random.view(torch.float32),
+                torch.tensor([float("inf"), float("-inf"), 65520.0, 65519.996, 2.0**-25, 2.0**-24 * 1.5]),
+            ]
+        )
         converted = kernel.convert(name, floats)
         expected = floats.to(dtype).view(torch.int16)
         nan = floats.isnan()
@@ -127,8 +156,11 @@ def test_barriers_are_real(kernel):
 
 
 def test_divergent_barrier_fails_instead_of_hanging(kernel):
-    with pytest.raises(EmulatedLaunchError, match=r"deadlock in block \(0, 0, 0\): 64 of 128 threads exited, "
-                                                  r"64 wait at __syncthreads\(\)"):
+    with pytest.raises(
+        EmulatedLaunchError,
+        match=r"deadlock in block \(0, 0, 0\): 64 of 128 threads exited, "
+        r"64 wait at __syncthreads\(\)",
+    ):
         kernel.selftest("divergent_barrier", 128)
 
 
@@ -175,14 +207,15 @@ def test_invalid_launch_configuration_is_an_error(kernel):
 def test_out_of_bounds_read_fails_under_sanitizers(library):
     script = textwrap.dedent(f"""
         import sys
-        sys.path.insert(0, {str(ROOT / 'tests')!r})
+        sys.path.insert(0, {str(ROOT / "tests")!r})
         from cuda_emu import EmulatedKernel
         EmulatedKernel({str(library)!r}).selftest("read_past_end", 4)
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
-    assert "AddressSanitizer: heap-buffer-overflow" in result.stderr and "READ of size 4" in result.stderr, \
+    assert "AddressSanitizer: heap-buffer-overflow" in result.stderr and "READ of size 4" in result.stderr, (
         result.stderr[-3000:]
+    )
 
 
 def test_every_planted_bug_applies_to_the_kernel_source():

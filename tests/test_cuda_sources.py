@@ -24,7 +24,8 @@ def test_cuda_sources_exist():
 def test_nvcc_compiles(source, arch, tmp_path):
     result = subprocess.run(
         [NVCC, "-c", "-O3", f"-arch={arch}", str(source), "-o", str(tmp_path / "kernel.o")],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 0, result.stderr
     assert "warning" not in result.stderr.lower(), result.stderr

@@ -38,8 +38,22 @@ def test_demo_quick_then_tiny_experiment(tmp_path, monkeypatch, capsys):
     assert len(setups) == 1  # trained once ...
 
     res = tmp_path / "results"
-    argv = ["experiment", "--quick", "--steps", "2", "--seeds", "1", "--lam", "0.95", "--workers", "1",
-            "--methods", "sparse,abc-0.5,prefix-1.0,uniform,abcd,bpe-abc-0.8", "--out", str(res)]
+    argv = [
+        "experiment",
+        "--quick",
+        "--steps",
+        "2",
+        "--seeds",
+        "1",
+        "--lam",
+        "0.95",
+        "--workers",
+        "1",
+        "--methods",
+        "sparse,abc-0.5,prefix-1.0,uniform,abcd,bpe-abc-0.8",
+        "--out",
+        str(res),
+    ]
     assert cli.main(argv) == 0
     assert list(cache.glob("setup-*")) == setups  # ... and reused by the experiment
     assert len(list(setups[0].glob("chat-rm-*/rm"))) == 1  # the BPE chat reward model, cached beside them
@@ -54,8 +68,22 @@ def test_demo_quick_then_tiny_experiment(tmp_path, monkeypatch, capsys):
     assert "prefix diff. beta=1.0" in (res / "experiment_lam0.95.md").read_text()
 
     # the length study's whole pipeline on the length already trained (the quick setup is 20 tokens)
-    argv = ["experiment", "--study", "length", "--lengths", "20", "--quick", "--steps", "3", "--seeds", "2",
-            "--workers", "1", "--out", str(res)]
+    argv = [
+        "experiment",
+        "--study",
+        "length",
+        "--lengths",
+        "20",
+        "--quick",
+        "--steps",
+        "3",
+        "--seeds",
+        "2",
+        "--workers",
+        "1",
+        "--out",
+        str(res),
+    ]
     assert cli.main(argv) == 0
     assert list(cache.glob("setup-*")) == setups
     data = json.loads((res / "length_study.json").read_text())
@@ -68,8 +96,24 @@ def test_demo_quick_then_tiny_experiment(tmp_path, monkeypatch, capsys):
     assert (res / "length_study.md").exists() and (res / "length_study.png").stat().st_size > 0
 
     # the oracle study's whole pipeline: both PPO settings (ours, the paper's), the oracles beside sparse and ABC
-    argv = ["experiment", "--study", "oracle", "--quick", "--steps", "3", "--seeds", "2", "--lam", "0.95",
-            "--methods", "sparse,abc-0.8,oracle-0.8,oracle-abs-0.8", "--workers", "1", "--out", str(res)]
+    argv = [
+        "experiment",
+        "--study",
+        "oracle",
+        "--quick",
+        "--steps",
+        "3",
+        "--seeds",
+        "2",
+        "--lam",
+        "0.95",
+        "--methods",
+        "sparse,abc-0.8,oracle-0.8,oracle-abs-0.8",
+        "--workers",
+        "1",
+        "--out",
+        str(res),
+    ]
     assert cli.main(argv) == 0
     assert list(cache.glob("setup-*")) == setups
     data = json.loads((res / "oracle_study.json").read_text())
@@ -87,6 +131,7 @@ def test_demo_quick_then_tiny_experiment(tmp_path, monkeypatch, capsys):
     assert -1.0 <= credit["rm_calibration"]["pearson"] <= 1.0
     text = (res / "oracle_study.md").read_text()
     assert "Share of the oracle's speed-up" in text and (res / "oracle_study.png").stat().st_size > 0
+
 
 def test_credit_shading_never_looks_like_the_sign_colours():
     """The shading of ABC's share must not be read as the green or red of the true credit's sign, also where

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import DEVICES, make_case
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import dense_rlhf
 from dense_rlhf import _native
-from conftest import DEVICES, make_case
 
 LAYOUTS = ["maps", "rows", "row"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -43,12 +43,22 @@ def assert_close_fp32(native, reference, score):
     beta=st.sampled_from([0.0, 0.3, 0.8, 1.0]),
     seed=st.integers(0, 2**31 - 1),
 )
-def test_native_matches_reference(device, batch, heads, length, layout, dtype, padding, prompt,
-                                  with_reward_index, beta, seed):
+def test_native_matches_reference(
+    device, batch, heads, length, layout, dtype, padding, prompt, with_reward_index, beta, seed
+):
     g = torch.Generator().manual_seed(seed)
-    attn, score, mask, index = make_case(batch, heads, length, layout=layout, dtype=dtype, padding=padding,
-                                         prompt=prompt, with_reward_index=with_reward_index, device=device,
-                                         generator=g)
+    attn, score, mask, index = make_case(
+        batch,
+        heads,
+        length,
+        layout=layout,
+        dtype=dtype,
+        padding=padding,
+        prompt=prompt,
+        with_reward_index=with_reward_index,
+        device=device,
+        generator=g,
+    )
     native, reference = both_backends(attn, score, mask, beta=beta, reward_index=index, layout=layout)
     assert native.dtype == torch.float32 and native.shape == (batch, length)
     assert native.device == attn.device
@@ -69,7 +79,7 @@ def test_conservation(backend, layout, padding):
 def official_abc(maps: torch.Tensor, score: float, query_len: int, response_len: int, beta: float):
     """The paper's code path for one unpadded sample: head-averaged maps, completion block, its last row."""
     attention = maps.mean(0).numpy()  # [L, L]
-    block = attention[query_len: query_len + response_len, query_len: query_len + response_len]
+    block = attention[query_len : query_len + response_len, query_len : query_len + response_len]
     row = block[-1] / block[-1].sum()
     rewards = beta * score * row
     rewards[-1] += (1 - beta) * score
@@ -116,10 +126,12 @@ def test_beta_zero_is_sparse_and_uniform_attention_is_uniform(backend):
 def test_baselines():
     mask = torch.tensor([[0, 1, 1, 0], [1, 1, 1, 1]])
     score = torch.tensor([[3.0], [-2.0]])
-    torch.testing.assert_close(dense_rlhf.sparse_rewards(score, mask),
-                               torch.tensor([[0.0, 0.0, 3.0, 0.0], [0.0, 0.0, 0.0, -2.0]]))
-    torch.testing.assert_close(dense_rlhf.uniform_rewards(score, mask),
-                               torch.tensor([[0.0, 1.5, 1.5, 0.0], [-0.5, -0.5, -0.5, -0.5]]))
+    torch.testing.assert_close(
+        dense_rlhf.sparse_rewards(score, mask), torch.tensor([[0.0, 0.0, 3.0, 0.0], [0.0, 0.0, 0.0, -2.0]])
+    )
+    torch.testing.assert_close(
+        dense_rlhf.uniform_rewards(score, mask), torch.tensor([[0.0, 1.5, 1.5, 0.0], [-0.5, -0.5, -0.5, -0.5]])
+    )
     with pytest.raises(ValueError, match="no completion token"):
         dense_rlhf.sparse_rewards(score, torch.tensor([[0, 0, 0, 0], [1, 0, 0, 0]]))
     with pytest.raises(ValueError, match="no completion token"):
@@ -167,7 +179,7 @@ def test_expanded_heads_and_huge_virtual_shape(device, backend):
     rows = torch.rand(batch, 1, 1, length, device=device)
     attn = rows.expand(batch, heads, length, length)  # nothing large is allocated
     mask = torch.zeros(batch, length, dtype=torch.bool, device=device)
-    mask[:, length // 2:] = True
+    mask[:, length // 2 :] = True
     mask[1, -100:] = False
     score = torch.tensor([1.0, -2.0, 3.0, 0.5], device=device)
     index = torch.tensor([length - 1, 5, length - 2, 0], device=device)
@@ -181,8 +193,7 @@ def test_integer_mask_and_2d_score(backend):
     attn, score, mask, _ = make_case(3, 2, 10, prompt=2)
     expected = dense_rlhf.dense_rewards(attn, score, mask, backend=backend)
     for int_mask in (mask.long(), mask.int(), mask.to(torch.uint8)):
-        torch.testing.assert_close(dense_rlhf.dense_rewards(attn, score[:, None], int_mask, backend=backend),
-                                   expected)
+        torch.testing.assert_close(dense_rlhf.dense_rewards(attn, score[:, None], int_mask, backend=backend), expected)
     torch.testing.assert_close(dense_rlhf.dense_rewards(attn, score.double(), mask, backend=backend), expected)
 
 
@@ -198,8 +209,9 @@ def test_result_never_requires_grad():
 @needs_native_cpu
 def test_backend_auto_uses_native_and_rejects_unknown():
     attn, score, mask, _ = make_case(2, 2, 6)
-    torch.testing.assert_close(dense_rlhf.dense_rewards(attn, score, mask),
-                               dense_rlhf.dense_rewards(attn, score, mask, backend="native"))
+    torch.testing.assert_close(
+        dense_rlhf.dense_rewards(attn, score, mask), dense_rlhf.dense_rewards(attn, score, mask, backend="native")
+    )
     with pytest.raises(ValueError, match="backend"):
         dense_rlhf.dense_rewards(attn, score, mask, backend="triton")
 

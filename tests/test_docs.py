@@ -49,8 +49,10 @@ def test_every_block_runs_or_says_why_not(path):
             continue
         if comment is None or not NOT_RUN.search(comment.strip()):
             unexplained.append(f"line {line}: ```{' '.join(words)}")
-    assert not unexplained, (f"{path.name}: blocks that do not run need `<!-- not run: <reason> -->` right above "
-                             "them: " + "; ".join(unexplained))
+    assert not unexplained, (
+        f"{path.name}: blocks that do not run need `<!-- not run: <reason> -->` right above "
+        "them: " + "; ".join(unexplained)
+    )
 
 
 def test_the_readme_and_the_pages_have_blocks_that_run_and_few_that_do_not():
@@ -65,8 +67,10 @@ def test_the_readme_and_the_pages_have_blocks_that_run_and_few_that_do_not():
 
 
 def test_the_rule_itself():
-    text = ("```python\nx = 1\n```\n\n<!-- not run: needs a GPU -->\n```python notest\nx = 2\n```\n\n"
-            "```bash\nmake demo\n```\n\n<!-- a comment that gives no reason -->\n```bash\nls\n```\n")
+    text = (
+        "```python\nx = 1\n```\n\n<!-- not run: needs a GPU -->\n```python notest\nx = 2\n```\n\n"
+        "```bash\nmake demo\n```\n\n<!-- a comment that gives no reason -->\n```bash\nls\n```\n"
+    )
     found = [(words, comment) for _, words, comment in fences(text)]
     assert [runs(w) for w, _ in found] == [True, False, False, False]
     explained = [c is not None and bool(NOT_RUN.search(c.strip())) for _, c in found]

@@ -11,8 +11,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dense_rlhf.rl.common import Policy
-from dense_rlhf.rl.grpo import (GRPOConfig, credit_weighted_advantages, dense_return_advantages, group_advantages,
-                                grpo_losses, plain_advantages, rollout, token_advantages, train)
+from dense_rlhf.rl.grpo import (
+    GRPOConfig,
+    credit_weighted_advantages,
+    dense_return_advantages,
+    group_advantages,
+    grpo_losses,
+    plain_advantages,
+    rollout,
+    token_advantages,
+    train,
+)
 from dense_rlhf.study import sentiment_task as task
 from dense_rlhf.study.methods import make_grpo_score_fn as make_score_fn
 
@@ -249,8 +258,9 @@ def test_short_grpo_run_updates_the_policy_and_logs_finite_metrics(tiny, scheme)
     rng = random.Random(0)
     cfg = GRPOConfig(steps=3, prompts_per_step=2, group_size=4, minibatch_size=4, epochs=2, scheme=scheme)
     before = [p.detach().clone() for p in policy.parameters()]
-    hist = train(policy, ref, lambda n: codec.encode(task.sample_prompts(rng, n)), 6, make_score_fn(rm, codec), cfg,
-                 seed=0)
+    hist = train(
+        policy, ref, lambda n: codec.encode(task.sample_prompts(rng, n)), 6, make_score_fn(rm, codec), cfg, seed=0
+    )
     assert len(hist) == 3
     for h in hist:
         assert all(math.isfinite(v) for v in h.values())
@@ -263,8 +273,15 @@ def test_short_grpo_run_updates_the_policy_and_logs_finite_metrics(tiny, scheme)
 def test_train_rejects_an_unknown_scheme(tiny):
     codec, lm, rm = tiny
     with pytest.raises(ValueError, match="scheme"):
-        train(Policy(lm, codec.special_ids), lm, lambda n: None, 4, make_score_fn(rm, codec),
-              GRPOConfig(scheme="oracle"), seed=0)
+        train(
+            Policy(lm, codec.special_ids),
+            lm,
+            lambda n: None,
+            4,
+            make_score_fn(rm, codec),
+            GRPOConfig(scheme="oracle"),
+            seed=0,
+        )
 
 
 # ---------------------------------------------------------------------------------------------- the study
@@ -274,8 +291,7 @@ def test_study_method_names():
     from dense_rlhf.study.grpo_study import kl_coef_of, parse_method
 
     assert parse_method("grpo-plain") == ("grpo", {"scheme": "plain"})
-    assert parse_method("grpo-credit-0.5@kl0.15") == ("grpo", {"scheme": "credit", "credit_beta": 0.5,
-                                                                "kl_coef": 0.15})
+    assert parse_method("grpo-credit-0.5@kl0.15") == ("grpo", {"scheme": "credit", "credit_beta": 0.5, "kl_coef": 0.15})
     assert parse_method("grpo-dense-1") == ("grpo", {"scheme": "dense", "abc_beta": 1.0})
     assert parse_method("ppo-abc-0.8") == ("ppo", "abc-0.8")
     assert kl_coef_of("grpo-plain", 0.05) == 0.05 and kl_coef_of("grpo-plain@kl0.2", 0.05) == 0.2

@@ -6,10 +6,10 @@ import os
 
 import pytest
 import torch
+from conftest import DEVICES, make_case
 
 import dense_rlhf
 from dense_rlhf import _native
-from conftest import DEVICES, make_case
 
 needs_native = pytest.mark.skipif(not _native.is_built(), reason="native op not built")
 
@@ -32,8 +32,9 @@ def test_cuda_kernel_is_registered_where_required():
 
 
 def op_args(device, layout="maps", with_reward_index=False, dtype=torch.float32):
-    attn, score, mask, index = make_case(3, 2, 9, layout=layout, prompt=2, device=device, dtype=dtype,
-                                         with_reward_index=with_reward_index)
+    attn, score, mask, index = make_case(
+        3, 2, 9, layout=layout, prompt=2, device=device, dtype=dtype, with_reward_index=with_reward_index
+    )
     if attn.dim() == 3:
         attn = attn.unsqueeze(2).expand(3, 2, 9, 9)
     return attn, score, mask, 0.8, index
@@ -41,9 +42,14 @@ def op_args(device, layout="maps", with_reward_index=False, dtype=torch.float32)
 
 @needs_native
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("layout,with_reward_index,dtype", [
-    ("maps", False, torch.float32), ("maps", True, torch.bfloat16), ("rows", False, torch.float16),
-])
+@pytest.mark.parametrize(
+    "layout,with_reward_index,dtype",
+    [
+        ("maps", False, torch.float32),
+        ("maps", True, torch.bfloat16),
+        ("rows", False, torch.float16),
+    ],
+)
 def test_opcheck(device, layout, with_reward_index, dtype):
     args = op_args(device, layout, with_reward_index, dtype)
     torch.library.opcheck(torch.ops.dense_rlhf.dense_rewards.default, args)

@@ -26,15 +26,17 @@ def test_oracle_rewards_are_the_true_credit_and_sum_to_the_score():
     credit = task.credits_of(codec, seq)
     score = torch.randn(seq.shape[0], generator=torch.Generator().manual_seed(0)) * 3
     for k in (1.0, 0.33):
-        r = M.token_rewards("oracle-0.8", score, None, None, None, task.PROMPT_LEN, task.COMPLETION_LEN, credit=credit,
-                            credit_scale=k)
+        r = M.token_rewards(
+            "oracle-0.8", score, None, None, None, task.PROMPT_LEN, task.COMPLETION_LEN, credit=credit, credit_scale=k
+        )
         torch.testing.assert_close(r.sum(1), score, atol=1e-5, rtol=0)
         for b, w in enumerate(words):  # a plain loop over the task's own true_credit, word by word
             truth = task.true_credit(w[: task.PROMPT_WORDS], w[task.PROMPT_WORDS :])
             for t in range(task.COMPLETION_LEN - 1):
                 assert r[b, t].item() == pytest.approx(0.8 * k * truth[t], abs=1e-6)
-            assert r[b, -1].item() == pytest.approx(0.8 * k * truth[-1] + score[b].item() - 0.8 * k * sum(truth),
-                                                    abs=1e-5)
+            assert r[b, -1].item() == pytest.approx(
+                0.8 * k * truth[-1] + score[b].item() - 0.8 * k * sum(truth), abs=1e-5
+            )
     assert (credit != 0).any(1).float().mean() > 0.8  # the batch does exercise credited tokens
 
 
@@ -59,8 +61,10 @@ def test_oracle_in_abcs_shape_spreads_the_score_by_absolute_credit():
     credited = credit != 0
     assert (torch.sign(r[credited]) == torch.sign(score[:, None].expand_as(r)[credited])).all()
     zero = torch.zeros(2, 5)
-    torch.testing.assert_close(M.oracle_rewards(zero, torch.tensor([1.0, -2.0]), 0.8, abc_shape=True),
-                               torch.tensor([[0, 0, 0, 0, 1.0], [0, 0, 0, 0, -2.0]]))
+    torch.testing.assert_close(
+        M.oracle_rewards(zero, torch.tensor([1.0, -2.0]), 0.8, abc_shape=True),
+        torch.tensor([[0, 0, 0, 0, 1.0], [0, 0, 0, 0, -2.0]]),
+    )
     assert none < len(words)
 
 
@@ -78,8 +82,14 @@ def test_oracle_score_fn_hands_ppo_the_true_credit_of_the_rollout():
     codec = task.Codec()
     cfg = SetupConfig(n_embd=32, rm_n_embd=32, n_layer=1, rm_n_layer=1, n_head=2, rm_n_head=2)
     lm, rm = new_policy(codec, cfg).eval(), new_reward_model(codec, cfg).eval()
-    ro = rollout(PolicyWithValue(lm, codec.special_ids), lm, codec.encode(task.sample_prompts(random.Random(3), 8)),
-                 12, torch.Generator().manual_seed(3), 1.0)
+    ro = rollout(
+        PolicyWithValue(lm, codec.special_ids),
+        lm,
+        codec.encode(task.sample_prompts(random.Random(3), 8)),
+        12,
+        torch.Generator().manual_seed(3),
+        1.0,
+    )
     scale = M.rm_scale(rm, codec, 12)
     for method in M.ORACLE_METHODS:
         rewards, stats = M.make_score_fn(method, rm, codec)(ro)
@@ -147,8 +157,12 @@ def test_paper_settings_on_the_command_line():
 def test_share_of_the_oracles_speed_up():
     from dense_rlhf.study.oracle import shares_of_oracle
 
-    ratios = {"oracle-0.8": {"mean_curve_ratio": 0.5}, "abc-0.8": {"mean_curve_ratio": 0.8},
-              "prefix-0.8": {"mean_curve_ratio": 0.4}, "uniform": {"mean_curve_ratio": None}}
+    ratios = {
+        "oracle-0.8": {"mean_curve_ratio": 0.5},
+        "abc-0.8": {"mean_curve_ratio": 0.8},
+        "prefix-0.8": {"mean_curve_ratio": 0.4},
+        "uniform": {"mean_curve_ratio": None},
+    }
     shares = shares_of_oracle(ratios, "oracle-0.8")
     assert shares["abc-0.8"] == pytest.approx(0.4) and shares["prefix-0.8"] == pytest.approx(1.2)
     assert shares["uniform"] is None

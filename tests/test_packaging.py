@@ -46,8 +46,10 @@ print(dense_rlhf.__version__, dense_rlhf.__file__)
 def run(*args, cwd=None, env=None, timeout=900) -> str:
     result = subprocess.run([str(a) for a in args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if result.returncode != 0:
-        raise AssertionError(f"{' '.join(map(str, args))} failed ({result.returncode}):\n{result.stdout[-3000:]}\n"
-                             f"{result.stderr[-3000:]}")
+        raise AssertionError(
+            f"{' '.join(map(str, args))} failed ({result.returncode}):\n{result.stdout[-3000:]}\n"
+            f"{result.stderr[-3000:]}"
+        )
     return result.stdout
 
 
@@ -81,7 +83,16 @@ def source(work) -> Path:
 def dist(work, source) -> Path:
     """``python -m build --no-isolation``: the sdist, then the wheel built from the sdist."""
     out = work / "dist"
-    run(sys.executable, "-m", "build", "--no-isolation", "--outdir", out, source, env={**os.environ, "DENSE_RLHF_CUDA": "0"})
+    run(
+        sys.executable,
+        "-m",
+        "build",
+        "--no-isolation",
+        "--outdir",
+        out,
+        source,
+        env={**os.environ, "DENSE_RLHF_CUDA": "0"},
+    )
     return out
 
 
@@ -92,8 +103,15 @@ def fresh_venv(work) -> Path:
     run(getattr(sys, "_base_executable", sys.executable), "-m", "venv", venv)
     pip_version = run(venv / "bin" / "python", "-m", "pip", "--version").split()[1]
     assert pip_version == ensurepip.version(), (pip_version, ensurepip.version())
-    run(venv / "bin" / "python", "-m", "pip", "install", "-q", f"torch=={torch.__version__.split('+')[0]}",
-        env=clean_env())
+    run(
+        venv / "bin" / "python",
+        "-m",
+        "pip",
+        "install",
+        "-q",
+        f"torch=={torch.__version__.split('+')[0]}",
+        env=clean_env(),
+    )
     return venv
 
 
@@ -110,8 +128,14 @@ def test_sdist_carries_every_source_header_and_cuda_file(dist, source):
     needed = {str(p.relative_to(source)) for p in (source / "csrc").rglob("*") if p.is_file()}
     assert any(n.endswith(".cu") for n in needed) and any(n.endswith(".h") for n in needed)
     assert needed <= names, sorted(needed - names)
-    assert {"README.md", "LICENSE", "pyproject.toml", "setup.py", "dense_rlhf/_version.py",
-            "dense_rlhf/py.typed"} <= names
+    assert {
+        "README.md",
+        "LICENSE",
+        "pyproject.toml",
+        "setup.py",
+        "dense_rlhf/_version.py",
+        "dense_rlhf/py.typed",
+    } <= names
     assert not any(n.endswith((".so", ".o")) for n in names)
 
 
@@ -121,8 +145,15 @@ def test_wheel_holds_the_built_op_the_subpackages_and_the_console_script(dist):
         names = set(zf.namelist())
         entry_points = next(zf.read(n).decode() for n in names if n.endswith("entry_points.txt"))
     assert any(n.startswith("dense_rlhf/_C") and n.endswith(".so") for n in names)
-    for module in ("ops", "capture/__init__", "align/scoring", "integrations/verl_config", "rl/ppo", "study/demo",
-                   "bench/run"):
+    for module in (
+        "ops",
+        "capture/__init__",
+        "align/scoring",
+        "integrations/verl_config",
+        "rl/ppo",
+        "study/demo",
+        "bench/run",
+    ):
         assert f"dense_rlhf/{module}.py" in names
     assert "dense_rlhf/py.typed" in names  # PEP 561: type checkers read the package's hints
     assert "dense-rlhf = dense_rlhf.cli:main" in entry_points
@@ -141,7 +172,9 @@ def test_sdist_installs_into_a_fresh_venv_and_works_outside_the_tree(dist, fresh
     outside.mkdir()
     out = run(python, "-c", CHECK, cwd=outside, env=clean_env())
     assert str(fresh_venv) in out and "0." in out, out
-    assert run(fresh_venv / "bin" / "dense-rlhf", "--help", cwd=outside, env=clean_env()).startswith("usage: dense-rlhf")
+    assert run(fresh_venv / "bin" / "dense-rlhf", "--help", cwd=outside, env=clean_env()).startswith(
+        "usage: dense-rlhf"
+    )
     run(python, "-m", "pip", "uninstall", "-y", "dense-rlhf", env=clean_env())
 
 

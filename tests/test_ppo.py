@@ -5,11 +5,23 @@ import torch
 
 pytest.importorskip("transformers")
 
+from dense_rlhf.rl.ppo import (
+    AdaptiveKLController,
+    FixedKLController,
+    PolicyWithValue,
+    PPOConfig,
+    gae,
+    generate,
+    kl_controller,
+    ppo_losses,
+    response_logprobs,
+    rollout,
+    train,
+    whiten,
+)
 from dense_rlhf.study import methods as M
 from dense_rlhf.study import sentiment_task as task
 from dense_rlhf.study.models import SetupConfig, new_policy, new_reward_model
-from dense_rlhf.rl.ppo import (AdaptiveKLController, FixedKLController, PolicyWithValue, PPOConfig, gae, generate,
-                               kl_controller, ppo_losses, response_logprobs, rollout, train, whiten)
 
 
 def test_gae_matches_hand_computation():
@@ -43,7 +55,9 @@ def test_ppo_losses_clip_both_ways():
 def test_whiten():
     x = torch.tensor([1.0, 2.0, 3.0, 6.0])
     w = whiten(x)
-    assert w.mean().item() == pytest.approx(0.0, abs=1e-6) and w.std(unbiased=False).item() == pytest.approx(1.0, abs=1e-4)
+    assert w.mean().item() == pytest.approx(0.0, abs=1e-6) and w.std(unbiased=False).item() == pytest.approx(
+        1.0, abs=1e-4
+    )
     assert whiten(x, shift_mean=False).mean().item() == pytest.approx(x.mean().item())
 
 
@@ -89,8 +103,18 @@ def test_token_rewards_conserve_the_score_and_align_to_the_response(tiny, method
     assert rows.shape == (6, rm.config.n_head, ids.shape[1]) and fwd.prefix_scores.shape == ids.shape
     assert (fwd.reward_index == ids.shape[1] - 1).all()  # [EOS]
     torch.testing.assert_close(fwd.prefix_scores[:, -1], score, atol=0, rtol=0)
-    r = M.token_rewards(method, score, rows, mask, ro.captured.rows, task.PROMPT_LEN, 8, fwd.prefix_scores,
-                        fwd.reward_index, task.credits_of(codec, ro.seq))
+    r = M.token_rewards(
+        method,
+        score,
+        rows,
+        mask,
+        ro.captured.rows,
+        task.PROMPT_LEN,
+        8,
+        fwd.prefix_scores,
+        fwd.reward_index,
+        task.credits_of(codec, ro.seq),
+    )
     assert r.shape == (6, 8)
     assert torch.allclose(r.sum(1), score, atol=1e-5)
     if method == "sparse":
@@ -125,8 +149,15 @@ def test_longer_completions_fit_the_models_and_the_loop(length):
     cfg_ppo = PPOConfig(steps=1, batch_size=4, minibatch_size=2, ppo_epochs=1)
     for method in ("sparse", "abc-0.8", "prefix-0.8", "uniform"):
         policy = PolicyWithValue(copy.deepcopy(lm), codec.special_ids)
-        hist = train(policy, lm, lambda n: codec.encode(task.sample_prompts(rng, n)), length,
-                     M.make_score_fn(method, rm, codec), cfg_ppo, seed=0)
+        hist = train(
+            policy,
+            lm,
+            lambda n: codec.encode(task.sample_prompts(rng, n)),
+            length,
+            M.make_score_fn(method, rm, codec),
+            cfg_ppo,
+            seed=0,
+        )
         assert all(math.isfinite(v) for v in hist[0].values())
 
 
@@ -152,11 +183,16 @@ def test_aligned_methods_reward_the_policys_tokens_through_the_chat_reward_model
     if method == "bpe-sparse":
         assert torch.equal(rewards[:, -1], score) and (rewards[:, :-1] == 0).all()
     else:
-        torch.testing.assert_close(rewards, 0.8 * dense + 0.2 * torch.nn.functional.one_hot(
-            torch.full((5,), 7), 8) * score[:, None], atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            rewards,
+            0.8 * dense + 0.2 * torch.nn.functional.one_hot(torch.full((5,), 7), 8) * score[:, None],
+            atol=1e-5,
+            rtol=0,
+        )
     words = codec.decode(ro.seq[:1])[0]
-    rendered = rm_tokenizer.apply_chat_template(rm_chat(words[1:task.PROMPT_LEN], words[task.PROMPT_LEN:]),
-                                                tokenize=False)
+    rendered = rm_tokenizer.apply_chat_template(
+        rm_chat(words[1 : task.PROMPT_LEN], words[task.PROMPT_LEN :]), tokenize=False
+    )
     with torch.no_grad():
         direct = rm(**rm_tokenizer(rendered, add_special_tokens=False, return_tensors="pt")).logits[0, 0]
     assert float(score[0]) == pytest.approx(float(direct), abs=1e-5)  # the RM read the rendered chat
@@ -211,9 +247,18 @@ def tiny_llama(vocab_size: int, bos: int, eos: int, pad: int):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         bos_token_id=bos, eos_token_id=eos, pad_token_id=pad)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        bos_token_id=bos,
+        eos_token_id=eos,
+        pad_token_id=pad,
+    )
     return LlamaForCausalLM(config).eval()
 
 
@@ -236,8 +281,16 @@ def test_ppo_trains_a_llama_policy(tiny):
     rng = random.Random(0)
     cfg = PPOConfig(steps=2, batch_size=4, minibatch_size=2, ppo_epochs=2)
     for method in ("abc-0.8", "abcd"):
-        hist = train(policy, lm, lambda n: codec.encode(task.sample_prompts(rng, n)), 6,
-                     M.make_score_fn(method, rm, codec), cfg, seed=0, rollout_hook=M.rollout_hook(method))
+        hist = train(
+            policy,
+            lm,
+            lambda n: codec.encode(task.sample_prompts(rng, n)),
+            6,
+            M.make_score_fn(method, rm, codec),
+            cfg,
+            seed=0,
+            rollout_hook=M.rollout_hook(method),
+        )
         assert len(hist) == 2 and all(math.isfinite(v) for h in hist for v in h.values())
     assert any(not torch.equal(a, b) for a, b in zip(before, policy.parameters()))
     assert policy.v_head.weight.abs().sum() > 0  # the value head learned
@@ -273,8 +326,15 @@ def test_short_ppo_run_updates_the_policy_and_logs_finite_metrics(tiny):
     rng = random.Random(0)
     cfg = PPOConfig(steps=3, batch_size=8, minibatch_size=4, ppo_epochs=2)
     before = [p.detach().clone() for p in policy.parameters()]
-    hist = train(policy, lm, lambda n: codec.encode(task.sample_prompts(rng, n)), 6,
-                 M.make_score_fn("abc-0.8", rm, codec), cfg, seed=0)
+    hist = train(
+        policy,
+        lm,
+        lambda n: codec.encode(task.sample_prompts(rng, n)),
+        6,
+        M.make_score_fn("abc-0.8", rm, codec),
+        cfg,
+        seed=0,
+    )
     assert len(hist) == 3
     for h in hist:
         assert all(math.isfinite(v) for v in h.values())
@@ -311,7 +371,7 @@ def test_adaptive_kl_controller_matches_trls_formula_by_hand():
     ctl = AdaptiveKLController(0.2, 6.0, 10000.0)
     for _ in range(150):
         ctl.update(100.0, 16)
-    assert ctl.value == pytest.approx(0.2 * 1.00032 ** 150) and 0.2098 < ctl.value < 0.2099
+    assert ctl.value == pytest.approx(0.2 * 1.00032**150) and 0.2098 < ctl.value < 0.2099
     with pytest.raises(ValueError, match="kl_target"):
         AdaptiveKLController(0.2, 0.0, 10000.0)
 
@@ -320,8 +380,13 @@ def test_adaptive_kl_controller_matches_trls_formula_on_random_sequences():
     hypothesis = pytest.importorskip("hypothesis")
     st = hypothesis.strategies
 
-    @hypothesis.given(st.floats(1e-3, 1.0), st.floats(0.5, 20.0), st.floats(1e3, 1e5), st.integers(1, 512),
-                      st.lists(st.floats(-5.0, 200.0), min_size=1, max_size=30))
+    @hypothesis.given(
+        st.floats(1e-3, 1.0),
+        st.floats(0.5, 20.0),
+        st.floats(1e3, 1e5),
+        st.integers(1, 512),
+        st.lists(st.floats(-5.0, 200.0), min_size=1, max_size=30),
+    )
     @hypothesis.settings(max_examples=200, deadline=None)
     def check(init, target, horizon, n, kls):
         ctl, expected = AdaptiveKLController(init, target, horizon), init
@@ -374,12 +439,23 @@ def test_training_uses_and_updates_the_adaptive_coefficient(tiny, monkeypatch):
         kls.append(stats["kl"])
 
     # horizon 8: each step moves the coefficient by up to 20% x 4 / 8 = 10%, visibly
-    cfg = PPOConfig(steps=4, batch_size=4, minibatch_size=1, ppo_epochs=1, kl_coef=0.2, kl_target=0.01, kl_horizon=8.0,
-                    max_grad_norm=None, adam_eps=1e-8, lr=1e-2)
+    cfg = PPOConfig(
+        steps=4,
+        batch_size=4,
+        minibatch_size=1,
+        ppo_epochs=1,
+        kl_coef=0.2,
+        kl_target=0.01,
+        kl_horizon=8.0,
+        max_grad_norm=None,
+        adam_eps=1e-8,
+        lr=1e-2,
+    )
     policy = PolicyWithValue(copy.deepcopy(lm), codec.special_ids)
     rng = random.Random(0)
-    hist = train(policy, lm, lambda n: codec.encode(task.sample_prompts(rng, n)), 6, score_fn, cfg, seed=0,
-                 on_step=capture_kl)
+    hist = train(
+        policy, lm, lambda n: codec.encode(task.sample_prompts(rng, n)), 6, score_fn, cfg, seed=0, on_step=capture_kl
+    )
     coefs = [h["kl_coef"] for h in hist]
     assert coefs[0] == 0.2
     for i in range(3):

@@ -6,11 +6,11 @@ import math
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from conftest import DEVICES
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import dense_rlhf
-from conftest import DEVICES
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
@@ -42,9 +42,9 @@ def random_case(batch, length, *, seed, gaps=True, padding="right", prompt=0, dt
         start = 0 if padding == "right" else length - used
         first = start + min(prompt, used - 1)
         if gaps:
-            mask[b, first:start + used] = torch.rand(start + used - first, generator=g) > 0.4
+            mask[b, first : start + used] = torch.rand(start + used - first, generator=g) > 0.4
         else:
-            mask[b, first:start + used] = True
+            mask[b, first : start + used] = True
         mask[b, start + used - 1] = True
     return scores, mask
 
@@ -95,8 +95,9 @@ def test_conservation(device, with_reward_index):
     last = torch.where(mask, torch.arange(200), -1).amax(1)
     r = last if index is None else index
     for beta in (0.0, 0.5, 0.8, 1.0):
-        out = dense_rlhf.prefix_rewards(scores.to(device), mask.to(device), beta=beta,
-                                        reward_index=None if index is None else index.to(device))
+        out = dense_rlhf.prefix_rewards(
+            scores.to(device), mask.to(device), beta=beta, reward_index=None if index is None else index.to(device)
+        )
         torch.testing.assert_close(out.sum(1).cpu(), scores[torch.arange(64), r], rtol=1e-5, atol=1e-5)
 
 
@@ -104,14 +105,18 @@ def test_hand_computed_rows():
     s = torch.tensor([[9.0, 1.0, 3.0, 2.0, 7.0], [0.5, -1.0, 4.0, 4.0, 9.0]])
     mask = torch.tensor([[0, 1, 1, 1, 0], [0, 1, 0, 1, 0]])
     # row 0: 1, 3-1, 2-3; row 1 (gap at 2): -1, 4-(-1)
-    torch.testing.assert_close(dense_rlhf.prefix_rewards(s, mask, beta=1.0),
-                               torch.tensor([[0.0, 1.0, 2.0, -1.0, 0.0], [0.0, -1.0, 0.0, 5.0, 0.0]]))
+    torch.testing.assert_close(
+        dense_rlhf.prefix_rewards(s, mask, beta=1.0),
+        torch.tensor([[0.0, 1.0, 2.0, -1.0, 0.0], [0.0, -1.0, 0.0, 5.0, 0.0]]),
+    )
     # score read one position after the completion (an appended EOS): s[4] - s[3] is added to the last token
     at_eos = dense_rlhf.prefix_rewards(s, mask, beta=1.0, reward_index=torch.tensor([4, 4]))
     torch.testing.assert_close(at_eos, torch.tensor([[0.0, 1.0, 2.0, 4.0, 0.0], [0.0, -1.0, 0.0, 10.0, 0.0]]))
     # beta 0.5: half of the dense part plus half of the score on the last token
-    torch.testing.assert_close(dense_rlhf.prefix_rewards(s, mask, beta=0.5),
-                               torch.tensor([[0.0, 0.5, 1.0, 0.5, 0.0], [0.0, -0.5, 0.0, 4.5, 0.0]]))
+    torch.testing.assert_close(
+        dense_rlhf.prefix_rewards(s, mask, beta=0.5),
+        torch.tensor([[0.0, 0.5, 1.0, 0.5, 0.0], [0.0, -0.5, 0.0, 4.5, 0.0]]),
+    )
 
 
 def test_beta_mixes_with_the_sparse_reward_as_dense_rewards_does():
@@ -121,17 +126,20 @@ def test_beta_mixes_with_the_sparse_reward_as_dense_rewards_does():
     sparse = dense_rlhf.prefix_rewards(scores, mask, beta=0.0)
     torch.testing.assert_close(sparse, dense_rlhf.sparse_rewards(score, mask))
     full = dense_rlhf.prefix_rewards(scores, mask, beta=1.0)
-    torch.testing.assert_close(dense_rlhf.prefix_rewards(scores, mask, beta=0.3), 0.3 * full + 0.7 * sparse,
-                               rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(
+        dense_rlhf.prefix_rewards(scores, mask, beta=0.3), 0.3 * full + 0.7 * sparse, rtol=1e-6, atol=1e-6
+    )
 
 
 def test_single_token_and_constant_scores():
     """One completion token gets the score; a flat score line gives everything to the first token."""
     s = torch.tensor([[2.0, 5.0, 5.0, 5.0]])
-    torch.testing.assert_close(dense_rlhf.prefix_rewards(s, torch.tensor([[0, 0, 0, 1]]), beta=1.0),
-                               torch.tensor([[0.0, 0.0, 0.0, 5.0]]))
-    torch.testing.assert_close(dense_rlhf.prefix_rewards(s, torch.tensor([[0, 1, 1, 1]]), beta=1.0),
-                               torch.tensor([[0.0, 5.0, 0.0, 0.0]]))
+    torch.testing.assert_close(
+        dense_rlhf.prefix_rewards(s, torch.tensor([[0, 0, 0, 1]]), beta=1.0), torch.tensor([[0.0, 0.0, 0.0, 5.0]])
+    )
+    torch.testing.assert_close(
+        dense_rlhf.prefix_rewards(s, torch.tensor([[0, 1, 1, 1]]), beta=1.0), torch.tensor([[0.0, 5.0, 0.0, 0.0]])
+    )
 
 
 def test_values_outside_the_positions_used_are_ignored():
@@ -139,8 +147,9 @@ def test_values_outside_the_positions_used_are_ignored():
     poisoned = scores.clone()
     poisoned[~mask] = math.nan
     index = torch.where(mask, torch.arange(16), -1).amax(1)
-    torch.testing.assert_close(dense_rlhf.prefix_rewards(poisoned, mask, reward_index=index),
-                               dense_rlhf.prefix_rewards(scores, mask))
+    torch.testing.assert_close(
+        dense_rlhf.prefix_rewards(poisoned, mask, reward_index=index), dense_rlhf.prefix_rewards(scores, mask)
+    )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -173,8 +182,12 @@ def test_shape_and_type_errors():
         (TypeError, "beta must be a real number .* got str", (scores, mask), {"beta": "0.8"}),
         (TypeError, "reward_index must be an integer tensor", (scores, mask), {"reward_index": torch.zeros(3)}),
         (TypeError, "reward_index must be a torch.Tensor", (scores, mask), {"reward_index": [1, 2, 3]}),
-        (ValueError, "reward_index must be \\[B\\]=\\[3\\]", (scores, mask),
-         {"reward_index": torch.zeros(2, dtype=torch.long)}),
+        (
+            ValueError,
+            "reward_index must be \\[B\\]=\\[3\\]",
+            (scores, mask),
+            {"reward_index": torch.zeros(2, dtype=torch.long)},
+        ),
     ]
     for error, message, args, kwargs in bad:
         with pytest.raises(error, match=message):
@@ -215,8 +228,9 @@ def test_without_validation_the_output_never_holds_nan(device):
     index[1] = 99  # bad reward index: no score to give, zeros
     scores[2, last[2]] = math.nan  # bad score: zeros
     scores[3, first[3]] = math.inf  # bad completion score: sparse fallback
-    out = dense_rlhf.prefix_rewards(scores.to(device), mask.to(device), reward_index=index.to(device),
-                                    validate=False).cpu()
+    out = dense_rlhf.prefix_rewards(
+        scores.to(device), mask.to(device), reward_index=index.to(device), validate=False
+    ).cpu()
     assert torch.isfinite(out).all()
     assert (out[0] == 0).all() and (out[1] == 0).all() and (out[2] == 0).all()
     expected = torch.zeros(8)

@@ -12,17 +12,43 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-CAPTURE = ["RewardAttentionCapture", "PrefixScoreCapture", "capture_reward_attention", "capture_prefix_scores",
-           "score_and_densify", "score_with_credit"]
+CAPTURE = [
+    "RewardAttentionCapture",
+    "PrefixScoreCapture",
+    "capture_reward_attention",
+    "capture_prefix_scores",
+    "score_and_densify",
+    "score_with_credit",
+]
 ALIGN = ["token_byte_spans", "project_credit", "render_and_tokenize", "RewardModelInputs", "score_and_densify_text"]
-VERL_CONFIG = ["ABCSettings", "ServedSettings", "check_algorithm", "check_routing", "check_served", "MODULE_PATH",
-               "SEQUENCE_SUM_ESTIMATORS", "TOKEN_LEVEL_ESTIMATORS"]
+VERL_CONFIG = [
+    "ABCSettings",
+    "ServedSettings",
+    "check_algorithm",
+    "check_routing",
+    "check_served",
+    "MODULE_PATH",
+    "SEQUENCE_SUM_ESTIMATORS",
+    "TOKEN_LEVEL_ESTIMATORS",
+]
 
 # module -> (its public names, the package its import needs or None)
 PUBLIC = {
-    "dense_rlhf": (["dense_rewards", "prefix_rewards", "sparse_rewards", "uniform_rewards", "capture_reward_attention",
-                    "capture_prefix_scores", "score_and_densify", "score_with_credit", "score_and_densify_text",
-                    "__version__"], None),
+    "dense_rlhf": (
+        [
+            "dense_rewards",
+            "prefix_rewards",
+            "sparse_rewards",
+            "uniform_rewards",
+            "capture_reward_attention",
+            "capture_prefix_scores",
+            "score_and_densify",
+            "score_with_credit",
+            "score_and_densify_text",
+            "__version__",
+        ],
+        None,
+    ),
     "dense_rlhf.ops": (["dense_rewards", "prefix_rewards", "sparse_rewards", "uniform_rewards", "check_beta"], None),
     "dense_rlhf.capture": (CAPTURE, None),
     "dense_rlhf.capture.attention": (["RewardAttentionCapture", "capture_reward_attention"], None),
@@ -34,12 +60,27 @@ PUBLIC = {
     "dense_rlhf.align.render": (["render_and_tokenize", "RewardModelInputs", "Prompts"], None),
     "dense_rlhf.align.scoring": (["score_and_densify_text"], None),
     "dense_rlhf.integrations.trl": (["ABCGRPOTrainer", "TESTED_TRL"], "trl"),
-    "dense_rlhf.integrations.verl": (["ABCRewardManager", "ABCSettings", "SampleResult", "ServedPrefixRewardManager",
-                                      "ServedSettings", "TokenRewardManagerBase", "check_algorithm", "check_routing",
-                                      "check_served", "compute_score", "load_reward_model"], "verl"),
+    "dense_rlhf.integrations.verl": (
+        [
+            "ABCRewardManager",
+            "ABCSettings",
+            "SampleResult",
+            "ServedPrefixRewardManager",
+            "ServedSettings",
+            "TokenRewardManagerBase",
+            "check_algorithm",
+            "check_routing",
+            "check_served",
+            "compute_score",
+            "load_reward_model",
+        ],
+        "verl",
+    ),
     "dense_rlhf.integrations.verl_config": (VERL_CONFIG, None),
-    "dense_rlhf.integrations.vllm": (["ServedRewardModel", "ServedRewardModelError", "POOLER_CONFIG",
-                                      "VERL_POOLER_CONFIG_KEY"], "aiohttp"),
+    "dense_rlhf.integrations.vllm": (
+        ["ServedRewardModel", "ServedRewardModelError", "POOLER_CONFIG", "VERL_POOLER_CONFIG_KEY"],
+        "aiohttp",
+    ),
     "dense_rlhf.integrations.vllm_server": (["LocalVLLMServer", "CPU_ARGS", "free_port"], "aiohttp"),
 }
 

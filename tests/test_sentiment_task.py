@@ -81,7 +81,10 @@ def test_preference_labels_follow_bradley_terry():
 
 def test_scores_and_credits_of_token_batches():
     codec = task.Codec()
-    texts = [words("i think the plot was very good and a dull ending while it"), words("the cast was not bad , it was dreadful")]
+    texts = [
+        words("i think the plot was very good and a dull ending while it"),
+        words("the cast was not bad , it was dreadful"),
+    ]
     texts = [t + ["the"] * (task.PROMPT_WORDS + task.COMPLETION_LEN - len(t)) for t in texts]
     seq = codec.encode(texts)
     assert task.scores_of(codec, seq).tolist() == [1.0, -1.5]
@@ -120,8 +123,11 @@ def test_length_study_ratios_pair_seeds_and_count_never_as_the_run_length():
 
     curve = [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]
     runs = [{"method": "sparse", "seed": s, "curves": {"gt_score": [x * (s + 1) for x in curve]}} for s in (1, 0)]
-    summary = {"steps": 8, "sft_score": 0.0, "methods": {"sparse": {
-        "mean_curve": [x * 1.5 for x in curve], "final_mean": 10.0}}}
+    summary = {
+        "steps": 8,
+        "sft_score": 0.0,
+        "methods": {"sparse": {"mean_curve": [x * 1.5 for x in curve], "final_mean": 10.0}},
+    }
     assert sparse_level(summary) == 8.0
     found = steps_to(summary, runs, 3.0)["sparse"]
     # moving averages: seed 0 reaches 3.0 at step 5 (mean of 1..5), seed 1 (doubled) at step 3, the mean (x1.5) at 4

@@ -13,8 +13,7 @@ from datasets import Dataset
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import WhitespaceSplit
-from transformers import (GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel,
-                          PreTrainedTokenizerFast)
+from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel, PreTrainedTokenizerFast
 from trl import GRPOConfig
 
 from dense_rlhf.integrations.trl import ABCGRPOTrainer
@@ -28,14 +27,26 @@ CREDIT_BETA, ABC_BETA = 0.3, 0.8
 def tokenizer():
     core = Tokenizer(WordLevel({w: i for i, w in enumerate(SPECIALS + WORDS)}, unk_token="[UNK]"))
     core.pre_tokenizer = WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="[PAD]", bos_token="[BOS]", eos_token="[EOS]",
-                                   unk_token="[UNK]")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="[PAD]", bos_token="[BOS]", eos_token="[EOS]", unk_token="[UNK]"
+    )
 
 
 def gpt2_config(tok, **extra):
-    return GPT2Config(vocab_size=len(tok), n_positions=32, n_embd=16, n_layer=1, n_head=2, resid_pdrop=0.0,
-                      embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id, **extra)
+    return GPT2Config(
+        vocab_size=len(tok),
+        n_positions=32,
+        n_embd=16,
+        n_layer=1,
+        n_head=2,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        **extra,
+    )
 
 
 def make_trainer(tmp_path, scheme, **config):
@@ -44,12 +55,33 @@ def make_trainer(tmp_path, scheme, **config):
     policy = GPT2LMHeadModel(gpt2_config(tok))
     rm = GPT2ForSequenceClassification(gpt2_config(tok, num_labels=1)).eval()
     prompts = Dataset.from_dict({"prompt": [f"w{i} w{i + 1} w{i + 2}" for i in range(0, 16, 2)]})
-    args = GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=8, num_generations=G,
-                      max_completion_length=5, max_steps=2, learning_rate=1e-2, use_cpu=True, report_to=[],
-                      logging_steps=1, save_strategy="no", seed=0, disable_tqdm=True, bf16=False,
-                      dataloader_num_workers=0, **config)
-    trainer = ABCGRPOTrainer(model=policy, reward_model=rm, args=args, train_dataset=prompts, processing_class=tok,
-                             scheme=scheme, credit_beta=CREDIT_BETA, abc_beta=ABC_BETA)
+    args = GRPOConfig(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=8,
+        num_generations=G,
+        max_completion_length=5,
+        max_steps=2,
+        learning_rate=1e-2,
+        use_cpu=True,
+        report_to=[],
+        logging_steps=1,
+        save_strategy="no",
+        seed=0,
+        disable_tqdm=True,
+        bf16=False,
+        dataloader_num_workers=0,
+        **config,
+    )
+    trainer = ABCGRPOTrainer(
+        model=policy,
+        reward_model=rm,
+        args=args,
+        train_dataset=prompts,
+        processing_class=tok,
+        scheme=scheme,
+        credit_beta=CREDIT_BETA,
+        abc_beta=ABC_BETA,
+    )
     return trainer, rm
 
 
@@ -58,8 +90,12 @@ def record_loss_inputs(trainer):
     seen, compute_loss = [], trainer._compute_loss
 
     def spy(model, inputs):
-        seen.append({k: inputs[k].detach().clone() for k in ("prompt_ids", "prompt_mask", "completion_ids",
-                                                               "completion_mask", "advantages")})
+        seen.append(
+            {
+                k: inputs[k].detach().clone()
+                for k in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "advantages")
+            }
+        )
         return compute_loss(model, inputs)
 
     trainer._compute_loss = spy

@@ -35,8 +35,28 @@ from dense_rlhf.integrations import verl as abc_verl  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 RM_PATH_IN_DOCS = "/path/to/reward-model"
 
-WORDS = ["the", "film", "was", "great", "terrible", "plot", "acting", "café", "naïve", "日本", "映画", "🙂", "very",
-         "not", "quite", "boring", "lovely", "ending", "a", "and"]
+WORDS = [
+    "the",
+    "film",
+    "was",
+    "great",
+    "terrible",
+    "plot",
+    "acting",
+    "café",
+    "naïve",
+    "日本",
+    "映画",
+    "🙂",
+    "very",
+    "not",
+    "quite",
+    "boring",
+    "lovely",
+    "ending",
+    "a",
+    "and",
+]
 
 
 def _corpus(n: int = 400, seed: int = 0) -> list[str]:
@@ -49,8 +69,12 @@ def _policy_tokenizer() -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(_corpus(), trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<pad>", "<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.train_from_iterator(
+        _corpus(),
+        trainers.BpeTrainer(
+            vocab_size=300, special_tokens=["<pad>", "<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
 
 
@@ -61,12 +85,18 @@ def _rm_tokenizer() -> PreTrainedTokenizerFast:
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     tok.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Metaspace()])
     alphabet = sorted({c for line in _corpus() for c in line})
-    tok.train_from_iterator(_corpus(seed=1), trainers.BpeTrainer(
-        vocab_size=200, special_tokens=["<unk>", "<pad>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)],
-        initial_alphabet=alphabet))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
-                                   eos_token="</s>")
-    fast.chat_template = ("{% for m in messages %}[{{ m['role'] }}]: {{ m['content'] | trim }}\n{% endfor %}")
+    tok.train_from_iterator(
+        _corpus(seed=1),
+        trainers.BpeTrainer(
+            vocab_size=200,
+            special_tokens=["<unk>", "<pad>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)],
+            initial_alphabet=alphabet,
+        ),
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>"
+    )
+    fast.chat_template = "{% for m in messages %}[{{ m['role'] }}]: {{ m['content'] | trim }}\n{% endfor %}"
     return fast
 
 
@@ -80,9 +110,17 @@ def paths(tmp_path_factory):
     _policy_tokenizer().save_pretrained(policy_dir)
     rm_tok = _rm_tokenizer()
     rm_tok.save_pretrained(rm_dir)
-    config = LlamaConfig(vocab_size=len(rm_tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, num_labels=1,
-                         pad_token_id=rm_tok.pad_token_id)
+    config = LlamaConfig(
+        vocab_size=len(rm_tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        num_labels=1,
+        pad_token_id=rm_tok.pad_token_id,
+    )
     LlamaForSequenceClassification(config).eval().save_pretrained(rm_dir)
     return str(policy_dir), str(rm_dir)
 
@@ -98,13 +136,15 @@ def verl_config(policy_dir: str, rm_dir: str, extra: tuple[str, ...] = ()):
     """verl's own PPO trainer configuration (its Hydra files) with the documented overrides."""
     overrides = [o.replace(RM_PATH_IN_DOCS, rm_dir) for o in documented_overrides()]
     overrides += [f"actor_rollout_ref.model.path={policy_dir}", *extra]
-    with initialize_config_dir(config_dir=os.path.join(os.path.dirname(verl.__file__), "trainer", "config"),
-                               version_base=None):
+    with initialize_config_dir(
+        config_dir=os.path.join(os.path.dirname(verl.__file__), "trainer", "config"), version_base=None
+    ):
         return compose(config_name="ppo_trainer", overrides=overrides)
 
 
-def trainer_batch(policy_tok, prompt_padding: str = "left", seed: int = 0,
-                  responses: list[str] | None = None) -> tuple[DataProto, list, torch.Tensor]:
+def trainer_batch(
+    policy_tok, prompt_padding: str = "left", seed: int = 0, responses: list[str] | None = None
+) -> tuple[DataProto, list, torch.Tensor]:
     """A batch laid out as verl's trainers hand it to the reward loop: prompt ids padded to one width (left-padded
     by the agent loop in the v0 trainer, right-padded by the v1 trainer's reward step), responses right-padded,
     attention_mask over [prompts | responses], raw_prompt the chat messages. Some responses end in EOS.
@@ -115,8 +155,9 @@ def trainer_batch(policy_tok, prompt_padding: str = "left", seed: int = 0,
         texts[4:] = responses
     messages = [[{"role": "user", "content": texts[i]}] for i in range(4)]
     prompt_rows = [policy_tok(m[0]["content"])["input_ids"] for m in messages]
-    response_rows = [policy_tok(" " + texts[4 + i])["input_ids"] + ([policy_tok.eos_token_id] if i % 2 else [])
-                     for i in range(4)]
+    response_rows = [
+        policy_tok(" " + texts[4 + i])["input_ids"] + ([policy_tok.eos_token_id] if i % 2 else []) for i in range(4)
+    ]
     if responses is None:
         response_rows[2] = response_rows[2][:3]  # a short one
     P, R, B = max(map(len, prompt_rows)) + 2, max(map(len, response_rows)) + 3, len(messages)
@@ -127,18 +168,23 @@ def trainer_batch(policy_tok, prompt_padding: str = "left", seed: int = 0,
     response_mask = torch.zeros(B, R, dtype=torch.long)
     for b, (p, r) in enumerate(zip(prompt_rows, response_rows)):
         start = P - len(p) if prompt_padding == "left" else 0
-        prompts[b, start:start + len(p)] = torch.tensor(p)
-        prompt_mask[b, start:start + len(p)] = 1
-        responses[b, :len(r)] = torch.tensor(r)
-        response_mask[b, :len(r)] = 1
+        prompts[b, start : start + len(p)] = torch.tensor(p)
+        prompt_mask[b, start : start + len(p)] = 1
+        responses[b, : len(r)] = torch.tensor(r)
+        response_mask[b, : len(r)] = 1
     raw_prompt = np.empty(B, dtype=object)
     for b in range(B):
         raw_prompt[b] = messages[b]
     del rng
     data = DataProto.from_dict(
-        tensors={"prompts": prompts, "responses": responses, "input_ids": torch.cat([prompts, responses], 1),
-                 "attention_mask": torch.cat([prompt_mask, response_mask], 1)},
-        non_tensors={"raw_prompt": raw_prompt})
+        tensors={
+            "prompts": prompts,
+            "responses": responses,
+            "input_ids": torch.cat([prompts, responses], 1),
+            "attention_mask": torch.cat([prompt_mask, response_mask], 1),
+        },
+        non_tensors={"raw_prompt": raw_prompt},
+    )
     return data, messages, response_mask.bool()
 
 
@@ -158,8 +204,11 @@ def test_the_documented_configuration_resolves_to_the_abc_manager(paths):
 
 
 @pytest.mark.parametrize("prompt_padding", ["left", "right"])
-@pytest.mark.parametrize("extra", [(), ("reward.reward_kwargs.beta=0.3", "reward.reward_kwargs.layer=0")],
-                         ids=["documented", "beta0.3-layer0"])
+@pytest.mark.parametrize(
+    "extra",
+    [(), ("reward.reward_kwargs.beta=0.3", "reward.reward_kwargs.layer=0")],
+    ids=["documented", "beta0.3-layer0"],
+)
 def test_worker_rm_scores_equal_score_and_densify_text(paths, prompt_padding, extra):
     config = verl_config(*paths, extra=extra)
     worker = RewardLoopWorker(config)
@@ -171,9 +220,15 @@ def test_worker_rm_scores_equal_score_and_densify_text(paths, prompt_padding, ex
 
     settings = manager.settings
     scores, expected = score_and_densify_text(
-        manager.reward_model, manager.reward_model_tokenizer, messages, data.batch["responses"],
-        policy_tokenizer=worker.input_tokenizer, response_mask=response_mask, beta=settings.beta,
-        layer=settings.layer)
+        manager.reward_model,
+        manager.reward_model_tokenizer,
+        messages,
+        data.batch["responses"],
+        policy_tokenizer=worker.input_tokenizer,
+        response_mask=response_mask,
+        beta=settings.beta,
+        layer=settings.layer,
+    )
     assert rm_scores.shape == data.batch["responses"].shape and rm_scores.dtype == torch.float32
     assert torch.all(rm_scores[~response_mask] == 0)
     torch.testing.assert_close(rm_scores.sum(1), scores, atol=1e-5, rtol=1e-5)
@@ -196,8 +251,9 @@ def test_rm_scores_through_verl_reward_loop_manager_and_ray_workers(paths):
     config = verl_config(*paths, extra=("reward.num_workers=2",))
     data, messages, response_mask = trainer_batch(_policy_tokenizer())
     expected, _ = worker_rm_scores(RewardLoopWorker(config), config, data)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+    ray.init(
+        num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}}
+    )
     try:
         manager = object.__new__(RewardLoopManager)
         manager.config, manager.reward_model_manager, manager.reward_router_address = config, None, None
@@ -210,8 +266,9 @@ def test_rm_scores_through_verl_reward_loop_manager_and_ray_workers(paths):
     rm_scores = output.batch["rm_scores"]
     assert rm_scores.shape == data.batch["responses"].shape and rm_scores.dtype == torch.float32
     torch.testing.assert_close(rm_scores, expected, atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(torch.as_tensor(output.non_tensor_batch["abc_score"].astype(np.float32)),
-                               rm_scores.sum(1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        torch.as_tensor(output.non_tensor_batch["abc_score"].astype(np.float32)), rm_scores.sum(1), atol=1e-5, rtol=1e-5
+    )
     assert output.meta_info["reward_extra_keys"] == ["abc_score", "abc_fallback"]
     assert output.non_tensor_batch["abc_fallback"].tolist() == [0] * len(rm_scores)
 
@@ -224,12 +281,19 @@ def test_reward_model_without_chat_template_reads_the_decoded_prompt(paths):
     data, _, response_mask = trainer_batch(worker.input_tokenizer, "left")
     rm_scores, _ = worker_rm_scores(worker, config, data)
     prompts = data.batch["prompts"]
-    prompt_mask = data.batch["attention_mask"][:, :prompts.shape[1]].bool()
-    texts = [worker.input_tokenizer.decode(prompts[b][prompt_mask[b]], skip_special_tokens=True)
-             for b in range(len(prompts))]
+    prompt_mask = data.batch["attention_mask"][:, : prompts.shape[1]].bool()
+    texts = [
+        worker.input_tokenizer.decode(prompts[b][prompt_mask[b]], skip_special_tokens=True) for b in range(len(prompts))
+    ]
     _, expected = score_and_densify_text(
-        manager.reward_model, manager.reward_model_tokenizer, texts, data.batch["responses"],
-        policy_tokenizer=worker.input_tokenizer, response_mask=response_mask, beta=0.8)
+        manager.reward_model,
+        manager.reward_model_tokenizer,
+        texts,
+        data.batch["responses"],
+        policy_tokenizer=worker.input_tokenizer,
+        response_mask=response_mask,
+        beta=0.8,
+    )
     torch.testing.assert_close(rm_scores, expected, atol=1e-6, rtol=1e-5)
 
 
@@ -272,10 +336,17 @@ def test_rm_scores_through_verl_kl_penalty_and_gae(paths):
     B, R = rm_scores.shape
     g = torch.Generator().manual_seed(0)
     old_log_probs, ref_log_prob = -torch.rand(B, R, generator=g), -torch.rand(B, R, generator=g)
-    batch = DataProto.from_dict(tensors={
-        "token_level_scores": rm_scores, "response_mask": response_mask.long(), "old_log_probs": old_log_probs,
-        "ref_log_prob": ref_log_prob, "values": torch.zeros(B, R), "responses": data.batch["responses"],
-        "attention_mask": data.batch["attention_mask"]})
+    batch = DataProto.from_dict(
+        tensors={
+            "token_level_scores": rm_scores,
+            "response_mask": response_mask.long(),
+            "old_log_probs": old_log_probs,
+            "ref_log_prob": ref_log_prob,
+            "values": torch.zeros(B, R),
+            "responses": data.batch["responses"],
+            "attention_mask": data.batch["attention_mask"],
+        }
+    )
 
     batch, _ = apply_kl_penalty(batch, kl_ctrl=core_algos.FixedKLController(kl_coef=0.1), kl_penalty="kl")
     rewards = batch.batch["token_level_rewards"]
@@ -283,10 +354,10 @@ def test_rm_scores_through_verl_kl_penalty_and_gae(paths):
     torch.testing.assert_close(rewards, rm_scores - 0.1 * (old_log_probs - ref_log_prob) * response_mask)
 
     # the trainer's advantage step (both of verl's trainers call it for GAE), then verl's GAE directly
-    batch = compute_advantage(batch, adv_estimator=AdvantageEstimator.GAE, gamma=1.0, lam=1.0,
-                              config=config.algorithm)
+    batch = compute_advantage(batch, adv_estimator=AdvantageEstimator.GAE, gamma=1.0, lam=1.0, config=config.algorithm)
     advantages, returns = core_algos.compute_gae_advantage_return(
-        rewards, torch.zeros(B, R), response_mask.long(), gamma=1.0, lam=1.0)
+        rewards, torch.zeros(B, R), response_mask.long(), gamma=1.0, lam=1.0
+    )
     assert batch.batch["advantages"].shape == (B, R) and returns.shape == (B, R)
     torch.testing.assert_close(batch.batch["returns"], returns)
     torch.testing.assert_close(batch.batch["advantages"], advantages)  # whitened by verl; its losses mask padding
@@ -333,9 +404,18 @@ def _run_estimator(name: str, rewards: torch.Tensor, mask: torch.Tensor, algorit
     fn = core_algos.get_adv_estimator_fn(name)
     B, R = rewards.shape
     g = torch.Generator().manual_seed(1)
-    inputs = dict(token_level_rewards=rewards, response_mask=mask, index=np.array(["a", "a", "b", "b"][:B]),
-                  values=torch.zeros(B, R), gamma=1.0, lam=1.0, config=algorithm, reward_baselines=torch.zeros(B),
-                  old_log_probs=-torch.rand(B, R, generator=g), sum_pi_squared=torch.rand(B, R, generator=g) * 0.5)
+    inputs = dict(
+        token_level_rewards=rewards,
+        response_mask=mask,
+        index=np.array(["a", "a", "b", "b"][:B]),
+        values=torch.zeros(B, R),
+        gamma=1.0,
+        lam=1.0,
+        config=algorithm,
+        reward_baselines=torch.zeros(B),
+        old_log_probs=-torch.rand(B, R, generator=g),
+        sum_pi_squared=torch.rand(B, R, generator=g) * 0.5,
+    )
     parameters = inspect.signature(fn).parameters
     if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
         inputs = {k: v for k, v in inputs.items() if k in parameters}
@@ -361,8 +441,9 @@ def test_every_verl_estimator_is_classified_by_what_it_does_with_per_token_rewar
     assert registered == abc_verl.SEQUENCE_SUM_ESTIMATORS | abc_verl.TOKEN_LEVEL_ESTIMATORS
     assert not abc_verl.SEQUENCE_SUM_ESTIMATORS & abc_verl.TOKEN_LEVEL_ESTIMATORS
     for name in sorted(registered):
-        blind = torch.allclose(_run_estimator(name, dense, mask, algorithm),
-                               _run_estimator(name, sparse, mask, algorithm), atol=1e-5)
+        blind = torch.allclose(
+            _run_estimator(name, dense, mask, algorithm), _run_estimator(name, sparse, mask, algorithm), atol=1e-5
+        )
         assert blind == (name in abc_verl.SEQUENCE_SUM_ESTIMATORS), name
         config.algorithm.adv_estimator = name
         if blind:
@@ -387,11 +468,14 @@ def test_the_manager_refuses_sum_estimators_unknown_estimators_and_discounting(p
 # ----------------------------------------------------------------------------------------- one bad sample
 
 
-REWRITING_TEMPLATE = ("{% for m in messages %}[{{ m['role'] }}]: {{ m['content'] | replace('🙂', ':)') | trim }}\n"
-                      "{% endfor %}")
-RAISING_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'assistant' and 'boring' in m['content'] %}"
-                    "{{ raise_exception('no boring answers') }}{% endif %}[{{ m['role'] }}]: {{ m['content'] | trim }}"
-                    "\n{% endfor %}")
+REWRITING_TEMPLATE = (
+    "{% for m in messages %}[{{ m['role'] }}]: {{ m['content'] | replace('🙂', ':)') | trim }}\n{% endfor %}"
+)
+RAISING_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'assistant' and 'boring' in m['content'] %}"
+    "{{ raise_exception('no boring answers') }}{% endif %}[{{ m['role'] }}]: {{ m['content'] | trim }}"
+    "\n{% endfor %}"
+)
 RESPONSES = ["the film was great", "a lovely ending 🙂", "not quite", "very boring plot"]
 
 
@@ -413,13 +497,19 @@ def test_a_sample_whose_credit_cannot_be_mapped_gets_the_sparse_reward(paths, ca
     assert torch.count_nonzero(rm_scores[1]) == 1 and float(rm_scores[1, last]) == float(scores[1])
     kept = [0, 2, 3]
     expected_scores, expected = score_and_densify_text(
-        manager.reward_model, manager.reward_model_tokenizer, [messages[i] for i in kept],
-        data.batch["responses"][kept], policy_tokenizer=worker.input_tokenizer, response_mask=response_mask[kept])
+        manager.reward_model,
+        manager.reward_model_tokenizer,
+        [messages[i] for i in kept],
+        data.batch["responses"][kept],
+        policy_tokenizer=worker.input_tokenizer,
+        response_mask=response_mask[kept],
+    )
     torch.testing.assert_close(rm_scores[kept], expected, atol=1e-6, rtol=1e-5)
     # the fallback's score is the reward model's score of the text it read
     response = worker.input_tokenizer.decode(data.batch["responses"][1][response_mask[1]], skip_special_tokens=True)
     text = manager.reward_model_tokenizer.apply_chat_template(
-        messages[1] + [{"role": "assistant", "content": response}], tokenize=False)
+        messages[1] + [{"role": "assistant", "content": response}], tokenize=False
+    )
     ids = manager.reward_model_tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
     with torch.no_grad():
         torch.testing.assert_close(manager.reward_model(input_ids=ids).logits[0, 0], scores[1], atol=1e-5, rtol=1e-5)
@@ -432,7 +522,9 @@ def test_a_sample_that_cannot_be_scored_raises_with_its_index(paths):
     data, _, _ = trainer_batch(worker.input_tokenizer, responses=RESPONSES)
     outputs = asyncio.run(worker.compute_score_batch(data))  # the other samples are scored
     assert [isinstance(o["reward_score"], list) for o in outputs] == [True, True, True, False]
-    with pytest.raises(ValueError, match="sample 3 of the batch could not be scored: .*chat template failed.*no boring"):
+    with pytest.raises(
+        ValueError, match="sample 3 of the batch could not be scored: .*chat template failed.*no boring"
+    ):
         resolve_reward_manager_cls(config).assemble_rm_scores(data, [o["reward_score"] for o in outputs])
 
 

@@ -63,9 +63,12 @@ class Scripted:
         return await handler(body)
 
     async def _models(self, request):
-        return web.json_response({"object": "list", "data": [{"id": m, "object": "model",
-                                                               "max_model_len": self.max_model_len}
-                                                              for m in self.models]})
+        return web.json_response(
+            {
+                "object": "list",
+                "data": [{"id": m, "object": "model", "max_model_len": self.max_model_len} for m in self.models],
+            }
+        )
 
     async def _start(self):
         app = web.Application()
@@ -93,14 +96,17 @@ class Scripted:
 
 def echo(values_of=lambda row: [[float(t) / 10] for t in row]):
     """A handler that answers token_classify as vLLM does: per token, the values ``values_of(row)``."""
+
     async def handler(body):
         data = [{"index": i, "object": "pooling", "data": values_of(row)} for i, row in enumerate(body["input"])]
         return web.json_response({"object": "list", "data": data})
+
     return handler
 
 
 def head_of(model):
     """A handler that answers token_classify from ``model`` in this process: what vLLM computes, without vLLM."""
+
     async def handler(body):
         data = []
         for i, row in enumerate(body["input"]):
@@ -108,13 +114,16 @@ def head_of(model):
                 model(input_ids=torch.tensor([row]))
             data.append({"index": i, "data": [[v] for v in cap.prefix_scores[0].tolist()]})
         return web.json_response({"data": data})
+
     return handler
 
 
 def status(code: int, message: str = "boom", param=None):
     async def handler(body):
-        return web.json_response({"error": {"message": message, "type": "Error", "param": param, "code": code}},
-                                 status=code)
+        return web.json_response(
+            {"error": {"message": message, "type": "Error", "param": param, "code": code}}, status=code
+        )
+
     return handler
 
 
@@ -122,6 +131,7 @@ def slow(seconds: float):
     async def handler(body):
         await asyncio.sleep(seconds)
         return await echo()(body)
+
     return handler
 
 
@@ -130,8 +140,9 @@ def test_scores_requested_as_token_ids_with_raw_logits():
         out = ServedRewardModel(server.url).prefix_scores([[1, 2, 3], torch.tensor([7])])
     assert [o.tolist() for o in out] == [pytest.approx([0.1, 0.2, 0.3]), pytest.approx([0.7])]
     assert all(o.dtype == torch.float32 for o in out)
-    assert server.requests == [{"model": "rm", "input": [[1, 2, 3], [7]], "task": "token_classify",
-                                "use_activation": False}]
+    assert server.requests == [
+        {"model": "rm", "input": [[1, 2, 3], [7]], "task": "token_classify", "use_activation": False}
+    ]
 
 
 def test_the_async_twin_gives_the_same():
@@ -211,15 +222,21 @@ def test_server_down_after_retries():
     assert "failed after 2 attempts" in str(error.value)
 
 
-@pytest.mark.parametrize("reply, match", [
-    (lambda rows: {"data": [{"index": 0, "data": [[0.0]] * (len(rows[0]) - 1)}]},
-     r"returned 2 per-token values for sequence 0, which has 3 tokens"),
-    (lambda rows: {"data": []}, r"returned 0 results for 1 sequences"),
-    (lambda rows: {"data": [{"index": 3, "data": [[0.0]] * 3}]}, r"bad index \(3\)"),
-    (lambda rows: {"data": [{"index": 0, "data": [[0.0, 1.0, 2.0]] * 3}]}, r"one logit \(the score\) or two"),
-    (lambda rows: {"data": [{"index": 0, "data": ["x"] * 3}]}, r"not numbers"),
-    (lambda rows: {"something": "else"}, r"returned NoneType results"),
-], ids=["short", "no-results", "bad-index", "three-logits", "not-numbers", "no-data"])
+@pytest.mark.parametrize(
+    "reply, match",
+    [
+        (
+            lambda rows: {"data": [{"index": 0, "data": [[0.0]] * (len(rows[0]) - 1)}]},
+            r"returned 2 per-token values for sequence 0, which has 3 tokens",
+        ),
+        (lambda rows: {"data": []}, r"returned 0 results for 1 sequences"),
+        (lambda rows: {"data": [{"index": 3, "data": [[0.0]] * 3}]}, r"bad index \(3\)"),
+        (lambda rows: {"data": [{"index": 0, "data": [[0.0, 1.0, 2.0]] * 3}]}, r"one logit \(the score\) or two"),
+        (lambda rows: {"data": [{"index": 0, "data": ["x"] * 3}]}, r"not numbers"),
+        (lambda rows: {"something": "else"}, r"returned NoneType results"),
+    ],
+    ids=["short", "no-results", "bad-index", "three-logits", "not-numbers", "no-data"],
+)
 def test_replies_that_do_not_match_the_request(reply, match):
     async def handler(body):
         return web.json_response(reply(body["input"]))
@@ -263,12 +280,15 @@ def test_token_level_score_and_densify_matches_prefix_rewards_on_the_served_valu
     completion = torch.tensor([[0, 0, 1, 1, 0, 0], [0, 0, 0, 1, 1, 0]], dtype=torch.bool)
     with Scripted(echo(lambda row: [[values[t]] for t in row])) as server:
         client = ServedRewardModel(server.url, "rm")
-        out = {m: client.score_and_densify(ids, attention, completion, method=m, beta=0.7)
-               for m in ("prefix", "sparse", "uniform")}
+        out = {
+            m: client.score_and_densify(ids, attention, completion, method=m, beta=0.7)
+            for m in ("prefix", "sparse", "uniform")
+        }
         async_out = asyncio.run(client.ascore_and_densify(ids, attention, completion, beta=0.7))
     assert server.requests[0]["input"] == [[1, 2, 3, 4], [5, 3, 2, 1, 4]]
-    prefix = torch.tensor([[values[t] if a else 0.0 for t, a in zip(r, m)]
-                           for r, m in zip(ids.tolist(), attention.tolist())])
+    prefix = torch.tensor(
+        [[values[t] if a else 0.0 for t, a in zip(r, m)] for r, m in zip(ids.tolist(), attention.tolist())]
+    )
     scores = torch.tensor([0.25, 0.25])
     expected = dense_rlhf.prefix_rewards(prefix, completion, beta=0.7, reward_index=torch.tensor([3, 5]))
     torch.testing.assert_close(out["prefix"][0], scores)
@@ -352,17 +372,27 @@ def causal_rm(vocab_size: int, pad_token_id: int, hidden: int = 32, heads: int =
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
     torch.manual_seed(0)
-    model = LlamaForSequenceClassification(LlamaConfig(
-        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-        num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=512, num_labels=1,
-        pad_token_id=pad_token_id)).eval()
+    model = LlamaForSequenceClassification(
+        LlamaConfig(
+            vocab_size=vocab_size,
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=2,
+            num_attention_heads=heads,
+            num_key_value_heads=heads,
+            max_position_embeddings=512,
+            num_labels=1,
+            pad_token_id=pad_token_id,
+        )
+    ).eval()
     with torch.no_grad():  # a visible score: random init leaves the head near zero
         model.score.weight.mul_(10.0)
     return model
 
 
-@pytest.mark.parametrize("rm_name, policy_name", [("byte_bpe", "sp_bpe"), ("sp_unigram", "byte_bpe"),
-                                                  ("wordpiece", "byte_bpe")])
+@pytest.mark.parametrize(
+    "rm_name, policy_name", [("byte_bpe", "sp_bpe"), ("sp_unigram", "byte_bpe"), ("wordpiece", "byte_bpe")]
+)
 @pytest.mark.parametrize("method", ["prefix", "sparse", "uniform"])
 def test_the_text_path_sends_the_local_calls_ids_and_finishes_as_it_does(rm_name, policy_name, method):
     """Against a server that computes token_classify with the same model in this process: the served text path is
@@ -371,10 +401,11 @@ def test_the_text_path_sends_the_local_calls_ids_and_finishes_as_it_does(rm_name
     model = causal_rm(len(rm_tok), rm_tok.pad_token_id)
     with Scripted(head_of(model)) as server:
         scores, rewards = ServedRewardModel(server.url).score_and_densify_text(
-            rm_tok, prompts, response_ids, policy_tokenizer=policy, response_mask=mask, beta=0.7, method=method)
-    local_scores, local = dense_rlhf.score_and_densify_text(model, rm_tok, prompts, response_ids,
-                                                            policy_tokenizer=policy, response_mask=mask, beta=0.7,
-                                                            method=method)
+            rm_tok, prompts, response_ids, policy_tokenizer=policy, response_mask=mask, beta=0.7, method=method
+        )
+    local_scores, local = dense_rlhf.score_and_densify_text(
+        model, rm_tok, prompts, response_ids, policy_tokenizer=policy, response_mask=mask, beta=0.7, method=method
+    )
     torch.testing.assert_close(scores, local_scores, atol=1e-5, rtol=0)
     torch.testing.assert_close(rewards, local, atol=1e-5, rtol=0)
     torch.testing.assert_close(rewards.sum(1), scores, atol=1e-5, rtol=0)
@@ -395,14 +426,27 @@ def test_the_text_path_refuses_abc_and_rows_longer_than_the_server_takes():
         client = ServedRewardModel(server.url)
         with pytest.raises(ValueError, match="does not expose"):
             client.score_and_densify_text(rm_tok, prompts, response_ids, policy_tokenizer=policy, method="abc")
-        with pytest.raises(ValueError, match=r"row \d+: the reward model's input has \d+ tokens but the server at .* "
-                                             r"takes at most 14 \(its max_model_len\); pass max_length=14"):
+        with pytest.raises(
+            ValueError,
+            match=r"row \d+: the reward model's input has \d+ tokens but the server at .* "
+            r"takes at most 14 \(its max_model_len\); pass max_length=14",
+        ):
             client.score_and_densify_text(rm_tok, prompts, response_ids, policy_tokenizer=policy)
         assert server.requests == []  # refused before any request
         # not strict (what the verl manager uses): the long rows fail, the others are scored
-        out = asyncio.run(client._ascore_text(rm_tok, prompts, response_ids, policy_tokenizer=policy,
-                                              response_mask=mask, beta=0.8, method="prefix", max_length=None,
-                                              strict=False))
+        out = asyncio.run(
+            client._ascore_text(
+                rm_tok,
+                prompts,
+                response_ids,
+                policy_tokenizer=policy,
+                response_mask=mask,
+                beta=0.8,
+                method="prefix",
+                max_length=None,
+                strict=False,
+            )
+        )
     lengths = [len(r) for r in server.requests[0]["input"]]
     assert all(n <= 14 for n in lengths) and len(lengths) == len(prompts) - len(out.failed) and out.failed
     assert all("max_model_len" in reason for reason in out.failed.values())
@@ -421,8 +465,9 @@ def test_the_server_launcher_builds_the_documented_command(tmp_path):
 
 def test_the_server_launcher_reports_a_server_that_exits(tmp_path):
     """Here a Python without vLLM: the process exits at once, and the error shows the end of its log."""
-    server = LocalVLLMServer(tmp_path / "rm", python=sys.executable, log_path=tmp_path / "vllm.log",
-                             env={"PYTHONPATH": str(tmp_path)})  # nothing named vllm on the path
+    server = LocalVLLMServer(
+        tmp_path / "rm", python=sys.executable, log_path=tmp_path / "vllm.log", env={"PYTHONPATH": str(tmp_path)}
+    )  # nothing named vllm on the path
     (tmp_path / "vllm").mkdir()  # a package without the entry point: fails the same way where vLLM is installed
     (tmp_path / "vllm" / "__init__.py").write_text("")
     with pytest.raises(RuntimeError, match=r"exited with code 1 before answering(.|\n)*vllm.entrypoints"):
@@ -433,10 +478,13 @@ def test_the_server_launcher_reports_a_server_that_exits(tmp_path):
 
 # ----------------------------------------------------------------------------------------- a real vLLM server
 
+
 def needs_vllm(test):
-    """The `vllm` marker, and a skip where no vLLM is given to serve with (make test-vllm sets DENSE_RLHF_VLLM_PYTHON)."""
-    skip = pytest.mark.skipif(VLLM_PYTHON is None, reason="no vLLM to serve with: make test-vllm sets "
-                                                          "DENSE_RLHF_VLLM_PYTHON")
+    """The `vllm` marker, and a skip where no vLLM is given to serve with (make test-vllm sets
+    DENSE_RLHF_VLLM_PYTHON)."""
+    skip = pytest.mark.skipif(
+        VLLM_PYTHON is None, reason="no vLLM to serve with: make test-vllm sets DENSE_RLHF_VLLM_PYTHON"
+    )
     return pytest.mark.vllm(skip(test))
 
 
@@ -454,9 +502,12 @@ def served(tmp_path_factory):
     model = causal_rm(vocab, tok.pad_token_id, hidden=128, heads=2)
     model.save_pretrained(root / "rm")
     tok.save_pretrained(root / "rm")
-    servers = [LocalVLLMServer(root / "rm", python=VLLM_PYTHON, token_classify=flag, args=VLLM_ARGS,
-                               log_path=root / f"vllm-{name}.log")
-               for flag, name in ((True, "token"), (False, "plain"))]
+    servers = [
+        LocalVLLMServer(
+            root / "rm", python=VLLM_PYTHON, token_classify=flag, args=VLLM_ARGS, log_path=root / f"vllm-{name}.log"
+        )
+        for flag, name in ((True, "token"), (False, "plain"))
+    ]
     try:
         for server in servers:
             server.start()
@@ -491,9 +542,9 @@ def batch(tok, side: str, seed: int = 0):
     completion = torch.zeros(ids.shape, dtype=torch.bool)
     for b, (p, c) in enumerate(rows):
         start = width - len(p) - len(c) if side == "left" else 0
-        ids[b, start:start + len(p) + len(c)] = torch.tensor(p + c)
-        attention[b, start:start + len(p) + len(c)] = 1
-        completion[b, start + len(p):start + len(p) + len(c)] = True
+        ids[b, start : start + len(p) + len(c)] = torch.tensor(p + c)
+        attention[b, start : start + len(p) + len(c)] = 1
+        completion[b, start + len(p) : start + len(p) + len(c)] = True
     return ids, attention, completion
 
 
@@ -528,14 +579,14 @@ def test_served_score_and_densify_equals_the_local_call(served, side, method):
             want = dense_rlhf.prefix_rewards(cap.prefix_scores, completion, beta=0.6, reward_index=cap.reward_index)
         else:
             want_scores = model(input_ids=ids, attention_mask=attention, position_ids=position_ids).logits[:, 0]
-            want = (dense_rlhf.sparse_rewards if method == "sparse" else dense_rlhf.uniform_rewards)(want_scores,
-                                                                                                     completion)
+            want = (dense_rlhf.sparse_rewards if method == "sparse" else dense_rlhf.uniform_rewards)(
+                want_scores, completion
+            )
     torch.testing.assert_close(scores, want_scores, **TOL)
     torch.testing.assert_close(rewards, want, **TOL)
     torch.testing.assert_close(rewards.sum(1), scores, **TOL)
     if side == "right":  # no position shift: the same as dense_rlhf.score_and_densify itself
-        local_scores, local = dense_rlhf.score_and_densify(model, ids, attention, completion, method=method,
-                                                           beta=0.6)
+        local_scores, local = dense_rlhf.score_and_densify(model, ids, attention, completion, method=method, beta=0.6)
         torch.testing.assert_close(rewards, local, **TOL)
         torch.testing.assert_close(scores, local_scores, **TOL)
 
@@ -549,7 +600,7 @@ def test_concurrent_async_calls(served):
     async def main():
         return await asyncio.gather(*(client.ascore_and_densify(*b, method="prefix") for b in batches))
 
-    for (scores, rewards), b in zip(asyncio.run(main()), batches):
+    for (_scores, rewards), b in zip(asyncio.run(main()), batches):
         local_scores, local = dense_rlhf.score_and_densify(model, *b, method="prefix")
         torch.testing.assert_close(rewards, local, **TOL)
 
@@ -592,8 +643,9 @@ def pad_id(model, pad_token_id):
 
 
 @needs_vllm
-@pytest.mark.parametrize("rm_name, policy_name", [("byte_bpe", "sp_bpe"), ("sp_unigram", "byte_bpe"),
-                                                  ("wordpiece", "byte_bpe")])
+@pytest.mark.parametrize(
+    "rm_name, policy_name", [("byte_bpe", "sp_bpe"), ("sp_unigram", "byte_bpe"), ("wordpiece", "byte_bpe")]
+)
 @pytest.mark.parametrize("method", ["prefix", "sparse", "uniform"])
 def test_served_text_path_equals_the_local_call(served, rm_name, policy_name, method):
     """Byte-level BPE, Unigram and WordPiece reward-model tokenizers with chat templates (fencing, trimming, padding
@@ -601,11 +653,12 @@ def test_served_text_path_equals_the_local_call(served, rm_name, policy_name, me
     model, _, server, _ = served
     rm_tok, policy, prompts, response_ids, mask = text_case(rm_name, policy_name)
     scores, rewards = ServedRewardModel(server.url).score_and_densify_text(
-        rm_tok, prompts, response_ids, policy_tokenizer=policy, response_mask=mask, beta=0.7, method=method)
+        rm_tok, prompts, response_ids, policy_tokenizer=policy, response_mask=mask, beta=0.7, method=method
+    )
     with pad_id(model, rm_tok.pad_token_id):
-        local_scores, local = dense_rlhf.score_and_densify_text(model, rm_tok, prompts, response_ids,
-                                                                policy_tokenizer=policy, response_mask=mask,
-                                                                beta=0.7, method=method)
+        local_scores, local = dense_rlhf.score_and_densify_text(
+            model, rm_tok, prompts, response_ids, policy_tokenizer=policy, response_mask=mask, beta=0.7, method=method
+        )
     torch.testing.assert_close(scores, local_scores, **TOL)
     torch.testing.assert_close(rewards, local, **TOL)
     torch.testing.assert_close(rewards.sum(1), scores, **TOL)
@@ -619,25 +672,34 @@ def test_served_text_path_async_batches_at_once(served):
     cases = [text_case("byte_bpe", "sp_bpe"), text_case("sp_unigram", "byte_bpe")]
 
     async def main():
-        return await asyncio.gather(*(client.ascore_and_densify_text(rm_tok, prompts, ids, policy_tokenizer=policy,
-                                                                     response_mask=mask)
-                                      for rm_tok, policy, prompts, ids, mask in cases))
+        return await asyncio.gather(
+            *(
+                client.ascore_and_densify_text(rm_tok, prompts, ids, policy_tokenizer=policy, response_mask=mask)
+                for rm_tok, policy, prompts, ids, mask in cases
+            )
+        )
 
-    for (scores, rewards), (rm_tok, policy, prompts, ids, mask) in zip(asyncio.run(main()), cases):
+    for (_scores, rewards), (rm_tok, policy, prompts, ids, mask) in zip(asyncio.run(main()), cases):
         with pad_id(model, rm_tok.pad_token_id):
-            _, local = dense_rlhf.score_and_densify_text(model, rm_tok, prompts, ids, policy_tokenizer=policy,
-                                                         response_mask=mask, method="prefix")
+            _, local = dense_rlhf.score_and_densify_text(
+                model, rm_tok, prompts, ids, policy_tokenizer=policy, response_mask=mask, method="prefix"
+            )
         torch.testing.assert_close(rewards, local, **TOL)
 
 
 # ----------------------------------------------------------------------------------------- verl's reward loop
 
+
 def needs_verl(test):
     """The `verl` marker, and a skip where the verl extra is not installed (make test-vllm runs these in its
     environment)."""
-    skip = pytest.mark.skipif(importlib.util.find_spec("verl") is None,
-                              reason="the verl extra is not installed (make test-vllm runs these in its environment)")
+    skip = pytest.mark.skipif(
+        importlib.util.find_spec("verl") is None,
+        reason="the verl extra is not installed (make test-vllm runs these in its environment)",
+    )
     return pytest.mark.verl(skip(test))
+
+
 RM_PATH_IN_DOCS = "/path/to/reward-model"
 
 
@@ -657,8 +719,9 @@ def served_verl_config(policy_dir: str, rm_dir: str, extra: tuple[str, ...] = ()
 
     overrides = [o.replace(RM_PATH_IN_DOCS, rm_dir) for o in served_documented_overrides()]
     overrides += [f"actor_rollout_ref.model.path={policy_dir}", *extra]
-    with initialize_config_dir(config_dir=os.path.join(os.path.dirname(verl.__file__), "trainer", "config"),
-                               version_base=None):
+    with initialize_config_dir(
+        config_dir=os.path.join(os.path.dirname(verl.__file__), "trainer", "config"), version_base=None
+    ):
         return compose(config_name="ppo_trainer", overrides=overrides)
 
 
@@ -699,8 +762,9 @@ def test_the_manager_refuses_what_cannot_work(policy_dir, tmp_path):
 
     rm = _saved_rm_tokenizer(tmp_path)  # verl's worker loads the reward model's tokenizer (only that) from here
     with pytest.raises(ValueError, match="pooler_config"):
-        dense_verl.check_served(served_verl_config(
-            policy_dir, rm, ("~reward.reward_model.rollout.engine_kwargs.vllm.pooler_config",)))
+        dense_verl.check_served(
+            served_verl_config(policy_dir, rm, ("~reward.reward_model.rollout.engine_kwargs.vllm.pooler_config",))
+        )
     with pytest.raises(ValueError, match="rollout.name=vllm"):
         dense_verl.check_served(served_verl_config(policy_dir, rm, ("reward.reward_model.rollout.name=sglang",)))
     with pytest.raises(ValueError, match="exposes no attention: ABC runs in ABCRewardManager"):
@@ -710,8 +774,9 @@ def test_the_manager_refuses_what_cannot_work(policy_dir, tmp_path):
     with pytest.raises(ValueError, match="algorithm.adv_estimator=grpo"):
         RewardLoopWorker(served_verl_config(policy_dir, rm, ("algorithm.adv_estimator=grpo",)), "127.0.0.1:1")
     with pytest.raises(ValueError, match="ServedPrefixRewardManager is not reached"):
-        dense_verl.check_routing(served_verl_config(policy_dir, rm, ("reward.reward_model.enable=False",)),
-                                 "ServedPrefixRewardManager")
+        dense_verl.check_routing(
+            served_verl_config(policy_dir, rm, ("reward.reward_model.enable=False",)), "ServedPrefixRewardManager"
+        )
     with pytest.raises(ValueError, match="got no reward_router_address"):
         RewardLoopWorker(served_verl_config(policy_dir, rm), None)
 
@@ -734,15 +799,20 @@ def verl_batch(policy, messages, responses, eos: bool = True):
     prompts, responses_t = torch.full((B, P), pad), torch.full((B, R), pad)
     prompt_mask, response_mask = torch.zeros(B, P, dtype=torch.long), torch.zeros(B, R, dtype=torch.long)
     for b, (p, r) in enumerate(zip(prompt_rows, response_rows)):
-        prompts[b, P - len(p):], prompt_mask[b, P - len(p):] = torch.tensor(p), 1
-        responses_t[b, :len(r)], response_mask[b, :len(r)] = torch.tensor(r), 1
+        prompts[b, P - len(p) :], prompt_mask[b, P - len(p) :] = torch.tensor(p), 1
+        responses_t[b, : len(r)], response_mask[b, : len(r)] = torch.tensor(r), 1
     raw_prompt = np.empty(B, dtype=object)
     for b in range(B):
         raw_prompt[b] = messages[b]
     data = DataProto.from_dict(
-        tensors={"prompts": prompts, "responses": responses_t, "input_ids": torch.cat([prompts, responses_t], 1),
-                 "attention_mask": torch.cat([prompt_mask, response_mask], 1)},
-        non_tensors={"raw_prompt": raw_prompt})
+        tensors={
+            "prompts": prompts,
+            "responses": responses_t,
+            "input_ids": torch.cat([prompts, responses_t], 1),
+            "attention_mask": torch.cat([prompt_mask, response_mask], 1),
+        },
+        non_tensors={"raw_prompt": raw_prompt},
+    )
     return data, response_mask.bool()
 
 
@@ -754,10 +824,12 @@ def worker_rm_scores(worker, data):
 
 @needs_vllm
 @needs_verl
-@pytest.mark.parametrize("extra", [(), ("reward.reward_kwargs.beta=0.3", "+reward.reward_kwargs.method=uniform")],
-                         ids=["documented", "beta0.3-uniform"])
-def test_the_verl_manager_through_the_reward_loop_worker_equals_the_local_call(served, policy_dir, monkeypatch,
-                                                                               extra):
+@pytest.mark.parametrize(
+    "extra",
+    [(), ("reward.reward_kwargs.beta=0.3", "+reward.reward_kwargs.method=uniform")],
+    ids=["documented", "beta0.3-uniform"],
+)
+def test_the_verl_manager_through_the_reward_loop_worker_equals_the_local_call(served, policy_dir, monkeypatch, extra):
     """verl's RewardLoopWorker, built from the configuration of docs/verl.md and handed the server's address as verl
     hands its router's (host:port), routes every sample to the manager, which scores them through the server and loads
     no weights; rm_scores equal score_and_densify_text in-process on the same weights."""
@@ -786,8 +858,15 @@ def test_the_verl_manager_through_the_reward_loop_worker_equals_the_local_call(s
     rm_tok = worker.reward_model_tokenizer
     with pad_id(model, rm_tok.pad_token_id):
         scores, expected = dense_rlhf.score_and_densify_text(
-            model, rm_tok, messages, data.batch["responses"], policy_tokenizer=worker.input_tokenizer,
-            response_mask=response_mask, beta=settings.beta, method=settings.method)
+            model,
+            rm_tok,
+            messages,
+            data.batch["responses"],
+            policy_tokenizer=worker.input_tokenizer,
+            response_mask=response_mask,
+            beta=settings.beta,
+            method=settings.method,
+        )
     assert rm_scores.shape == data.batch["responses"].shape and rm_scores.dtype == torch.float32
     assert torch.all(rm_scores[~response_mask] == 0)
     torch.testing.assert_close(rm_scores, expected, **TOL)
@@ -824,8 +903,10 @@ def test_the_verl_manager_pointed_at_a_server_without_token_classify_says_how_to
     worker = RewardLoopWorker(served_verl_config(policy_dir, str(plain.model_dir)), plain.url.removeprefix("http://"))
     messages = [[{"role": "user", "content": "Review:"}]]
     data, _ = verl_batch(worker.input_tokenizer, messages, [" fine"])
-    with pytest.raises(ServedRewardModelError, match=f"--pooler-config '{re.escape(POOLER_CONFIG)}'.*"
-                                                     f"{re.escape(VERL_POOLER_CONFIG_KEY)}"):
+    with pytest.raises(
+        ServedRewardModelError,
+        match=f"--pooler-config '{re.escape(POOLER_CONFIG)}'.*{re.escape(VERL_POOLER_CONFIG_KEY)}",
+    ):
         asyncio.run(worker.compute_score_batch(data))
 
 

@@ -29,4 +29,3 @@ from dense_rlhf.align.scoring import score_and_densify_text
 from dense_rlhf.align.spans import token_byte_spans
 
 __all__ = ["token_byte_spans", "project_credit", "render_and_tokenize", "RewardModelInputs", "score_and_densify_text"]
-

@@ -15,15 +15,26 @@ from collections.abc import Callable
 _REPLACEMENT = "\ufffd".encode()
 _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 # transformers' clean_up_tokenization and the WordPiece decoder's cleanup, in their order
-_HF_CLEANUP = [(" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
-               (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")]
+_HF_CLEANUP = [
+    (" .", "."),
+    (" ?", "?"),
+    (" !", "!"),
+    (" ,", ","),
+    (" ' ", "'"),
+    (" n't", "n't"),
+    (" 'm", "'m"),
+    (" 's", "'s"),
+    (" 've", "'ve"),
+    (" 're", "'re"),
+]
 _WORDPIECE_CLEANUP = _HF_CLEANUP[:7] + [(" do not", " don't")] + _HF_CLEANUP[7:]
 
 
 def _byte_level_table() -> dict[str, int]:
     """The byte-level BPE alphabet (GPT-2's ``bytes_to_unicode``), as character -> byte."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     chars, extra = {}, 0
     for byte in range(256):
         if byte in printable:
@@ -47,14 +58,14 @@ class _Unit:
         self.data, self.owners, self.owner = bytes(data), owners, owner
 
     @classmethod
-    def of(cls, text: str, owner: int) -> "_Unit":
+    def of(cls, text: str, owner: int) -> _Unit:
         data = text.encode()
         return cls(data, [owner] * len(data), owner)
 
     def text(self) -> str:
         return self.data.decode()
 
-    def edit(self, edits: list[tuple[int, int, bytes]]) -> "_Unit":
+    def edit(self, edits: list[tuple[int, int, bytes]]) -> _Unit:
         """Replace the byte ranges ``[start, end)`` (sorted, disjoint) by new bytes. Bytes shared by the old and new
         text at either end keep their owners; the rest of the new bytes belong to the first replaced byte's owner
         (for an insertion: the next byte's, else the previous byte's, else the unit's)."""
@@ -78,13 +89,13 @@ class _Unit:
             else:
                 middle = self.owner
             out += new
-            own += owners[start:start + head] + [middle] * (len(new) - head - tail) + owners[end - tail:end]
+            own += owners[start : start + head] + [middle] * (len(new) - head - tail) + owners[end - tail : end]
             pos = end
         out += data[pos:]
         own += owners[pos:]
         return _Unit(bytes(out), own, self.owner)
 
-    def replace(self, pattern: re.Pattern | str, content: str) -> "_Unit":
+    def replace(self, pattern: re.Pattern | str, content: str) -> _Unit:
         """Replace every match of a regex, or occurrence of a literal string, left to right."""
         text = self.text()
         if isinstance(pattern, str):
@@ -244,8 +255,14 @@ def _byte_fallback(step: dict, units: list[_Unit]) -> list[_Unit]:
 
 # tokenizers' decoder type -> its replay on units with provenance
 DECODERS: dict[str, Callable[[dict, list[_Unit]], list[_Unit]]] = {
-    "ByteLevel": _byte_level, "Metaspace": _metaspace, "WordPiece": _wordpiece, "BPEDecoder": _bpe_decoder,
-    "ByteFallback": _byte_fallback, "Replace": _replace, "Strip": _strip, "Fuse": _fuse,
+    "ByteLevel": _byte_level,
+    "Metaspace": _metaspace,
+    "WordPiece": _wordpiece,
+    "BPEDecoder": _bpe_decoder,
+    "ByteFallback": _byte_fallback,
+    "Replace": _replace,
+    "Strip": _strip,
+    "Fuse": _fuse,
 }
 _FUSING = ("ByteLevel", "Fuse")  # they leave one fused string
 _ON_FUSED = ("Strip", "Fuse")  # the steps that can follow one: edits at its ends, or nothing to fuse
@@ -268,4 +285,3 @@ def _char_offsets(text: str) -> list[int]:
     if text.isascii():
         return list(range(len(text) + 1))
     return [0] + list(itertools.accumulate(len(c.encode()) for c in text))
-

@@ -31,8 +31,11 @@ def _as_spans(spans, argument: str) -> torch.Tensor:
     return spans
 
 
-def project_credit(credit: torch.Tensor, src_spans: torch.Tensor | Sequence[Sequence[int]],
-                   dst_spans: torch.Tensor | Sequence[Sequence[int]]) -> torch.Tensor:
+def project_credit(
+    credit: torch.Tensor,
+    src_spans: torch.Tensor | Sequence[Sequence[int]],
+    dst_spans: torch.Tensor | Sequence[Sequence[int]],
+) -> torch.Tensor:
     """Move per-token credit between two tokenisations of the same bytes, in proportion to byte overlap.
 
     ``dst[i] = sum_j credit[j] * |src_j ∩ dst_i| / |src_j|``: each source token spreads its credit evenly over
@@ -52,8 +55,9 @@ def project_credit(credit: torch.Tensor, src_spans: torch.Tensor | Sequence[Sequ
     if not isinstance(credit, torch.Tensor):
         credit = torch.as_tensor(credit)
     if not (credit.dtype.is_floating_point and credit.dim() >= 1):
-        raise TypeError(f"credit must be a floating tensor of shape [..., n_src], got {credit.dtype} "
-                        f"{tuple(credit.shape)}")
+        raise TypeError(
+            f"credit must be a floating tensor of shape [..., n_src], got {credit.dtype} {tuple(credit.shape)}"
+        )
     src = _as_spans(src_spans, "src_spans").to(credit.device)
     dst = _as_spans(dst_spans, "dst_spans").to(credit.device)
     if credit.shape[-1] != src.shape[0]:
@@ -80,8 +84,11 @@ def project_credit(credit: torch.Tensor, src_spans: torch.Tensor | Sequence[Sequ
 
 def _char_to_byte(text: str) -> torch.Tensor:
     """long [len(text) + 1]: the UTF-8 byte offset of every character boundary of ``text``."""
-    points = torch.frombuffer(bytearray(text.encode("utf-32-le")), dtype=torch.int32) if text else \
-        torch.zeros(0, dtype=torch.int32)
+    points = (
+        torch.frombuffer(bytearray(text.encode("utf-32-le")), dtype=torch.int32)
+        if text
+        else torch.zeros(0, dtype=torch.int32)
+    )
     lengths = 1 + (points >= 0x80).long() + (points >= 0x800).long() + (points >= 0x10000).long()
     return torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(lengths, 0)])
 
@@ -104,8 +111,9 @@ def _own_byte_lengths(backend, ids: list[int]) -> list[int | None]:
     return lengths
 
 
-def _rm_byte_spans(backend, text: str, table: torch.Tensor, ids: list[int],
-                   offsets: list[tuple[int, int]]) -> torch.Tensor:
+def _rm_byte_spans(
+    backend, text: str, table: torch.Tensor, ids: list[int], offsets: list[tuple[int, int]]
+) -> torch.Tensor:
     """Byte spans of the reward model's tokens in ``text`` from its character offsets (``table``:
     ``_char_to_byte(text)``).
 
@@ -128,8 +136,14 @@ def _rm_byte_spans(backend, text: str, table: torch.Tensor, ids: list[int],
     return torch.tensor(out, dtype=torch.long).reshape(-1, 2)
 
 
-def _project_row(inputs: "RewardModelInputs", b: int, rm_backend, values: torch.Tensor, policy_spans: torch.Tensor,
-                 differences: bool = False) -> torch.Tensor:
+def _project_row(
+    inputs: RewardModelInputs,
+    b: int,
+    rm_backend,
+    values: torch.Tensor,
+    policy_spans: torch.Tensor,
+    differences: bool = False,
+) -> torch.Tensor:
     """Row ``b``'s per-token values [n] over the reward model's n tokens (unpadded), restricted to the tokens that
     overlap the response and projected onto the policy's response tokens (byte spans ``policy_spans`` [R_b, 2] in
     the decoded response): float32 [R_b]. ``differences``: the values are prefix scores, and what is projected is
@@ -146,4 +160,3 @@ def _project_row(inputs: "RewardModelInputs", b: int, rm_backend, values: torch.
         credit = torch.diff(credit, prepend=credit.new_zeros(1))
     destination = (policy_spans - inputs.kept[b] + first).clamp(first, last)  # in the reward model's text
     return project_credit(credit, spans[positions], destination)
-

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any
 
 from dense_rlhf.align.spans import _SLOW_TOKENIZER_FIX, _backend
 from dense_rlhf.align.text_only import _TextOnlyTokenizer
@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 
 __all__ = ["render_and_tokenize", "RewardModelInputs", "Prompts"]
 
-Prompts = Union[Sequence[str], Sequence[Sequence[Mapping[str, Any]]]]
+Prompts = Sequence[str] | Sequence[Sequence[Mapping[str, Any]]]
 """B plain-text prompts, or B chat conversations (lists of messages: dicts with "role" and "content"); one kind."""
 
 _PLACEHOLDER = "\ue000dense-rlhf-response\ue001"  # private-use characters: no template alters them
@@ -34,8 +34,10 @@ def _check_prompts(prompts, batch: int) -> bool:
         elif isinstance(prompt, (list, tuple)) and all(isinstance(m, Mapping) and "role" in m for m in prompt):
             kinds.add("chat")
         else:
-            raise TypeError(f"prompts[{b}] must be a string or a list of messages (dicts with 'role' and 'content'), "
-                            f"got {type(prompt).__name__}")
+            raise TypeError(
+                f"prompts[{b}] must be a string or a list of messages (dicts with 'role' and 'content'), "
+                f"got {type(prompt).__name__}"
+            )
     if len(kinds) > 1:
         raise TypeError("prompts mixes plain strings and chat message lists; use one kind per batch")
     return kinds == {"chat"}
@@ -91,9 +93,15 @@ class RewardModelInputs:
         return b not in self.failed and b not in self.unmapped
 
 
-def render_and_tokenize(rm_tokenizer: PreTrainedTokenizerBase, prompts: Prompts, responses: list[str], *,
-                        max_length: int | None = None,
-                        strict: bool = True, mapping: bool = True) -> RewardModelInputs:
+def render_and_tokenize(
+    rm_tokenizer: PreTrainedTokenizerBase,
+    prompts: Prompts,
+    responses: list[str],
+    *,
+    max_length: int | None = None,
+    strict: bool = True,
+    mapping: bool = True,
+) -> RewardModelInputs:
     """The reward model's input for each (prompt, decoded response), as :func:`score_and_densify_text` builds it:
     rendered (``prompt + response``, or the chat template with the response as the assistant turn), located, and
     tokenised with offsets, the response's text never becoming control tokens.
@@ -112,8 +120,9 @@ def render_and_tokenize(rm_tokenizer: PreTrainedTokenizerBase, prompts: Prompts,
     backend = _backend(rm_tokenizer, "rm_tokenizer")
     max_length = _check_max_length(max_length)
     if chat and getattr(rm_tokenizer, "chat_template", None) is None:
-        raise ValueError("prompts are chat messages but rm_tokenizer has no chat_template; set one or pass plain-text "
-                         "prompts")
+        raise ValueError(
+            "prompts are chat messages but rm_tokenizer has no chat_template; set one or pass plain-text prompts"
+        )
     controls = _control_tokens(rm_tokenizer, backend)
     inputs = RewardModelInputs(strict, mapping)
     inputs.add_special_tokens = not chat  # chat text carries its own special tokens, as transformers encodes it
@@ -137,8 +146,11 @@ def render_and_tokenize(rm_tokenizer: PreTrainedTokenizerBase, prompts: Prompts,
         if region is None and b not in inputs.failed:
             spelled = sorted({c for c in controls if c in response})
             if spelled:
-                inputs.fail(b, f"the response spells the reward model's control tokens {spelled[:5]} and the chat "
-                               "template's rendering of it cannot be located, so they cannot be kept as text")
+                inputs.fail(
+                    b,
+                    f"the response spells the reward model's control tokens {spelled[:5]} and the chat "
+                    "template's rendering of it cannot be located, so they cannot be kept as text",
+                )
     _encode(inputs, rm_tokenizer, backend, controls, max_length)
     return inputs
 
@@ -171,19 +183,40 @@ def _render_chat(rm_tokenizer, messages, response: str):
 
     frame, text = render(_PLACEHOLDER), render(response)
     if frame.count(_PLACEHOLDER) != 1:
-        return text, None, None, ("rm_tokenizer's chat template does not render the assistant message's content "
-                                  f"verbatim exactly once (found it {frame.count(_PLACEHOLDER)} times); cannot "
-                                  "locate the response")
+        return (
+            text,
+            None,
+            None,
+            (
+                "rm_tokenizer's chat template does not render the assistant message's content "
+                f"verbatim exactly once (found it {frame.count(_PLACEHOLDER)} times); cannot "
+                "locate the response"
+            ),
+        )
     head, tail = frame.split(_PLACEHOLDER)
     if not (text.startswith(head) and text.endswith(tail) and len(text) >= len(head) + len(tail)):
-        return text, None, None, ("rm_tokenizer's chat template renders the conversation differently depending on "
-                                  "the response's content; cannot locate the response in the reward model's input")
+        return (
+            text,
+            None,
+            None,
+            (
+                "rm_tokenizer's chat template renders the conversation differently depending on "
+                "the response's content; cannot locate the response in the reward model's input"
+            ),
+        )
     region = (len(head), len(text) - len(tail))
-    middle = text[region[0]:region[1]]
+    middle = text[region[0] : region[1]]
     offset = response.find(middle) if middle else len(response) - len(response.lstrip())
-    if offset < 0 or response[:offset].strip() or response[offset + len(middle):].strip():
-        return text, region, None, ("rm_tokenizer's chat template changes the response beyond trimming whitespace "
-                                    f"({response[:40]!r} rendered as {middle[:40]!r}); cannot map its bytes")
+    if offset < 0 or response[:offset].strip() or response[offset + len(middle) :].strip():
+        return (
+            text,
+            region,
+            None,
+            (
+                "rm_tokenizer's chat template changes the response beyond trimming whitespace "
+                f"({response[:40]!r} rendered as {middle[:40]!r}); cannot map its bytes"
+            ),
+        )
     return text, region, offset, None
 
 
@@ -194,8 +227,12 @@ def _encode(inputs: RewardModelInputs, rm_tokenizer, backend, controls, max_leng
     todo = [b for b in range(len(inputs.texts)) if b not in inputs.failed]
     if not todo:
         return
-    options = dict(add_special_tokens=inputs.add_special_tokens, return_offsets_mapping=True,
-                   return_special_tokens_mask=True, return_attention_mask=False)
+    options = dict(
+        add_special_tokens=inputs.add_special_tokens,
+        return_offsets_mapping=True,
+        return_special_tokens_mask=True,
+        return_attention_mask=False,
+    )
     rows = _call_tokenizer(rm_tokenizer, [inputs.texts[b] for b in todo], options)
     by_id = {token_id: token for token_id, token in controls.values()}
     forged: dict[int, list[tuple[int, int, int]]] = {}  # row -> the template's own control tokens (id, start, end)
@@ -219,8 +256,9 @@ def _encode(inputs: RewardModelInputs, rm_tokenizer, backend, controls, max_leng
                 frame.append((token_id, start, end))
         if spelled:
             forged[b] = frame
-    text_only = _TextOnlyTokenizer.of(rm_tokenizer, backend, controls, [inputs.texts[b] for b in forged]) \
-        if forged else None
+    text_only = (
+        _TextOnlyTokenizer.of(rm_tokenizer, backend, controls, [inputs.texts[b] for b in forged]) if forged else None
+    )
     for b, frame in forged.items():
         inputs.rows[b] = text_only.encode(inputs.texts[b], frame, inputs.add_special_tokens)
         _check_no_control_inside(inputs, b, by_id)
@@ -229,18 +267,31 @@ def _encode(inputs: RewardModelInputs, rm_tokenizer, backend, controls, max_leng
     side = getattr(rm_tokenizer, "truncation_side", "right")
     long = [b for b in todo if len(inputs.rows[b]["input_ids"]) > max_length]
     plain = [b for b in long if b not in forged]
-    cut = _call_tokenizer(rm_tokenizer, [inputs.texts[b] for b in plain],
-                          dict(options, truncation=True, max_length=max_length)) if plain else []
+    cut = (
+        _call_tokenizer(
+            rm_tokenizer, [inputs.texts[b] for b in plain], dict(options, truncation=True, max_length=max_length)
+        )
+        if plain
+        else []
+    )
     cut = dict(zip(plain, cut))
     for b in long:
-        new = cut[b] if b in cut else text_only.encode(inputs.texts[b], forged[b], inputs.add_special_tokens,
-                                                       max_length=max_length, side=side)
+        new = (
+            cut[b]
+            if b in cut
+            else text_only.encode(
+                inputs.texts[b], forged[b], inputs.add_special_tokens, max_length=max_length, side=side
+            )
+        )
         start = inputs.regions[b][0] if inputs.regions[b] is not None else 0
         if _from_response(inputs.rows[b], start) != _from_response(new, start):
-            inputs.fail(b, f"max_length={max_length} would cut the response, or the tokens after it (the row needs "
-                           f"{len(inputs.rows[b]['input_ids'])} tokens), and the reward model would score a "
-                           "different text. Raise max_length, shorten the prompts, or set rm_tokenizer.truncation_side"
-                           " = 'left' so that the prompt is cut instead")
+            inputs.fail(
+                b,
+                f"max_length={max_length} would cut the response, or the tokens after it (the row needs "
+                f"{len(inputs.rows[b]['input_ids'])} tokens), and the reward model would score a "
+                "different text. Raise max_length, shorten the prompts, or set rm_tokenizer.truncation_side"
+                " = 'left' so that the prompt is cut instead",
+            )
             continue
         inputs.rows[b] = new
 
@@ -248,11 +299,15 @@ def _encode(inputs: RewardModelInputs, rm_tokenizer, backend, controls, max_leng
 def _check_no_control_inside(inputs: RewardModelInputs, b: int, by_id: dict) -> None:
     """The last line of defence: no control token inside the response after tokenising it as text."""
     row, (start, end) = inputs.rows[b], inputs.regions[b]
-    inside = {by_id[i].content for i, (s, e) in zip(row["input_ids"], row["offsets"])
-              if i in by_id and s < end and e > start}
+    inside = {
+        by_id[i].content for i, (s, e) in zip(row["input_ids"], row["offsets"]) if i in by_id and s < end and e > start
+    }
     if inside:
-        inputs.fail(b, f"rm_tokenizer makes the control tokens {sorted(inside)[:5]} from the response's text even when "
-                       "it reads control tokens as text, so the response would forge them")
+        inputs.fail(
+            b,
+            f"rm_tokenizer makes the control tokens {sorted(inside)[:5]} from the response's text even when "
+            "it reads control tokens as text, so the response would forge them",
+        )
 
 
 def _call_tokenizer(rm_tokenizer, texts: list[str], options: dict) -> list[dict]:
@@ -260,8 +315,14 @@ def _call_tokenizer(rm_tokenizer, texts: list[str], options: dict) -> list[dict]
         encoded = rm_tokenizer(texts, **options)
     except NotImplementedError as error:
         raise TypeError(f"rm_tokenizer gives no offsets: {_SLOW_TOKENIZER_FIX}") from error
-    return [dict(input_ids=encoded["input_ids"][k], offsets=[tuple(o) for o in encoded["offset_mapping"][k]],
-                 special=encoded["special_tokens_mask"][k]) for k in range(len(texts))]
+    return [
+        dict(
+            input_ids=encoded["input_ids"][k],
+            offsets=[tuple(o) for o in encoded["offset_mapping"][k]],
+            special=encoded["special_tokens_mask"][k],
+        )
+        for k in range(len(texts))
+    ]
 
 
 def _from_response(row, char_start: int):
@@ -282,9 +343,10 @@ def _check_offsets(inputs: RewardModelInputs) -> None:
             continue
         widths = [e - s for (s, e), special in zip(row["offsets"], row["special"]) if not special]
         if widths and not any(widths):
-            inputs.unmap(b, "rm_tokenizer returned zero-width offsets for every token, so its tokens cannot be "
-                            "located in the text. This is a known tokenizers bug with Llama-3 tokenizer files (BPE "
-                            "with ignore_merges; huggingface/tokenizers#1553, fixed in tokenizers 0.20.1): upgrade "
-                            "tokenizers")
-
-
+            inputs.unmap(
+                b,
+                "rm_tokenizer returned zero-width offsets for every token, so its tokens cannot be "
+                "located in the text. This is a known tokenizers bug with Llama-3 tokenizer files (BPE "
+                "with ignore_merges; huggingface/tokenizers#1553, fixed in tokenizers 0.20.1): upgrade "
+                "tokenizers",
+            )

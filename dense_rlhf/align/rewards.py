@@ -8,8 +8,10 @@ import torch
 
 from dense_rlhf.ops import dense_rewards, prefix_rewards, sparse_rewards, uniform_rewards
 
-def _rewards_from_credit(credit: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor, beta: float,
-                        sparse_rows=(), empty_rows=()) -> torch.Tensor:
+
+def _rewards_from_credit(
+    credit: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor, beta: float, sparse_rows=(), empty_rows=()
+) -> torch.Tensor:
     """ABC's rewards [B, R] from the projected credit [B, R] (:func:`dense_rlhf.dense_rewards`); rows in
     ``sparse_rows`` get the score on their last response token instead, rows in ``empty_rows`` zeros."""
     special = set(sparse_rows) | set(empty_rows)
@@ -23,8 +25,9 @@ def _rewards_from_credit(credit: torch.Tensor, scores: torch.Tensor, mask: torch
     return rewards
 
 
-def _rewards_from_differences(projected: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor, beta: float,
-                              sparse_rows=(), empty_rows=()) -> torch.Tensor:
+def _rewards_from_differences(
+    projected: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor, beta: float, sparse_rows=(), empty_rows=()
+) -> torch.Tensor:
     """Prefix-difference rewards [B, R] from the reward model's score changes projected onto the policy's tokens
     [B, R], through :func:`dense_rlhf.prefix_rewards` (the single implementation of the formula): the projected
     changes, accumulated along each row, are its prefix scores, and the score is read at one position past the end,
@@ -53,5 +56,3 @@ def _baseline_rewards(method: str, scores: torch.Tensor, mask: torch.Tensor, emp
     if rows:
         rewards[rows] = (sparse_rewards if method == "sparse" else uniform_rewards)(scores[rows], mask[rows])
     return rewards
-
-

@@ -13,8 +13,14 @@ import torch
 
 from dense_rlhf._padding import pad_rows
 from dense_rlhf.align.projection import _project_row
-from dense_rlhf.align.render import (Prompts, RewardModelInputs, _check_max_length, _check_offsets, _check_prompts,
-                                     render_and_tokenize)
+from dense_rlhf.align.render import (
+    Prompts,
+    RewardModelInputs,
+    _check_max_length,
+    _check_offsets,
+    _check_prompts,
+    render_and_tokenize,
+)
 from dense_rlhf.align.rewards import _baseline_rewards, _rewards_from_credit, _rewards_from_differences
 from dense_rlhf.align.spans import _backend, _decode_with_spans, _Unmappable
 from dense_rlhf.capture.attention import capture_reward_attention
@@ -30,8 +36,10 @@ __all__ = ["score_and_densify_text"]
 
 def _check_responses(response_ids, response_mask, policy_tokenizer):
     if not isinstance(response_ids, torch.Tensor) or response_ids.dim() != 2:
-        raise TypeError(f"response_ids must be a [B, R] integer tensor, got "
-                        f"{type(response_ids).__name__} {tuple(getattr(response_ids, 'shape', ()))}")
+        raise TypeError(
+            f"response_ids must be a [B, R] integer tensor, got "
+            f"{type(response_ids).__name__} {tuple(getattr(response_ids, 'shape', ()))}"
+        )
     if response_ids.dtype.is_floating_point or response_ids.dtype.is_complex or response_ids.dtype == torch.bool:
         raise TypeError(f"response_ids must hold integer token ids, got {response_ids.dtype}")
     if response_ids.shape[0] == 0:
@@ -68,8 +76,11 @@ def _position_limit(model) -> int | None:
     if isinstance(rope, Mapping) and rope.get("rope_type", rope.get("type", "default")) not in (None, "default"):
         return None
     for name, module in model.named_modules():
-        if name.endswith("position_embeddings") and isinstance(module, torch.nn.Embedding) \
-                and module.padding_idx is not None:
+        if (
+            name.endswith("position_embeddings")
+            and isinstance(module, torch.nn.Embedding)
+            and module.padding_idx is not None
+        ):
             limit = min(limit, module.num_embeddings - module.padding_idx - 1)
     return limit
 
@@ -80,9 +91,12 @@ def _check_positions(reward_model, inputs: RewardModelInputs) -> None:
         return
     for b, row in enumerate(inputs.rows):
         if row is not None and len(row["input_ids"]) > limit:
-            inputs.fail(b, f"the reward model's input has {len(row['input_ids'])} tokens but the model takes at most "
-                           f"{limit} positions (its config's max_position_embeddings); pass max_length={limit} (with "
-                           "rm_tokenizer.truncation_side = 'left' to cut the prompt) or shorten the prompts")
+            inputs.fail(
+                b,
+                f"the reward model's input has {len(row['input_ids'])} tokens but the model takes at most "
+                f"{limit} positions (its config's max_position_embeddings); pass max_length={limit} (with "
+                "rm_tokenizer.truncation_side = 'left' to cut the prompt) or shorten the prompts",
+            )
 
 
 def _pad(rows, rm_tokenizer, device):
@@ -93,8 +107,10 @@ def _pad(rows, rm_tokenizer, device):
     pad = getattr(rm_tokenizer, "pad_token_id", None)
     if pad is None:
         if any(len(r["input_ids"]) != length for r in rows):
-            raise ValueError("rm_tokenizer has no pad token and the reward model's inputs differ in length; set "
-                             "rm_tokenizer.pad_token (and the reward model's config.pad_token_id to its id)")
+            raise ValueError(
+                "rm_tokenizer has no pad token and the reward model's inputs differ in length; set "
+                "rm_tokenizer.pad_token (and the reward model's config.pad_token_id to its id)"
+            )
         pad = 0
     ids, mask = pad_rows([r["input_ids"] for r in rows], pad, side="left" if side == "left" else "right")
     starts = [length - len(r["input_ids"]) if side == "left" else 0 for r in rows]
@@ -129,18 +145,20 @@ def _forward(reward_model, rm_tokenizer, inputs: RewardModelInputs, method: str,
     out = {}
     for k, b in enumerate(todo):
         if index is not None and not bool(mask[k, index[k]]):
-            inputs.fail(b, "the reward model read its score at a padding position: its config.pad_token_id "
-                           f"({getattr(reward_model.config, 'pad_token_id', None)}) differs from "
-                           f"rm_tokenizer.pad_token_id ({getattr(rm_tokenizer, 'pad_token_id', None)}), or the model "
-                           "pools its first position (BERT-style) and rm_tokenizer pads on the left")
+            inputs.fail(
+                b,
+                "the reward model read its score at a padding position: its config.pad_token_id "
+                f"({getattr(reward_model.config, 'pad_token_id', None)}) differs from "
+                f"rm_tokenizer.pad_token_id ({getattr(rm_tokenizer, 'pad_token_id', None)}), or the model "
+                "pools its first position (BERT-style) and rm_tokenizer pads on the left",
+            )
             continue
         if not bool(torch.isfinite(scores[k])):
             inputs.fail(b, f"the reward model's score is {float(scores[k])}")
             continue
         n = len(inputs.rows[b]["input_ids"])
-        out[b] = (float(scores[k]), None if values is None else values[k, starts[k]:starts[k] + n])
+        out[b] = (float(scores[k]), None if values is None else values[k, starts[k] : starts[k] + n])
     return out
-
 
 
 class _TextScores:
@@ -169,8 +187,9 @@ def _check_method(method, allowed=METHODS) -> str:
     return method
 
 
-def _prepare_text(rm_tokenizer, prompts, response_ids, *, policy_tokenizer, response_mask, beta, max_length,
-                  strict: bool, method: str) -> _TextBatch:
+def _prepare_text(
+    rm_tokenizer, prompts, response_ids, *, policy_tokenizer, response_mask, beta, max_length, strict: bool, method: str
+) -> _TextBatch:
     """Check the arguments, decode the responses with their tokens' byte spans, render and tokenise them for the
     reward model (:func:`render_and_tokenize`): everything before the reward model's forward."""
     _backend(policy_tokenizer, "policy_tokenizer")
@@ -195,8 +214,7 @@ def _prepare_text(rm_tokenizer, prompts, response_ids, *, policy_tokenizer, resp
         policy_spans.append(spans)
         responses.append(response)
 
-    inputs = render_and_tokenize(rm_tokenizer, prompts, responses, max_length=max_length, strict=strict,
-                                 mapping=maps)
+    inputs = render_and_tokenize(rm_tokenizer, prompts, responses, max_length=max_length, strict=strict, mapping=maps)
     for b, reason in unmapped.items():
         inputs.unmap(b, reason)
     if maps:
@@ -213,25 +231,40 @@ def _finish_text(batch: _TextBatch, results: dict, method: str) -> _TextScores:
     for b, (score, values) in results.items():
         scores[b] = score
         if method in ("abc", "prefix") and inputs.mappable(b):
-            credit[b, mask_cpu[b]] = _project_row(inputs, b, batch.rm_backend, values, batch.policy_spans[b],
-                                                  differences=method == "prefix")
+            credit[b, mask_cpu[b]] = _project_row(
+                inputs, b, batch.rm_backend, values, batch.policy_spans[b], differences=method == "prefix"
+            )
     device = response_ids.device
     failed = dict(inputs.failed)
     unmapped = {b: reason for b, reason in inputs.unmapped.items() if b not in failed}
     credit, scores = credit.to(device), scores.to(device)
     if method == "abc":
-        rewards = _rewards_from_credit(credit, scores, mask, batch.beta, sparse_rows=sorted(unmapped),
-                                       empty_rows=sorted(failed))
+        rewards = _rewards_from_credit(
+            credit, scores, mask, batch.beta, sparse_rows=sorted(unmapped), empty_rows=sorted(failed)
+        )
     elif method == "prefix":
-        rewards = _rewards_from_differences(credit, scores, mask, batch.beta, sparse_rows=sorted(unmapped),
-                                            empty_rows=sorted(failed))
+        rewards = _rewards_from_differences(
+            credit, scores, mask, batch.beta, sparse_rows=sorted(unmapped), empty_rows=sorted(failed)
+        )
     else:
         rewards = _baseline_rewards(method, scores, mask, empty_rows=sorted(failed))
     return _TextScores(scores, rewards, failed, unmapped)
 
 
-def _score_text(reward_model, rm_tokenizer, prompts, response_ids, *, policy_tokenizer, response_mask, beta,
-                layer, max_length, strict: bool, method: str = "abc") -> _TextScores:
+def _score_text(
+    reward_model,
+    rm_tokenizer,
+    prompts,
+    response_ids,
+    *,
+    policy_tokenizer,
+    response_mask,
+    beta,
+    layer,
+    max_length,
+    strict: bool,
+    method: str = "abc",
+) -> _TextScores:
     """:func:`score_and_densify_text`'s work. ``strict=False``: a row that cannot be scored is reported in
     ``failed`` (the others are still scored), and a row whose credit cannot be mapped gets the sparse reward
     (its score on its last response token) and is reported in ``unmapped``; argument errors still raise."""
@@ -242,17 +275,35 @@ def _score_text(reward_model, rm_tokenizer, prompts, response_ids, *, policy_tok
         capture = capture_prefix_scores(reward_model)  # checks that its positions are prefixes
     else:
         capture = None
-    batch = _prepare_text(rm_tokenizer, prompts, response_ids, policy_tokenizer=policy_tokenizer,
-                          response_mask=response_mask, beta=beta, max_length=max_length, strict=strict, method=method)
+    batch = _prepare_text(
+        rm_tokenizer,
+        prompts,
+        response_ids,
+        policy_tokenizer=policy_tokenizer,
+        response_mask=response_mask,
+        beta=beta,
+        max_length=max_length,
+        strict=strict,
+        method=method,
+    )
     _check_positions(reward_model, batch.inputs)
     results = _forward(reward_model, rm_tokenizer, batch.inputs, method, capture)
     return _finish_text(batch, results, method)
 
 
-def score_and_densify_text(reward_model: PreTrainedModel, rm_tokenizer: PreTrainedTokenizerBase, prompts: Prompts,
-                           response_ids: torch.Tensor, *, policy_tokenizer: PreTrainedTokenizerBase,
-                           response_mask: torch.Tensor | None = None, beta: float = 0.8, layer: int = -1,
-                           max_length: int | None = None, method: str = "abc") -> tuple[torch.Tensor, torch.Tensor]:
+def score_and_densify_text(
+    reward_model: PreTrainedModel,
+    rm_tokenizer: PreTrainedTokenizerBase,
+    prompts: Prompts,
+    response_ids: torch.Tensor,
+    *,
+    policy_tokenizer: PreTrainedTokenizerBase,
+    response_mask: torch.Tensor | None = None,
+    beta: float = 0.8,
+    layer: int = -1,
+    max_length: int | None = None,
+    method: str = "abc",
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense rewards from a reward model with its own tokenizer and chat template, on the policy's response tokens:
     ABC by default, or prefix differences, or the sparse or uniform baseline (``method``, as in
     :func:`dense_rlhf.score_and_densify`).
@@ -329,8 +380,17 @@ def score_and_densify_text(reward_model: PreTrainedModel, rm_tokenizer: PreTrain
             not finite, and everything :func:`dense_rlhf.dense_rewards` rejects. Row-level messages start with
             ``row b:``.
     """
-    result = _score_text(reward_model, rm_tokenizer, prompts, response_ids, policy_tokenizer=policy_tokenizer,
-                         response_mask=response_mask, beta=beta, layer=layer, max_length=max_length, strict=True,
-                         method=method)
+    result = _score_text(
+        reward_model,
+        rm_tokenizer,
+        prompts,
+        response_ids,
+        policy_tokenizer=policy_tokenizer,
+        response_mask=response_mask,
+        beta=beta,
+        layer=layer,
+        max_length=max_length,
+        strict=True,
+        method=method,
+    )
     return result.scores, result.rewards
-

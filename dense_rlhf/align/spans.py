@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from dense_rlhf.align.decoders import _HF_CLEANUP, _Unit, _apply_decoder, _backend_steps, _join
+from dense_rlhf.align.decoders import _HF_CLEANUP, _apply_decoder, _backend_steps, _join, _Unit
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -71,9 +71,11 @@ def _decode_with_spans(tokenizer, ids: list[int], skip_special_tokens: bool, arg
         for step in steps:
             units, fused = _apply_decoder(step, units, fused)
     except NotImplementedError as error:
-        raise ValueError(f"token_byte_spans: {argument}'s decoder is not supported ({error}); supported decoders: "
-                         "ByteLevel, Metaspace, WordPiece, BPEDecoder, ByteFallback, Replace, Strip, Fuse and "
-                         "sequences of them") from None
+        raise ValueError(
+            f"token_byte_spans: {argument}'s decoder is not supported ({error}); supported decoders: "
+            "ByteLevel, Metaspace, WordPiece, BPEDecoder, ByteFallback, Replace, Strip, Fuse and "
+            "sequences of them"
+        ) from None
     unit = _join(units)
     if _transformers_cleanup(tokenizer, backend):
         for old, new in _HF_CLEANUP:
@@ -87,7 +89,8 @@ def _decode_with_spans(tokenizer, ids: list[int], skip_special_tokens: bool, arg
         raise _Unmappable(
             f"token_byte_spans: replaying {argument}'s decoder gave {unit.data.decode(errors='replace')!r} but "
             f"{type(tokenizer).__name__}.decode gives {expected!r}; this tokenizer decodes in a way the byte spans "
-            "cannot follow (a custom decode method?)")
+            "cannot follow (a custom decode method?)"
+        )
     counts = [0] * (len(ids) + 1)
     previous = 0
     for owner in unit.owners:
@@ -103,8 +106,9 @@ def _decode_with_spans(tokenizer, ids: list[int], skip_special_tokens: bool, arg
 def _as_id_list(ids, argument: str) -> list[int]:
     if isinstance(ids, torch.Tensor):
         if ids.dim() != 1 or ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
-            raise TypeError(f"{argument} must be a 1-D integer tensor or a list of ints, got {ids.dtype} "
-                            f"{tuple(ids.shape)}")
+            raise TypeError(
+                f"{argument} must be a 1-D integer tensor or a list of ints, got {ids.dtype} {tuple(ids.shape)}"
+            )
         return ids.tolist()
     ids = list(ids)
     if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
@@ -112,8 +116,12 @@ def _as_id_list(ids, argument: str) -> list[int]:
     return ids
 
 
-def token_byte_spans(tokenizer: PreTrainedTokenizerBase | Tokenizer, ids: Sequence[int] | torch.Tensor, *,
-                     skip_special_tokens: bool = False) -> torch.Tensor:
+def token_byte_spans(
+    tokenizer: PreTrainedTokenizerBase | Tokenizer,
+    ids: Sequence[int] | torch.Tensor,
+    *,
+    skip_special_tokens: bool = False,
+) -> torch.Tensor:
     """Byte offsets of each token of one sequence in the UTF-8 bytes of ``tokenizer.decode(ids)``.
 
     Args:
@@ -142,5 +150,3 @@ def token_byte_spans(tokenizer: PreTrainedTokenizerBase | Tokenizer, ids: Sequen
     """
     spans, _ = _decode_with_spans(tokenizer, _as_id_list(ids, "ids"), skip_special_tokens, "tokenizer")
     return spans
-
-

@@ -8,6 +8,7 @@ import json
 import threading
 import weakref
 
+
 class _TextOnlyTokenizer:
     """A copy of a reward-model tokenizer in which control tokens are ordinary text.
 
@@ -21,7 +22,7 @@ class _TextOnlyTokenizer:
     stand-in ids and offsets are then mapped back. Copies are cached per tokenizer (building one parses the
     tokenizer's JSON)."""
 
-    _cache: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+    _cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
     _cache_lock = threading.Lock()
 
     def __init__(self, backend, controls: dict[str, tuple[int, object]], stand_ins: list[str]):
@@ -38,21 +39,31 @@ class _TextOnlyTokenizer:
         copy.encode_special_tokens = True
         self.stand_in: dict[int, str] = {}  # original control id -> stand-in character
         self.original: dict[int, int] = {}  # stand-in id -> original control id
-        copy.add_tokens([AddedToken(char, single_word=token.single_word, lstrip=token.lstrip, rstrip=token.rstrip,
-                                    normalized=token.normalized, special=False)
-                         for (_, token), char in zip(controls.values(), stand_ins)])
+        copy.add_tokens(
+            [
+                AddedToken(
+                    char,
+                    single_word=token.single_word,
+                    lstrip=token.lstrip,
+                    rstrip=token.rstrip,
+                    normalized=token.normalized,
+                    special=False,
+                )
+                for (_, token), char in zip(controls.values(), stand_ins)
+            ]
+        )
         for token_id, token in backend.get_added_tokens_decoder().items():  # ids the copy gave other added tokens
             copy_id = copy.token_to_id(token.content)
             if copy_id is not None and copy_id != token_id:
                 self.original[copy_id] = token_id
-        for (token_id, token), char in zip(controls.values(), stand_ins):
+        for (token_id, _token), char in zip(controls.values(), stand_ins):
             self.stand_in[token_id] = char
             self.original[copy.token_to_id(char)] = token_id
         self.copy = copy
         self.lock = threading.Lock()  # truncation is a setting of the copy
 
     @classmethod
-    def of(cls, rm_tokenizer, backend, controls, texts: list[str]) -> "_TextOnlyTokenizer":
+    def of(cls, rm_tokenizer, backend, controls, texts: list[str]) -> _TextOnlyTokenizer:
         used = {c for text in texts for c in text if ord(c) >= _STAND_IN_BASE}
         stand_ins, code = [], _STAND_IN_BASE
         while len(stand_ins) < len(controls) + 1:  # and one to hide the control tokens' pieces behind
@@ -69,8 +80,15 @@ class _TextOnlyTokenizer:
             cls._cache[rm_tokenizer] = (key, made)
         return made
 
-    def encode(self, text: str, frame: list[tuple[int, int, int]], add_special_tokens: bool, *,
-               max_length: int | None = None, side: str = "right") -> dict:
+    def encode(
+        self,
+        text: str,
+        frame: list[tuple[int, int, int]],
+        add_special_tokens: bool,
+        *,
+        max_length: int | None = None,
+        side: str = "right",
+    ) -> dict:
         """The row of ``text`` with the control tokens at ``frame`` ((id, start, end) in characters) kept as
         tokens and every other control-token string read as text."""
         pieces, starts, shifts, position, shift = [], [], [], 0, 0
@@ -126,5 +144,3 @@ def _hide_pieces(model: dict, pieces: set[str], prefix: str) -> None:
             if not ({left, right, left + right} & pieces):
                 kept.append(merge)
         model["merges"] = kept
-
-

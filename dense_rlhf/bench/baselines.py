@@ -4,7 +4,7 @@ NumPy loop); and how their agreement with the reference is measured."""
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -67,22 +67,19 @@ def official_method(inputs: Inputs) -> torch.Tensor:
     for i, (first, count) in enumerate(inputs.spans):
         this = attention[i].float().cpu().numpy()  # the whole map of sample i to NumPy
         if this.ndim == 2:
-            row = this[first:first + count, first:first + count][-1]  # completion block, last row
+            row = this[first : first + count, first : first + count][-1]  # completion block, last row
         else:  # adapted to [B, H, L] rows: the row at the reward position is all there is
-            row = this[first:first + count]
+            row = this[first : first + count]
         alpha = row / row.sum()
         reward = BETA * scores[i] * alpha
         reward[-1] += (1.0 - BETA) * scores[i]
         rewards.append(reward)
     out = torch.zeros(batch, length, dtype=torch.float32)  # the op's [B, L] layout, for comparison
     for i, (first, count) in enumerate(inputs.spans):
-        out[i, first:first + count] = torch.from_numpy(rewards[i])
+        out[i, first : first + count] = torch.from_numpy(rewards[i])
     return out.to(inputs.attn.device)
-
 
 
 def agreement(out: torch.Tensor, expected: torch.Tensor, score: torch.Tensor) -> float:
     scale = score.abs().clamp(min=1.0)[:, None]
     return float(((out.float().cpu() - expected.cpu()) / scale.cpu()).abs().max())
-
-

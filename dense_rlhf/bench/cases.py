@@ -65,8 +65,12 @@ def full_grid(device: str) -> list[Case]:
 
 
 def quick_grid(device: str) -> list[Case]:
-    cases = [Case(layout, dtype, 8, 12, length)
-             for layout in LAYOUTS for dtype in dtypes_for(device) for length in (128, 512)]
+    cases = [
+        Case(layout, dtype, 8, 12, length)
+        for layout in LAYOUTS
+        for dtype in dtypes_for(device)
+        for length in (128, 512)
+    ]
     return target_cases(device) + cases
 
 
@@ -114,15 +118,30 @@ def check_targets(cases: list[dict]) -> list[dict]:
             ranges = {f"x_{name}": _ratio_bounds(methods.get(name, {}), native) for name in wanted}
             wanted = {f"x_{name}": goal_x for name, goal_x in wanted.items()}
             timed = ["native"] + [key.removeprefix("x_") for key in wanted]
-        spread = {name: {"q1_s": _bounds(methods[name])[0], "median_s": methods[name]["median_s"],
-                         "q3_s": _bounds(methods[name])[1], "reps": methods[name].get("reps", 1),
-                         "cpu_wait_frac": methods[name].get("cpu_wait_frac")}
-                  for name in timed if methods.get(name, {}).get("median_s") is not None}
+        spread = {
+            name: {
+                "q1_s": _bounds(methods[name])[0],
+                "median_s": methods[name]["median_s"],
+                "q3_s": _bounds(methods[name])[1],
+                "reps": methods[name].get("reps", 1),
+                "cpu_wait_frac": methods[name].get("cpu_wait_frac"),
+            }
+            for name in timed
+            if methods.get(name, {}).get("median_s") is not None
+        }
         waits = [s["cpu_wait_frac"] for s in spread.values() if s["cpu_wait_frac"] is not None]
         result = verdict(measured, ranges, wanted, max(waits) if waits else None)
-        checks.append({"case": case["label"], "goal": goal, "measured": measured,
-                       "ranges": {k: list(v) if v else None for k, v in ranges.items()},
-                       "verdict": result, "met": result == "met", "spread": spread})
+        checks.append(
+            {
+                "case": case["label"],
+                "goal": goal,
+                "measured": measured,
+                "ranges": {k: list(v) if v else None for k, v in ranges.items()},
+                "verdict": result,
+                "met": result == "met",
+                "spread": spread,
+            }
+        )
     return checks
 
 
@@ -198,7 +217,7 @@ def make_inputs(case: Case, device: str, seed: int) -> Inputs:
     spans = spans_for(case.batch, case.length)
     mask = torch.zeros(case.batch, case.length, dtype=torch.bool)
     for b, (first, count) in enumerate(spans):
-        mask[b, first:first + count] = True
+        mask[b, first : first + count] = True
     return Inputs(attn, score, mask.to(device), spans, sum(count for _, count in spans))
 
 
@@ -216,4 +235,3 @@ def extra_bytes_estimate(case: Case) -> int:
     official = case.batch * case.length * case.length * case.element_bytes + case.length * case.length * 4
     reference = 6 * case.batch * case.heads * case.length * 4
     return max(official if case.layout == "maps" else 0, reference)
-

@@ -43,8 +43,13 @@ def machine_info(device: str) -> dict:
         info["device_name"] = _cpu_name()
     else:
         props = torch.cuda.get_device_properties(0)
-        info.update(device_name=props.name, cuda=torch.version.cuda, sms=props.multi_processor_count,
-                    memory_gib=round(props.total_memory / 2**30, 1), driver=_nvidia_driver())
+        info.update(
+            device_name=props.name,
+            cuda=torch.version.cuda,
+            sms=props.multi_processor_count,
+            memory_gib=round(props.total_memory / 2**30, 1),
+            driver=_nvidia_driver(),
+        )
     return info
 
 
@@ -63,8 +68,12 @@ def _nvidia_driver() -> str | None:
     import subprocess
 
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20)
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
         return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
     except (OSError, subprocess.SubprocessError):
         return None
@@ -102,7 +111,11 @@ def markdown(report: dict) -> str:
         "speedup = method time / native time; GB/s = bytes that must move / native time.",
         "",
     ]
-    head = "| layout | dtype | B | H | L |" + ("" if gpu else " threads |") + " native | reference | compiled | official | x ref | x compiled | x official | native GB/s |"
+    head = (
+        "| layout | dtype | B | H | L |"
+        + ("" if gpu else " threads |")
+        + " native | reference | compiled | official | x ref | x compiled | x official | native GB/s |"
+    )
     rule = "|---|---|--:|--:|--:|" + ("" if gpu else "--:|") + "--:|--:|--:|--:|--:|--:|--:|--:|"
     if gpu:
         head += " % copy BW | peak extra MiB (native / ref / compiled / official) |"
@@ -124,19 +137,26 @@ def markdown(report: dict) -> str:
         if gpu:
             pct = m.get("native", {}).get("pct_copy_bandwidth")
             cells.append("—" if pct is None else f"{pct:.0f}%")
-            cells.append(" / ".join(
-                "—" if m.get(name, {}).get("peak_extra_bytes") is None else f"{m[name]['peak_extra_bytes'] / 2**20:.1f}"
-                for name in METHODS
-            ))
+            cells.append(
+                " / ".join(
+                    "—"
+                    if m.get(name, {}).get("peak_extra_bytes") is None
+                    else f"{m[name]['peak_extra_bytes'] / 2**20:.1f}"
+                    for name in METHODS
+                )
+            )
         lines.append(start + " " + " | ".join(cells) + " |" + (" *target*" if c["target"] else ""))
     lines += ["", "Targets:", ""]
     lines += [f"- {target_line(t)}" for t in report["targets"]] or ["- none in this grid"]
     if report["targets"]:
-        lines += ["", "A target is met when its ratio computed from the interquartile bounds of the repeats (the "
-                  "other method's first quartile over native's third) reaches the goal, missed when even the "
-                  "opposite bounds fall short, inconclusive when they lie on both sides of it or when the timed "
-                  f"threads waited for a CPU more than {100 * CPU_WAIT_LIMIT:.0f}% of their time "
-                  "(`dense_rlhf.bench.cases.verdict`)."]
+        lines += [
+            "",
+            "A target is met when its ratio computed from the interquartile bounds of the repeats (the "
+            "other method's first quartile over native's third) reaches the goal, missed when even the "
+            "opposite bounds fall short, inconclusive when they lie on both sides of it or when the timed "
+            f"threads waited for a CPU more than {100 * CPU_WAIT_LIMIT:.0f}% of their time "
+            "(`dense_rlhf.bench.cases.verdict`).",
+        ]
     agree = all(r.get("agrees", True) for case in report["cases"] for r in case["methods"].values())
     lines += ["", f"Every method agrees with the reference on every benchmarked input: **{'yes' if agree else 'NO'}**."]
     lines += ["", "Notes:", ""] + [f"- {note}" for note in report["notes"]]
@@ -148,20 +168,28 @@ def target_line(target: dict, markdown: bool = True) -> str:
     and, when the verdict is inconclusive, the spread of each method's repeats that made it so."""
     verdict = target.get("verdict", "met" if target["met"] else "missed")
     shown = f"**{verdict}**" if markdown else verdict.upper()
-    line = (f"{target['case']}: {target['goal']}: measured {_fmt_measured(target['measured'], target.get('ranges'))}: "
-            f"{shown}")
+    line = (
+        f"{target['case']}: {target['goal']}: measured {_fmt_measured(target['measured'], target.get('ranges'))}: "
+        f"{shown}"
+    )
     if verdict == "inconclusive":
         spread = target.get("spread", {})
         waits = {name: s["cpu_wait_frac"] for name, s in spread.items() if s.get("cpu_wait_frac") is not None}
         if waits and max(waits.values()) > CPU_WAIT_LIMIT:
             waited = ", ".join(f"{name} {100 * w:.0f}%" for name, w in waits.items())
-            line += (f": the machine was busy, the timed threads waited for a CPU for part of their time ({waited}; "
-                     f"over {100 * CPU_WAIT_LIMIT:.0f}% the times are the scheduler's)")
+            line += (
+                f": the machine was busy, the timed threads waited for a CPU for part of their time ({waited}; "
+                f"over {100 * CPU_WAIT_LIMIT:.0f}% the times are the scheduler's)"
+            )
         else:
-            ranges = "; ".join(f"{name} {_us(s['q1_s'])}-{_us(s['q3_s'])} µs, median {_us(s['median_s'])}, "
-                               f"{s['reps']} repeats" for name, s in spread.items())
-            line += (": too noisy to decide, the bounds from the interquartile ranges of the repeats lie on both "
-                     f"sides of the goal ({ranges})")
+            ranges = "; ".join(
+                f"{name} {_us(s['q1_s'])}-{_us(s['q3_s'])} µs, median {_us(s['median_s'])}, {s['reps']} repeats"
+                for name, s in spread.items()
+            )
+            line += (
+                ": too noisy to decide, the bounds from the interquartile ranges of the repeats lie on both "
+                f"sides of the goal ({ranges})"
+            )
         line += "; rerun on a quieter machine"
     return line
 
@@ -178,7 +206,7 @@ def _fmt_measured(measured: dict, ranges: dict | None = None) -> str:
         bounds = (ranges or {}).get(key)
         if value is not None and bounds:
             low, high = bounds
-            parts[-1] += (f" [{low:.0f}-{high:.0f}%]" if key.startswith("pct") else f" [{_x(low)}-{_x(high)}]")
+            parts[-1] += f" [{low:.0f}-{high:.0f}%]" if key.startswith("pct") else f" [{_x(low)}-{_x(high)}]"
     return ", ".join(parts)
 
 
@@ -205,19 +233,27 @@ def plot(report: dict, path: Path) -> None:
                 (c["case"]["length"], c["methods"][method]["median_s"] * 1e6)
                 for c in measured
                 if (c["case"]["layout"], c["case"]["dtype"], c["case"]["heads"], c["case"]["batch"])
-                == (layout, dtype, heads, batch) and "median_s" in c["methods"].get(method, {})
+                == (layout, dtype, heads, batch)
+                and "median_s" in c["methods"].get(method, {})
             )
             if points:
                 xs, ys = zip(*points)
-                ax.plot(xs, ys, color=colours[method], linestyle=styles[batch], marker="o", markersize=3,
-                        label=f"{method} B={batch}")
+                ax.plot(
+                    xs,
+                    ys,
+                    color=colours[method],
+                    linestyle=styles[batch],
+                    marker="o",
+                    markersize=3,
+                    label=f"{method} B={batch}",
+                )
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_title(f"{LAYOUTS[layout]} {dtype} H={heads}", fontsize=9)
         ax.set_xlabel("L")
         ax.set_ylabel("median µs per call")
         ax.grid(True, which="both", alpha=0.3)
-    for ax in list(axes.flat)[len(panels):]:
+    for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=7)

@@ -36,25 +36,45 @@ repository's committed results. ``<device>`` is ``cpu`` or the GPU's name (e.g. 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import shlex
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from dense_rlhf import _native
-from dense_rlhf.cli import default_out
-from dense_rlhf.bench.baselines import (ALTERNATIVES, DEFAULT_TOLERANCE, METHODS, TOLERANCE, CompiledReference, agreement,
-                                        native_method, official_method, reference_method)
-from dense_rlhf.bench.cases import (CPU_WAIT_LIMIT, Case, bytes_to_move, check_targets, extra_bytes_estimate, full_grid,
-                                    make_inputs, quick_grid, target_cases, tiny_grid)
-from dense_rlhf.bench.report import device_slug, machine_info, target_line, write_outputs, _us
+from dense_rlhf.bench.baselines import (
+    ALTERNATIVES,
+    DEFAULT_TOLERANCE,
+    METHODS,
+    TOLERANCE,
+    CompiledReference,
+    agreement,
+    native_method,
+    official_method,
+    reference_method,
+)
+from dense_rlhf.bench.cases import (
+    CPU_WAIT_LIMIT,
+    Case,
+    bytes_to_move,
+    check_targets,
+    extra_bytes_estimate,
+    full_grid,
+    make_inputs,
+    quick_grid,
+    target_cases,
+    tiny_grid,
+)
+from dense_rlhf.bench.report import _us, device_slug, machine_info, target_line, write_outputs
 from dense_rlhf.bench.timers import CpuTimer, CudaTimer, copy_bandwidth_gbs, sync, thread_waits, waited_s
+from dense_rlhf.cli import default_out
 
 
 def run_case(case: Case, device: str, args, timer, compiled: CompiledReference | None) -> dict:
@@ -88,7 +108,7 @@ def _run_case(case: Case, device: str, args, timer, compiled: CompiledReference 
             fn = compiled.for_case(case)
         else:
             fn = {"native": native_method, "reference": reference_method, "official": official_method}[name]
-        methods[name] = (lambda fn=fn: fn(inputs))
+        methods[name] = functools.partial(fn, inputs)
 
     results, warm = {}, {}
     for name, fn in methods.items():  # warm-up (compiles), agreement, memory
@@ -119,8 +139,9 @@ def _run_case(case: Case, device: str, args, timer, compiled: CompiledReference 
             results[name]["times_s"] += timer.times(methods[name], args.time_budget / args.rounds, warm[name])
             results[name]["wall_s"] += time.perf_counter() - start
             waited = waited_s(before, thread_waits())
-            results[name]["cpu_wait_s"] = None if waited is None or results[name]["cpu_wait_s"] is None else \
-                results[name]["cpu_wait_s"] + waited
+            results[name]["cpu_wait_s"] = (
+                None if waited is None or results[name]["cpu_wait_s"] is None else results[name]["cpu_wait_s"] + waited
+            )
 
     for name in timed:
         result = results[name]
@@ -151,29 +172,56 @@ def _run_case(case: Case, device: str, args, timer, compiled: CompiledReference 
 # ------------------------------------------------------------------------------------------------- driver
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="dense-rlhf bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
-                        help="default: cuda when a GPU and the native CUDA op are present, else cpu")
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default=None,
+        help="default: cuda when a GPU and the native CUDA op are present, else cpu",
+    )
     grid = parser.add_mutually_exclusive_group()
     grid.add_argument("--quick", action="store_true", help="small grid (under 60 s on 2 CPU cores)")
     grid.add_argument("--tiny", action="store_true", help="a few tiny shapes, for tests")
-    grid.add_argument("--targets-only", action="store_true",
-                      help="only the cases that carry a speed target (on CPU: full maps B=64 H=16 L=512 with 2 "
-                           "threads and with 1), with a met / missed / inconclusive verdict for each")
+    grid.add_argument(
+        "--targets-only",
+        action="store_true",
+        help="only the cases that carry a speed target (on CPU: full maps B=64 H=16 L=512 with 2 "
+        "threads and with 1), with a met / missed / inconclusive verdict for each",
+    )
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
-    parser.add_argument("--out", type=Path, default=None,
-                        help=f"results go to OUT/<device>/ (default ./{default_out('bench')}; the repository's "
-                             "committed results: benchmarks/results)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help=f"results go to OUT/<device>/ (default ./{default_out('bench')}; the repository's "
+        "committed results: benchmarks/results)",
+    )
     parser.add_argument("--name", default="dense_rewards", help="output base name")
-    parser.add_argument("--time-budget", type=float, default=None,
-                        help="seconds of timed calls per method and case (default 1.0 CPU, 0.3 GPU; quick 0.3)")
+    parser.add_argument(
+        "--time-budget",
+        type=float,
+        default=None,
+        help="seconds of timed calls per method and case (default 1.0 CPU, 0.3 GPU; quick 0.3)",
+    )
     parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds per case")
-    parser.add_argument("--max-wall-s", type=float, default=None,
-                        help="start no new case after this many seconds (the rest are listed as skipped)")
+    parser.add_argument(
+        "--max-wall-s",
+        type=float,
+        default=None,
+        help="start no new case after this many seconds (the rest are listed as skipped)",
+    )
     parser.add_argument("--max-call-s", type=float, default=20.0, help="skip a method whose one call takes longer")
-    parser.add_argument("--max-gib", type=float, default=None,
-                        help="memory budget per case (default: 6 GiB on CPU, 45%% of free GPU memory)")
-    parser.add_argument("--compile-dynamic", choices=("auto", "true", "false", "static-targets"), default="auto",
-                        help="torch.compile's dynamic= (auto: PyTorch's default); see CompiledReference")
+    parser.add_argument(
+        "--max-gib",
+        type=float,
+        default=None,
+        help="memory budget per case (default: 6 GiB on CPU, 45%% of free GPU memory)",
+    )
+    parser.add_argument(
+        "--compile-dynamic",
+        choices=("auto", "true", "false", "static-targets"),
+        default="auto",
+        help="torch.compile's dynamic= (auto: PyTorch's default); see CompiledReference",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-plot", action="store_true")
@@ -196,8 +244,9 @@ def main(argv: list[str] | None = None) -> int:
         print("dense-rlhf bench: --device cuda but no GPU is available", file=sys.stderr)
         return 2
     if "native" in args.methods and not _native.has_kernel(device):
-        print(f"dense-rlhf bench: the native op for {device} is not built: {_native.build_hint(device)}",
-              file=sys.stderr)
+        print(
+            f"dense-rlhf bench: the native op for {device} is not built: {_native.build_hint(device)}", file=sys.stderr
+        )
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -211,8 +260,9 @@ def main(argv: list[str] | None = None) -> int:
         args.max_input_bytes = int(0.45 * torch.cuda.mem_get_info()[0])
     else:
         args.max_input_bytes = 6 * 2**30
-    grid = (tiny_grid if args.tiny else quick_grid if args.quick else
-            target_cases if args.targets_only else full_grid)(device)
+    grid = (tiny_grid if args.tiny else quick_grid if args.quick else target_cases if args.targets_only else full_grid)(
+        device
+    )
     compiled = CompiledReference(args.compile_dynamic) if "compiled" in args.methods else None
     timer = CudaTimer() if device == "cuda" else CpuTimer()
     args.copy_gbps = copy_bandwidth_gbs(device)
@@ -232,22 +282,36 @@ def main(argv: list[str] | None = None) -> int:
     ]
     notes += args.note
     if device == "cpu":
-        notes.append("CPU: torch.utils.benchmark blocked_autorange, repetitions back to back, so working sets "
-                     "under the last-level cache stay cache-resident for every method alike; 2 shared cores "
-                     "are noisy: compare ratios within a row rather than absolute times across rows.")
+        notes.append(
+            "CPU: torch.utils.benchmark blocked_autorange, repetitions back to back, so working sets "
+            "under the last-level cache stay cache-resident for every method alike; 2 shared cores "
+            "are noisy: compare ratios within a row rather than absolute times across rows."
+        )
     else:
-        notes.append("GPU: CUDA events around each call, L2 flushed (256 MiB memset) before each; peak extra "
-                     "memory is torch.cuda.max_memory_allocated minus the allocation before the call.")
-    report = {"command": shlex.join(["dense-rlhf", "bench"] + list(sys.argv[1:] if argv is None else argv)),
-              "meta": meta, "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-              "cases": [], "targets": [], "notes": notes}
+        notes.append(
+            "GPU: CUDA events around each call, L2 flushed (256 MiB memset) before each; peak extra "
+            "memory is torch.cuda.max_memory_allocated minus the allocation before the call."
+        )
+    report = {
+        "command": shlex.join(["dense-rlhf", "bench"] + list(sys.argv[1:] if argv is None else argv)),
+        "meta": meta,
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "cases": [],
+        "targets": [],
+        "notes": notes,
+    }
     out_dir = (args.out or Path(default_out("bench"))) / device_slug(device)
 
     started = time.perf_counter()
     for case in grid:
         if args.max_wall_s is not None and time.perf_counter() - started > args.max_wall_s:
-            record = {"label": case.label, "case": asdict(case), "methods": {}, "speedup": {},
-                      "skipped": f"out of time (--max-wall-s {args.max_wall_s:g})"}
+            record = {
+                "label": case.label,
+                "case": asdict(case),
+                "methods": {},
+                "speedup": {},
+                "skipped": f"out of time (--max-wall-s {args.max_wall_s:g})",
+            }
         else:
             record = run_case(case, device, args, timer, compiled)
         report["cases"].append(record)
@@ -261,8 +325,12 @@ def main(argv: list[str] | None = None) -> int:
     for target in report["targets"]:
         print(target_line(target, markdown=False))
     print("wrote " + ", ".join(str(p) for p in paths))
-    disagree = [c["label"] + ":" + name for c in report["cases"] for name, r in c["methods"].items()
-                if not r.get("agrees", True)]
+    disagree = [
+        c["label"] + ":" + name
+        for c in report["cases"]
+        for name, r in c["methods"].items()
+        if not r.get("agrees", True)
+    ]
     if disagree:
         print("methods disagree with the reference: " + "; ".join(disagree), file=sys.stderr)
         return 1
@@ -278,11 +346,16 @@ def _finish(report: dict, started: float) -> None:
 def _progress(record: dict) -> str:
     if record["skipped"]:
         return f"{record['label']}: skipped ({record['skipped']})"
-    parts = [f"{name} {_us(r.get('median_s'))} µs" if "median_s" in r else f"{name} skipped ({r.get('skipped')})"
-             for name, r in record["methods"].items()]
+    parts = [
+        f"{name} {_us(r.get('median_s'))} µs" if "median_s" in r else f"{name} skipped ({r.get('skipped')})"
+        for name, r in record["methods"].items()
+    ]
     waits = [r["cpu_wait_frac"] for r in record["methods"].values() if r.get("cpu_wait_frac") is not None]
-    busy = (f" (busy machine: the threads waited for a CPU up to {100 * max(waits):.0f}% of the time)"
-            if waits and max(waits) > CPU_WAIT_LIMIT else "")
+    busy = (
+        f" (busy machine: the threads waited for a CPU up to {100 * max(waits):.0f}% of the time)"
+        if waits and max(waits) > CPU_WAIT_LIMIT
+        else ""
+    )
     return f"{record['label']}: " + ", ".join(parts) + busy
 
 

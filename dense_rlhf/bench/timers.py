@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import glob
 import statistics
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

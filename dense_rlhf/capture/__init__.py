@@ -14,5 +14,11 @@ from dense_rlhf.capture.attention import RewardAttentionCapture, capture_reward_
 from dense_rlhf.capture.prefix import PrefixScoreCapture, capture_prefix_scores
 from dense_rlhf.capture.scoring import score_and_densify, score_with_credit
 
-__all__ = ["RewardAttentionCapture", "PrefixScoreCapture", "capture_reward_attention", "capture_prefix_scores",
-           "score_and_densify", "score_with_credit"]
+__all__ = [
+    "RewardAttentionCapture",
+    "PrefixScoreCapture",
+    "capture_reward_attention",
+    "capture_prefix_scores",
+    "score_and_densify",
+    "score_with_credit",
+]

@@ -43,11 +43,15 @@ class RewardAttentionCapture:
         if isinstance(reward_index, bool) or not isinstance(reward_index, (type(None), int, torch.Tensor)):
             raise TypeError(f"reward_index must be None, an int or a [B] integer tensor, got {reward_index!r}")
         if isinstance(reward_index, torch.Tensor) and (
-            reward_index.dtype.is_floating_point or reward_index.dtype.is_complex
-            or reward_index.dtype == torch.bool or reward_index.dim() > 1
+            reward_index.dtype.is_floating_point
+            or reward_index.dtype.is_complex
+            or reward_index.dtype == torch.bool
+            or reward_index.dim() > 1
         ):
-            raise TypeError(f"reward_index tensor must be integer with shape [B], got {reward_index.dtype} "
-                            f"{tuple(reward_index.shape)}")
+            raise TypeError(
+                f"reward_index tensor must be integer with shape [B], got {reward_index.dtype} "
+                f"{tuple(reward_index.shape)}"
+            )
         self.model = model
         self._reward_index_arg = reward_index
         text_config = model.config.get_text_config()
@@ -55,15 +59,19 @@ class RewardAttentionCapture:
         if not isinstance(n_layers, int):
             raise ValueError(f"{type(model).__name__}'s config has no num_hidden_layers; cannot resolve layer={layer}")
         if not -n_layers <= layer < n_layers:
-            raise IndexError(f"layer={layer} is out of range for a model with {n_layers} layers "
-                             f"(use -{n_layers} .. {n_layers - 1})")
+            raise IndexError(
+                f"layer={layer} is out of range for a model with {n_layers} layers (use -{n_layers} .. {n_layers - 1})"
+            )
         self.layer = layer % n_layers
         self._pad_token_id = getattr(text_config, "pad_token_id", None)
-        self._targets = {id(m): m for m in model.modules()
-                         if getattr(m, "layer_idx", None) == self.layer and _is_self_attention(m)}
+        self._targets = {
+            id(m): m for m in model.modules() if getattr(m, "layer_idx", None) == self.layer and _is_self_attention(m)
+        }
         if not self._targets:
-            raise ValueError(f"capture_reward_attention: found no self-attention module with layer_idx={self.layer} "
-                             f"in {type(model).__name__}")
+            raise ValueError(
+                f"capture_reward_attention: found no self-attention module with layer_idx={self.layer} "
+                f"in {type(model).__name__}"
+            )
         self._rows = None
         self._index = None
         self._error: str | None = None
@@ -81,24 +89,26 @@ class RewardAttentionCapture:
     @property
     def reward_index(self) -> torch.Tensor:
         """long [B]: the query position each row was taken from (last forward)."""
-        self.rows  # raises the same errors
+        _ = self.rows  # raises the same errors
         return self._index
 
     # -- entering and leaving -----------------------------------------------------------------------------
 
-    def __enter__(self) -> "RewardAttentionCapture":
+    def __enter__(self) -> RewardAttentionCapture:
         if self._entered:
             raise RuntimeError("a capture_reward_attention object can be entered only once; create a new one")
         model = self.model
         if not type(model)._can_set_attn_implementation():
-            raise ValueError(f"{type(model).__name__} does not route its attention through transformers' "
-                             "AttentionInterface, so its attention cannot be captured")
+            raise ValueError(
+                f"{type(model).__name__} does not route its attention through transformers' "
+                "AttentionInterface, so its attention cannot be captured"
+            )
         target_configs = {id(m.config) for m in self._targets.values() if getattr(m, "config", None) is not None}
         configs = []
         for config in _configs_of(model):
             impl = config._attn_implementation
             prefix = interface.PREFIX
-            orig = impl[len(prefix):] if isinstance(impl, str) and impl.startswith(prefix) else impl
+            orig = impl[len(prefix) :] if isinstance(impl, str) and impl.startswith(prefix) else impl
             if orig in interface.SUPPORTED:
                 configs.append((config, orig))
             elif id(config) in target_configs:
@@ -107,12 +117,16 @@ class RewardAttentionCapture:
                     f"but layer {self.layer} uses {impl!r}"
                 )
         if not any(id(c) in target_configs for c, _ in configs):
-            raise ValueError(f"capture_reward_attention: the attention modules of layer {self.layer} have no config "
-                             "to switch to the capturing implementation")
-        for config, orig in configs:
+            raise ValueError(
+                f"capture_reward_attention: the attention modules of layer {self.layer} have no config "
+                "to switch to the capturing implementation"
+            )
+        for _config, orig in configs:
             if orig == "eager" and any(getattr(m, "reorder_and_upcast_attn", False) for m in model.modules()):
-                raise NotImplementedError("capture_reward_attention: eager attention with reorder_and_upcast_attn=True "
-                                          "(GPT-2) bypasses AttentionInterface; use sdpa or disable it")
+                raise NotImplementedError(
+                    "capture_reward_attention: eager attention with reorder_and_upcast_attn=True "
+                    "(GPT-2) bypasses AttentionInterface; use sdpa or disable it"
+                )
         self._owner = threading.get_ident()
         self._depth = 0
         self._inputs = None
@@ -176,12 +190,16 @@ class RewardAttentionCapture:
             self._inputs = None
             if not self._reached and self._error is None:
                 if not self._saw_interface:
-                    self._error = (f"capture_reward_attention: the forward of {type(self.model).__name__} never called "
-                                   "an attention function through transformers' AttentionInterface; its attention "
-                                   "cannot be captured")
+                    self._error = (
+                        f"capture_reward_attention: the forward of {type(self.model).__name__} never called "
+                        "an attention function through transformers' AttentionInterface; its attention "
+                        "cannot be captured"
+                    )
                 else:
-                    self._error = (f"capture_reward_attention: the forward never reached layer {self.layer}'s "
-                                   "attention, so there are no rows")
+                    self._error = (
+                        f"capture_reward_attention: the forward never reached layer {self.layer}'s "
+                        "attention, so there are no rows"
+                    )
         return None
 
     # -- called from the attention function ---------------------------------------------------------------
@@ -206,7 +224,8 @@ class RewardAttentionCapture:
         if kind == "flash" and attention_mask is None:
             if kwargs.get("cu_seq_lens_q") is not None:
                 raise NotImplementedError(
-                    "capture_reward_attention: padding-free (cu_seq_lens) batches are not supported")
+                    "capture_reward_attention: padding-free (cu_seq_lens) batches are not supported"
+                )
             from transformers.modeling_flash_attention_utils import _is_packed_sequence
 
             if _is_packed_sequence(kwargs.get("position_ids"), batch):
@@ -217,9 +236,15 @@ class RewardAttentionCapture:
         index = self._resolve_index(batch, length, causal, query.device)
         with torch.no_grad():
             rows = _reward_rows(
-                query.detach(), key.detach(), attention_mask, index,
-                kind=kind, scaling=kwargs.get("scaling"), causal=causal,
-                sliding_window=kwargs.get("sliding_window"), softcap=kwargs.get("softcap"),
+                query.detach(),
+                key.detach(),
+                attention_mask,
+                index,
+                kind=kind,
+                scaling=kwargs.get("scaling"),
+                causal=causal,
+                sliding_window=kwargs.get("sliding_window"),
+                softcap=kwargs.get("softcap"),
                 position_bias=kwargs.get("position_bias"),
             )
         self._rows, self._index, self._reached = rows, index, True
@@ -258,14 +283,16 @@ class RewardAttentionCapture:
         if input_ids is None or self._pad_token_id is None:  # as transformers: the last position
             return torch.full((batch,), length - 1, dtype=torch.long, device=device)
         if input_ids.shape != (batch, length):
-            raise ValueError(f"capture_reward_attention: input_ids {tuple(input_ids.shape)} do not match the "
-                             f"attention's batch {batch} and length {length}")
+            raise ValueError(
+                f"capture_reward_attention: input_ids {tuple(input_ids.shape)} do not match the "
+                f"attention's batch {batch} and length {length}"
+            )
         return _last_non_pad(input_ids.to(device), self._pad_token_id)
 
 
-
-def capture_reward_attention(model: PreTrainedModel, *, layer: int = -1,
-                             reward_index: int | torch.Tensor | None = None) -> RewardAttentionCapture:
+def capture_reward_attention(
+    model: PreTrainedModel, *, layer: int = -1, reward_index: int | torch.Tensor | None = None
+) -> RewardAttentionCapture:
     """Record, during the model's ordinary forward, each head's attention row from the reward position.
 
     Usage::
@@ -319,4 +346,3 @@ def capture_reward_attention(model: PreTrainedModel, *, layer: int = -1,
             model's attention never went through the interface.
     """
     return RewardAttentionCapture(model, layer=layer, reward_index=reward_index)
-

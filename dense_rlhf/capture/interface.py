@@ -115,7 +115,6 @@ def _make_attention(orig: str):
     return attention
 
 
-
 def switch(configs: list[tuple[Any, str]], capture: Any) -> list[Any]:
     """Point each config at the capturing name of its original implementation (registering the names on first use)
     and record ``capture`` as open on it; returns the configs switched. Call under ``_lock``; on an error the

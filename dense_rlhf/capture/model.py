@@ -38,8 +38,10 @@ def _last_non_pad(input_ids: torch.Tensor, pad_token_id: int) -> torch.Tensor:
 def _score_of(logits: torch.Tensor, what: str) -> torch.Tensor:
     """The score of [..., 1] or [..., 2] logits in float32: the logit, or logit[1] - logit[0]."""
     if logits.shape[-1] not in (1, 2):
-        raise ValueError(f"{what} must have 1 or 2 logits per position (a one-logit score or a two-class head), "
-                         f"got {tuple(logits.shape)}")
+        raise ValueError(
+            f"{what} must have 1 or 2 logits per position (a one-logit score or a two-class head), "
+            f"got {tuple(logits.shape)}"
+        )
     logits = logits.float()
     return logits[..., 0] if logits.shape[-1] == 1 else logits[..., 1] - logits[..., 0]
 
@@ -59,7 +61,6 @@ def _bidirectional_reason(model) -> str | None:
         if _is_self_attention(module) and getattr(module, "is_causal", None) is False:
             return f"its self-attention {type(module).__name__} is bidirectional (is_causal=False)"
     return None
-
 
 
 def _logits_of(output) -> torch.Tensor:

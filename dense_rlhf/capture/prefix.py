@@ -64,16 +64,16 @@ class PrefixScoreCapture:
     @property
     def reward_index(self) -> torch.Tensor:
         """long [B]: the position the model pooled its score from (last forward)."""
-        self.prefix_scores  # raises the same errors
+        _ = self.prefix_scores  # raises the same errors
         return self._index
 
     @property
     def score(self) -> torch.Tensor:
         """float32 [B]: the model's pooled score (equal to ``prefix_scores`` at ``reward_index``)."""
-        self.prefix_scores
+        _ = self.prefix_scores  # raises the same errors
         return self._score
 
-    def __enter__(self) -> "PrefixScoreCapture":
+    def __enter__(self) -> PrefixScoreCapture:
         if self._entered:
             raise RuntimeError("a capture_prefix_scores object can be entered only once; create a new one")
         self._entered = True
@@ -131,9 +131,11 @@ class PrefixScoreCapture:
             self._error = f"capture_prefix_scores: the forward of {name} never called its `score` head"
             return
         if head_out.dim() != 3 or not isinstance(logits, torch.Tensor) or logits.dim() != 2:
-            self._error = (f"capture_prefix_scores: expected the `score` head to give [B, L, C] logits and the model "
-                           f"pooled [B, C] logits, got {tuple(head_out.shape)} and "
-                           f"{tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__}")
+            self._error = (
+                f"capture_prefix_scores: expected the `score` head to give [B, L, C] logits and the model "
+                f"pooled [B, C] logits, got {tuple(head_out.shape)} and "
+                f"{tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__}"
+            )
             return
         with torch.no_grad():
             try:
@@ -148,11 +150,14 @@ class PrefixScoreCapture:
             else:
                 index = _last_non_pad(input_ids.to(scores.device), self._pad_token_id)
             at_index = scores[torch.arange(batch, device=scores.device), index]
-            if pooled.shape != at_index.shape or not torch.allclose(at_index, pooled, rtol=1e-5, atol=1e-5,
-                                                                    equal_nan=True):
-                self._error = (f"capture_prefix_scores: {name}'s pooled score is not its score head's output at the "
-                               "last non-pad position, so the head's per-position outputs cannot be read as prefix "
-                               "scores")
+            if pooled.shape != at_index.shape or not torch.allclose(
+                at_index, pooled, rtol=1e-5, atol=1e-5, equal_nan=True
+            ):
+                self._error = (
+                    f"capture_prefix_scores: {name}'s pooled score is not its score head's output at the "
+                    "last non-pad position, so the head's per-position outputs cannot be read as prefix "
+                    "scores"
+                )
                 return
         self._prefix_scores, self._score, self._index = scores, pooled, index
 
@@ -191,4 +196,3 @@ def capture_prefix_scores(model: PreTrainedModel) -> PrefixScoreCapture:
             [B, L, 1 or 2], or the pooled score does not match it.
     """
     return PrefixScoreCapture(model)
-

@@ -17,8 +17,9 @@ def _reward_rows(query, key, attention_mask, index, **kwargs):
         return _reward_rows_fp32(query, key, attention_mask, index, **kwargs)
 
 
-def _reward_rows_fp32(query, key, attention_mask, index, *, kind, scaling, causal, sliding_window, softcap,
-                      position_bias):
+def _reward_rows_fp32(
+    query, key, attention_mask, index, *, kind, scaling, causal, sliding_window, softcap, position_bias
+):
     batch, q_heads, q_len, dim = query.shape
     kv_heads, length = key.shape[1], key.shape[2]
     if q_heads % kv_heads:

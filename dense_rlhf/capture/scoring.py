@@ -21,9 +21,17 @@ __all__ = ["score_and_densify", "score_with_credit"]
 METHODS = ("abc", "prefix", "sparse", "uniform")
 
 
-def score_and_densify(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                      completion_mask: torch.Tensor, *, method: str = "abc", beta: float = 0.8, layer: int = -1,
-                      reward_index: int | torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def score_and_densify(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    completion_mask: torch.Tensor,
+    *,
+    method: str = "abc",
+    beta: float = 0.8,
+    layer: int = -1,
+    reward_index: int | torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Run a reward model once and return ``(scores [B] float32, rewards [B, L] float32)``.
 
     The score is the logit for a one-logit head, ``logit[1] - logit[0]`` for a two-logit head (in float32).
@@ -56,8 +64,9 @@ def score_and_densify(model: PreTrainedModel, input_ids: torch.Tensor, attention
     mask = _completion_mask(input_ids, completion_mask)
     _refuse_unread(model, input_ids, attention_mask, mask, reward_index)
     if method == "abc":
-        scores, credit = _score_with_credit(model, input_ids, attention_mask, completion_mask, layer, reward_index,
-                                            "score_and_densify")
+        scores, credit = _score_with_credit(
+            model, input_ids, attention_mask, completion_mask, layer, reward_index, "score_and_densify"
+        )
         return scores, dense_rewards(credit, scores, completion_mask, beta=beta, layout="row")
     with torch.no_grad():
         capture = capture_prefix_scores(model) if method == "prefix" else contextlib.nullcontext()
@@ -65,8 +74,9 @@ def score_and_densify(model: PreTrainedModel, input_ids: torch.Tensor, attention
             out = model(input_ids=input_ids, attention_mask=attention_mask)
         scores = _pooled_scores(_logits_of(out), "score_and_densify")
         if method == "prefix":
-            rewards = prefix_rewards(capture.prefix_scores, completion_mask, beta=beta,
-                                     reward_index=capture.reward_index)
+            rewards = prefix_rewards(
+                capture.prefix_scores, completion_mask, beta=beta, reward_index=capture.reward_index
+            )
         elif method == "sparse":
             rewards = sparse_rewards(scores, completion_mask)
         else:
@@ -74,9 +84,15 @@ def score_and_densify(model: PreTrainedModel, input_ids: torch.Tensor, attention
     return scores, rewards
 
 
-def score_with_credit(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                      completion_mask: torch.Tensor, *, layer: int = -1,
-                      reward_index: int | torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def score_with_credit(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    completion_mask: torch.Tensor,
+    *,
+    layer: int = -1,
+    reward_index: int | torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Run a reward model once and return ``(scores [B] float32, credit [B, L] float32)``: its score and ABC's
     credit, the share of each completion token.
 
@@ -99,8 +115,9 @@ def score_with_credit(model: PreTrainedModel, input_ids: torch.Tensor, attention
             refuse (a row of ``completion_mask`` with no token, NaN attention).
     """
     _completion_mask(input_ids, completion_mask)
-    return _score_with_credit(model, input_ids, attention_mask, completion_mask, layer, reward_index,
-                              "score_with_credit")
+    return _score_with_credit(
+        model, input_ids, attention_mask, completion_mask, layer, reward_index, "score_with_credit"
+    )
 
 
 def _score_with_credit(model, input_ids, attention_mask, completion_mask, layer, reward_index, caller: str):
@@ -134,11 +151,16 @@ def _refuse_unread(model, input_ids, attention_mask, mask, reward_index) -> None
         pooled = _last_non_pad(input_ids.to(mask.device), pad_token_id)
         positions = torch.arange(mask.shape[1], device=mask.device)
         read = (mask & (positions[None, :] <= pooled[:, None])).any(dim=1)
-        problems.append(("only tokens after the position the reward model reads its score from (its last non-pad "
-                         "token)", mask.any(dim=1) & ~read))
+        problems.append(
+            (
+                "only tokens after the position the reward model reads its score from (its last non-pad token)",
+                mask.any(dim=1) & ~read,
+            )
+        )
     for what, rows in problems:
         bad = rows.nonzero().flatten().tolist()
         if bad:
-            raise ValueError(f"score_and_densify: completion_mask marks {what} in rows {bad[:10]}: the reward "
-                             "model's score does not reflect those tokens, so no reward can be put on them")
-
+            raise ValueError(
+                f"score_and_densify: completion_mask marks {what} in rows {bad[:10]}: the reward "
+                "model's score does not reflect those tokens, so no reward can be put on them"
+            )

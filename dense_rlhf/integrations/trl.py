@@ -63,8 +63,12 @@ def _check_trl_version() -> None:
     import trl
 
     if not trl.__version__.startswith(TESTED_TRL + "."):
-        warnings.warn(f"ABCGRPOTrainer overrides GRPOTrainer methods of trl {TESTED_TRL}; trl {trl.__version__} is "
-                      "installed and may have changed them", RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"ABCGRPOTrainer overrides GRPOTrainer methods of trl {TESTED_TRL}; trl {trl.__version__} is "
+            "installed and may have changed them",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 class ABCGRPOTrainer(GRPOTrainer):
@@ -87,17 +91,28 @@ class ABCGRPOTrainer(GRPOTrainer):
     ids that are not ints of its vocabulary, or a policy tokenizer with more tokens than its embeddings.
     """
 
-    def __init__(self, model: str | PreTrainedModel, reward_model: PreTrainedModel, *, scheme: str = "credit",
-                 credit_beta: float = 0.5, abc_beta: float = 0.8, reward_suffix_ids: list[int] | None = None,
-                 reward_layer: int = -1, **kwargs: Any):
+    def __init__(
+        self,
+        model: str | PreTrainedModel,
+        reward_model: PreTrainedModel,
+        *,
+        scheme: str = "credit",
+        credit_beta: float = 0.5,
+        abc_beta: float = 0.8,
+        reward_suffix_ids: list[int] | None = None,
+        reward_layer: int = -1,
+        **kwargs: Any,
+    ):
         _check_trl_version()
         for name in ("reward_funcs", "reward_processing_classes"):
             if kwargs.get(name) is not None:
                 raise TypeError(f"ABCGRPOTrainer computes the reward with reward_model; do not pass {name}")
         for name in ("tools", "environment_factory"):
             if kwargs.get(name):
-                raise ValueError(f"ABCGRPOTrainer does not support {name}: tool or environment tokens inside a "
-                                 "completion would take credit that the loss masks out")
+                raise ValueError(
+                    f"ABCGRPOTrainer does not support {name}: tool or environment tokens inside a "
+                    "completion would take credit that the loss masks out"
+                )
         if scheme not in grpo.SCHEMES:
             raise ValueError(f"scheme must be one of {grpo.SCHEMES}, got {scheme!r}")
         credit_beta, abc_beta = check_beta(credit_beta, "credit_beta"), check_beta(abc_beta, "abc_beta")
@@ -108,8 +123,9 @@ class ABCGRPOTrainer(GRPOTrainer):
             if args.reward_weights is not None:
                 raise ValueError("args.reward_weights must be None: the reward model is the only reward")
             if args.multi_objective_aggregation != "sum_then_normalize":
-                raise ValueError("args.multi_objective_aggregation must be 'sum_then_normalize': the reward model is "
-                                 "the only reward")
+                raise ValueError(
+                    "args.multi_objective_aggregation must be 'sum_then_normalize': the reward model is the only reward"
+                )
         self.abc_scheme = scheme
         self.abc_credit_beta = credit_beta
         self.abc_beta = abc_beta
@@ -129,8 +145,9 @@ class ABCGRPOTrainer(GRPOTrainer):
         self._abc_prompt_ids = [[int(t) for t in ids] for ids in result[0]]
         return result
 
-    def abc_reward(self, prompts: list, completions: list, completion_ids: list[list[int]],
-                   **kwargs: Any) -> list[float]:
+    def abc_reward(
+        self, prompts: list, completions: list, completion_ids: list[list[int]], **kwargs: Any
+    ) -> list[float]:
         """trl reward function: the reward model's score of each local completion. Keeps ABC's credit alpha
         [B, T] (completion-aligned, right-padded) and the completion mask for the advantages."""
         prompt_ids = self._abc_prompt_ids
@@ -157,8 +174,9 @@ class ABCGRPOTrainer(GRPOTrainer):
 
     # ---------------------------------------------------------------------------------------- the credit
 
-    def score_with_credit(self, prompt_ids: list[list[int]],
-                          completion_ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def score_with_credit(
+        self, prompt_ids: list[list[int]], completion_ids: list[list[int]]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Reward-model scores [B] and ABC's credit alpha [B, T] on the completion tokens (mask [B, T] bool, T the
         longest completion), from one reward-model forward over ``prompt + completion + suffix``, right-padded
         (:func:`dense_rlhf.capture.score_with_credit`)."""
@@ -170,8 +188,9 @@ class ABCGRPOTrainer(GRPOTrainer):
         completion_mask = torch.zeros(ids.shape, dtype=torch.bool)
         for i, (p, c) in enumerate(zip(prompt_ids, completion_ids)):
             completion_mask[i, len(p) : len(p) + len(c)] = True
-        scores, alpha_full = score_with_credit(rm, ids.to(device), attention_mask.long().to(device),
-                                               completion_mask.to(device), layer=self.abc_layer)  # [B], [B, L]
+        scores, alpha_full = score_with_credit(
+            rm, ids.to(device), attention_mask.long().to(device), completion_mask.to(device), layer=self.abc_layer
+        )  # [B], [B, L]
         # completion-aligned: alpha[i, t] = alpha_full[i, len(prompt_i) + t]
         mask = pad_rows(completion_ids, 0)[1].to(device)
         starts = torch.tensor([len(p) for p in prompt_ids], device=device)
@@ -179,8 +198,9 @@ class ABCGRPOTrainer(GRPOTrainer):
         alpha = alpha_full.gather(1, cols) * mask
         return scores, alpha, mask
 
-    def token_advantages(self, advantages: torch.Tensor, scores: torch.Tensor, alpha: torch.Tensor,
-                         mask: torch.Tensor) -> torch.Tensor:
+    def token_advantages(
+        self, advantages: torch.Tensor, scores: torch.Tensor, alpha: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
         """[B, T] advantages of the local completions. ``advantages``: trl's A_i [B] (schemes 1 and 2 weight
         them); scheme 3 needs every group member's credit and score, gathered across processes."""
         if self.abc_scheme == "plain":
@@ -194,8 +214,9 @@ class ABCGRPOTrainer(GRPOTrainer):
         all_alpha = acc.gather(acc.pad_across_processes(alpha, dim=1))
         all_mask = acc.gather(acc.pad_across_processes(mask, dim=1))
         all_scores = acc.gather(scores)
-        adv = grpo.token_advantages("dense", all_scores, all_alpha, all_mask, group_size, abc_beta=self.abc_beta,
-                                    scale=self.scale_rewards)
+        adv = grpo.token_advantages(
+            "dense", all_scores, all_alpha, all_mask, group_size, abc_beta=self.abc_beta, scale=self.scale_rewards
+        )
         start = acc.process_index * local
         return adv[start : start + local, :width]
 
@@ -205,12 +226,15 @@ def _check_reward_model(reward_model, reward_layer) -> int:
     layer ``reward_layer`` can be captured."""
     name = type(reward_model).__name__
     if not isinstance(reward_model, torch.nn.Module) or not name.endswith("ForSequenceClassification"):
-        raise TypeError(f"reward_model must be a transformers *ForSequenceClassification model with 1 or 2 labels, "
-                        f"got {name}")
+        raise TypeError(
+            f"reward_model must be a transformers *ForSequenceClassification model with 1 or 2 labels, got {name}"
+        )
     labels = getattr(getattr(reward_model, "config", None), "num_labels", None)
     if labels not in (1, 2):
-        raise ValueError(f"reward_model must have 1 label (the score) or 2 (logit[1] - logit[0]); {name} has "
-                         f"config.num_labels={labels}")
+        raise ValueError(
+            f"reward_model must have 1 label (the score) or 2 (logit[1] - logit[0]); {name} has "
+            f"config.num_labels={labels}"
+        )
     if isinstance(reward_layer, bool) or not isinstance(reward_layer, int):
         raise TypeError(f"reward_layer must be an int (negative counts from the end), got {reward_layer!r}")
     try:
@@ -222,8 +246,10 @@ def _check_reward_model(reward_model, reward_layer) -> int:
     embeddings = reward_model.get_input_embeddings()
     vocab = getattr(embeddings, "num_embeddings", None)
     if not isinstance(vocab, int):
-        raise TypeError(f"reward_model's input embeddings ({type(embeddings).__name__}) have no num_embeddings; "
-                        "ABCGRPOTrainer needs a token-id reward model")
+        raise TypeError(
+            f"reward_model's input embeddings ({type(embeddings).__name__}) have no num_embeddings; "
+            "ABCGRPOTrainer needs a token-id reward model"
+        )
     return vocab
 
 
@@ -238,8 +264,9 @@ def _check_suffix_ids(suffix_ids, reward_vocab: int) -> list[int]:
         raise TypeError(f"reward_suffix_ids must hold ints (token ids of the reward model), got {bad[:5]}")
     outside = [i for i in ids if not 0 <= i < reward_vocab]
     if outside:
-        raise ValueError(f"reward_suffix_ids {outside[:5]} are outside the reward model's vocabulary "
-                         f"(0 .. {reward_vocab - 1})")
+        raise ValueError(
+            f"reward_suffix_ids {outside[:5]} are outside the reward model's vocabulary (0 .. {reward_vocab - 1})"
+        )
     return ids
 
 
@@ -251,9 +278,11 @@ def _check_policy_vocabulary(processing_class, reward_vocab: int) -> None:
     except TypeError:
         return
     if size > reward_vocab:
-        raise ValueError(f"reward_model has {reward_vocab} token embeddings but the policy's tokenizer "
-                         f"(processing_class) has {size} tokens: the reward model reads the policy's token ids, so "
-                         "its vocabulary must cover the tokenizer's (same tokenizer, or resize its embeddings)")
+        raise ValueError(
+            f"reward_model has {reward_vocab} token embeddings but the policy's tokenizer "
+            f"(processing_class) has {size} tokens: the reward model reads the policy's token ids, so "
+            "its vocabulary must cover the tokenizer's (same tokenizer, or resize its embeddings)"
+        )
 
 
 def _pad_columns(x: torch.Tensor, width: int) -> torch.Tensor:

@@ -28,8 +28,15 @@ import torch
 from dense_rlhf._padding import pad_rows
 from dense_rlhf.align.scoring import _score_text, _TextScores
 from dense_rlhf.integrations.verl_config import (  # noqa: F401  (the estimator sets: re-exported)
-    MODULE_PATH, SEQUENCE_SUM_ESTIMATORS, TOKEN_LEVEL_ESTIMATORS, ABCSettings, ServedSettings, check_algorithm,
-    check_routing, check_served)
+    MODULE_PATH,
+    SEQUENCE_SUM_ESTIMATORS,
+    TOKEN_LEVEL_ESTIMATORS,
+    ABCSettings,
+    ServedSettings,
+    check_algorithm,
+    check_routing,
+    check_served,
+)
 from dense_rlhf.integrations.vllm import ServedRewardModel, _run
 
 try:
@@ -43,9 +50,19 @@ if TYPE_CHECKING:
     from omegaconf import DictConfig
     from transformers import PreTrainedTokenizerBase
 
-__all__ = ["ABCRewardManager", "ABCSettings", "SampleResult", "ServedPrefixRewardManager", "ServedSettings",
-           "TokenRewardManagerBase", "check_algorithm", "check_routing", "check_served", "compute_score",
-           "load_reward_model"]
+__all__ = [
+    "ABCRewardManager",
+    "ABCSettings",
+    "SampleResult",
+    "ServedPrefixRewardManager",
+    "ServedSettings",
+    "TokenRewardManagerBase",
+    "check_algorithm",
+    "check_routing",
+    "check_served",
+    "compute_score",
+    "load_reward_model",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -55,9 +72,11 @@ def compute_score(*args: Any, **kwargs: Any) -> NoReturn:
     ``run_single`` only when that path is set, and loads this function from it. ``ABCRewardManager`` and
     ``ServedPrefixRewardManager`` score with the reward model and never call it; another manager that does gets this
     error."""
-    raise RuntimeError("dense_rlhf.integrations.verl.compute_score only routes verl's reward loop to "
-                       "ABCRewardManager or ServedPrefixRewardManager (reward.reward_manager.name=...); it computes "
-                       "no score")
+    raise RuntimeError(
+        "dense_rlhf.integrations.verl.compute_score only routes verl's reward loop to "
+        "ABCRewardManager or ServedPrefixRewardManager (reward.reward_manager.name=...); it computes "
+        "no score"
+    )
 
 
 _MODELS: dict[tuple[str, str, str], torch.nn.Module] = {}
@@ -101,14 +120,15 @@ class _MicroBatcher:
     def _flush(self, loop) -> None:
         pending, self._pending = self._pending, []
         for start in range(0, len(pending), self._max_batch):
-            task = loop.create_task(self._run(pending[start:start + self._max_batch]))
+            task = loop.create_task(self._run(pending[start : start + self._max_batch]))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
 
     async def _run(self, chunk) -> None:
         try:
             results = await asyncio.get_running_loop().run_in_executor(
-                None, self._score_batch, [item for item, _ in chunk])
+                None, self._score_batch, [item for item, _ in chunk]
+            )
         except BaseException as error:  # every waiting sample gets the error
             for _, future in chunk:
                 if not future.done():
@@ -149,8 +169,15 @@ class TokenRewardManagerBase(RewardManagerBase):
 
     extra_prefix = "abc"
 
-    def __init__(self, config: DictConfig, tokenizer: PreTrainedTokenizerBase, compute_score: Callable | None = None, *,
-                 reward_model_tokenizer: PreTrainedTokenizerBase | None, batch_size: int):
+    def __init__(
+        self,
+        config: DictConfig,
+        tokenizer: PreTrainedTokenizerBase,
+        compute_score: Callable | None = None,
+        *,
+        reward_model_tokenizer: PreTrainedTokenizerBase | None,
+        batch_size: int,
+    ):
         super().__init__(config, tokenizer, compute_score)
         check_routing(config, type(self).__name__)
         check_algorithm(config)
@@ -179,8 +206,9 @@ class TokenRewardManagerBase(RewardManagerBase):
                 if j in out.failed:
                     results[i] = SampleResult(None, math.nan, error=out.failed[j])
                 else:
-                    results[i] = SampleResult(out.rewards[j, :lengths[j]].float().cpu(), float(out.scores[j]),
-                                              fallback=out.unmapped.get(j))
+                    results[i] = SampleResult(
+                        out.rewards[j, : lengths[j]].float().cpu(), float(out.scores[j]), fallback=out.unmapped.get(j)
+                    )
         return results
 
     def _sample(self, data: DataProto):
@@ -194,13 +222,16 @@ class TokenRewardManagerBase(RewardManagerBase):
         attention_mask = item.batch["attention_mask"]
         response_ids = item.batch["responses"]
         if attention_mask.shape[-1] != prompt_length + response_ids.shape[-1]:
-            raise ValueError(f"attention_mask has {attention_mask.shape[-1]} positions, prompts + responses "
-                             f"{prompt_length + response_ids.shape[-1]}")
+            raise ValueError(
+                f"attention_mask has {attention_mask.shape[-1]} positions, prompts + responses "
+                f"{prompt_length + response_ids.shape[-1]}"
+            )
         response_mask = attention_mask[prompt_length:].bool()
         n = int(response_mask.sum())
         if n == 0 or not bool(response_mask[:n].all()):
-            raise ValueError("the response must be right-padded and non-empty (attention_mask after the prompt: "
-                             "ones, then zeros)")
+            raise ValueError(
+                "the response must be right-padded and non-empty (attention_mask after the prompt: ones, then zeros)"
+            )
         raw_prompt = item.non_tensor_batch.get("raw_prompt")
         if raw_prompt is not None and getattr(self.reward_model_tokenizer, "chat_template", None):
             prompt = [dict(message) for message in raw_prompt]
@@ -212,13 +243,19 @@ class TokenRewardManagerBase(RewardManagerBase):
     async def run_single(self, data: DataProto) -> dict:
         prompt, response_ids = self._sample(data)
         result = await self._batcher.submit((prompt, response_ids))
-        extra = {f"{self.extra_prefix}_score": result.score,
-                 f"{self.extra_prefix}_fallback": int(result.fallback is not None)}
+        extra = {
+            f"{self.extra_prefix}_score": result.score,
+            f"{self.extra_prefix}_fallback": int(result.fallback is not None),
+        }
         if result.error is not None:  # raised by assemble_rm_scores, which knows the sample's index
             return {"reward_score": {"error": result.error}, "reward_extra_info": extra}
         if result.fallback is not None:
-            logger.warning("%s: sparse reward (score %.4g on the last token) for a sample whose credit cannot be "
-                           "mapped: %s", type(self).__name__, result.score, result.fallback)
+            logger.warning(
+                "%s: sparse reward (score %.4g on the last token) for a sample whose credit cannot be mapped: %s",
+                type(self).__name__,
+                result.score,
+                result.fallback,
+            )
         return {"reward_score": result.rewards.tolist(), "reward_extra_info": extra}
 
     @classmethod
@@ -237,9 +274,11 @@ class TokenRewardManagerBase(RewardManagerBase):
                 raise ValueError(f"{cls.__name__}: sample {i} of the batch could not be scored: {row['error']}")
             row = torch.as_tensor(row, dtype=torch.float32)
             if row.dim() != 1:
-                raise ValueError(f"sample {i}'s reward_score is a scalar, not per-token rewards: verl did not call "
-                                 f"{cls.__name__}.run_single for it (set reward.custom_reward_function.path="
-                                 f"{MODULE_PATH})")
+                raise ValueError(
+                    f"sample {i}'s reward_score is a scalar, not per-token rewards: verl did not call "
+                    f"{cls.__name__}.run_single for it (set reward.custom_reward_function.path="
+                    f"{MODULE_PATH})"
+                )
             if row.numel() != n:
                 raise ValueError(f"sample {i} has {row.numel()} per-token rewards but {n} valid response tokens")
             rm_scores[i, :n] = row.to(rm_scores.device)
@@ -257,12 +296,22 @@ class ABCRewardManager(TokenRewardManagerBase):
     credit cannot be mapped gets the sparse reward and ``abc_fallback: 1`` (see :class:`TokenRewardManagerBase`).
     """
 
-    def __init__(self, config: DictConfig, tokenizer: PreTrainedTokenizerBase, compute_score: Callable | None = None,
-                 reward_router_address: str | None = None,
-                 reward_model_tokenizer: PreTrainedTokenizerBase | None = None):
+    def __init__(
+        self,
+        config: DictConfig,
+        tokenizer: PreTrainedTokenizerBase,
+        compute_score: Callable | None = None,
+        reward_router_address: str | None = None,
+        reward_model_tokenizer: PreTrainedTokenizerBase | None = None,
+    ):
         settings = ABCSettings.from_config(config)
-        super().__init__(config, tokenizer, compute_score, reward_model_tokenizer=reward_model_tokenizer,
-                         batch_size=settings.batch_size)
+        super().__init__(
+            config,
+            tokenizer,
+            compute_score,
+            reward_model_tokenizer=reward_model_tokenizer,
+            batch_size=settings.batch_size,
+        )
         self.settings = settings
         if self.reward_model_tokenizer is None:
             from transformers import AutoTokenizer
@@ -275,10 +324,18 @@ class ABCRewardManager(TokenRewardManagerBase):
     def score_texts(self, prompts: list, response_ids: torch.Tensor, response_mask: torch.Tensor) -> _TextScores:
         """One reward-model forward, in this process, with the attention capture."""
         with _FORWARD_LOCKS[id(self.reward_model)]:
-            return _score_text(self.reward_model, self.reward_model_tokenizer, prompts, response_ids,
-                               policy_tokenizer=self.tokenizer, response_mask=response_mask,
-                               beta=float(self.settings.beta), layer=int(self.settings.layer),
-                               max_length=self.settings.max_length, strict=False)
+            return _score_text(
+                self.reward_model,
+                self.reward_model_tokenizer,
+                prompts,
+                response_ids,
+                policy_tokenizer=self.tokenizer,
+                response_mask=response_mask,
+                beta=float(self.settings.beta),
+                layer=int(self.settings.layer),
+                max_length=self.settings.max_length,
+                strict=False,
+            )
 
 
 @register("served_prefix")
@@ -297,27 +354,53 @@ class ServedPrefixRewardManager(TokenRewardManagerBase):
 
     extra_prefix = "prefix"
 
-    def __init__(self, config: DictConfig, tokenizer: PreTrainedTokenizerBase, compute_score: Callable | None = None,
-                 reward_router_address: str | None = None,
-                 reward_model_tokenizer: PreTrainedTokenizerBase | None = None):
+    def __init__(
+        self,
+        config: DictConfig,
+        tokenizer: PreTrainedTokenizerBase,
+        compute_score: Callable | None = None,
+        reward_router_address: str | None = None,
+        reward_model_tokenizer: PreTrainedTokenizerBase | None = None,
+    ):
         settings = ServedSettings.from_config(config)
         check_served(config)
-        super().__init__(config, tokenizer, compute_score, reward_model_tokenizer=reward_model_tokenizer,
-                         batch_size=settings.batch_size)
+        super().__init__(
+            config,
+            tokenizer,
+            compute_score,
+            reward_model_tokenizer=reward_model_tokenizer,
+            batch_size=settings.batch_size,
+        )
         if not reward_router_address:
-            raise ValueError("ServedPrefixRewardManager got no reward_router_address: verl passes its reward-model "
-                             "router's address to the manager when reward.reward_model.enable=True")
+            raise ValueError(
+                "ServedPrefixRewardManager got no reward_router_address: verl passes its reward-model "
+                "router's address to the manager when reward.reward_model.enable=True"
+            )
         self.settings = settings
         if self.reward_model_tokenizer is None:
             from transformers import AutoTokenizer
 
             self.reward_model_tokenizer = AutoTokenizer.from_pretrained(config.reward.reward_model.model_path)
-        self.client = ServedRewardModel(reward_router_address, settings.model, timeout=settings.timeout,
-                                        max_retries=settings.max_retries, backoff=settings.backoff)
+        self.client = ServedRewardModel(
+            reward_router_address,
+            settings.model,
+            timeout=settings.timeout,
+            max_retries=settings.max_retries,
+            backoff=settings.backoff,
+        )
 
     def score_texts(self, prompts: list, response_ids: torch.Tensor, response_mask: torch.Tensor) -> _TextScores:
         """One request to the server for the batch (this runs in a worker thread: the client's own event loop)."""
-        return _run(self.client._ascore_text(
-            self.reward_model_tokenizer, prompts, response_ids, policy_tokenizer=self.tokenizer,
-            response_mask=response_mask, beta=float(self.settings.beta), method=self.settings.method,
-            max_length=self.settings.max_length, strict=False))
+        return _run(
+            self.client._ascore_text(
+                self.reward_model_tokenizer,
+                prompts,
+                response_ids,
+                policy_tokenizer=self.tokenizer,
+                response_mask=response_mask,
+                beta=float(self.settings.beta),
+                method=self.settings.method,
+                max_length=self.settings.max_length,
+                strict=False,
+            )
+        )

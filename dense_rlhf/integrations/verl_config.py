@@ -21,8 +21,16 @@ from dense_rlhf.ops import check_beta
 if TYPE_CHECKING:
     from omegaconf import DictConfig  # verl's configuration
 
-__all__ = ["ABCSettings", "ServedSettings", "check_algorithm", "check_routing", "check_served", "MODULE_PATH",
-           "SEQUENCE_SUM_ESTIMATORS", "TOKEN_LEVEL_ESTIMATORS"]
+__all__ = [
+    "ABCSettings",
+    "ServedSettings",
+    "check_algorithm",
+    "check_routing",
+    "check_served",
+    "MODULE_PATH",
+    "SEQUENCE_SUM_ESTIMATORS",
+    "TOKEN_LEVEL_ESTIMATORS",
+]
 
 MODULE_PATH = "pkg://dense_rlhf.integrations.verl"
 """Where verl loads the managers and :func:`dense_rlhf.integrations.verl.compute_score` from."""
@@ -31,15 +39,29 @@ MODULE_PATH = "pkg://dense_rlhf.integrations.verl"
 # These start from each row's sum, ``token_level_rewards.sum(dim=-1)`` (gdpo through
 # compute_grpo_outcome_advantage, or per-key scalars on the last token), so per-token rewards reach them only as
 # that sum:
-SEQUENCE_SUM_ESTIMATORS = frozenset({"grpo", "grpo_vectorized", "gdpo", "grpo_passk", "reinforce_plus_plus_baseline",
-                                     "rloo", "rloo_vectorized", "opo", "gpg"})
+SEQUENCE_SUM_ESTIMATORS = frozenset(
+    {
+        "grpo",
+        "grpo_vectorized",
+        "gdpo",
+        "grpo_passk",
+        "reinforce_plus_plus_baseline",
+        "rloo",
+        "rloo_vectorized",
+        "opo",
+        "gpg",
+    }
+)
 # These use per-token rewards: GAE (with a critic), and returns-to-go (reverse cumulative sums) with a baseline:
-TOKEN_LEVEL_ESTIMATORS = frozenset({"gae", "reinforce_plus_plus", "remax", "optimal_token_baseline",
-                                    "tir_optimal_token_baseline"})
-_ESTIMATOR_FIX = ("set algorithm.adv_estimator=gae (PPO with a critic), or a critic-free estimator that keeps "
-                  "per-token returns: reinforce_plus_plus, remax, or optimal_token_baseline (with "
-                  "actor_rollout_ref.actor.calculate_sum_pi_squared=True); for GRPO with ABC's credit per token, see "
-                  "dense_rlhf.integrations.trl.ABCGRPOTrainer")
+TOKEN_LEVEL_ESTIMATORS = frozenset(
+    {"gae", "reinforce_plus_plus", "remax", "optimal_token_baseline", "tir_optimal_token_baseline"}
+)
+_ESTIMATOR_FIX = (
+    "set algorithm.adv_estimator=gae (PPO with a critic), or a critic-free estimator that keeps "
+    "per-token returns: reinforce_plus_plus, remax, or optimal_token_baseline (with "
+    "actor_rollout_ref.actor.calculate_sum_pi_squared=True); for GRPO with ABC's credit per token, see "
+    "dense_rlhf.integrations.trl.ABCGRPOTrainer"
+)
 
 
 @dataclass(frozen=True)
@@ -67,14 +89,16 @@ class ABCSettings:
     def from_config(cls, config: DictConfig) -> ABCSettings:
         model_path = config.reward.reward_model.get("model_path")
         if not model_path:
-            raise ValueError("reward.reward_model.model_path is not set: ABCRewardManager loads the reward model "
-                             "from it")
+            raise ValueError(
+                "reward.reward_model.model_path is not set: ABCRewardManager loads the reward model from it"
+            )
         kwargs = dict(config.reward.get("reward_kwargs") or {})
         known = {f.name for f in fields(cls)} - {"model_path"}
         unknown = sorted(set(kwargs) - known)
         if unknown:
-            raise ValueError(f"reward.reward_kwargs has keys ABCRewardManager does not know: {unknown}; "
-                             f"it reads {sorted(known)}")
+            raise ValueError(
+                f"reward.reward_kwargs has keys ABCRewardManager does not know: {unknown}; it reads {sorted(known)}"
+            )
         settings = cls(model_path=str(model_path), **kwargs)
         check_beta(settings.beta, "reward.reward_kwargs.beta")
         if not isinstance(getattr(torch, settings.dtype, None), torch.dtype):
@@ -98,15 +122,21 @@ def check_routing(config: DictConfig, manager: str = "ABCRewardManager") -> None
     reward = config.reward
     problems = []
     if not reward.reward_model.get("enable"):
-        problems.append("reward.reward_model.enable=True (without it verl's agent loop places one scalar per "
-                        "sample on the last token and never calls assemble_rm_scores)")
+        problems.append(
+            "reward.reward_model.enable=True (without it verl's agent loop places one scalar per "
+            "sample on the last token and never calls assemble_rm_scores)"
+        )
     if reward.reward_model.get("enable_resource_pool"):
-        problems.append("reward.reward_model.enable_resource_pool=False (a standalone reward pool makes verl score "
-                        "in the agent loop, one scalar per sample)")
+        problems.append(
+            "reward.reward_model.enable_resource_pool=False (a standalone reward pool makes verl score "
+            "in the agent loop, one scalar per sample)"
+        )
     if not reward.get("custom_reward_function", {}).get("path"):
-        problems.append(f"reward.custom_reward_function.path={MODULE_PATH} and reward.custom_reward_function.name="
-                        "compute_score (without a path verl's worker asks the served reward model for a scalar and "
-                        "never calls run_single)")
+        problems.append(
+            f"reward.custom_reward_function.path={MODULE_PATH} and reward.custom_reward_function.name="
+            "compute_score (without a path verl's worker asks the served reward model for a scalar and "
+            "never calls run_single)"
+        )
     if problems:
         raise ValueError(f"{manager} is not reached by this verl configuration; set " + "; ".join(problems))
 
@@ -124,17 +154,23 @@ def check_algorithm(config: DictConfig) -> None:
     estimator = algorithm.get("adv_estimator", "gae")
     estimator = str(getattr(estimator, "value", estimator))
     if estimator in SEQUENCE_SUM_ESTIMATORS:
-        raise ValueError(f"algorithm.adv_estimator={estimator} reduces each row of token-level rewards to its sum "
-                         "(token_level_rewards.sum(dim=-1) in verl's core_algos), so the per-token credit would be "
-                         f"discarded and training would equal the sparse reward; {_ESTIMATOR_FIX}")
+        raise ValueError(
+            f"algorithm.adv_estimator={estimator} reduces each row of token-level rewards to its sum "
+            "(token_level_rewards.sum(dim=-1) in verl's core_algos), so the per-token credit would be "
+            f"discarded and training would equal the sparse reward; {_ESTIMATOR_FIX}"
+        )
     if estimator not in TOKEN_LEVEL_ESTIMATORS:
-        raise ValueError(f"algorithm.adv_estimator={estimator} is not one of the estimators dense-rlhf has checked "
-                         f"keep per-token rewards ({sorted(TOKEN_LEVEL_ESTIMATORS)}, from verl 0.9.1); "
-                         f"{_ESTIMATOR_FIX}")
+        raise ValueError(
+            f"algorithm.adv_estimator={estimator} is not one of the estimators dense-rlhf has checked "
+            f"keep per-token rewards ({sorted(TOKEN_LEVEL_ESTIMATORS)}, from verl 0.9.1); "
+            f"{_ESTIMATOR_FIX}"
+        )
     gamma = algorithm.get("gamma", 1.0)
     if gamma is None or float(gamma) != 1.0:
-        raise ValueError(f"algorithm.gamma={gamma}: the per-token rewards of a row sum to the reward model's score "
-                         "only undiscounted; set algorithm.gamma=1.0")
+        raise ValueError(
+            f"algorithm.gamma={gamma}: the per-token rewards of a row sum to the reward model's score "
+            "only undiscounted; set algorithm.gamma=1.0"
+        )
 
 
 @dataclass(frozen=True)
@@ -162,14 +198,20 @@ class ServedSettings:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(kwargs) - known)
         if unknown:
-            raise ValueError(f"reward.reward_kwargs has keys ServedPrefixRewardManager does not know: {unknown}; "
-                             f"it reads {sorted(known)}")
+            raise ValueError(
+                f"reward.reward_kwargs has keys ServedPrefixRewardManager does not know: {unknown}; "
+                f"it reads {sorted(known)}"
+            )
         settings = cls(**kwargs)
         if settings.method not in ("prefix", "sparse", "uniform"):
-            extra = " (a served reward model exposes no attention: ABC runs in ABCRewardManager)" \
-                if settings.method == "abc" else ""
-            raise ValueError(f"reward.reward_kwargs.method must be 'prefix', 'sparse' or 'uniform', got "
-                             f"{settings.method!r}{extra}")
+            extra = (
+                " (a served reward model exposes no attention: ABC runs in ABCRewardManager)"
+                if settings.method == "abc"
+                else ""
+            )
+            raise ValueError(
+                f"reward.reward_kwargs.method must be 'prefix', 'sparse' or 'uniform', got {settings.method!r}{extra}"
+            )
         check_beta(settings.beta, "reward.reward_kwargs.beta")
         if int(settings.batch_size) < 1:
             raise ValueError(f"reward.reward_kwargs.batch_size must be at least 1, got {settings.batch_size}")
@@ -183,8 +225,10 @@ def check_served(config: DictConfig) -> None:
     rollout = config.reward.reward_model.get("rollout") or {}
     problems = []
     if rollout.get("name") != "vllm":
-        problems.append(f"reward.reward_model.rollout.name=vllm (got {rollout.get('name')!r}: prefix scores come from "
-                        "vLLM's token_classify pooling)")
+        problems.append(
+            f"reward.reward_model.rollout.name=vllm (got {rollout.get('name')!r}: prefix scores come from "
+            "vLLM's token_classify pooling)"
+        )
     pooler = ((rollout.get("engine_kwargs") or {}).get("vllm") or {}).get("pooler_config")
     if isinstance(pooler, str):
         try:
@@ -193,8 +237,12 @@ def check_served(config: DictConfig) -> None:
             pooler = None
     task = pooler.get("task") if isinstance(pooler, Mapping) else None
     if task != "token_classify":
-        problems.append(f"+{VERL_POOLER_CONFIG_KEY}='{POOLER_CONFIG}' (got {pooler!r}; without it vLLM's server "
-                        "answers /classify with one score per sample and refuses the per-token scores)")
+        problems.append(
+            f"+{VERL_POOLER_CONFIG_KEY}='{POOLER_CONFIG}' (got {pooler!r}; without it vLLM's server "
+            "answers /classify with one score per sample and refuses the per-token scores)"
+        )
     if problems:
-        raise ValueError("ServedPrefixRewardManager needs verl's reward-model server to give per-token scores; set "
-                         + "; ".join(problems))
+        raise ValueError(
+            "ServedPrefixRewardManager needs verl's reward-model server to give per-token scores; set "
+            + "; ".join(problems)
+        )

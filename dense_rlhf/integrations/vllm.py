@@ -33,8 +33,20 @@ import torch
 from dense_rlhf.align.render import Prompts
 from dense_rlhf.align.scoring import _finish_text, _prepare_text
 from dense_rlhf.integrations.vllm_messages import (
-    _MAX_BACKOFF_S, _RETRIED_STATUS, POOLER_CONFIG, VERL_POOLER_CONFIG_KEY, ServedRewardModelError, _check_batch,
-    TokenRows, _check_method, _check_number, _error_text, _Permanent, _prefix_rows, _token_rows)
+    _MAX_BACKOFF_S,
+    _RETRIED_STATUS,
+    POOLER_CONFIG,
+    VERL_POOLER_CONFIG_KEY,
+    ServedRewardModelError,
+    TokenRows,
+    _check_batch,
+    _check_method,
+    _check_number,
+    _error_text,
+    _Permanent,
+    _prefix_rows,
+    _token_rows,
+)
 from dense_rlhf.ops import check_beta, prefix_rewards, sparse_rewards, uniform_rewards
 
 try:
@@ -79,8 +91,15 @@ class ServedRewardModel:
     ``"use_activation": false``, so the values are the head's raw logits whatever the server's default.
     """
 
-    def __init__(self, base_url: str, model: str | None = None, *, timeout: float = 60.0, max_retries: int = 3,
-                 backoff: float = 0.5):
+    def __init__(
+        self,
+        base_url: str,
+        model: str | None = None,
+        *,
+        timeout: float = 60.0,
+        max_retries: int = 3,
+        backoff: float = 0.5,
+    ):
         if not isinstance(base_url, str) or not base_url.strip():
             raise TypeError(f"base_url must be a non-empty string such as 'http://127.0.0.1:8000', got {base_url!r}")
         base_url = base_url.strip().rstrip("/")
@@ -121,8 +140,11 @@ class ServedRewardModel:
                         try:
                             return json.loads(body)
                         except ValueError:
-                            raise ServedRewardModelError(f"{method} {url} answered 200 with a body that is not "
-                                                         f"JSON: {body[:200]!r}", url=url, status=200) from None
+                            raise ServedRewardModelError(
+                                f"{method} {url} answered 200 with a body that is not JSON: {body[:200]!r}",
+                                url=url,
+                                status=200,
+                            ) from None
                     message, param = _error_text(body)
                     if reply.status not in _RETRIED_STATUS:
                         raise _Permanent(reply.status, message, param)
@@ -134,7 +156,9 @@ class ServedRewardModel:
         raise ServedRewardModelError(
             f"{method} {url} failed after {attempts} attempt{'s' if attempts > 1 else ''} (max_retries="
             f"{self.max_retries}); last: {last}. Is the reward-model server running at {self.base_url}?",
-            url=url, status=status)
+            url=url,
+            status=status,
+        )
 
     async def _served_models(self, session) -> dict:
         """``{name: max_model_len or None}`` of the models ``GET /v1/models`` lists (asked once)."""
@@ -152,13 +176,18 @@ class ServedRewardModel:
         try:
             served = list(await self._served_models(session))
         except _Permanent as error:
-            raise ServedRewardModelError(f"GET {url} answered HTTP {error.status}: {error.message}; pass model= (the "
-                                         "served model's name)", url=url, status=error.status) from None
+            raise ServedRewardModelError(
+                f"GET {url} answered HTTP {error.status}: {error.message}; pass model= (the served model's name)",
+                url=url,
+                status=error.status,
+            ) from None
         if not served:
             raise ServedRewardModelError(f"GET {url} listed no model; pass model= (the served model's name)", url=url)
         if len(served) != 1:
-            raise ServedRewardModelError(f"the server at {self.base_url} serves {len(served)} models ({served}); pass "
-                                         "model= to choose one", url=url)
+            raise ServedRewardModelError(
+                f"the server at {self.base_url} serves {len(served)} models ({served}); pass model= to choose one",
+                url=url,
+            )
         self.model = served[0]
         return self.model
 
@@ -189,7 +218,9 @@ class ServedRewardModel:
                 f"rewards need (HTTP {error.status}: {error.message}). Start vLLM with --pooler-config "
                 f"'{POOLER_CONFIG}' (in verl 0.9.x: +{VERL_POOLER_CONFIG_KEY}='{POOLER_CONFIG}'); one vLLM server "
                 "answers one pooling task, so it then answers /pooling for token_classify and no longer /classify",
-                url=url, status=error.status)
+                url=url,
+                status=error.status,
+            )
         if error.status == 404 and "does not exist" in error.message:
             self._listing = None  # the server may have been restarted with another model
             try:
@@ -199,14 +230,21 @@ class ServedRewardModel:
             listing = f"it serves {served}" if served else "see GET /v1/models"
             return ServedRewardModelError(
                 f"the server at {self.base_url} has no model named {self.model!r} ({listing}); pass one of its names "
-                "as model=, or None to take the one it serves", url=url, status=404)
+                "as model=, or None to take the one it serves",
+                url=url,
+                status=404,
+            )
         if error.status == 404:
             return ServedRewardModelError(
                 f"POST {url} answered HTTP 404 ({error.message}): the server has no pooling API. Serve the reward "
                 f"model as a pooling model: vLLM with --runner pooling --pooler-config '{POOLER_CONFIG}' (a "
-                "*ForSequenceClassification checkpoint selects the pooling runner by itself)", url=url, status=404)
-        return ServedRewardModelError(f"POST {url} answered HTTP {error.status}: {error.message}", url=url,
-                                      status=error.status)
+                "*ForSequenceClassification checkpoint selects the pooling runner by itself)",
+                url=url,
+                status=404,
+            )
+        return ServedRewardModelError(
+            f"POST {url} answered HTTP {error.status}: {error.message}", url=url, status=error.status
+        )
 
     # ------------------------------------------------------------------------------------------ public API
 
@@ -237,9 +275,15 @@ class ServedRewardModel:
         """
         return _run(self.aprefix_scores(token_ids))
 
-    async def ascore_and_densify(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                                 completion_mask: torch.Tensor, *, method: str = "prefix",
-                                 beta: float = 0.8) -> tuple[torch.Tensor, torch.Tensor]:
+    async def ascore_and_densify(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        completion_mask: torch.Tensor,
+        *,
+        method: str = "prefix",
+        beta: float = 0.8,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Async :meth:`score_and_densify`."""
         _check_method(method)
         beta = check_beta(beta)
@@ -266,8 +310,15 @@ class ServedRewardModel:
             rewards = uniform_rewards(scores.to(device), completion)
         return scores.to(device), rewards
 
-    def score_and_densify(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor,
-                          *, method: str = "prefix", beta: float = 0.8) -> tuple[torch.Tensor, torch.Tensor]:
+    def score_and_densify(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        completion_mask: torch.Tensor,
+        *,
+        method: str = "prefix",
+        beta: float = 0.8,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """:func:`dense_rlhf.score_and_densify` with the forward on the server: ``(scores [B], rewards [B, L])``.
 
         Args:
@@ -287,25 +338,47 @@ class ServedRewardModel:
         """
         return _run(self.ascore_and_densify(input_ids, attention_mask, completion_mask, method=method, beta=beta))
 
-    async def _ascore_text(self, rm_tokenizer, prompts, response_ids, *, policy_tokenizer, response_mask, beta,
-                           method, max_length, strict: bool):
+    async def _ascore_text(
+        self,
+        rm_tokenizer,
+        prompts,
+        response_ids,
+        *,
+        policy_tokenizer,
+        response_mask,
+        beta,
+        method,
+        max_length,
+        strict: bool,
+    ):
         """The served twin of ``dense_rlhf.align.scoring._score_text``: the same preparation (decode, render,
         tokenise) and the same finish (projection, rewards), with the per-token scores from the server.
         ``strict=False``: rows that cannot be scored or mapped are reported (``failed``, ``unmapped``) instead of
         raising."""
         _check_method(method)
-        batch = _prepare_text(rm_tokenizer, prompts, response_ids, policy_tokenizer=policy_tokenizer,
-                              response_mask=response_mask, beta=beta, max_length=max_length, strict=strict,
-                              method=method)
+        batch = _prepare_text(
+            rm_tokenizer,
+            prompts,
+            response_ids,
+            policy_tokenizer=policy_tokenizer,
+            response_mask=response_mask,
+            beta=beta,
+            max_length=max_length,
+            strict=strict,
+            method=method,
+        )
         inputs = batch.inputs
         async with self._session() as session:
             limit = await self._max_model_len(session)
             for b, row in enumerate(inputs.rows):
                 if row is not None and limit is not None and len(row["input_ids"]) > limit:
-                    inputs.fail(b, f"the reward model's input has {len(row['input_ids'])} tokens but the server at "
-                                   f"{self.base_url} takes at most {limit} (its max_model_len); pass "
-                                   f"max_length={limit} (with rm_tokenizer.truncation_side = 'left' to cut the prompt) "
-                                   "or shorten the prompts")
+                    inputs.fail(
+                        b,
+                        f"the reward model's input has {len(row['input_ids'])} tokens but the server at "
+                        f"{self.base_url} takes at most {limit} (its max_model_len); pass "
+                        f"max_length={limit} (with rm_tokenizer.truncation_side = 'left' to cut the prompt) "
+                        "or shorten the prompts",
+                    )
             todo = [b for b, row in enumerate(inputs.rows) if row is not None]
             values = await self._pool(session, [inputs.rows[b]["input_ids"] for b in todo]) if todo else []
         results = {}
@@ -316,21 +389,44 @@ class ServedRewardModel:
             results[b] = (float(row[-1]), row)
         return _finish_text(batch, results, method)
 
-    async def ascore_and_densify_text(self, rm_tokenizer: PreTrainedTokenizerBase, prompts: Prompts,
-                                      response_ids: torch.Tensor, *, policy_tokenizer: PreTrainedTokenizerBase,
-                                      response_mask: torch.Tensor | None = None, beta: float = 0.8,
-                                      method: str = "prefix",
-                                      max_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    async def ascore_and_densify_text(
+        self,
+        rm_tokenizer: PreTrainedTokenizerBase,
+        prompts: Prompts,
+        response_ids: torch.Tensor,
+        *,
+        policy_tokenizer: PreTrainedTokenizerBase,
+        response_mask: torch.Tensor | None = None,
+        beta: float = 0.8,
+        method: str = "prefix",
+        max_length: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Async :meth:`score_and_densify_text`."""
-        result = await self._ascore_text(rm_tokenizer, prompts, response_ids, policy_tokenizer=policy_tokenizer,
-                                         response_mask=response_mask, beta=beta, method=method,
-                                         max_length=max_length, strict=True)
+        result = await self._ascore_text(
+            rm_tokenizer,
+            prompts,
+            response_ids,
+            policy_tokenizer=policy_tokenizer,
+            response_mask=response_mask,
+            beta=beta,
+            method=method,
+            max_length=max_length,
+            strict=True,
+        )
         return result.scores, result.rewards
 
-    def score_and_densify_text(self, rm_tokenizer: PreTrainedTokenizerBase, prompts: Prompts,
-                               response_ids: torch.Tensor, *, policy_tokenizer: PreTrainedTokenizerBase,
-                               response_mask: torch.Tensor | None = None, beta: float = 0.8, method: str = "prefix",
-                               max_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def score_and_densify_text(
+        self,
+        rm_tokenizer: PreTrainedTokenizerBase,
+        prompts: Prompts,
+        response_ids: torch.Tensor,
+        *,
+        policy_tokenizer: PreTrainedTokenizerBase,
+        response_mask: torch.Tensor | None = None,
+        beta: float = 0.8,
+        method: str = "prefix",
+        max_length: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """:func:`dense_rlhf.score_and_densify_text` with the reward model on the server: ``(scores [B],
         rewards [B, R])`` on the policy's response tokens, equal to the local call on the same weights for
         ``method="prefix"`` (default), ``"sparse"`` and ``"uniform"``.
@@ -353,6 +449,15 @@ class ServedRewardModel:
             what :func:`dense_rlhf.score_and_densify_text` raises for its arguments and rows (before any request),
             and ServedRewardModelError as :meth:`prefix_scores` does.
         """
-        return _run(self.ascore_and_densify_text(rm_tokenizer, prompts, response_ids, policy_tokenizer=policy_tokenizer,
-                                                 response_mask=response_mask, beta=beta, method=method,
-                                                 max_length=max_length))
+        return _run(
+            self.ascore_and_densify_text(
+                rm_tokenizer,
+                prompts,
+                response_ids,
+                policy_tokenizer=policy_tokenizer,
+                response_mask=response_mask,
+                beta=beta,
+                method=method,
+                max_length=max_length,
+            )
+        )

@@ -8,7 +8,6 @@ import json
 import math
 import numbers
 from collections.abc import Sequence
-from typing import Union
 
 import torch
 
@@ -19,7 +18,7 @@ POOLER_CONFIG = '{"task":"token_classify","use_activation":false}'
 """The value of vLLM's ``--pooler-config`` that makes a reward-model server answer ``token_classify``."""
 VERL_POOLER_CONFIG_KEY = "reward.reward_model.rollout.engine_kwargs.vllm.pooler_config"
 """Where verl 0.9.x takes that value from for the reward-model server it starts."""
-TokenRows = Union[Sequence[Sequence[int]], Sequence[torch.Tensor], torch.Tensor]
+TokenRows = Sequence[Sequence[int]] | Sequence[torch.Tensor] | torch.Tensor
 """A batch of token-id rows: lists of ints or 1-D integer tensors, or a [B, L] integer tensor."""
 METHODS = ("prefix", "sparse", "uniform")
 _RETRIED_STATUS = {408, 429, 500, 502, 503, 504}  # 501 (Not Implemented) is permanent
@@ -41,7 +40,6 @@ class _Permanent(Exception):
     def __init__(self, status: int, message: str, param):
         super().__init__(message)
         self.status, self.message, self.param = status, message, param
-
 
 
 def _error_text(body: str) -> tuple[str, object]:
@@ -84,8 +82,9 @@ def _token_rows(token_ids: TokenRows, argument: str = "token_ids") -> list[list[
     for b, row in enumerate(token_ids):
         if isinstance(row, torch.Tensor):
             if row.dim() != 1 or row.dtype.is_floating_point or row.dtype.is_complex or row.dtype == torch.bool:
-                raise TypeError(f"{argument}[{b}] must be a 1-D integer tensor, got {row.dtype} of shape "
-                                f"{tuple(row.shape)}")
+                raise TypeError(
+                    f"{argument}[{b}] must be a 1-D integer tensor, got {row.dtype} of shape {tuple(row.shape)}"
+                )
             row = row.tolist()
         if isinstance(row, (str, bytes)) or not isinstance(row, Sequence):
             raise TypeError(f"{argument}[{b}] must be a list of token ids, got {type(row).__name__}")
@@ -104,43 +103,53 @@ def _prefix_rows(reply, rows: list[list[int]], url: str) -> list[torch.Tensor]:
     data = reply.get("data") if isinstance(reply, dict) else None
     if not isinstance(data, list) or len(data) != len(rows):
         got = len(data) if isinstance(data, list) else type(data).__name__
-        raise ServedRewardModelError(f"POST {url} returned {got} results for {len(rows)} sequences", url=url,
-                                     status=200)
+        raise ServedRewardModelError(
+            f"POST {url} returned {got} results for {len(rows)} sequences", url=url, status=200
+        )
     out: list[torch.Tensor | None] = [None] * len(rows)
     for position, item in enumerate(data):
         index = item.get("index", position) if isinstance(item, dict) else None
         values = item.get("data") if isinstance(item, dict) else None
         if not isinstance(index, int) or not 0 <= index < len(rows) or out[index] is not None:
-            raise ServedRewardModelError(f"POST {url} returned a result with a bad index ({index!r})", url=url,
-                                         status=200)
+            raise ServedRewardModelError(
+                f"POST {url} returned a result with a bad index ({index!r})", url=url, status=200
+            )
         n = len(rows[index])
         if not isinstance(values, list) or len(values) != n:
             got = len(values) if isinstance(values, list) else type(values).__name__
             raise ServedRewardModelError(
                 f"POST {url} returned {got} per-token values for sequence {index}, which has {n} tokens: the "
                 "server does not apply the score head at every token (is its pooler token_classify with "
-                "tok_pooling_type ALL?) or truncated the input", url=url, status=200)
+                "tok_pooling_type ALL?) or truncated the input",
+                url=url,
+                status=200,
+            )
         try:
             logits = torch.tensor(values, dtype=torch.float32)
         except (TypeError, ValueError):
-            raise ServedRewardModelError(f"POST {url} returned values for sequence {index} that are not numbers",
-                                         url=url, status=200) from None
+            raise ServedRewardModelError(
+                f"POST {url} returned values for sequence {index} that are not numbers", url=url, status=200
+            ) from None
         if logits.dim() == 1:
             logits = logits[:, None]
         if logits.dim() != 2 or logits.shape[1] not in (1, 2):
             raise ServedRewardModelError(
                 f"POST {url} returned {tuple(logits.shape[1:])} values per token for sequence {index}; a reward "
-                "model has one logit (the score) or two (logit[1] - logit[0])", url=url, status=200)
+                "model has one logit (the score) or two (logit[1] - logit[0])",
+                url=url,
+                status=200,
+            )
         out[index] = _score_of(logits, "the served logits")
     return out
 
 
-
 def _check_method(method) -> None:
     if method == "abc":
-        raise ValueError("method='abc' needs the reward model's attention, which a served model does not expose; use "
-                         "method='prefix' (or 'sparse', 'uniform') here, or run ABC with the reward model in-process "
-                         "(dense_rlhf.score_and_densify or score_and_densify_text)")
+        raise ValueError(
+            "method='abc' needs the reward model's attention, which a served model does not expose; use "
+            "method='prefix' (or 'sparse', 'uniform') here, or run ABC with the reward model in-process "
+            "(dense_rlhf.score_and_densify or score_and_densify_text)"
+        )
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS} for a served reward model, got {method!r}")
 
@@ -166,4 +175,3 @@ def _check_batch(input_ids, attention_mask, completion_mask):
     if outside:
         raise ValueError(f"completion_mask marks padding (attention_mask False) in rows {outside[:10]}")
     return attention, completion
-

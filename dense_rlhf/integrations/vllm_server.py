@@ -29,8 +29,17 @@ from dense_rlhf.integrations.vllm import POOLER_CONFIG
 
 __all__ = ["LocalVLLMServer", "CPU_ARGS", "free_port"]
 
-CPU_ARGS = ("--dtype", "float32", "--max-model-len", "512", "--enforce-eager", "--gpu-memory-utilization", "0.1",
-            "--distributed-executor-backend", "uni")
+CPU_ARGS = (
+    "--dtype",
+    "float32",
+    "--max-model-len",
+    "512",
+    "--enforce-eager",
+    "--gpu-memory-utilization",
+    "0.1",
+    "--distributed-executor-backend",
+    "uni",
+)
 """Flags for a small reward model on vLLM's CPU backend: float32 weights (so that scores match a float32 forward
 in-process), eager mode (no compilation at start), one process for the model, and a KV cache of a tenth of the host
 memory (on the CPU backend ``--gpu-memory-utilization`` is the fraction of host memory; the default, 0.92, fails on
@@ -60,33 +69,54 @@ class LocalVLLMServer:
         env: extra environment variables for the process.
     """
 
-    def __init__(self, model_dir: str | os.PathLike, *, python: str | None = None, token_classify: bool = True,
-                 args: Sequence[str] = (), host: str = "127.0.0.1", port: int | None = None,
-                 log_path: str | os.PathLike | None = None, startup_timeout: float = 600.0, env: dict | None = None):
+    def __init__(
+        self,
+        model_dir: str | os.PathLike,
+        *,
+        python: str | None = None,
+        token_classify: bool = True,
+        args: Sequence[str] = (),
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        log_path: str | os.PathLike | None = None,
+        startup_timeout: float = 600.0,
+        env: dict | None = None,
+    ):
         self.model_dir = str(model_dir)
         self.python = python or sys.executable
         self.host, self.port = host, port or free_port(host)
         self.url = f"http://{host}:{self.port}"
         self.log_path = Path(log_path) if log_path is not None else Path(f"vllm-{self.port}.log")
         self.startup_timeout = float(startup_timeout)
-        self.command = [self.python, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model_dir,
-                        "--host", host, "--port", str(self.port), "--runner", "pooling"]
+        self.command = [
+            self.python,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            self.model_dir,
+            "--host",
+            host,
+            "--port",
+            str(self.port),
+            "--runner",
+            "pooling",
+        ]
         if token_classify:
             self.command += ["--pooler-config", POOLER_CONFIG]
         self.command += [str(a) for a in args]
-        self.env = {**os.environ, "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1",
-                    **(env or {})}
+        self.env = {**os.environ, "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
         self.process: subprocess.Popen | None = None
         self.started_s: float | None = None  # seconds from start() until it answered
 
-    def start(self) -> "LocalVLLMServer":
+    def start(self) -> LocalVLLMServer:
         """Start the process (returns at once; :meth:`wait` waits for it to answer)."""
         if self.process is not None:
             raise RuntimeError("this server was started already")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, env=self.env,
-                                            start_new_session=True)
+            self.process = subprocess.Popen(
+                self.command, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
+            )
         self._start_time = time.monotonic()
         return self
 
@@ -96,7 +126,7 @@ class LocalVLLMServer:
         except OSError:
             return "(no log)"
 
-    def wait(self) -> "LocalVLLMServer":
+    def wait(self) -> LocalVLLMServer:
         """Block until ``GET /health`` answers 200; RuntimeError with the log's end if the process exits first or
         ``startup_timeout`` passes."""
         if self.process is None:
@@ -104,9 +134,11 @@ class LocalVLLMServer:
         deadline = self._start_time + self.startup_timeout
         while True:
             if self.process.poll() is not None:
-                raise RuntimeError(f"the vLLM server ({' '.join(self.command)}) exited with code "
-                                   f"{self.process.returncode} before answering; the end of {self.log_path}:\n"
-                                   f"{self.log_tail()}")
+                raise RuntimeError(
+                    f"the vLLM server ({' '.join(self.command)}) exited with code "
+                    f"{self.process.returncode} before answering; the end of {self.log_path}:\n"
+                    f"{self.log_tail()}"
+                )
             try:
                 with urllib.request.urlopen(self.url + "/health", timeout=5) as reply:
                     if reply.status == 200:
@@ -116,8 +148,10 @@ class LocalVLLMServer:
                 pass
             if time.monotonic() > deadline:
                 self.stop()
-                raise RuntimeError(f"the vLLM server did not answer {self.url}/health within {self.startup_timeout} "
-                                   f"s; the end of {self.log_path}:\n{self.log_tail()}")
+                raise RuntimeError(
+                    f"the vLLM server did not answer {self.url}/health within {self.startup_timeout} "
+                    f"s; the end of {self.log_path}:\n{self.log_tail()}"
+                )
             time.sleep(0.5)
 
     def stop(self, grace_s: float = 30.0) -> None:
@@ -139,7 +173,7 @@ class LocalVLLMServer:
             pass
         self.process.wait()
 
-    def __enter__(self) -> "LocalVLLMServer":
+    def __enter__(self) -> LocalVLLMServer:
         if self.process is None:
             self.start()
         try:

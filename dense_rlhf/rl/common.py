@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -39,8 +40,9 @@ class Policy(nn.Module):
 
 
 @torch.no_grad()
-def generate(policy: Policy, prompts: torch.Tensor, n_new: int, gen: torch.Generator,
-             temperature: float = 1.0) -> torch.Tensor:
+def generate(
+    policy: Policy, prompts: torch.Tensor, n_new: int, gen: torch.Generator, temperature: float = 1.0
+) -> torch.Tensor:
     """Ancestral sampling, full vocabulary (no top-k/top-p), with the KV cache: y_t ~ pi(. | x, y_<t)."""
     ids, x, cache = prompts, prompts, None
     for _ in range(n_new):
@@ -59,8 +61,9 @@ def response_logprobs(logits: torch.Tensor, seq: torch.Tensor, prompt_len: int) 
 
 
 @torch.no_grad()
-def reference_logprobs(ref_lm: nn.Module, seq: torch.Tensor, prompt_len: int, temperature: float,
-                       logit_bias: torch.Tensor) -> torch.Tensor:
+def reference_logprobs(
+    ref_lm: nn.Module, seq: torch.Tensor, prompt_len: int, temperature: float, logit_bias: torch.Tensor
+) -> torch.Tensor:
     """log pi_ref(y_t | x, y_<t) of the frozen reference, with the policy's logit bias and temperature. [B, N]."""
     ref_logits = ref_lm(input_ids=seq, use_cache=False).logits.float() + logit_bias
     return response_logprobs(ref_logits / temperature, seq, prompt_len)
@@ -88,8 +91,9 @@ def whiten(x: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch
     return out if shift_mean else out + mean
 
 
-def clipped_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor,
-                        cliprange: float) -> tuple[torch.Tensor, torch.Tensor]:
+def clipped_policy_loss(
+    logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, cliprange: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The clipped surrogate (PPO, Schulman et al. 2017), averaged over every token:
 
         rho_t = exp(log pi(y_t) - log pi_old(y_t))
@@ -126,8 +130,14 @@ def start_training(policy: Policy, ref_lm: nn.Module, lr: float, adam_eps: float
 MinibatchLoss = Callable[[torch.Tensor], "tuple[torch.Tensor, dict[str, torch.Tensor]]"]
 
 
-def minibatch_update(state: TrainerState, n_rows: int, minibatch_size: int, epochs: int,
-                     max_grad_norm: float | None, minibatch_loss: MinibatchLoss) -> dict[str, float]:
+def minibatch_update(
+    state: TrainerState,
+    n_rows: int,
+    minibatch_size: int,
+    epochs: int,
+    max_grad_norm: float | None,
+    minibatch_loss: MinibatchLoss,
+) -> dict[str, float]:
     """``epochs`` passes over a batch of ``n_rows`` rows, each in a fresh random order (from ``state.gen``) cut
     into minibatches of ``minibatch_size`` rows; one optimiser step per minibatch on ``minibatch_loss(rows)``,
     with the gradient's norm clipped to ``max_grad_norm`` (None: not clipped). The policy is in train mode
@@ -152,8 +162,9 @@ def minibatch_update(state: TrainerState, n_rows: int, minibatch_size: int, epoc
     return {name: total / n_updates for name, total in totals.items()}
 
 
-def run_steps(n_steps: int, one_step: Callable[[int], dict], name: str,
-              on_step: Callable[[int, dict], None] | None = None) -> list[dict]:
+def run_steps(
+    n_steps: int, one_step: Callable[[int], dict], name: str, on_step: Callable[[int, dict], None] | None = None
+) -> list[dict]:
     """Call ``one_step(step)`` n_steps times; each returns a dict of float metrics, to which the step index and
     its wall time are added. Stops with FloatingPointError at the first non-finite metric."""
     history = []

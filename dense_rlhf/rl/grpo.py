@@ -21,19 +21,40 @@ Every per-token tensor is [B, N], aligned to the response tokens.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
 
 from dense_rlhf.ops import check_beta, dense_rewards
-from dense_rlhf.rl.common import (Policy, TrainerState, clipped_policy_loss, generate, kl_k1, minibatch_update,
-                                  reference_logprobs, response_logprobs, run_steps, start_training)
+from dense_rlhf.rl.common import (
+    Policy,
+    TrainerState,
+    clipped_policy_loss,
+    generate,
+    kl_k1,
+    minibatch_update,
+    reference_logprobs,
+    response_logprobs,
+    run_steps,
+    start_training,
+)
 
-__all__ = ["GRPOConfig", "GroupRollout", "SCHEMES", "credit_weighted_advantages", "dense_return_advantages",
-           "group_advantages", "grpo_losses", "grpo_step", "plain_advantages", "rollout", "token_advantages",
-           "train"]
+__all__ = [
+    "GRPOConfig",
+    "GroupRollout",
+    "SCHEMES",
+    "credit_weighted_advantages",
+    "dense_return_advantages",
+    "group_advantages",
+    "grpo_losses",
+    "grpo_step",
+    "plain_advantages",
+    "rollout",
+    "token_advantages",
+    "train",
+]
 
 SCHEMES = ("plain", "credit", "dense")
 SCALES = ("group", "batch", "none")
@@ -134,8 +155,9 @@ def plain_advantages(adv: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return _check_adv(adv, mask) * mask.to(torch.bool)
 
 
-def credit_weighted_advantages(adv: torch.Tensor, alpha: torch.Tensor, mask: torch.Tensor,
-                               beta: float = 0.5) -> torch.Tensor:
+def credit_weighted_advantages(
+    adv: torch.Tensor, alpha: torch.Tensor, mask: torch.Tensor, beta: float = 0.5
+) -> torch.Tensor:
     """Scheme 2, credit-weighted: ``A[i, t] = A_i * n_i * (beta * alpha[i, t] + (1 - beta) / n_i)``. [B, T].
 
     ``alpha`` [B, T] is ABC's credit, each row summing to 1 over its ``n_i`` completion tokens (``mask``). The
@@ -152,8 +174,9 @@ def credit_weighted_advantages(adv: torch.Tensor, alpha: torch.Tensor, mask: tor
     return _check_adv(adv, mask) * weights * mask
 
 
-def dense_return_advantages(rewards: torch.Tensor, mask: torch.Tensor, group_size: int, scale: str = "group",
-                            eps: float = 1e-4) -> torch.Tensor:
+def dense_return_advantages(
+    rewards: torch.Tensor, mask: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4
+) -> torch.Tensor:
     """Scheme 3, dense returns: a per-step group baseline for the return-to-go of ABC's per-token rewards. [B, T].
 
         G[i, t] = sum_{s >= t} r[i, s]                                 (return-to-go, gamma = 1)
@@ -178,9 +201,18 @@ def dense_return_advantages(rewards: torch.Tensor, mask: torch.Tensor, group_siz
     return centred if scale == "none" else centred / (divisor + eps)[:, None]
 
 
-def token_advantages(scheme: str, scores: torch.Tensor, alpha: torch.Tensor, mask: torch.Tensor, group_size: int,
-                     *, credit_beta: float = 0.5, abc_beta: float = 0.8, scale: str = "group",
-                     eps: float = 1e-4) -> torch.Tensor:
+def token_advantages(
+    scheme: str,
+    scores: torch.Tensor,
+    alpha: torch.Tensor,
+    mask: torch.Tensor,
+    group_size: int,
+    *,
+    credit_beta: float = 0.5,
+    abc_beta: float = 0.8,
+    scale: str = "group",
+    eps: float = 1e-4,
+) -> torch.Tensor:
     """[B, T] advantages of one scheme from the scores [B] and ABC's credit alpha [B, T] (rows summing to 1 on
     ``mask``). Scheme 3's per-token rewards are ``dense_rewards(alpha, scores, mask, beta=abc_beta)``:
     ``abc_beta * r_i * alpha[i, t] + (1 - abc_beta) * r_i * [t == last]``."""
@@ -210,8 +242,15 @@ ScoreFn = Callable[[GroupRollout], "tuple[torch.Tensor, torch.Tensor, dict]"]
 
 
 @torch.no_grad()
-def rollout(policy: Policy, ref_lm: nn.Module, prompts: torch.Tensor, group_size: int, n_new: int,
-            gen: torch.Generator, temperature: float) -> GroupRollout:
+def rollout(
+    policy: Policy,
+    ref_lm: nn.Module,
+    prompts: torch.Tensor,
+    group_size: int,
+    n_new: int,
+    gen: torch.Generator,
+    temperature: float,
+) -> GroupRollout:
     """G completions of every prompt, then one forward each of policy and reference over the whole batch."""
     policy.eval()
     seq = generate(policy, prompts.repeat_interleave(group_size, dim=0), n_new, gen, temperature)
@@ -221,8 +260,9 @@ def rollout(policy: Policy, ref_lm: nn.Module, prompts: torch.Tensor, group_size
     return GroupRollout(seq, old_logp, ref_logp, group_size)
 
 
-def grpo_losses(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor, adv: torch.Tensor,
-                cliprange: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def grpo_losses(
+    logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor, adv: torch.Tensor, cliprange: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Clipped surrogate with per-token advantages, and the KL term of the GRPO loss (Shao et al. 2024):
 
         L_pg = mean_t max(-A_t rho_t, -A_t clip(rho_t, 1 - eps, 1 + eps)),  rho_t = pi(y_t) / pi_old(y_t)
@@ -251,27 +291,43 @@ def grpo_step(state: TrainerState, ro: GroupRollout, adv: torch.Tensor, cfg: GRP
         pg, kl_loss, clipfrac = grpo_losses(logp, ro.old_logp[idx], ro.ref_logp[idx], adv[idx], cfg.cliprange)
         return pg + cfg.kl_coef * kl_loss, {"pg_loss": pg, "kl_loss": kl_loss, "clipfrac": clipfrac}
 
-    stats = minibatch_update(state, ro.seq.shape[0], cfg.minibatch_size, cfg.epochs, cfg.max_grad_norm,
-                             minibatch_loss)
+    stats = minibatch_update(state, ro.seq.shape[0], cfg.minibatch_size, cfg.epochs, cfg.max_grad_norm, minibatch_loss)
     stats["kl"] = kl_k1(ro.old_logp, ro.ref_logp).sum(1).mean().item()  # KL(pi || pi_ref) per sequence, k1
     return stats
 
 
-def train(policy: Policy, ref_lm: nn.Module, sample_prompts: Callable[[int], torch.Tensor], n_new: int,
-          score_fn: ScoreFn, cfg: GRPOConfig, seed: int,
-          on_step: Callable[[int, dict], None] | None = None) -> list[dict]:
+def train(
+    policy: Policy,
+    ref_lm: nn.Module,
+    sample_prompts: Callable[[int], torch.Tensor],
+    n_new: int,
+    score_fn: ScoreFn,
+    cfg: GRPOConfig,
+    seed: int,
+    on_step: Callable[[int, dict], None] | None = None,
+) -> list[dict]:
     """Run cfg.steps GRPO steps; returns one metrics dict per step (score_fn's metrics included)."""
     if cfg.scheme not in SCHEMES:
         raise ValueError(f"scheme must be one of {SCHEMES}, got {cfg.scheme!r}")
     state = start_training(policy, ref_lm, cfg.lr, cfg.adam_eps, seed)
 
     def one_step(step: int) -> dict:
-        ro = rollout(policy, ref_lm, sample_prompts(cfg.prompts_per_step), cfg.group_size, n_new, state.gen,
-                     cfg.temperature)
+        ro = rollout(
+            policy, ref_lm, sample_prompts(cfg.prompts_per_step), cfg.group_size, n_new, state.gen, cfg.temperature
+        )
         scores, alpha, metrics = score_fn(ro)
         mask = torch.ones_like(ro.old_logp, dtype=torch.bool)  # fixed-length completions
-        adv = token_advantages(cfg.scheme, scores, alpha, mask, cfg.group_size, credit_beta=cfg.credit_beta,
-                               abc_beta=cfg.abc_beta, scale=cfg.scale, eps=cfg.eps)
+        adv = token_advantages(
+            cfg.scheme,
+            scores,
+            alpha,
+            mask,
+            cfg.group_size,
+            credit_beta=cfg.credit_beta,
+            abc_beta=cfg.abc_beta,
+            scale=cfg.scale,
+            eps=cfg.eps,
+        )
         return {**grpo_step(state, ro, adv, cfg), **metrics}
 
     return run_steps(cfg.steps, one_step, "GRPO", on_step)

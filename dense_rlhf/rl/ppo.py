@@ -17,19 +17,46 @@ are read at position ``P + t - 1``. Every per-token tensor below is [B, N], alig
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
-from dense_rlhf.rl.common import (Policy, TrainerState, clipped_policy_loss, generate, kl_k1, minibatch_update,
-                                  reference_logprobs, response_logprobs, run_steps, start_training, text_config,
-                                  whiten)
+from dense_rlhf.rl.common import (
+    Policy,
+    TrainerState,
+    clipped_policy_loss,
+    generate,
+    kl_k1,
+    minibatch_update,
+    reference_logprobs,
+    response_logprobs,
+    run_steps,
+    start_training,
+    text_config,
+    whiten,
+)
 
-__all__ = ["AdaptiveKLController", "FixedKLController", "PPOConfig", "PolicyWithValue", "Rollout", "RolloutHook", "gae",
-           "generate", "kl_controller", "ppo_losses", "ppo_step", "response_logprobs", "rollout", "train", "whiten"]
+__all__ = [
+    "AdaptiveKLController",
+    "FixedKLController",
+    "PPOConfig",
+    "PolicyWithValue",
+    "Rollout",
+    "RolloutHook",
+    "gae",
+    "generate",
+    "kl_controller",
+    "ppo_losses",
+    "ppo_step",
+    "response_logprobs",
+    "rollout",
+    "train",
+    "whiten",
+]
 
 
 @dataclass
@@ -113,9 +140,16 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, gamma: float, lam: float) -
     return adv, adv + values
 
 
-def ppo_losses(logp: torch.Tensor, old_logp: torch.Tensor, values: torch.Tensor, old_values: torch.Tensor,
-               adv: torch.Tensor, returns: torch.Tensor, cliprange: float,
-               cliprange_value: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def ppo_losses(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    adv: torch.Tensor,
+    returns: torch.Tensor,
+    cliprange: float,
+    cliprange_value: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Clipped surrogate policy loss and clipped value loss (PPO, Schulman et al. 2017):
 
         rho_t   = exp(log pi(y_t) - log pi_old(y_t))
@@ -184,14 +218,21 @@ def kl_controller(cfg: PPOConfig) -> FixedKLController | AdaptiveKLController:
 # token_scores(rollout) -> [B, N] per-token task rewards (before the KL penalty), plus a dict of metrics
 TokenScoreFn = Callable[[Rollout], "tuple[torch.Tensor, dict]"]
 # rollout_hook(lm, seq) -> a context manager entered around the rollout's forward of the policy's language model over
-# the sampled sequences seq [B, P + N]; what it returns on entering is kept as Rollout.captured for score_fn. The study's
-# ABC-D baseline reads the policy's own attention this way (dense_rlhf.study.methods.capture_policy_attention).
+# the sampled sequences seq [B, P + N]; what it returns on entering is kept as Rollout.captured for score_fn. The
+# study's ABC-D baseline reads the policy's own attention this way (dense_rlhf.study.methods.capture_policy_attention).
 RolloutHook = Callable[[nn.Module, torch.Tensor], AbstractContextManager]
 
 
 @torch.no_grad()
-def rollout(policy: PolicyWithValue, ref_lm: nn.Module, prompts: torch.Tensor, n_new: int, gen: torch.Generator,
-            temperature: float, hook: RolloutHook | None = None) -> Rollout:
+def rollout(
+    policy: PolicyWithValue,
+    ref_lm: nn.Module,
+    prompts: torch.Tensor,
+    n_new: int,
+    gen: torch.Generator,
+    temperature: float,
+    hook: RolloutHook | None = None,
+) -> Rollout:
     """Sample responses, then one forward each of policy and reference over the whole sequence; the policy's forward
     runs inside ``hook(policy.lm, seq)`` if given (``RolloutHook``), whose value is kept as ``Rollout.captured``."""
     policy.eval()
@@ -204,8 +245,13 @@ def rollout(policy: PolicyWithValue, ref_lm: nn.Module, prompts: torch.Tensor, n
     return Rollout(seq, old_logp, ref_logp, values[:, p - 1 : -1], captured)
 
 
-def ppo_step(state: TrainerState, kl_ctl: FixedKLController | AdaptiveKLController, ro: Rollout,
-             token_scores: torch.Tensor, cfg: PPOConfig) -> dict[str, float]:
+def ppo_step(
+    state: TrainerState,
+    kl_ctl: FixedKLController | AdaptiveKLController,
+    ro: Rollout,
+    token_scores: torch.Tensor,
+    cfg: PPOConfig,
+) -> dict[str, float]:
     """One PPO update from one rollout batch.
 
     Per-token reward, with the task reward s_t (ABC, sparse, uniform ...) and the KL penalty to the frozen
@@ -232,8 +278,16 @@ def ppo_step(state: TrainerState, kl_ctl: FixedKLController | AdaptiveKLControll
     def minibatch_loss(idx: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         logits, values = state.policy(ro.seq[idx])
         logp = response_logprobs(logits / cfg.temperature, ro.seq[idx], p)
-        pg, vf, clipfrac = ppo_losses(logp, ro.old_logp[idx], values[:, p - 1 : -1], ro.old_values[idx], adv[idx],
-                                      returns[idx], cfg.cliprange, cfg.cliprange_value)
+        pg, vf, clipfrac = ppo_losses(
+            logp,
+            ro.old_logp[idx],
+            values[:, p - 1 : -1],
+            ro.old_values[idx],
+            adv[idx],
+            returns[idx],
+            cfg.cliprange,
+            cfg.cliprange_value,
+        )
         return pg + cfg.vf_coef * vf, {"pg_loss": pg, "vf_loss": vf, "clipfrac": clipfrac}
 
     b = ro.seq.shape[0]
@@ -245,17 +299,24 @@ def ppo_step(state: TrainerState, kl_ctl: FixedKLController | AdaptiveKLControll
     return stats
 
 
-def train(policy: PolicyWithValue, ref_lm: nn.Module, sample_prompts: Callable[[int], torch.Tensor],
-          n_new: int, score_fn: TokenScoreFn, cfg: PPOConfig, seed: int,
-          on_step: Callable[[int, dict], None] | None = None, rollout_hook: RolloutHook | None = None) -> list[dict]:
+def train(
+    policy: PolicyWithValue,
+    ref_lm: nn.Module,
+    sample_prompts: Callable[[int], torch.Tensor],
+    n_new: int,
+    score_fn: TokenScoreFn,
+    cfg: PPOConfig,
+    seed: int,
+    on_step: Callable[[int, dict], None] | None = None,
+    rollout_hook: RolloutHook | None = None,
+) -> list[dict]:
     """Run cfg.steps PPO steps; returns one metrics dict per step (score_fn's metrics included).
     ``rollout_hook``: entered around every rollout's policy forward (``RolloutHook``), for ``score_fn`` to read."""
     state = start_training(policy, ref_lm, cfg.lr, cfg.adam_eps, seed)
     kl_ctl = kl_controller(cfg)
 
     def one_step(step: int) -> dict:
-        ro = rollout(policy, ref_lm, sample_prompts(cfg.batch_size), n_new, state.gen, cfg.temperature,
-                     rollout_hook)
+        ro = rollout(policy, ref_lm, sample_prompts(cfg.batch_size), n_new, state.gen, cfg.temperature, rollout_hook)
         token_scores, metrics = score_fn(ro)
         return {**ppo_step(state, kl_ctl, ro, token_scores, cfg), **metrics}
 

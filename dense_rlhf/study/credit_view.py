@@ -61,12 +61,20 @@ def html_page(examples: list[dict], title: str) -> str:
 <p>Blue shading: ABC's share of the reward-model score on each completion token (the reward model's last-layer
 attention from its [EOS] token; the darkest token has the largest share). Underline: the hidden true credit of the
 token (green positive, red negative). Hover a token for its numbers.</p>
-{''.join(rows)}</body></html>
+{"".join(rows)}</body></html>
 """
 
 
-def examples_from(codec, seq: torch.Tensor, score: torch.Tensor, rows: torch.Tensor, rewards: torch.Tensor,
-                  prompt_len: int, true_scores, credits) -> list[dict]:
+def examples_from(
+    codec,
+    seq: torch.Tensor,
+    score: torch.Tensor,
+    rows: torch.Tensor,
+    rewards: torch.Tensor,
+    prompt_len: int,
+    true_scores,
+    credits,
+) -> list[dict]:
     """Package completions for display: rows are the RM's [B, H, L] attention rows."""
     words = codec.decode(seq[:, 1:])
     n_new = seq.shape[1] - prompt_len
@@ -74,13 +82,15 @@ def examples_from(codec, seq: torch.Tensor, score: torch.Tensor, rows: torch.Ten
     alpha = alpha / alpha.sum(1, keepdim=True)
     out = []
     for b in range(seq.shape[0]):
-        out.append({
-            "prompt": words[b][: prompt_len - 1],
-            "completion": words[b][prompt_len - 1 :],
-            "alpha": alpha[b].tolist(),
-            "reward": rewards[b].tolist(),
-            "credit": credits[b].tolist(),
-            "rm_score": float(score[b]),
-            "true_score": float(true_scores[b]),
-        })
+        out.append(
+            {
+                "prompt": words[b][: prompt_len - 1],
+                "completion": words[b][prompt_len - 1 :],
+                "alpha": alpha[b].tolist(),
+                "reward": rewards[b].tolist(),
+                "credit": credits[b].tolist(),
+                "rm_score": float(score[b]),
+                "true_score": float(true_scores[b]),
+            }
+        )
     return out

@@ -80,8 +80,8 @@ def main(argv: list[str]) -> int:
 
 
 def _run(args: DemoOptions, argv: list[str], console, out: Path) -> None:
-    from rich.table import Table
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
 
     t0 = time.time()
     setup = replace(SETUP, seed=args.seed, **(QUICK_SETUP if args.quick else {}))
@@ -94,33 +94,48 @@ def _run(args: DemoOptions, argv: list[str], console, out: Path) -> None:
     codec, sft, rm, info = load_or_train(setup, cache, log=console.print)
     rmm = info["reward_model"]
     if info["cached"]:  # when trained, the training log has just printed these
-        console.print(f"reward model held-out: accuracy vs drawn labels {rmm['label_accuracy']:.3f}, vs hidden-score "
-                      f"order {rmm['true_order_accuracy']:.3f}, corr(RM score, hidden score) "
-                      f"{rmm['score_correlation']:.3f}")
+        console.print(
+            f"reward model held-out: accuracy vs drawn labels {rmm['label_accuracy']:.3f}, vs hidden-score "
+            f"order {rmm['true_order_accuracy']:.3f}, corr(RM score, hidden score) "
+            f"{rmm['score_correlation']:.3f}"
+        )
 
     console.rule("[bold]2. Per-token credit (ABC, beta 0.8) on SFT completions")
     gen = torch.Generator().manual_seed(args.seed)
     with torch.no_grad():
-        seq = generate(Policy(sft, codec.special_ids), task.prompt_sampler(codec, args.seed)(args.examples),
-                       setup.completion_len, gen)
+        seq = generate(
+            Policy(sft, codec.special_ids),
+            task.prompt_sampler(codec, args.seed)(args.examples),
+            setup.completion_len,
+            gen,
+        )
         ids, mask = M.rm_inputs(codec, seq)
         score, rows = M.score_with_attention(rm, ids)
         rewards = M.token_rewards("abc-0.8", score, rows, mask, None, task.PROMPT_LEN, setup.completion_len)
-    examples = examples_from(codec, seq, score, rows, rewards, task.PROMPT_LEN, task.scores_of(codec, seq),
-                             task.credits_of(codec, seq))
+    examples = examples_from(
+        codec, seq, score, rows, rewards, task.PROMPT_LEN, task.scores_of(codec, seq), task.credits_of(codec, seq)
+    )
     for line, truth in rich_lines(examples):
         console.print(line)
         console.print(truth)
-    console.print("[dim]top line: [black on rgb(80,120,255)]blue[/] shading = ABC's share of the "
-                  "RM score (darker: more); bottom line: hidden true credit ([green]positive[/green], "
-                  "[red]negative[/red], · none)[/dim]")
+    console.print(
+        "[dim]top line: [black on rgb(80,120,255)]blue[/] shading = ABC's share of the "
+        "RM score (darker: more); bottom line: hidden true credit ([green]positive[/green], "
+        "[red]negative[/red], · none)[/dim]"
+    )
     html_path = out / "credit.html"
     html_path.write_text(html_page(examples, "ABC per-token credit on SFT completions"))
 
     console.rule(f"[bold]3. PPO: sparse against ABC ({n_seeds} seed(s) x {steps} steps each, GAE lambda {args.lam:g})")
     results = []
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                  TimeElapsedColumn(), console=console) as progress:
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        console=console,
+    ) as progress:
         for method in ("sparse", "abc-0.8"):
             for i in range(n_seeds):
                 seed = args.seed * 1000 + i
@@ -133,22 +148,34 @@ def _run(args: DemoOptions, argv: list[str], console, out: Path) -> None:
 
     console.rule("[bold]4. Results")
     summary = summarise(results, final_window=min(10, max(1, steps // 4)))
-    meta = {"title": f"demo: sparse vs ABC, {n_seeds} seed(s), {steps} PPO steps, GAE lambda {args.lam:g}"
-            + (" (--quick)" if args.quick else ""),
-            "command": "dense-rlhf demo " + " ".join(argv), "reward_model": rmm,
-            "config": report.config_dict(setup, ppo)}
+    meta = {
+        "title": f"demo: sparse vs ABC, {n_seeds} seed(s), {steps} PPO steps, GAE lambda {args.lam:g}"
+        + (" (--quick)" if args.quick else ""),
+        "command": "dense-rlhf demo " + " ".join(argv),
+        "reward_model": rmm,
+        "config": report.config_dict(setup, ppo),
+    }
     paths = report.write_outputs(out, "demo", results, summary, None, meta)
     table = Table(title="hidden true score of the PPO policies")
     for col in ("method", "steps to threshold", "final mean ± std", "late spread", "final KL"):
         table.add_column(col)
     for method, s in summary["methods"].items():
-        table.add_row(M.LABELS[method], str(s["steps_to_threshold"] if s["steps_to_threshold"] is not None else "never"),
-                      f"{s['final_mean']:.2f} ± {s['final_std']:.2f}", f"{s['late_spread']:.2f}", f"{s['final_kl']:.1f}")
+        table.add_row(
+            M.LABELS[method],
+            str(s["steps_to_threshold"] if s["steps_to_threshold"] is not None else "never"),
+            f"{s['final_mean']:.2f} ± {s['final_std']:.2f}",
+            f"{s['late_spread']:.2f}",
+            f"{s['final_kl']:.1f}",
+        )
     console.print(table)
-    console.print(f"threshold: a true score of {summary['threshold']:.2f}, 80% of the way from the SFT policy's "
-                  f"{summary['sft_score']:.2f} to the best method's final score; steps to threshold: the first PPO "
-                  "step at which the seed-mean score (5-step moving average) reaches it")
-    console.print("late spread: the standard deviation of the true score across seeds over the last quarter of the "
-                  "steps; lower is steadier" + (" (0 with one seed)" if n_seeds == 1 else ""))
+    console.print(
+        f"threshold: a true score of {summary['threshold']:.2f}, 80% of the way from the SFT policy's "
+        f"{summary['sft_score']:.2f} to the best method's final score; steps to threshold: the first PPO "
+        "step at which the seed-mean score (5-step moving average) reaches it"
+    )
+    console.print(
+        "late spread: the standard deviation of the true score across seeds over the last quarter of the "
+        "steps; lower is steadier" + (" (0 with one seed)" if n_seeds == 1 else "")
+    )
     files = ", ".join(Path(p).name for p in (html_path, paths["plot"], paths["table"], paths["json"]))
     console.print(f"wrote {files} into {out}/; done in {time.time() - t0:.0f}s")

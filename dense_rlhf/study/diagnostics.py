@@ -42,8 +42,9 @@ def _average_ranks(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def credit_diagnostics(alpha: torch.Tensor, credit: torch.Tensor, seed: int = 0,
-                       shares: torch.Tensor | None = None) -> dict:
+def credit_diagnostics(
+    alpha: torch.Tensor, credit: torch.Tensor, seed: int = 0, shares: torch.Tensor | None = None
+) -> dict:
     """alpha [B, N] nonnegative weights (rows may be unnormalised), credit [B, N] signed true credit, shares
     [B, N] optional signed per-token rewards of the method (adds ``sign_agreement``)."""
     alpha = alpha.double()
@@ -57,13 +58,19 @@ def credit_diagnostics(alpha: torch.Tensor, credit: torch.Tensor, seed: int = 0,
         sign = (agree[keep].sum() / credited[keep].sum().clamp(min=1)).item()
     alpha, c, credited, k = alpha[keep], c[keep], credited[keep], k[keep]
     if alpha.shape[0] == 0:
-        return {"spearman": float("nan"), "topk_overlap": float("nan"), "mass_on_credited": float("nan"),
-                "random_topk_overlap": float("nan"), "n": 0, **({} if sign is None else {"sign_agreement": sign})}
+        return {
+            "spearman": float("nan"),
+            "topk_overlap": float("nan"),
+            "mass_on_credited": float("nan"),
+            "random_topk_overlap": float("nan"),
+            "n": 0,
+            **({} if sign is None else {"sign_agreement": sign}),
+        }
     gen = torch.Generator().manual_seed(seed)
     jitter = torch.rand(alpha.shape, generator=gen, dtype=torch.float64) * 1e-12  # random tie-breaking
     ra, rc = _average_ranks(alpha), _average_ranks(c)
     ra, rc = ra - ra.mean(1, keepdim=True), rc - rc.mean(1, keepdim=True)
-    denom = (ra.norm(dim=1) * rc.norm(dim=1))
+    denom = ra.norm(dim=1) * rc.norm(dim=1)
     varying = denom > 0
     rho = (ra * rc).sum(1)[varying] / denom[varying]
     spearman = rho.mean().item() if varying.any() else 0.0
@@ -84,8 +91,9 @@ def credit_diagnostics(alpha: torch.Tensor, credit: torch.Tensor, seed: int = 0,
 
 
 @torch.no_grad()
-def credit_report(setup: SetupConfig, cache_dir=None, n: int = 512, seed: int = 123, aligned: bool = False,
-                  oracle: bool = False) -> dict:
+def credit_report(
+    setup: SetupConfig, cache_dir=None, n: int = 512, seed: int = 123, aligned: bool = False, oracle: bool = False
+) -> dict:
     """Diagnostics of ABC's alpha (RM attention), prefix differences (the RM's score at every position),
     ABC-D's alpha (SFT policy attention) and uniform against the leave-one-out true credit, on completions
     sampled from the SFT policy and on grammar texts; and ``prefix_tracking``, the Pearson correlation over all
@@ -102,8 +110,9 @@ def credit_report(setup: SetupConfig, cache_dir=None, n: int = 512, seed: int = 
     n_new = setup.completion_len
     seq = generate(policy, task.prompt_sampler(codec, seed)(n), n_new, gen)
     rng = random.Random(seed)
-    grammar = codec.encode([task.sample_words(rng, task.Style.random_for_preferences(rng), task.PROMPT_WORDS + n_new)
-                            for _ in range(n)])
+    grammar = codec.encode(
+        [task.sample_words(rng, task.Style.random_for_preferences(rng), task.PROMPT_WORDS + n_new) for _ in range(n)]
+    )
     out = {}
     p = task.PROMPT_LEN
     for name, s in (("sft_samples", seq), ("grammar_texts", grammar)):
@@ -125,8 +134,9 @@ def credit_report(setup: SetupConfig, cache_dir=None, n: int = 512, seed: int = 
             "abc": credit_diagnostics(alpha, credit, shares=score * alpha),
             "prefix": credit_diagnostics(dense.abs(), credit, shares=dense),
             "abcd": credit_diagnostics(policy_alpha, credit, shares=score * policy_alpha),
-            "uniform": credit_diagnostics(torch.ones(s.shape[0], n_new), credit,
-                                          shares=score.expand(-1, n_new) / n_new),
+            "uniform": credit_diagnostics(
+                torch.ones(s.shape[0], n_new), credit, shares=score.expand(-1, n_new) / n_new
+            ),
         }
         if chat_rm is not None:
             chat_score, shares = M.aligned_rewards(chat_rm, codec, s, beta=1.0)
@@ -141,6 +151,9 @@ def credit_report(setup: SetupConfig, cache_dir=None, n: int = 512, seed: int = 
             rm_score = fwd.score.double()
             slope = torch.cov(torch.stack([hidden, rm_score]))[0, 1] / hidden.var()
             out[name]["rm_calibration"] = {
-                "slope": slope.item(), "intercept": (rm_score.mean() - slope * hidden.mean()).item(),
-                "pearson": torch.corrcoef(torch.stack([hidden, rm_score]))[0, 1].item(), "oracle_scale": scale}
+                "slope": slope.item(),
+                "intercept": (rm_score.mean() - slope * hidden.mean()).item(),
+                "pearson": torch.corrcoef(torch.stack([hidden, rm_score]))[0, 1].item(),
+                "oracle_scale": scale,
+            }
     return out

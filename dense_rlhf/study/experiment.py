@@ -21,8 +21,7 @@ import torch
 from dense_rlhf.cli import default_out
 from dense_rlhf.rl.ppo import PPOConfig
 from dense_rlhf.study import methods as M
-from dense_rlhf.study import options, report
-from dense_rlhf.study import runs
+from dense_rlhf.study import options, report, runs
 from dense_rlhf.study.diagnostics import credit_report
 from dense_rlhf.study.library_log import quiet_transformers
 from dense_rlhf.study.models import QUICK_SETUP, SetupConfig, cache_root, load_or_train, load_or_train_chat_rm
@@ -39,8 +38,19 @@ PPO = PPOConfig()
 # ratio_threshold batch skipping, the unbiased variance in advantage whitening, variable response lengths.
 # The learning rate stays ours: trl's 1.41e-5 was for a pretrained 124M GPT-2, and with it our tiny model gained less
 # than half of what it gains in our settings within 150 steps (a pilot on other seeds, experiments/README.md).
-PAPER_PPO = replace(PPO, steps=150, batch_size=16, minibatch_size=1, kl_coef=0.2, kl_target=6.0, kl_horizon=10000.0,
-                    max_grad_norm=None, adam_eps=1e-8, lam=0.95, lr=3e-4)
+PAPER_PPO = replace(
+    PPO,
+    steps=150,
+    batch_size=16,
+    minibatch_size=1,
+    kl_coef=0.2,
+    kl_target=6.0,
+    kl_horizon=10000.0,
+    max_grad_norm=None,
+    adam_eps=1e-8,
+    lam=0.95,
+    lr=3e-4,
+)
 PPO_SETTINGS = {"ours": PPO, "paper": PAPER_PPO}
 
 
@@ -94,19 +104,23 @@ class ExperimentOptions:
 def parse_args(argv: list[str]) -> ExperimentOptions:
     p = argparse.ArgumentParser(prog="dense-rlhf experiment", description=__doc__.splitlines()[0])
     options.add_fields(p, ExperimentOptions)
-    defaults = {name: "(default: " + ", ".join(f"{key} {getattr(cfg, name)}" for key, cfg in PPO_SETTINGS.items())
-                + ")" for name in PPO_OPTIONS}
+    defaults = {
+        name: "(default: " + ", ".join(f"{key} {getattr(cfg, name)}" for key, cfg in PPO_SETTINGS.items()) + ")"
+        for name in PPO_OPTIONS
+    }
     options.add_fields(p, PPOConfig, PPO_OPTIONS, notes=defaults, override=True)
-    options.add_fields(p, SetupConfig, ["rm_n_layer"], defaults=SETUP, flags={"rm_n_layer": "--rm-layers"},
-                       override=True)
+    options.add_fields(
+        p, SetupConfig, ["rm_n_layer"], defaults=SETUP, flags={"rm_n_layer": "--rm-layers"}, override=True
+    )
     opts, given = options.parse(p, ExperimentOptions, argv, overrides=(PPOConfig, SetupConfig))
     return replace(opts, ppo_overrides=given[PPOConfig], setup_overrides=given[SetupConfig])
 
 
 def ppo_settings(args: ExperimentOptions) -> dict[str, PPOConfig]:
     """The --ppo settings by name, each with the command line's overrides applied."""
-    names = [x.strip() for x in (args.ppo or ("ours,paper" if args.study == "oracle" else "ours")).split(",")
-             if x.strip()]
+    names = [
+        x.strip() for x in (args.ppo or ("ours,paper" if args.study == "oracle" else "ours")).split(",") if x.strip()
+    ]
     for name in names:
         if name not in PPO_SETTINGS:
             raise SystemExit(f"unknown --ppo setting {name!r}; choose from {sorted(PPO_SETTINGS)}")
@@ -153,15 +167,19 @@ def main(argv: list[str]) -> int:
     for k, lam in enumerate(lams):
         ppo = replace(base, lam=lam)
         jobs = [runs.Run(m, s, setup, ppo, str(cache)) for m in methods for s in seeds]
-        print(f"[3/3] study {k + 1}/{len(lams)}, GAE lambda {lam}: {len(jobs)} PPO runs ({len(methods)} methods x "
-              f"{len(seeds)} seeds, {ppo.steps} steps, {args.workers} workers)")
+        print(
+            f"[3/3] study {k + 1}/{len(lams)}, GAE lambda {lam}: {len(jobs)} PPO runs ({len(methods)} methods x "
+            f"{len(seeds)} seeds, {ppo.steps} steps, {args.workers} workers)"
+        )
         progress = runs.progress_printer(len(jobs), t0, lambda res: f"{res['method']:8s} seed {res['seed']:5d}")
         t_study = time.time()
         results = runs.run_all(jobs, args.workers, progress)
         summary = summarise(results)
         name = f"{args.name}_lam{lam:g}"
         meta = {
-            "title": f"Sentiment task, GAE lambda {lam:g}: reward methods over {len(seeds)} seeds, {ppo.steps} PPO steps",
+            "title": (
+                f"Sentiment task, GAE lambda {lam:g}: reward methods over {len(seeds)} seeds, {ppo.steps} PPO steps"
+            ),
             "command": "dense-rlhf experiment " + " ".join(argv),
             "study_seconds": time.time() - t_study,
             "reward_model": info["reward_model"],
@@ -170,8 +188,12 @@ def main(argv: list[str]) -> int:
             "seeds": seeds,
         }
         paths = report.write_outputs(Path(args.out), name, results, summary, credit, meta)
-        table = report.markdown_table(summary, credit if k == 0 else None, info["reward_model"] if k == 0 else None,
-                                      info.get("chat_reward_model") if k == 0 else None)
+        table = report.markdown_table(
+            summary,
+            credit if k == 0 else None,
+            info["reward_model"] if k == 0 else None,
+            info.get("chat_reward_model") if k == 0 else None,
+        )
         sections.append(f"## GAE lambda = {lam:g}\n\n![curves]({Path(paths['plot']).name})\n\n{table}")
         print()
         print(table)

@@ -46,8 +46,12 @@ KL_COEFS = (0.05, 0.15)
 # sensitivity rows (all of the credit on attention; ABC beta 1), the headline methods again at the second KL
 # coefficient, and the PPO baselines.
 HEADLINE = ["grpo-plain", "grpo-credit-0.5", "grpo-dense-0.8"]
-METHODS = (HEADLINE + ["grpo-credit-1.0", "grpo-dense-1.0"] + [f"{m}@kl{KL_COEFS[1]:g}" for m in HEADLINE]
-           + ["ppo-sparse", "ppo-abc-0.8"])
+METHODS = (
+    HEADLINE
+    + ["grpo-credit-1.0", "grpo-dense-1.0"]
+    + [f"{m}@kl{KL_COEFS[1]:g}" for m in HEADLINE]
+    + ["ppo-sparse", "ppo-abc-0.8"]
+)
 KL_BUDGETS = (10.0, 20.0)  # nats per completion: near PPO's final KL, and twice that
 GRPO = grpo.GRPOConfig(kl_coef=KL_COEFS[0])
 PPO = PPOConfig(lam=0.95)
@@ -63,7 +67,7 @@ def parse_method(name: str) -> tuple[str, dict | str]:
     for prefix, scheme, key in (("grpo-credit-", "credit", "credit_beta"), ("grpo-dense-", "dense", "abc_beta")):
         if base.startswith(prefix):
             try:
-                spec = {"scheme": scheme, key: float(base[len(prefix):])}
+                spec = {"scheme": scheme, key: float(base[len(prefix) :])}
             except ValueError:
                 spec = None
     if spec is not None:
@@ -73,8 +77,10 @@ def parse_method(name: str) -> tuple[str, dict | str]:
             pass
     elif base.startswith("ppo-") and base[4:] in M.METHODS and not kl:
         return "ppo", base[4:]
-    raise ValueError(f"unknown method {name!r}: use grpo-plain, grpo-credit-<beta> or grpo-dense-<abc beta>, each "
-                     f"with an optional @kl<coefficient>, or ppo-<one of {M.METHODS}>")
+    raise ValueError(
+        f"unknown method {name!r}: use grpo-plain, grpo-credit-<beta> or grpo-dense-<abc beta>, each "
+        f"with an optional @kl<coefficient>, or ppo-<one of {M.METHODS}>"
+    )
 
 
 def kl_coef_of(name: str, default: float) -> float | None:
@@ -136,8 +142,12 @@ def summarise(results: list[dict], methods: list[str], default_kl: float) -> dic
             threshold = base["sft_score"] + 0.8 * (per_method[plain]["final_mean"] - base["sft_score"])
         rows = {}
         for m in members:
-            row = {"steps_to_threshold": None, "per_seed_steps_to_threshold": [], "seeds_reaching": 0,
-                   "median_seed_steps": None}
+            row = {
+                "steps_to_threshold": None,
+                "per_seed_steps_to_threshold": [],
+                "seeds_reaching": 0,
+                "median_seed_steps": None,
+            }
             if threshold is not None:
                 curves = [r["curves"]["gt_score"][: base["steps"]] for r in results if r["method"] == m]
                 row = stats.threshold_stats(per_method[m]["mean_curve"], curves, threshold)
@@ -163,26 +173,45 @@ def _versus_plain(steps, base, n_steps) -> tuple[str, bool]:
 def markdown_table(summary: dict) -> str:
     per_method, n_steps = summary["methods"], summary["steps"]
     budgets = [f"{k:g}" for k in KL_BUDGETS]
-    lines = [f"SFT score {summary['sft_score']:.2f} (mean of every run's first step); {n_steps} steps of 32 "
-             "completions each. Score at KL k: the 5-step-MA score when the 5-step-MA KL first reaches k nats, "
-             "mean over the seeds that got there (count in brackets)."]
+    lines = [
+        f"SFT score {summary['sft_score']:.2f} (mean of every run's first step); {n_steps} steps of 32 "
+        "completions each. Score at KL k: the 5-step-MA score when the 5-step-MA KL first reaches k nats, "
+        "mean over the seeds that got there (count in brackets)."
+    ]
     for sec in summary["sections"]:
         ref = sec["reference"]
         base = sec["rows"][ref]["steps_to_threshold"] if ref else None
-        head = (f"threshold {sec['threshold']:.2f} = SFT score + 80% of plain GRPO's gain at this coefficient"
-                if ref else "no plain GRPO run at this coefficient: no threshold")
-        columns = ["method", "steps to threshold", "x plain GRPO", "per-seed median steps (seeds reaching)",
-                   "final score mean ± std", "late-training spread", "final KL"] + [f"score at KL {b}" for b in budgets]
-        lines += ["", f"### GRPO KL coefficient {sec['kl_coef']:g}: {head}", "",
-                  "| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
+        head = (
+            f"threshold {sec['threshold']:.2f} = SFT score + 80% of plain GRPO's gain at this coefficient"
+            if ref
+            else "no plain GRPO run at this coefficient: no threshold"
+        )
+        columns = [
+            "method",
+            "steps to threshold",
+            "x plain GRPO",
+            "per-seed median steps (seeds reaching)",
+            "final score mean ± std",
+            "late-training spread",
+            "final KL",
+        ] + [f"score at KL {b}" for b in budgets]
+        lines += [
+            "",
+            f"### GRPO KL coefficient {sec['kl_coef']:g}: {head}",
+            "",
+            "| " + " | ".join(columns) + " |",
+            "|---" * len(columns) + "|",
+        ]
         for m, row in sec["rows"].items():
             s = per_method[m]
             ratio = _versus_plain(row["steps_to_threshold"], base, n_steps)[0] if ref else ""
             at_kl = [f"{fmt(v, 2)} ({n})" for v, n in (s["score_at_kl"][b] for b in budgets)]
-            lines.append(f"| {label(m)} | {fmt(row['steps_to_threshold'])} | {ratio} | "
-                         f"{fmt(row['median_seed_steps'], 1)} ({row['seeds_reaching']}/{s['seeds']}) | "
-                         f"{s['final_mean']:.2f} ± {s['final_std']:.2f} | {s['late_spread']:.2f} | "
-                         f"{s['final_kl']:.2f} | " + " | ".join(at_kl) + " |")
+            lines.append(
+                f"| {label(m)} | {fmt(row['steps_to_threshold'])} | {ratio} | "
+                f"{fmt(row['median_seed_steps'], 1)} ({row['seeds_reaching']}/{s['seeds']}) | "
+                f"{s['final_mean']:.2f} ± {s['final_std']:.2f} | {s['late_spread']:.2f} | "
+                f"{s['final_kl']:.2f} | " + " | ".join(at_kl) + " |"
+            )
         schemes = [m for m in sec["rows"] if m.startswith("grpo-") and m != ref]
         if ref and schemes:
             lines += ["", "Target: scheme 2 or 3 reaches the threshold in at most 0.8x plain GRPO's steps."]
@@ -211,13 +240,23 @@ def plot(summary: dict, path: Path, title: str) -> None:
 
     fig, axes = plt.subplots(1, len(sections) + 1, figsize=(6 * (len(sections) + 1), 5.5), squeeze=False)
     for ax, sec in zip(axes[0], sections):
-        score_curves(ax, [(label(m), summary["methods"][m], style(m)) for m in sec["rows"]],
-                     threshold=sec["threshold"], title=f"GRPO KL coefficient {sec['kl_coef']:g}", title_size=10,
-                     xlabel="step (32 completions each)")
+        score_curves(
+            ax,
+            [(label(m), summary["methods"][m], style(m)) for m in sec["rows"]],
+            threshold=sec["threshold"],
+            title=f"GRPO KL coefficient {sec['kl_coef']:g}",
+            title_size=10,
+            xlabel="step (32 completions each)",
+        )
     ax = axes[0][-1]
     for m, s in summary["methods"].items():
-        ax.plot(stats.moving_average(s["kl_curve"]), stats.moving_average(s["mean_curve"]), label=label(m), lw=1.2,
-                **style(m))
+        ax.plot(
+            stats.moving_average(s["kl_curve"]),
+            stats.moving_average(s["mean_curve"]),
+            label=label(m),
+            lw=1.2,
+            **style(m),
+        )
     ax.set_xscale("log")
     ax.set_xlabel("KL to the reference, nats per completion (seed mean, 5-step MA; log scale)")
     ax.set_ylabel("ground-truth score (seed mean, 5-step MA)")
@@ -259,8 +298,11 @@ class GRPOStudyOptions:
 
 # The GRPOConfig fields that the command line can set, over GRPO's values.
 GRPO_OPTIONS = ["steps", "kl_coef", "group_size"]
-NOTES = {"steps": "(the PPO runs make as many)", "kl_coef": "where a method has no @kl suffix",
-         "group_size": "(prompts per step = PPO's batch / G)"}
+NOTES = {
+    "steps": "(the PPO runs make as many)",
+    "kl_coef": "where a method has no @kl suffix",
+    "group_size": "(prompts per step = PPO's batch / G)",
+}
 
 
 def parse_args(argv: list[str]) -> GRPOStudyOptions:
@@ -271,8 +313,14 @@ def parse_args(argv: list[str]) -> GRPOStudyOptions:
     return replace(opts, grpo_overrides=given[grpo.GRPOConfig])
 
 
-def study_runs(methods: list[str], seeds: list[int], setup: SetupConfig, grpo_cfg: grpo.GRPOConfig,
-               ppo_cfg: PPOConfig, cache_dir: str | None) -> list[runs.Run]:
+def study_runs(
+    methods: list[str],
+    seeds: list[int],
+    setup: SetupConfig,
+    grpo_cfg: grpo.GRPOConfig,
+    ppo_cfg: PPOConfig,
+    cache_dir: str | None,
+) -> list[runs.Run]:
     """One run per (method, seed): GRPO with the method's scheme, or PPO with its reward method."""
     out = []
     for m in methods:
@@ -303,8 +351,7 @@ def main(argv: list[str]) -> int:
             raise SystemExit(str(err)) from None
     grpo_cfg = replace(GRPO, **args.grpo_overrides)
     if PPO.batch_size % grpo_cfg.group_size:
-        raise SystemExit(f"--group-size {grpo_cfg.group_size} must divide PPO's batch of {PPO.batch_size} "
-                         "completions")
+        raise SystemExit(f"--group-size {grpo_cfg.group_size} must divide PPO's batch of {PPO.batch_size} completions")
     setup = replace(SetupConfig(), seed=args.seed, **(QUICK_SETUP if args.quick else {}))
     grpo_cfg = replace(grpo_cfg, prompts_per_step=PPO.batch_size // grpo_cfg.group_size)
     ppo_cfg = replace(PPO, steps=grpo_cfg.steps)
@@ -314,15 +361,16 @@ def main(argv: list[str]) -> int:
     first = args.seed * 1000 if args.first_seed is None else args.first_seed
     seeds = list(range(first, first + args.seeds))
     jobs = study_runs(methods, seeds, setup, grpo_cfg, ppo_cfg, str(cache))
-    print(f"[2/2] {len(jobs)} runs ({len(methods)} methods x {len(seeds)} seeds, {grpo_cfg.steps} steps, "
-          f"{args.workers} workers)")
+    print(
+        f"[2/2] {len(jobs)} runs ({len(methods)} methods x {len(seeds)} seeds, {grpo_cfg.steps} steps, "
+        f"{args.workers} workers)"
+    )
     progress = runs.progress_printer(len(jobs), t0, _describe)
     t_runs = time.time()
     results = runs.run_all(jobs, args.workers, progress)
     summary = summarise(results, methods, grpo_cfg.kl_coef)
     wall = time.time() - t0
-    title = (f"Sentiment task: GRPO with ABC token-level advantages vs PPO, {len(seeds)} seeds, {grpo_cfg.steps} "
-             "steps")
+    title = f"Sentiment task: GRPO with ABC token-level advantages vs PPO, {len(seeds)} seeds, {grpo_cfg.steps} steps"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     table = markdown_table(summary)
@@ -339,11 +387,11 @@ def main(argv: list[str]) -> int:
         "config": {"setup": asdict(setup), "grpo": asdict(grpo_cfg), "ppo": asdict(ppo_cfg)},
         "seeds": seeds,
     }
-    (out / f"{args.name}.json").write_text(json.dumps({"meta": meta, "summary": summary, "runs": results},
-                                                      indent=1))
+    (out / f"{args.name}.json").write_text(json.dumps({"meta": meta, "summary": summary, "runs": results}, indent=1))
     (out / f"{args.name}.md").write_text(
         f"# {title}\n\nCommand: `{command}`; wall time {wall / 60:.1f} min on this machine ({args.workers} workers, "
-        f"{models}). Every curve is in `{args.name}.json`.\n\n![curves]({args.name}.png)\n\n{table}")
+        f"{models}). Every curve is in `{args.name}.json`.\n\n![curves]({args.name}.png)\n\n{table}"
+    )
     plot(summary, out / f"{args.name}.png", title)
     print()
     print(table)

@@ -56,30 +56,44 @@ def _prepare(job):
     _, _, _, info = load_or_train(setup, cache, log=None)
     t1 = time.time()
     credit = credit_report(setup, cache)
-    return {"completion_len": setup.completion_len, "info": info, "credit": credit,
-            "train_seconds": t1 - t0, "diagnostics_seconds": time.time() - t1}
+    return {
+        "completion_len": setup.completion_len,
+        "info": info,
+        "credit": credit,
+        "train_seconds": t1 - t0,
+        "diagnostics_seconds": time.time() - t1,
+    }
 
 
 # ------------------------------------------------------------------------------------------------ outputs
 
 
 def _ratio_table(per_length: dict, key: str, dense: list[str], steps: int) -> list[str]:
-    lines = ["| completion tokens | threshold | sparse steps | " + " | ".join(M.LABELS[m] for m in dense) + " |",
-             "|---|---|---|" + "---|" * len(dense)]
+    lines = [
+        "| completion tokens | threshold | sparse steps | " + " | ".join(M.LABELS[m] for m in dense) + " |",
+        "|---|---|---|" + "---|" * len(dense),
+    ]
     for length in sorted(per_length):
         d = per_length[length][key]
         cells = []
         for m in dense:
             r = d["ratios"][m]
             if r["steps"] is None or r["sparse_steps"] is None or r["sparse_steps"] == 0:
-                head = r["text"] if r["steps"] is None else f"{r['text'].split(' (')[0]} ({r['steps']} steps; " + (
-                    "sparse never)" if r["sparse_steps"] is None else "sparse at step 0)")
+                head = (
+                    r["text"]
+                    if r["steps"] is None
+                    else f"{r['text'].split(' (')[0]} ({r['steps']} steps; "
+                    + ("sparse never)" if r["sparse_steps"] is None else "sparse at step 0)")
+                )
             else:
                 head = f"{r['text']} ({r['steps']} steps)"
             cells.append(f"{head} {report.seed_ratios(r)}")
         sparse_steps = d["ratios"][dense[0]]["sparse_steps"] if dense else None
-        lines.append(f"| {length} | {d['threshold']:.2f} | {sparse_steps if sparse_steps is not None else 'never'} | "
-                     + " | ".join(cells) + " |")
+        lines.append(
+            f"| {length} | {d['threshold']:.2f} | {sparse_steps if sparse_steps is not None else 'never'} | "
+            + " | ".join(cells)
+            + " |"
+        )
     return lines
 
 
@@ -115,9 +129,14 @@ def markdown(per_length: dict, meta: dict) -> str:
     ]
     for length in lengths:
         stats = per_length[length]["summary"]["methods"]
-        lines.append(f"| {length} | " + " | ".join(
-            f"{stats[m]['final_mean']:.2f} ± {stats[m]['final_std']:.2f} (KL {stats[m]['final_kl']:.1f})"
-            for m in methods) + " |")
+        lines.append(
+            f"| {length} | "
+            + " | ".join(
+                f"{stats[m]['final_mean']:.2f} ± {stats[m]['final_std']:.2f} (KL {stats[m]['final_kl']:.1f})"
+                for m in methods
+            )
+            + " |"
+        )
     lines += [
         "",
         "## Reward models and credit diagnostics by length (completions sampled from each SFT policy)",
@@ -139,7 +158,8 @@ def markdown(per_length: dict, meta: dict) -> str:
             f"| {length} | {rm['true_order_accuracy']:.3f} | {rm['score_correlation']:.3f} | "
             f"{abc['spearman']:.2f} / {abc['topk_overlap']:.2f} / {abc['sign_agreement']:.2f} | "
             f"{prefix['spearman']:.2f} / {prefix['topk_overlap']:.2f} / {prefix['sign_agreement']:.2f} | "
-            f"{'' if tracking is None else f'{tracking:.2f}'} | {abc['random_topk_overlap']:.2f} |")
+            f"{'' if tracking is None else f'{tracking:.2f}'} | {abc['random_topk_overlap']:.2f} |"
+        )
     lines += ["", "## Per length", ""]
     for length in lengths:
         d = per_length[length]
@@ -168,15 +188,21 @@ def plot(per_length: dict, methods: list[str], path: Path, title: str) -> None:
     for k, m in enumerate(dense):
         colour = colours.get(m, f"C{k + 3}")
         offset = (k - (len(dense) - 1) / 2) * 0.035
-        xs = [length * 2 ** offset for length in lengths]
+        xs = [length * 2**offset for length in lengths]
         points = [per_length[length]["sparse_level"]["ratios"][m]["mean_curve_ratio"] for length in lengths]
-        ax.plot([x for x, p in zip(xs, points) if p is not None], [p for p in points if p is not None], "o-",
-                color=colour, lw=2, ms=7, label=f"{M.LABELS[m]} (seed-mean curves)")
+        ax.plot(
+            [x for x, p in zip(xs, points) if p is not None],
+            [p for p in points if p is not None],
+            "o-",
+            color=colour,
+            lw=2,
+            ms=7,
+            label=f"{M.LABELS[m]} (seed-mean curves)",
+        )
         for x, length in zip(xs, lengths):
             r = per_length[length]["sparse_level"]["ratios"][m]
             for value, censored in zip(r["per_seed"], r["per_seed_censored"]):
-                ax.scatter([x], [value], s=18, color=colour, alpha=0.45, marker="x" if censored else ".",
-                           linewidths=1)
+                ax.scatter([x], [value], s=18, color=colour, alpha=0.45, marker="x" if censored else ".", linewidths=1)
     ax.axhline(1.0, color="k", lw=1, ls=":")
     ax.set_xscale("log", base=2)
     ax.set_xticks(lengths, [str(x) for x in lengths])
@@ -208,38 +234,59 @@ def main(args: ExperimentOptions, argv: list[str], setup: SetupConfig, ppo: PPOC
     setups = {length: replace(setup, completion_len=length) for length in lengths}
     seeds = [args.seed * 1000 + i for i in range(args.seeds)]
 
-    print(f"[1/2] SFT policy, reward model and credit diagnostics for completion lengths {sorted(lengths)} "
-          f"({args.workers} workers)", flush=True)
+    print(
+        f"[1/2] SFT policy, reward model and credit diagnostics for completion lengths {sorted(lengths)} "
+        f"({args.workers} workers)",
+        flush=True,
+    )
     prepared = {}
 
     def prepared_one(res):
         prepared[res["completion_len"]] = res
         rm = res["info"]["reward_model"]
-        print(f"  {res['completion_len']:3d} tokens: reward model hidden-order accuracy {rm['true_order_accuracy']:.3f}, "
-              f"corr {rm['score_correlation']:.3f}; ABC Spearman "
-              f"{res['credit']['sft_samples']['abc']['spearman']:.2f}, prefix Spearman "
-              f"{res['credit']['sft_samples']['prefix']['spearman']:.2f} ({res['train_seconds']:.0f}s + "
-              f"{res['diagnostics_seconds']:.0f}s, {time.time() - t0:.0f}s elapsed)", flush=True)
+        print(
+            f"  {res['completion_len']:3d} tokens: reward model hidden-order accuracy {rm['true_order_accuracy']:.3f}, "
+            f"corr {rm['score_correlation']:.3f}; ABC Spearman "
+            f"{res['credit']['sft_samples']['abc']['spearman']:.2f}, prefix Spearman "
+            f"{res['credit']['sft_samples']['prefix']['spearman']:.2f} ({res['train_seconds']:.0f}s + "
+            f"{res['diagnostics_seconds']:.0f}s, {time.time() - t0:.0f}s elapsed)",
+            flush=True,
+        )
 
     runs.map_jobs(_prepare, [(setups[length], cache, 1) for length in lengths], args.workers, prepared_one)
     t_prepared = time.time()
 
-    jobs = [runs.Run(m, s, setups[length], ppo, cache, tags=(("completion_len", length),))
-            for length in lengths for m in methods for s in seeds]
-    print(f"[2/2] {len(jobs)} PPO runs ({len(lengths)} lengths x {len(methods)} methods x {len(seeds)} seeds, "
-          f"{ppo.steps} steps, GAE lambda {ppo.lam:g}), longest completions first", flush=True)
+    jobs = [
+        runs.Run(m, s, setups[length], ppo, cache, tags=(("completion_len", length),))
+        for length in lengths
+        for m in methods
+        for s in seeds
+    ]
+    print(
+        f"[2/2] {len(jobs)} PPO runs ({len(lengths)} lengths x {len(methods)} methods x {len(seeds)} seeds, "
+        f"{ppo.steps} steps, GAE lambda {ppo.lam:g}), longest completions first",
+        flush=True,
+    )
     progress = runs.progress_printer(
-        len(jobs), t0, lambda res: f"{res['completion_len']:3d} tokens  {res['method']:10s} seed {res['seed']:5d}")
+        len(jobs), t0, lambda res: f"{res['completion_len']:3d} tokens  {res['method']:10s} seed {res['seed']:5d}"
+    )
     results = runs.run_all(jobs, args.workers, progress)
     t_runs = time.time()
 
     per_length = analyse(results, prepared, methods, ppo.steps)
     meta = {
         "title": f"Completion-length study: dense credit against sparse, GAE lambda {ppo.lam:g}, {len(seeds)} seeds, "
-                 f"{ppo.steps} PPO steps",
-        "command": "dense-rlhf experiment " + " ".join(argv), "name": args.name, "methods": methods,
-        "lengths": sorted(lengths), "seeds": seeds, "steps": ppo.steps, "workers": args.workers,
-        "wall_seconds": time.time() - t0, "prepare_seconds": t_prepared - t0, "runs_seconds": t_runs - t_prepared,
+        f"{ppo.steps} PPO steps",
+        "command": "dense-rlhf experiment " + " ".join(argv),
+        "name": args.name,
+        "methods": methods,
+        "lengths": sorted(lengths),
+        "seeds": seeds,
+        "steps": ppo.steps,
+        "workers": args.workers,
+        "wall_seconds": time.time() - t0,
+        "prepare_seconds": t_prepared - t0,
+        "runs_seconds": t_runs - t_prepared,
         "config": report.config_dict(setup, ppo),
     }
     write_outputs(per_length, meta, Path(args.out))
@@ -254,19 +301,24 @@ def analyse(results: list[dict], prepared: dict, methods: list[str], n_steps: in
     metrics and credit diagnostics, and the time each part took."""
     per_length = {}
     for length in sorted(prepared):
-        mine = sorted((r for r in results if r["completion_len"] == length),
-                      key=lambda r: (methods.index(r["method"]), r["seed"]))
+        mine = sorted(
+            (r for r in results if r["completion_len"] == length), key=lambda r: (methods.index(r["method"]), r["seed"])
+        )
         summary = stats.summarise(mine)
         level = stats.sparse_level(summary)
         per_length[length] = {
             "summary": summary,
-            "sparse_level": {"threshold": level,
-                             "ratios": stats.ratios(stats.steps_to(summary, mine, level), methods, n_steps)},
-            "best_threshold": {"threshold": summary["threshold"],
-                               "ratios": stats.ratios(stats.steps_to(summary, mine, summary["threshold"]), methods,
-                                                      n_steps)},
+            "sparse_level": {
+                "threshold": level,
+                "ratios": stats.ratios(stats.steps_to(summary, mine, level), methods, n_steps),
+            },
+            "best_threshold": {
+                "threshold": summary["threshold"],
+                "ratios": stats.ratios(stats.steps_to(summary, mine, summary["threshold"]), methods, n_steps),
+            },
             "runs": mine,
-            "info": prepared[length]["info"], "credit": prepared[length]["credit"],
+            "info": prepared[length]["info"],
+            "credit": prepared[length]["credit"],
             "train_seconds": prepared[length]["train_seconds"],
             "diagnostics_seconds": prepared[length]["diagnostics_seconds"],
             "run_seconds": sum(r["seconds"] for r in mine),
@@ -277,7 +329,8 @@ def analyse(results: list[dict], prepared: dict, methods: list[str], n_steps: in
 def write_outputs(per_length: dict, meta: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     name = meta["name"]
-    (out / f"{name}.json").write_text(json.dumps(
-        {"meta": meta, "per_length": {str(k): v for k, v in per_length.items()}}, indent=1))
+    (out / f"{name}.json").write_text(
+        json.dumps({"meta": meta, "per_length": {str(k): v for k, v in per_length.items()}}, indent=1)
+    )
     (out / f"{name}.md").write_text(markdown(per_length, meta))
     plot(per_length, meta["methods"], out / f"{name}.png", meta["title"])

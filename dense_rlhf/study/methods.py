@@ -44,11 +44,11 @@ from typing import NamedTuple
 
 import torch
 
-from dense_rlhf.study import sentiment_task as task
 from dense_rlhf.capture import capture_prefix_scores, capture_reward_attention, score_with_credit
 from dense_rlhf.ops import dense_rewards, prefix_rewards, sparse_rewards, uniform_rewards
 from dense_rlhf.rl.grpo import GroupRollout
 from dense_rlhf.rl.ppo import Rollout, RolloutHook
+from dense_rlhf.study import sentiment_task as task
 
 METHODS = ["sparse", "abc-0.5", "abc-0.8", "abc-1.0", "prefix-0.8", "prefix-1.0", "uniform", "abcd"]
 LABELS = {
@@ -66,9 +66,14 @@ ALIGNED_METHODS = ["bpe-sparse", "bpe-abc-0.8"]
 ORACLE_METHODS = ["oracle-0.8", "oracle-abs-0.8"]
 RM_SCALE_TEXTS, RM_SCALE_SEED = 2048, 7  # the grammar texts rm_scale fits on
 ALL_METHODS = METHODS + ALIGNED_METHODS + ORACLE_METHODS
-LABELS.update({"bpe-sparse": "sparse, BPE chat RM", "bpe-abc-0.8": "ABC through alignment, BPE chat RM",
-               "oracle-0.8": "oracle: true credit in RM units, beta=0.8",
-               "oracle-abs-0.8": "oracle in ABC's shape (shares by absolute true credit), beta=0.8"})
+LABELS.update(
+    {
+        "bpe-sparse": "sparse, BPE chat RM",
+        "bpe-abc-0.8": "ABC through alignment, BPE chat RM",
+        "oracle-0.8": "oracle: true credit in RM units, beta=0.8",
+        "oracle-abs-0.8": "oracle in ABC's shape (shares by absolute true credit), beta=0.8",
+    }
+)
 
 
 def rm_inputs(codec: task.Codec, seq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,8 +97,10 @@ class RewardForward(NamedTuple):
 @torch.no_grad()
 def rm_forward(rm, ids: torch.Tensor, prefix: bool = True) -> RewardForward:
     """One reward-model forward: scores, the last layer's rows and, with ``prefix``, the per-position scores."""
-    with capture_reward_attention(rm, layer=-1) as cap, \
-            (capture_prefix_scores(rm) if prefix else contextlib.nullcontext()) as scores:
+    with (
+        capture_reward_attention(rm, layer=-1) as cap,
+        capture_prefix_scores(rm) if prefix else contextlib.nullcontext() as scores,
+    ):
         score = rm(input_ids=ids).logits[:, 0].float()  # reward position: the rightmost non-pad token
     if not prefix:
         return RewardForward(score, cap.rows, None, None)
@@ -106,8 +113,9 @@ def score_with_attention(rm, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return out.score, out.rows
 
 
-def oracle_rewards(credit: torch.Tensor, score: torch.Tensor, beta: float, abc_shape: bool,
-                   scale: float = 1.0) -> torch.Tensor:
+def oracle_rewards(
+    credit: torch.Tensor, score: torch.Tensor, beta: float, abc_shape: bool, scale: float = 1.0
+) -> torch.Tensor:
     """[B, N] oracle rewards on the response tokens from the true credit [B, N] and the reward model's scores [B]
     (see the module docstring): ``abc_shape`` False, beta * scale * credit with the rest of the score on the last
     token; True, ``dense_rewards`` with alpha proportional to |credit| (``scale`` unused). Each row sums to its
@@ -125,26 +133,37 @@ def rm_scale(rm, codec: task.Codec, completion_len: int, n: int = RM_SCALE_TEXTS
     """The reward model's scale against the hidden score: the least-squares slope of its score on the hidden score
     over ``n`` grammar texts drawn as the preference data are (very negative to very positive reviews)."""
     rng = random.Random(seed)
-    words = [task.sample_words(rng, task.Style.random_for_preferences(rng), task.PROMPT_WORDS + completion_len)
-             for _ in range(n)]
+    words = [
+        task.sample_words(rng, task.Style.random_for_preferences(rng), task.PROMPT_WORDS + completion_len)
+        for _ in range(n)
+    ]
     seq = codec.encode(words)
     hidden = task.scores_of(codec, seq).double()
     score = torch.cat([rm_forward(rm, rm_inputs(codec, chunk)[0], prefix=False).score for chunk in seq.split(512)])
     hidden_c = hidden - hidden.mean()
-    return float((hidden_c * (score.double() - score.double().mean())).sum() / (hidden_c ** 2).sum())
+    return float((hidden_c * (score.double() - score.double().mean())).sum() / (hidden_c**2).sum())
 
 
 def oracle_spec(method: str) -> tuple[float, bool]:
     """(beta, abc_shape) of an ``oracle-*`` method name."""
-    body = method[len("oracle-"):]
+    body = method[len("oracle-") :]
     abc_shape = body.startswith("abs-")
     return float(body[4:] if abc_shape else body), abc_shape
 
 
-def token_rewards(method: str, score: torch.Tensor, rm_rows: torch.Tensor, rm_mask: torch.Tensor,
-                  policy_rows: torch.Tensor | None, prompt_len: int, n_new: int,
-                  prefix_scores: torch.Tensor | None = None, reward_index: torch.Tensor | None = None,
-                  credit: torch.Tensor | None = None, credit_scale: float = 1.0) -> torch.Tensor:
+def token_rewards(
+    method: str,
+    score: torch.Tensor,
+    rm_rows: torch.Tensor,
+    rm_mask: torch.Tensor,
+    policy_rows: torch.Tensor | None,
+    prompt_len: int,
+    n_new: int,
+    prefix_scores: torch.Tensor | None = None,
+    reward_index: torch.Tensor | None = None,
+    credit: torch.Tensor | None = None,
+    credit_scale: float = 1.0,
+) -> torch.Tensor:
     """[B, N] task rewards on the response tokens for one method (``prefix-*`` needs ``prefix_scores`` and the
     ``reward_index`` they were pooled at; ``oracle-*`` the true credit [B, N] of the response tokens, and the signed
     oracle the reward model's scale ``credit_scale``, see ``rm_scale``)."""
@@ -160,7 +179,9 @@ def token_rewards(method: str, score: torch.Tensor, rm_rows: torch.Tensor, rm_ma
         full = prefix_rewards(prefix_scores, rm_mask, beta=float(method[7:]), reward_index=reward_index)
     elif method == "abcd":
         if policy_rows is None:
-            raise ValueError("abcd needs the policy's attention rows: run PPO with rollout_hook=capture_policy_attention")
+            raise ValueError(
+                "abcd needs the policy's attention rows: run PPO with rollout_hook=capture_policy_attention"
+            )
         mask = torch.zeros(policy_rows.shape[0], policy_rows.shape[-1], dtype=torch.bool)
         mask[:, prompt_len : prompt_len + n_new] = True
         full = dense_rewards(policy_rows, score, mask, beta=ABCD_BETA, layout="rows")
@@ -179,8 +200,15 @@ def aligned_rewards(chat_rm, codec: task.Codec, seq: torch.Tensor, beta: float) 
     rm_tokenizer, rm = chat_rm
     prompts = [rm_chat(words) for words in codec.decode(seq[:, 1 : task.PROMPT_LEN])]
     response = seq[:, task.PROMPT_LEN :]
-    return score_and_densify_text(rm, rm_tokenizer, prompts, response, policy_tokenizer=codec.tokenizer,
-                                  response_mask=torch.ones_like(response, dtype=torch.bool), beta=beta)
+    return score_and_densify_text(
+        rm,
+        rm_tokenizer,
+        prompts,
+        response,
+        policy_tokenizer=codec.tokenizer,
+        response_mask=torch.ones_like(response, dtype=torch.bool),
+        beta=beta,
+    )
 
 
 def capture_policy_attention(lm, seq: torch.Tensor):
@@ -221,8 +249,19 @@ def make_score_fn(method: str, rm, codec: task.Codec, chat_rm=None):
             scale.append(1.0 if oracle_spec(method)[1] else rm_scale(rm, codec, n_new))
         credit = task.credits_of(codec, ro.seq) if oracle else None
         policy_rows = ro.captured.rows if method == "abcd" and ro.captured is not None else None
-        rewards = token_rewards(method, score, rows, mask, policy_rows, task.PROMPT_LEN, n_new, prefix, index, credit,
-                                scale[0] if oracle else 1.0)
+        rewards = token_rewards(
+            method,
+            score,
+            rows,
+            mask,
+            policy_rows,
+            task.PROMPT_LEN,
+            n_new,
+            prefix,
+            index,
+            credit,
+            scale[0] if oracle else 1.0,
+        )
         gt = task.scores_of(codec, ro.seq)
         return rewards, {"gt_score": gt.mean().item(), "rm_score": score.mean().item()}
 

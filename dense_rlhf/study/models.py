@@ -87,8 +87,18 @@ def n_positions(cfg: SetupConfig) -> int:
     return max(64, task.PROMPT_LEN + cfg.completion_len + 1)
 
 
-def _gpt2_config(n_embd: int, n_layer: int, n_head: int, positions: int, *, vocab_size: int, bos_token_id: int,
-                 eos_token_id: int, pad_token_id: int, **extra):
+def _gpt2_config(
+    n_embd: int,
+    n_layer: int,
+    n_head: int,
+    positions: int,
+    *,
+    vocab_size: int,
+    bos_token_id: int,
+    eos_token_id: int,
+    pad_token_id: int,
+    **extra,
+):
     """A GPT-2 config of the given size with every dropout off (the study's models are tiny and deterministic)."""
     from transformers import GPT2Config
 
@@ -109,8 +119,9 @@ def _gpt2_config(n_embd: int, n_layer: int, n_head: int, positions: int, *, voca
 
 
 def _codec_ids(codec: task.Codec) -> dict:
-    return dict(vocab_size=codec.vocab_size, bos_token_id=codec.bos_id, eos_token_id=codec.eos_id,
-                pad_token_id=codec.pad_id)
+    return dict(
+        vocab_size=codec.vocab_size, bos_token_id=codec.bos_id, eos_token_id=codec.eos_id, pad_token_id=codec.pad_id
+    )
 
 
 def new_policy(codec: task.Codec, cfg: SetupConfig):
@@ -125,8 +136,9 @@ def new_reward_model(codec: task.Codec, cfg: SetupConfig):
     from transformers import GPT2ForSequenceClassification
 
     torch.manual_seed(cfg.seed + 1)
-    config = _gpt2_config(cfg.rm_n_embd, cfg.rm_n_layer, cfg.rm_n_head, n_positions(cfg), **_codec_ids(codec),
-                          num_labels=1)
+    config = _gpt2_config(
+        cfg.rm_n_embd, cfg.rm_n_layer, cfg.rm_n_head, n_positions(cfg), **_codec_ids(codec), num_labels=1
+    )
     return GPT2ForSequenceClassification(config)
 
 
@@ -310,8 +322,10 @@ def load_or_train(cfg: SetupConfig, cache_dir=None, log=print):
 
 RM_BPE_VOCAB = 800  # byte-level: 1.16 tokens per word; 32 of the 70 sentiment words split into 2-4 pieces
 RM_SPECIAL_TOKENS = ["<|pad|>", "<|user|>", "<|assistant|>", "<|end|>"]
-RM_CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] | trim }}<|end|>"
-                    "{% if not loop.last %}\n{% endif %}{% endfor %}")
+RM_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] | trim }}<|end|>"
+    "{% if not loop.last %}\n{% endif %}{% endfor %}"
+)
 
 
 def build_rm_tokenizer(seed: int, vocab_size: int = RM_BPE_VOCAB):
@@ -327,9 +341,15 @@ def build_rm_tokenizer(seed: int, vocab_size: int = RM_BPE_VOCAB):
     core = Tokenizer(models.BPE())
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
-    core.train_from_iterator(texts, trainers.BpeTrainer(
-        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=RM_SPECIAL_TOKENS,
-        show_progress=False))
+    core.train_from_iterator(
+        texts,
+        trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            special_tokens=RM_SPECIAL_TOKENS,
+            show_progress=False,
+        ),
+    )
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<|pad|>", eos_token="<|end|>")
     tokenizer.chat_template = RM_CHAT_TEMPLATE
     return tokenizer
@@ -362,9 +382,17 @@ def new_chat_reward_model(tokenizer, cfg: SetupConfig):
     from transformers import GPT2ForSequenceClassification
 
     torch.manual_seed(cfg.seed + 1)
-    config = _gpt2_config(cfg.rm_n_embd, cfg.rm_n_layer, cfg.rm_n_head, 256, vocab_size=len(tokenizer),
-                          bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
-                          pad_token_id=tokenizer.pad_token_id, num_labels=1)
+    config = _gpt2_config(
+        cfg.rm_n_embd,
+        cfg.rm_n_layer,
+        cfg.rm_n_head,
+        256,
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        num_labels=1,
+    )
     return GPT2ForSequenceClassification(config)
 
 

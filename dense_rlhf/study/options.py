@@ -36,9 +36,13 @@ def field_docs(cls: type) -> dict[str, str]:
             continue
         body = tree.body[0].body
         for node, after in zip(body, body[1:]):
-            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
-                    and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
-                    and isinstance(after.value.value, str)):
+            if (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(node.target, ast.Name)
+                and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant)
+                and isinstance(after.value.value, str)
+            ):
                 docs[node.target.id] = " ".join(after.value.value.split())
     return docs
 
@@ -63,9 +67,16 @@ def _dest(cls: type, name: str) -> str:
     return f"{cls.__module__}.{cls.__qualname__}:{name}"
 
 
-def add_fields(parser: argparse.ArgumentParser, cls: type, names: list[str] | None = None, *,
-               defaults: object | None = None, flags: dict[str, str] | None = None,
-               notes: dict[str, str] | None = None, override: bool = False) -> None:
+def add_fields(
+    parser: argparse.ArgumentParser,
+    cls: type,
+    names: list[str] | None = None,
+    *,
+    defaults: object | None = None,
+    flags: dict[str, str] | None = None,
+    notes: dict[str, str] | None = None,
+    override: bool = False,
+) -> None:
     """Add one option per field of the dataclass ``cls`` (those in ``names``, in that order; default every field
     that ``is_option``): ``--field-name`` (or ``flags[name]``), typed by the field's annotation (``Literal``:
     choices; ``bool``: a switch), its help the field's doc, then ``notes[name]``, then the default.
@@ -103,8 +114,9 @@ def add_fields(parser: argparse.ArgumentParser, cls: type, names: list[str] | No
         parser.add_argument((flags or {}).get(name, "--" + name.replace("_", "-")), **kwargs)
 
 
-def parse(parser: argparse.ArgumentParser, cls: type[T], argv: list[str],
-          overrides: tuple[type, ...] = ()) -> tuple[T, dict[type, dict[str, Any]]]:
+def parse(
+    parser: argparse.ArgumentParser, cls: type[T], argv: list[str], overrides: tuple[type, ...] = ()
+) -> tuple[T, dict[type, dict[str, Any]]]:
     """Parse ``argv``: an instance of the dataclass ``cls`` from its options (:func:`add_fields` without
     ``override``), and for each class of ``overrides`` the fields given on the command line, by name."""
     values = vars(parser.parse_args(argv))
@@ -112,5 +124,5 @@ def parse(parser: argparse.ArgumentParser, cls: type[T], argv: list[str],
     given = {}
     for klass in overrides:
         prefix = _dest(klass, "")
-        given[klass] = {key[len(prefix):]: value for key, value in values.items() if key.startswith(prefix)}
+        given[klass] = {key[len(prefix) :]: value for key, value in values.items() if key.startswith(prefix)}
     return cls(**own), given

@@ -35,9 +35,7 @@ from typing import TYPE_CHECKING
 
 from dense_rlhf.rl.ppo import PPOConfig
 from dense_rlhf.study import methods as M
-from dense_rlhf.study import report
-from dense_rlhf.study import runs
-from dense_rlhf.study import stats
+from dense_rlhf.study import report, runs, stats
 from dense_rlhf.study.diagnostics import credit_report
 from dense_rlhf.study.models import SetupConfig, load_or_train
 from dense_rlhf.study.plots import pyplot, save, score_curves
@@ -72,25 +70,35 @@ def analyse(results: list[dict], methods: list[str], settings: dict, lams: dict)
     sections = []
     for name in settings:
         for lam in lams[name]:
-            mine = sorted((r for r in results if r["setting"] == name and r["lam"] == lam),
-                          key=lambda r: (methods.index(r["method"]), r["seed"]))
+            mine = sorted(
+                (r for r in results if r["setting"] == name and r["lam"] == lam),
+                key=lambda r: (methods.index(r["method"]), r["seed"]),
+            )
             summary = stats.summarise(mine)
             n = summary["steps"]
             level = stats.sparse_level(summary)
             at_level = stats.ratios(stats.steps_to(summary, mine, level), methods, n)
-            kl_coef = {m: sum(r["curves"]["kl_coef"][n - 1] for r in mine if r["method"] == m)
-                       / summary["methods"][m]["seeds"] for m in summary["methods"]}
-            sections.append({
-                "setting": name, "lam": lam, "ppo": asdict(replace(settings[name], lam=lam)), "summary": summary,
-                "sparse_level": {"threshold": level, "ratios": at_level},
-                "best_threshold": {"threshold": summary["threshold"],
-                                   "ratios": stats.ratios(stats.steps_to(summary, mine, summary["threshold"]), methods,
-                                                          n)},
-                "shares": {o: shares_of_oracle(at_level, o) for o in ORACLES if o in methods},
-                "final_kl_coef": kl_coef,
-                "run_seconds": sum(r["seconds"] for r in mine),
-                "runs": mine,
-            })
+            kl_coef = {
+                m: sum(r["curves"]["kl_coef"][n - 1] for r in mine if r["method"] == m) / summary["methods"][m]["seeds"]
+                for m in summary["methods"]
+            }
+            sections.append(
+                {
+                    "setting": name,
+                    "lam": lam,
+                    "ppo": asdict(replace(settings[name], lam=lam)),
+                    "summary": summary,
+                    "sparse_level": {"threshold": level, "ratios": at_level},
+                    "best_threshold": {
+                        "threshold": summary["threshold"],
+                        "ratios": stats.ratios(stats.steps_to(summary, mine, summary["threshold"]), methods, n),
+                    },
+                    "shares": {o: shares_of_oracle(at_level, o) for o in ORACLES if o in methods},
+                    "final_kl_coef": kl_coef,
+                    "run_seconds": sum(r["seconds"] for r in mine),
+                    "runs": mine,
+                }
+            )
     return sections
 
 
@@ -107,14 +115,19 @@ def _ratio_cell(r: dict | None) -> str:
 def _ratio_table(sections: list[dict], key: str, dense: list[str]) -> list[str]:
     """One row per (setting, lambda): the threshold ``key`` ("sparse_level" or "best_threshold"), sparse's steps
     and each method's ratio cell."""
-    lines = ["| setting | GAE lambda | threshold | sparse steps | " + " | ".join(M.LABELS[m] for m in dense) + " |",
-             "|---|---|---|---|" + "---|" * len(dense)]
+    lines = [
+        "| setting | GAE lambda | threshold | sparse steps | " + " | ".join(M.LABELS[m] for m in dense) + " |",
+        "|---|---|---|---|" + "---|" * len(dense),
+    ]
     for sec in sections:
         r = sec[key]["ratios"]
         sparse_steps = next(iter(r.values()))["sparse_steps"] if r else None
-        lines.append(f"| {sec['setting']} | {sec['lam']:g} | {sec[key]['threshold']:.2f} | "
-                     f"{'never' if sparse_steps is None else sparse_steps} | "
-                     + " | ".join(_ratio_cell(r.get(m)) for m in dense) + " |")
+        lines.append(
+            f"| {sec['setting']} | {sec['lam']:g} | {sec[key]['threshold']:.2f} | "
+            f"{'never' if sparse_steps is None else sparse_steps} | "
+            + " | ".join(_ratio_cell(r.get(m)) for m in dense)
+            + " |"
+        )
     return lines
 
 
@@ -124,10 +137,15 @@ def _share(x) -> str:
 
 def _setting_title(sec: dict, sep: str = " ") -> str:
     p = sec["ppo"]
-    kl = (f"adaptive KL from {p['kl_coef']:g} (target {p['kl_target']:g}, horizon {p['kl_horizon']:g})"
-          if p["kl_target"] is not None else f"fixed KL {p['kl_coef']:g}")
-    return (f"{sec['setting']} PPO settings, GAE lambda {sec['lam']:g}:{sep}batch {p['batch_size']}, minibatch "
-            f"{p['minibatch_size']}, {p['ppo_epochs']} epochs, lr {p['lr']:g}, {kl}, {p['steps']} steps")
+    kl = (
+        f"adaptive KL from {p['kl_coef']:g} (target {p['kl_target']:g}, horizon {p['kl_horizon']:g})"
+        if p["kl_target"] is not None
+        else f"fixed KL {p['kl_coef']:g}"
+    )
+    return (
+        f"{sec['setting']} PPO settings, GAE lambda {sec['lam']:g}:{sep}batch {p['batch_size']}, minibatch "
+        f"{p['minibatch_size']}, {p['ppo_epochs']} epochs, lr {p['lr']:g}, {kl}, {p['steps']} steps"
+    )
 
 
 def markdown(sections: list[dict], credit: dict, info: dict, meta: dict) -> str:
@@ -145,7 +163,7 @@ def markdown(sections: list[dict], credit: dict, info: dict, meta: dict) -> str:
         "",
         "Each ratio cell: the method's steps to the threshold over sparse's, from the seed-mean curves (5-step moving "
         "average), the method's own steps in parentheses; then [median; range] of the per-seed ratios (seed s against "
-        f"sparse seed s; * = some run never reached the threshold and counts as the number of steps). Below 1: faster "
+        "sparse seed s; * = some run never reached the threshold and counts as the number of steps). Below 1: faster "
         "than sparse.",
         "",
         "## Steps to sparse's level (80% of the way from the SFT score to sparse's own final score)",
@@ -155,45 +173,69 @@ def markdown(sections: list[dict], credit: dict, info: dict, meta: dict) -> str:
     oracles = [o for o in ORACLES if o in methods]
     compared = [m for m in COMPARED if m in methods]
     if oracles and compared:
-        lines += ["", "## Share of the oracle's speed-up, (1 - ratio) / (1 - ratio of the oracle), at sparse's level",
-                  "", "| setting | GAE lambda | oracle | oracle's ratio | " + " | ".join(M.LABELS[m] for m in compared)
-                  + " |", "|---|---|---|---|" + "---|" * len(compared)]
+        lines += [
+            "",
+            "## Share of the oracle's speed-up, (1 - ratio) / (1 - ratio of the oracle), at sparse's level",
+            "",
+            "| setting | GAE lambda | oracle | oracle's ratio | " + " | ".join(M.LABELS[m] for m in compared) + " |",
+            "|---|---|---|---|" + "---|" * len(compared),
+        ]
         for sec in sections:
             for o in oracles:
                 ro = sec["sparse_level"]["ratios"][o]["text"]
-                lines.append(f"| {sec['setting']} | {sec['lam']:g} | {M.LABELS[o]} | {ro} | "
-                             + " | ".join(_share(sec["shares"][o][m]) for m in compared) + " |")
+                lines.append(
+                    f"| {sec['setting']} | {sec['lam']:g} | {M.LABELS[o]} | {ro} | "
+                    + " | ".join(_share(sec["shares"][o][m]) for m in compared)
+                    + " |"
+                )
     lines += [
         "",
         "## Steps to the experiment's threshold (80% of the way to the best method's final score)",
         "",
         *_ratio_table(sections, "best_threshold", dense),
     ]
-    lines += ["", "## Final true score (mean ± std over seeds of the last 10 steps), late spread, final KL", "",
-              "Late spread: the std over seeds of the score, averaged over the last quarter of the steps. Final KL: "
-              "nats per completion (k1), last 10 steps. The KL coefficient is the one of the last step (adaptive "
-              "controller) or the fixed one.", "",
-              "| setting | GAE lambda | method | final ± std | late spread | final KL | KL coefficient at the end |",
-              "|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## Final true score (mean ± std over seeds of the last 10 steps), late spread, final KL",
+        "",
+        "Late spread: the std over seeds of the score, averaged over the last quarter of the steps. Final KL: "
+        "nats per completion (k1), last 10 steps. The KL coefficient is the one of the last step (adaptive "
+        "controller) or the fixed one.",
+        "",
+        "| setting | GAE lambda | method | final ± std | late spread | final KL | KL coefficient at the end |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for sec in sections:
         for m in methods:
             s = sec["summary"]["methods"][m]
-            lines.append(f"| {sec['setting']} | {sec['lam']:g} | {M.LABELS[m]} | {s['final_mean']:.2f} ± "
-                         f"{s['final_std']:.2f} | {s['late_spread']:.2f} | {s['final_kl']:.2f} | "
-                         f"{sec['final_kl_coef'][m]:.4f} |")
+            lines.append(
+                f"| {sec['setting']} | {sec['lam']:g} | {M.LABELS[m]} | {s['final_mean']:.2f} ± "
+                f"{s['final_std']:.2f} | {s['late_spread']:.2f} | {s['final_kl']:.2f} | "
+                f"{sec['final_kl_coef'][m]:.4f} |"
+            )
     rm = info["reward_model"]
-    lines += ["", "## Reward model and credit diagnostics", "",
-              f"Reward model (held-out pairs): accuracy {rm['label_accuracy']:.3f} against the Bradley-Terry labels, "
-              f"{rm['true_order_accuracy']:.3f} against the hidden-score order, corr(RM score, hidden score) "
-              f"{rm['score_correlation']:.3f}."]
+    lines += [
+        "",
+        "## Reward model and credit diagnostics",
+        "",
+        f"Reward model (held-out pairs): accuracy {rm['label_accuracy']:.3f} against the Bradley-Terry labels, "
+        f"{rm['true_order_accuracy']:.3f} against the hidden-score order, corr(RM score, hidden score) "
+        f"{rm['score_correlation']:.3f}.",
+    ]
     calib = {t: d["rm_calibration"] for t, d in credit.items() if "rm_calibration" in d}
     if calib:
-        lines += ["", "The reward model's score against the hidden score (least squares, RM = slope * hidden + "
-                  "intercept): " + "; ".join(f"{t}: slope {c['slope']:.3f}, intercept {c['intercept']:+.3f}, r "
-                                             f"{c['pearson']:.3f}" for t, c in calib.items())
-                  + f". The signed oracle multiplies the true credit by the reward model's scale "
-                  f"{next(iter(calib.values()))['oracle_scale']:.3f} (``methods.rm_scale``: the same slope on 2048 "
-                  "grammar texts drawn as the preference data are)."]
+        lines += [
+            "",
+            "The reward model's score against the hidden score (least squares, RM = slope * hidden + "
+            "intercept): "
+            + "; ".join(
+                f"{t}: slope {c['slope']:.3f}, intercept {c['intercept']:+.3f}, r {c['pearson']:.3f}"
+                for t, c in calib.items()
+            )
+            + f". The signed oracle multiplies the true credit by the reward model's scale "
+            f"{next(iter(calib.values()))['oracle_scale']:.3f} (``methods.rm_scale``: the same slope on 2048 "
+            "grammar texts drawn as the preference data are).",
+        ]
     lines += ["", *report.credit_lines(credit)]
     lines += ["", "## Per setting and lambda", ""]
     for sec in sections:
@@ -205,18 +247,30 @@ def plot(sections: list[dict], methods: list[str], path: Path, title: str) -> No
     """Seed-mean score curves (5-step MA, ±1 std band), one panel per (setting, lambda), sparse's level dotted."""
     settings = list(dict.fromkeys(s["setting"] for s in sections))
     lams = list(dict.fromkeys(s["lam"] for s in sections))
-    fig, axes = pyplot().subplots(len(settings), len(lams), figsize=(6.5 * len(lams), 4.6 * len(settings)),
-                                  squeeze=False)
+    fig, axes = pyplot().subplots(
+        len(settings), len(lams), figsize=(6.5 * len(lams), 4.6 * len(settings)), squeeze=False
+    )
     bold = {"sparse", "abc-0.8", "prefix-0.8", "oracle-0.8"}
     for sec in sections:
         ax = axes[settings.index(sec["setting"])][lams.index(sec["lam"])]
-        curves = [(M.LABELS[m], sec["summary"]["methods"][m],
-                   {"color": f"C{k}", "ls": "--" if m.startswith("oracle") else "-", "lw": 2 if m in bold else 1.2})
-                  for k, m in enumerate(methods)]
-        score_curves(ax, curves, threshold=sec["sparse_level"]["threshold"], threshold_label="sparse's level",
-                     title=_setting_title(sec, "\n"), title_size=8,
-                     xlabel=f"PPO step ({sec['ppo']['batch_size']} completions each)",
-                     ylabel="true score (5-step MA, ±1 std over seeds)")
+        curves = [
+            (
+                M.LABELS[m],
+                sec["summary"]["methods"][m],
+                {"color": f"C{k}", "ls": "--" if m.startswith("oracle") else "-", "lw": 2 if m in bold else 1.2},
+            )
+            for k, m in enumerate(methods)
+        ]
+        score_curves(
+            ax,
+            curves,
+            threshold=sec["sparse_level"]["threshold"],
+            threshold_label="sparse's level",
+            title=_setting_title(sec, "\n"),
+            title_size=8,
+            xlabel=f"PPO step ({sec['ppo']['batch_size']} completions each)",
+            ylabel="true score (5-step MA, ±1 std over seeds)",
+        )
     used = {(settings.index(sec["setting"]), lams.index(sec["lam"])) for sec in sections}
     for i, row in enumerate(axes):
         for j, ax in enumerate(row):
@@ -228,9 +282,12 @@ def plot(sections: list[dict], methods: list[str], path: Path, title: str) -> No
 def write_outputs(sections: list[dict], credit: dict, info: dict, meta: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     name = meta["name"]
-    (out / f"{name}.json").write_text(json.dumps(
-        {"meta": meta, "reward_model": info["reward_model"], "credit_diagnostics": credit, "sections": sections},
-        indent=1))
+    (out / f"{name}.json").write_text(
+        json.dumps(
+            {"meta": meta, "reward_model": info["reward_model"], "credit_diagnostics": credit, "sections": sections},
+            indent=1,
+        )
+    )
     (out / f"{name}.md").write_text(markdown(sections, credit, info, meta))
     plot(sections, meta["methods"], out / f"{name}.png", meta["title"])
 
@@ -244,8 +301,10 @@ def main(args: ExperimentOptions, argv: list[str], setup: SetupConfig, settings:
     methods = [m.strip() for m in (args.methods or ",".join(METHODS)).split(",") if m.strip()]
     for m in methods:
         if m not in M.ALL_METHODS or m in M.ALIGNED_METHODS:
-            raise SystemExit(f"unknown method {m!r} for --study oracle; choose from "
-                             f"{[m for m in M.ALL_METHODS if m not in M.ALIGNED_METHODS]}")
+            raise SystemExit(
+                f"unknown method {m!r} for --study oracle; choose from "
+                f"{[m for m in M.ALL_METHODS if m not in M.ALIGNED_METHODS]}"
+            )
     if "sparse" not in methods:
         raise SystemExit("the oracle study compares against sparse: include it in --methods")
     given = [float(x) for x in args.lam.split(",") if x.strip()] if args.lam else None
@@ -257,24 +316,42 @@ def main(args: ExperimentOptions, argv: list[str], setup: SetupConfig, settings:
     _, _, _, info = load_or_train(setup, cache)
     credit = credit_report(setup, cache, oracle=True)
     # the slowest setting (most Adam updates per step) first, so that the two workers finish together
-    order = sorted(settings, key=lambda k: -settings[k].steps * settings[k].ppo_epochs * settings[k].batch_size
-                   / settings[k].minibatch_size)
-    jobs = [runs.Run(m, s, setup, replace(settings[name], lam=lam), cache, tags=(("setting", name), ("lam", lam)))
-            for name in order for lam in lams[name] for m in methods for s in seeds]
+    order = sorted(
+        settings,
+        key=lambda k: -settings[k].steps * settings[k].ppo_epochs * settings[k].batch_size / settings[k].minibatch_size,
+    )
+    jobs = [
+        runs.Run(m, s, setup, replace(settings[name], lam=lam), cache, tags=(("setting", name), ("lam", lam)))
+        for name in order
+        for lam in lams[name]
+        for m in methods
+        for s in seeds
+    ]
     plan = ", ".join(f"{name} at GAE lambda {'/'.join(f'{x:g}' for x in lams[name])}" for name in settings)
-    print(f"[2/2] {len(jobs)} PPO runs ({plan}; {len(methods)} methods x {len(seeds)} seeds, {args.workers} workers)",
-          flush=True)
-    progress = runs.progress_printer(len(jobs), t0, lambda res: f"{res['setting']:5s} lambda {res['lam']:g}  "
-                                                                 f"{res['method']:14s} seed {res['seed']:5d}")
+    print(
+        f"[2/2] {len(jobs)} PPO runs ({plan}; {len(methods)} methods x {len(seeds)} seeds, {args.workers} workers)",
+        flush=True,
+    )
+    progress = runs.progress_printer(
+        len(jobs),
+        t0,
+        lambda res: f"{res['setting']:5s} lambda {res['lam']:g}  {res['method']:14s} seed {res['seed']:5d}",
+    )
     results = runs.run_all(jobs, args.workers, progress)
     sections = analyse(results, methods, settings, lams)
     meta = {
         "title": f"Oracle credit and the paper's PPO settings: {len(seeds)} seeds per method",
-        "command": "dense-rlhf experiment " + " ".join(argv), "name": args.name, "methods": methods,
-        "settings": {k: asdict(v) for k, v in settings.items()}, "lams": lams, "seeds": seeds,
-        "workers": args.workers, "wall_seconds": time.time() - t0,
+        "command": "dense-rlhf experiment " + " ".join(argv),
+        "name": args.name,
+        "methods": methods,
+        "settings": {k: asdict(v) for k, v in settings.items()},
+        "lams": lams,
+        "seeds": seeds,
+        "workers": args.workers,
+        "wall_seconds": time.time() - t0,
         "run_seconds": sum(r["seconds"] for r in results),
-        "run_cpu_seconds": sum(r["cpu_seconds"] for r in results), "setup": asdict(setup),
+        "run_cpu_seconds": sum(r["cpu_seconds"] for r in results),
+        "setup": asdict(setup),
     }
     write_outputs(sections, credit, info, meta, Path(args.out))
     print()

@@ -4,8 +4,8 @@ curves go through it), one saves a figure; ``plot_methods`` is the figure of ``d
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from dense_rlhf.study import methods as M
 from dense_rlhf.study.stats import moving_average
@@ -25,10 +25,19 @@ def pyplot():
     return plt
 
 
-def score_curves(ax, curves: Iterable[tuple[str, dict, dict]], *, threshold: float | None = None,
-                 threshold_label: str = "threshold", band_alpha: float = 0.1, xlabel: str = "PPO step",
-                 ylabel: str = SCORE_LABEL, title: str | None = None, title_size: float | None = None,
-                 legend_size: float = 7) -> None:
+def score_curves(
+    ax,
+    curves: Iterable[tuple[str, dict, dict]],
+    *,
+    threshold: float | None = None,
+    threshold_label: str = "threshold",
+    band_alpha: float = 0.1,
+    xlabel: str = "PPO step",
+    ylabel: str = SCORE_LABEL,
+    title: str | None = None,
+    title_size: float | None = None,
+    legend_size: float = 7,
+) -> None:
     """Draw on ``ax`` one curve per ``(label, stats, style)``: the 5-step moving average of ``stats["mean_curve"]``
     (a method's seed-mean score per step, ``stats.summarise``) with a band of ±1 ``stats["std_curve"]`` (smoothed
     the same way) in the line's colour; ``style``: the line's matplotlib keywords (``color`` also colours the
@@ -37,8 +46,13 @@ def score_curves(ax, curves: Iterable[tuple[str, dict, dict]], *, threshold: flo
         mean, std = moving_average(stats["mean_curve"]), moving_average(stats["std_curve"])
         xs = range(len(mean))
         line = ax.plot(xs, mean, label=label, **style)[0]
-        ax.fill_between(xs, [a - b for a, b in zip(mean, std)], [a + b for a, b in zip(mean, std)],
-                        color=line.get_color(), alpha=band_alpha)
+        ax.fill_between(
+            xs,
+            [a - b for a, b in zip(mean, std)],
+            [a + b for a, b in zip(mean, std)],
+            color=line.get_color(),
+            alpha=band_alpha,
+        )
     if threshold is not None:
         ax.axhline(threshold, color="k", ls=":", lw=1, label=threshold_label)
     ax.set_xlabel(xlabel)
@@ -62,7 +76,9 @@ def plot_methods(summary: dict, path: Path, title: str) -> None:
     """Every method's score curve of one comparison (``stats.summarise``'s summary) and its threshold."""
     fig, ax = pyplot().subplots(figsize=(8, 5))
     present = [m for m in M.ALL_METHODS if m in summary["methods"]]
-    curves = [(M.LABELS[m], summary["methods"][m], {"color": f"C{k}", "lw": 2 if m in BOLD else 1.2})
-              for k, m in enumerate(present)]
+    curves = [
+        (M.LABELS[m], summary["methods"][m], {"color": f"C{k}", "lw": 2 if m in BOLD else 1.2})
+        for k, m in enumerate(present)
+    ]
     score_curves(ax, curves, threshold=summary["threshold"], band_alpha=0.15, title=title, legend_size=8)
     save(fig, path)

@@ -26,8 +26,9 @@ def seed_ratios(r: dict) -> str:
     return f"[{r['per_seed_median']:.2f}; {min(seeds):.2f}-{max(seeds):.2f}{star}]"
 
 
-def markdown_table(summary: dict, credit: dict | None, rm_metrics: dict | None,
-                   chat_rm_metrics: dict | None = None) -> str:
+def markdown_table(
+    summary: dict, credit: dict | None, rm_metrics: dict | None, chat_rm_metrics: dict | None = None
+) -> str:
     """The comparison's table (``stats.summarise``'s summary, one row per method), the steps-to-threshold ratios
     of the dense methods against their sparse baselines, then the reward models' held-out metrics and the credit
     diagnostics (``diagnostics.credit_report``) where given."""
@@ -48,10 +49,12 @@ def markdown_table(summary: dict, credit: dict | None, rm_metrics: dict | None,
             f"{fmt(s['median_seed_steps'], 1)} ({s['seeds_reaching']}/{s['seeds']}) | "
             f"{s['final_mean']:.2f} ± {s['final_std']:.2f} | {s['late_spread']:.2f} | {s['final_kl']:.2f} |"
         )
-    pairs = (("abc-0.8", "sparse", "ABC", "sparse", " (target <= 0.6)"),
-             ("prefix-0.8", "sparse", "prefix diff.", "sparse", ""),
-             ("bpe-abc-0.8", "bpe-sparse", "ABC through alignment", "sparse with the BPE chat RM", ""),
-             ("oracle-0.8", "sparse", "oracle, true credit", "sparse", ""))
+    pairs = (
+        ("abc-0.8", "sparse", "ABC", "sparse", " (target <= 0.6)"),
+        ("prefix-0.8", "sparse", "prefix diff.", "sparse", ""),
+        ("bpe-abc-0.8", "bpe-sparse", "ABC through alignment", "sparse with the BPE chat RM", ""),
+        ("oracle-0.8", "sparse", "oracle, true credit", "sparse", ""),
+    )
     for method, baseline, name, base_name, target in pairs:
         dense, sp = summary["methods"].get(method), summary["methods"].get(baseline)
         if not (sp and dense):
@@ -60,22 +63,30 @@ def markdown_table(summary: dict, credit: dict | None, rm_metrics: dict | None,
         if a is not None and b:
             verdict = f"{a / b:.2f}"
         elif a is not None:
-            verdict = (f"below {a / summary['steps']:.2f} ({name} at step {a}; {base_name} never within "
-                       f"{summary['steps']} steps)")
+            verdict = (
+                f"below {a / summary['steps']:.2f} ({name} at step {a}; {base_name} never within "
+                f"{summary['steps']} steps)"
+            )
         else:
             verdict = f"undefined ({name} never reached the threshold)"
         lines += ["", f"{name} (beta=0.8) / {base_name} steps-to-threshold ratio: {verdict}{target}."]
     if rm_metrics:
-        lines += ["", "Reward model, held-out preference pairs: accuracy against the Bradley-Terry labels "
-                  f"{rm_metrics['label_accuracy']:.3f}, against the hidden-score order "
-                  f"{rm_metrics['true_order_accuracy']:.3f}; corr(RM score, hidden score) "
-                  f"{rm_metrics['score_correlation']:.3f}."]
+        lines += [
+            "",
+            "Reward model, held-out preference pairs: accuracy against the Bradley-Terry labels "
+            f"{rm_metrics['label_accuracy']:.3f}, against the hidden-score order "
+            f"{rm_metrics['true_order_accuracy']:.3f}; corr(RM score, hidden score) "
+            f"{rm_metrics['score_correlation']:.3f}.",
+        ]
     if chat_rm_metrics:
-        lines += ["", "BPE chat reward model (own byte-level BPE tokenizer, "
-                  f"{chat_rm_metrics['tokens_per_word']:.2f} tokens per word, and chat template; trained the same "
-                  f"way): accuracy against the labels {chat_rm_metrics['label_accuracy']:.3f}, against the "
-                  f"hidden-score order {chat_rm_metrics['true_order_accuracy']:.3f}; corr(RM score, hidden score) "
-                  f"{chat_rm_metrics['score_correlation']:.3f}."]
+        lines += [
+            "",
+            "BPE chat reward model (own byte-level BPE tokenizer, "
+            f"{chat_rm_metrics['tokens_per_word']:.2f} tokens per word, and chat template; trained the same "
+            f"way): accuracy against the labels {chat_rm_metrics['label_accuracy']:.3f}, against the "
+            f"hidden-score order {chat_rm_metrics['true_order_accuracy']:.3f}; corr(RM score, hidden score) "
+            f"{chat_rm_metrics['score_correlation']:.3f}.",
+        ]
     if credit:
         lines += ["", *credit_lines(credit)]
     return "\n".join(lines) + "\n"
@@ -83,33 +94,46 @@ def markdown_table(summary: dict, credit: dict | None, rm_metrics: dict | None,
 
 def credit_lines(credit: dict) -> list[str]:
     """The credit diagnostics of ``credit_report`` as markdown lines: the table, then the prefix tracking."""
-    lines = ["Credit diagnostics: alpha against |leave-one-out true credit| per completion "
-             "(Spearman rho; top-k overlap with k = number of credited tokens; alpha mass on credited tokens; "
-             "sign agreement: share of credited tokens whose reward has the sign of their credit). For prefix "
-             "differences alpha is |d_t|, the size of each token's score difference.",
-             "", "| texts | alpha | Spearman rho | top-k overlap | mass on credited | sign agreement "
-             "| random top-k |", "|---|---|---|---|---|---|---|"]
-    names = {"abc": "ABC (RM last layer, from [EOS])", "prefix": "prefix differences (RM score per position)",
-             "abcd": "ABC-D (SFT policy last layer)", "uniform": "uniform",
-             "abc_aligned": "ABC through alignment (BPE chat RM, projected)",
-             "oracle": "oracle: true credit in RM units (signed)",
-             "oracle_abs": "oracle in ABC's shape (shares by absolute true credit)"}
+    lines = [
+        "Credit diagnostics: alpha against |leave-one-out true credit| per completion "
+        "(Spearman rho; top-k overlap with k = number of credited tokens; alpha mass on credited tokens; "
+        "sign agreement: share of credited tokens whose reward has the sign of their credit). For prefix "
+        "differences alpha is |d_t|, the size of each token's score difference.",
+        "",
+        "| texts | alpha | Spearman rho | top-k overlap | mass on credited | sign agreement | random top-k |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    names = {
+        "abc": "ABC (RM last layer, from [EOS])",
+        "prefix": "prefix differences (RM score per position)",
+        "abcd": "ABC-D (SFT policy last layer)",
+        "uniform": "uniform",
+        "abc_aligned": "ABC through alignment (BPE chat RM, projected)",
+        "oracle": "oracle: true credit in RM units (signed)",
+        "oracle_abs": "oracle in ABC's shape (shares by absolute true credit)",
+    }
     for texts, d in credit.items():
         for k in (k for k in names if k in d):
             x = d[k]
             sign = x.get("sign_agreement")
-            lines.append(f"| {texts} | {names[k]} | {x['spearman']:.3f} | {x['topk_overlap']:.3f} | "
-                         f"{x['mass_on_credited']:.3f} | {'' if sign is None else f'{sign:.3f}'} | "
-                         f"{x['random_topk_overlap']:.3f} |")
+            lines.append(
+                f"| {texts} | {names[k]} | {x['spearman']:.3f} | {x['topk_overlap']:.3f} | "
+                f"{x['mass_on_credited']:.3f} | {'' if sign is None else f'{sign:.3f}'} | "
+                f"{x['random_topk_overlap']:.3f} |"
+            )
     tracking = {texts: d["prefix_tracking"] for texts, d in credit.items() if "prefix_tracking" in d}
     if tracking:
-        lines += ["", "Prefix scores against the hidden score of the same prefix (Pearson r over all completion "
-                  "positions): " + ", ".join(f"{t} {r:.3f}" for t, r in tracking.items()) + "."]
+        lines += [
+            "",
+            "Prefix scores against the hidden score of the same prefix (Pearson r over all completion "
+            "positions): " + ", ".join(f"{t} {r:.3f}" for t, r in tracking.items()) + ".",
+        ]
     return lines
 
 
-def write_outputs(out_dir: Path, name: str, results: list[dict], summary: dict, credit: dict | None,
-                  meta: dict) -> dict:
+def write_outputs(
+    out_dir: Path, name: str, results: list[dict], summary: dict, credit: dict | None, meta: dict
+) -> dict:
     """``<name>.json`` (meta, summary, credit diagnostics and every run's curves), ``<name>.md`` (the table) and
     ``<name>.png`` (the curves) in ``out_dir``; returns their paths by kind (json, table, plot)."""
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -6,8 +6,9 @@ from __future__ import annotations
 import copy
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 import torch
 
@@ -61,11 +62,25 @@ def run_one(run: Run, on_step: Callable[[int, dict], None] | None = None) -> dic
         train, score_fn, keys = ppo.train, M.make_score_fn(reward, rm, codec, chat_rm), PPO_CURVES
         options = {"rollout_hook": M.rollout_hook(reward)}
     t0, c0 = time.time(), time.process_time()
-    history = train(policy, sft, task.prompt_sampler(codec, PROMPT_SEED + run.seed), run.setup.completion_len,
-                    score_fn, run.config, run.seed, on_step, **options)
-    return {"method": run.method, "seed": run.seed, "seconds": time.time() - t0,
-            "cpu_seconds": time.process_time() - c0, "curves": {key: [h[key] for h in history] for key in keys},
-            **dict(run.tags)}
+    history = train(
+        policy,
+        sft,
+        task.prompt_sampler(codec, PROMPT_SEED + run.seed),
+        run.setup.completion_len,
+        score_fn,
+        run.config,
+        run.seed,
+        on_step,
+        **options,
+    )
+    return {
+        "method": run.method,
+        "seed": run.seed,
+        "seconds": time.time() - t0,
+        "cpu_seconds": time.process_time() - c0,
+        "curves": {key: [h[key] for h in history] for key in keys},
+        **dict(run.tags),
+    }
 
 
 def run_in_worker(run: Run) -> dict:
@@ -84,8 +99,9 @@ def _indexed(item: tuple[int, Callable, object]) -> tuple[int, object]:
     return index, job(arg)
 
 
-def map_jobs(job: Callable[[A], R], args: list[A], workers: int = 1,
-             progress: Callable[[R], None] | None = None) -> list[R]:
+def map_jobs(
+    job: Callable[[A], R], args: list[A], workers: int = 1, progress: Callable[[R], None] | None = None
+) -> list[R]:
     """``[job(a) for a in args]``, in this process when ``workers <= 1``, else in ``workers`` spawned processes;
     ``progress(result)`` after each as it finishes. ``job`` must be a module-level function."""
     if workers <= 1:
@@ -124,7 +140,10 @@ def progress_printer(total: int, t0: float, describe: Callable[[dict], str]) -> 
     def progress(res: dict) -> None:
         done[0] += 1
         tail = res["curves"]["gt_score"][-10:]
-        print(f"  {done[0]:3d}/{total}  {describe(res)}  final true score {sum(tail) / len(tail):+.2f}  "
-              f"({res['seconds']:.0f}s, {time.time() - t0:.0f}s elapsed)", flush=True)
+        print(
+            f"  {done[0]:3d}/{total}  {describe(res)}  final true score {sum(tail) / len(tail):+.2f}  "
+            f"({res['seconds']:.0f}s, {time.time() - t0:.0f}s elapsed)",
+            flush=True,
+        )
 
     return progress

@@ -167,12 +167,16 @@ class Style:
     p_filler: float = 0.12
 
     @staticmethod
-    def random_for_preferences(rng: random.Random) -> "Style":
+    def random_for_preferences(rng: random.Random) -> Style:
         """A per-text style drawn so that preference data covers very negative to very positive text."""
         sentiment = rng.uniform(0.3, 1.0)
         lean = rng.random()
-        return Style(p_pos=sentiment * lean, p_neg=sentiment * (1 - lean), p_intensifier=rng.uniform(0.1, 0.5),
-                     p_negation=rng.uniform(0.05, 0.3))
+        return Style(
+            p_pos=sentiment * lean,
+            p_neg=sentiment * (1 - lean),
+            p_intensifier=rng.uniform(0.1, 0.5),
+            p_negation=rng.uniform(0.05, 0.3),
+        )
 
 
 def _adjective(rng: random.Random, style: Style) -> list[str]:
@@ -197,7 +201,9 @@ def _clause(rng: random.Random, style: Style) -> list[str]:
         return rng.choice(FILLER_CLAUSES).split()
     if kind < 0.55:  # the plot was (not) (very) good
         neg = [rng.choice(NEGATIONS)] if rng.random() < style.p_negation else []
-        return [rng.choice(["the", "its", "this"]), rng.choice(NOUNS), rng.choice(COPULAS)] + neg + _adjective(rng, style)
+        return (
+            [rng.choice(["the", "its", "this"]), rng.choice(NOUNS), rng.choice(COPULAS)] + neg + _adjective(rng, style)
+        )
     if kind < 0.8:  # a (very) good script
         adj = _adjective(rng, style)
         return [rng.choice(["a", "the"])] + adj + [rng.choice(NOUNS)]
@@ -240,9 +246,7 @@ def build_tokenizer():
 
     core = Tokenizer(WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token=UNK))
     core.pre_tokenizer = WhitespaceSplit()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=core, pad_token=PAD, bos_token=BOS, eos_token=EOS, unk_token=UNK
-    )
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token=PAD, bos_token=BOS, eos_token=EOS, unk_token=UNK)
 
 
 class Codec:
@@ -286,17 +290,14 @@ def scores_of(codec: Codec, seq: torch.Tensor) -> torch.Tensor:
 def credits_of(codec: Codec, seq: torch.Tensor) -> torch.Tensor:
     """Signed leave-one-out credit [B, N] of the completion tokens of [B, PROMPT_LEN + N] sequences."""
     words = codec.decode(seq[:, 1:])
-    return torch.tensor(
-        [true_credit(w[:PROMPT_WORDS], w[PROMPT_WORDS:]) for w in words], dtype=torch.float32
-    )
+    return torch.tensor([true_credit(w[:PROMPT_WORDS], w[PROMPT_WORDS:]) for w in words], dtype=torch.float32)
 
 
 def running_scores_of(codec: Codec, seq: torch.Tensor) -> torch.Tensor:
     """Ground-truth score [B, N] of every prefix: column t scores the prompt and completion tokens 0..t."""
     words = codec.decode(seq[:, 1:])
     n = seq.shape[1] - PROMPT_LEN
-    return torch.tensor([[true_score(w[: PROMPT_WORDS + t + 1]) for t in range(n)] for w in words],
-                        dtype=torch.float32)
+    return torch.tensor([[true_score(w[: PROMPT_WORDS + t + 1]) for t in range(n)] for w in words], dtype=torch.float32)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -63,15 +63,17 @@ def summarise(results: list[dict], final_window: int = 10, key: str = "gt_score"
             "final_mean": _mean(finals),
             "final_std": _std(finals),
             "late_spread": _mean(std_curve[-late:]),
-            "final_kl": _mean([_mean(r["curves"]["kl"][steps - final_window : steps]) for r in results
-                               if r["method"] == m]),
+            "final_kl": _mean(
+                [_mean(r["curves"]["kl"][steps - final_window : steps]) for r in results if r["method"] == m]
+            ),
         }
     start = _mean([s["start"] for s in stats.values()])
     best = max(s["final_mean"] for s in stats.values())
     threshold = start + 0.8 * (best - start)
     for m, s in stats.items():
-        s.update(threshold_stats(s["mean_curve"], [r["curves"][key][:steps] for r in results if r["method"] == m],
-                                 threshold))
+        s.update(
+            threshold_stats(s["mean_curve"], [r["curves"][key][:steps] for r in results if r["method"] == m], threshold)
+        )
     return {"steps": steps, "sft_score": start, "best_final": best, "threshold": threshold, "methods": stats}
 
 
@@ -93,8 +95,9 @@ def steps_to(summary: dict, runs: list[dict], threshold: float) -> dict:
     out = {}
     for m, s in summary["methods"].items():
         mine = sorted((r for r in runs if r["method"] == m), key=lambda r: r["seed"])
-        reached = threshold_stats(s["mean_curve"], [r["curves"]["gt_score"][: summary["steps"]] for r in mine],
-                                  threshold)
+        reached = threshold_stats(
+            s["mean_curve"], [r["curves"]["gt_score"][: summary["steps"]] for r in mine], threshold
+        )
         out[m] = {"steps": reached["steps_to_threshold"], "per_seed": reached["per_seed_steps_to_threshold"]}
     return out
 
@@ -121,8 +124,15 @@ def ratios(steps: dict, methods, n_steps: int) -> dict:
             x_, y_ = n_steps if x is None else x, n_steps if y is None else y
             per_seed.append(x_ / max(y_, 1))
             censored.append(x is None or y is None)
-        out[m] = {"mean_curve_ratio": mean_ratio, "text": text, "steps": a, "sparse_steps": b, "per_seed": per_seed,
-                  "per_seed_censored": censored, "per_seed_median": _median(per_seed)}
+        out[m] = {
+            "mean_curve_ratio": mean_ratio,
+            "text": text,
+            "steps": a,
+            "sparse_steps": b,
+            "per_seed": per_seed,
+            "per_seed_censored": censored,
+            "per_seed_median": _median(per_seed),
+        }
     return out
 
 

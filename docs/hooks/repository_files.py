@@ -38,8 +38,14 @@ def on_files(files, config):
     for folder in CARRIED:
         for path in sorted((root / folder).rglob("*")):
             if path.is_file() and path.suffix in SUFFIXES:
-                files.append(File(path.relative_to(root).as_posix(), src_dir=str(root), dest_dir=config.site_dir,
-                                  use_directory_urls=config.use_directory_urls))
+                files.append(
+                    File(
+                        path.relative_to(root).as_posix(),
+                        src_dir=str(root),
+                        dest_dir=config.site_dir,
+                        use_directory_urls=config.use_directory_urls,
+                    )
+                )
     return files
 
 
@@ -63,8 +69,12 @@ def on_page_markdown(markdown, page, config, files):
         if uri == "README.md":
             uri = HOME
         if uri is None or files.get_file_from_path(uri) is None:
-            log.warning("Doc file '%s' links '%s', a repository file that the site does not carry (%s)",
-                        page.file.src_uri, match.group(2), " and ".join(f"{c}/" for c in CARRIED))
+            log.warning(
+                "Doc file '%s' links '%s', a repository file that the site does not carry (%s)",
+                page.file.src_uri,
+                match.group(2),
+                " and ".join(f"{c}/" for c in CARRIED),
+            )
             return match.group(0)
         return match.group(1) + posixpath.relpath(uri, here or ".") + (match.group(3) or "") + match.group(4)
 
