@@ -4,6 +4,7 @@ markdown source, in an HTML comment right above it: ``<!-- not run: <reason> -->
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from pathlib import Path
 
@@ -75,3 +76,18 @@ def test_the_rule_itself():
     assert [runs(w) for w, _ in found] == [True, False, False, False]
     explained = [c is not None and bool(NOT_RUN.search(c.strip())) for _, c in found]
     assert explained == [False, True, False, False]
+
+
+def test_sphinx_roles_become_plain_code_spans_on_the_site():
+    hooks = Path(__file__).resolve().parents[1] / "docs" / "hooks"
+    spec = importlib.util.spec_from_file_location("sphinx_roles", hooks / "sphinx_roles.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    html = (
+        "see :func:<code>dense_rlhf.dense_rewards</code> and :mod:<code>~dense_rlhf.capture.rows</code>, "
+        "not <code>x</code>"
+    )
+    assert (
+        module.strip_roles(html)
+        == "see <code>dense_rlhf.dense_rewards</code> and <code>rows</code>, not <code>x</code>"
+    )
