@@ -139,10 +139,24 @@ def test_schemes_match_direct_computation_on_random_groups(g, groups, t, beta, s
     scores = torch.randn(b, generator=gen) * 2
     adv = group_advantages(scores, g)
     want = direct_credit(direct_group_advantages(scores.tolist(), g), alpha.tolist(), mask.tolist(), beta)
-    assert torch.allclose(credit_weighted_advantages(adv, alpha, mask, beta), torch.tensor(want), atol=1e-4)
+    got = credit_weighted_advantages(adv, alpha, mask, beta)
+    assert ((got - torch.tensor(want)).abs() <= float32_atol(scores.abs(), scores, g)).all()
     rewards = torch.randn(b, t, generator=gen) * mask
     got = dense_return_advantages(rewards, mask, g)
-    assert torch.allclose(got, torch.tensor(direct_dense(rewards.tolist(), mask.tolist(), g)), atol=1e-4)
+    want = torch.tensor(direct_dense(rewards.tolist(), mask.tolist(), g))
+    assert ((got - want).abs() <= float32_atol(rewards.abs().sum(1), rewards.sum(1), g)).all()
+
+
+def float32_atol(magnitudes: torch.Tensor, totals: torch.Tensor, g: int) -> torch.Tensor:
+    """[B, 1] tolerance of float32 advantages against the float64 loops: 1e-4, plus float32's rounding of values of
+    ``magnitudes`` magnified by the division by the group's std of ``totals`` (a group of near-equal scores is
+    ill-conditioned: hypothesis found one whose std was 1.8e-4)."""
+    out = []
+    for i in range(len(totals)):
+        members = range((i // g) * g, (i // g + 1) * g)
+        std = statistics.stdev([float(totals[j]) for j in members])
+        out.append(1e-4 + 1e-6 * max(float(magnitudes[j]) for j in members) / (std + EPS))
+    return torch.tensor(out)[:, None]
 
 
 @pytest.mark.parametrize("scale", ["group", "batch", "none"])
