@@ -64,10 +64,8 @@ def score_and_densify(
     mask = _completion_mask(input_ids, completion_mask)
     _refuse_unread(model, input_ids, attention_mask, mask, reward_index)
     if method == "abc":
-        scores, credit = _score_with_credit(
-            model, input_ids, attention_mask, completion_mask, layer, reward_index, "score_and_densify"
-        )
-        return scores, dense_rewards(credit, scores, completion_mask, beta=beta, layout="row")
+        scores, rows = _score_with_rows(model, input_ids, attention_mask, layer, reward_index, "score_and_densify")
+        return scores, dense_rewards(rows, scores, completion_mask, beta=beta, layout="rows")
     with torch.no_grad():
         capture = capture_prefix_scores(model) if method == "prefix" else contextlib.nullcontext()
         with capture:
@@ -99,8 +97,8 @@ def score_with_credit(
     ``credit`` is the ``alpha`` of :func:`dense_rlhf.dense_rewards`: the head-averaged attention row captured from
     ``layer`` at the reward position (:func:`capture_reward_attention`; ``reward_index`` as there), restricted to
     ``completion_mask`` and normalised, so each row sums to 1 (all on the last completion token where the row puts
-    no attention on the completion); zero off the mask. The score is read as in :func:`score_and_densify`, which
-    is ``dense_rewards(credit, scores, completion_mask, beta=beta)`` of these two for ``method="abc"``. Use it
+    no attention on the completion); zero off the mask. The score is read as in :func:`score_and_densify`, whose
+    ``method="abc"`` rewards equal ``dense_rewards(credit, scores, completion_mask, beta=beta)`` up to rounding. Use it
     where the score and the shares are used apart, e.g. per-token advantages that weight a group-normalised
     advantage by the credit (:class:`dense_rlhf.integrations.trl.ABCGRPOTrainer`).
 
@@ -115,18 +113,16 @@ def score_with_credit(
             refuse (a row of ``completion_mask`` with no token, NaN attention).
     """
     _completion_mask(input_ids, completion_mask)
-    return _score_with_credit(
-        model, input_ids, attention_mask, completion_mask, layer, reward_index, "score_with_credit"
-    )
+    scores, rows = _score_with_rows(model, input_ids, attention_mask, layer, reward_index, "score_with_credit")
+    return scores, dense_rewards(rows, torch.ones_like(scores), completion_mask, beta=1.0, layout="rows")
 
 
-def _score_with_credit(model, input_ids, attention_mask, completion_mask, layer, reward_index, caller: str):
+def _score_with_rows(model, input_ids, attention_mask, layer, reward_index, caller: str):
+    """One forward: the pooled scores [B] and the attention rows [B, H, L] captured at the reward position."""
     with torch.no_grad():
         with capture_reward_attention(model, layer=layer, reward_index=reward_index) as capture:
             out = model(input_ids=input_ids, attention_mask=attention_mask)
-        scores = _pooled_scores(_logits_of(out), caller)
-        credit = dense_rewards(capture.rows, torch.ones_like(scores), completion_mask, beta=1.0, layout="rows")
-    return scores, credit
+        return _pooled_scores(_logits_of(out), caller), capture.rows
 
 
 def _completion_mask(input_ids, completion_mask) -> torch.Tensor:
