@@ -1,7 +1,8 @@
-"""Prefix-difference rewards from a reward model served by vLLM, through its pooling API.
+"""ABC and prefix-difference rewards from a reward model served by vLLM, through its pooling API.
 
-ABC needs the reward model's attention, which no inference server exposes; prefix-difference rewards need only
-the score head's output at every position, and vLLM serves exactly that. Started with
+Prefix-difference rewards need only the score head's output at every position, and vLLM serves exactly that; ABC
+also needs the attention row, which the ABC architectures of dense-rlhf's vLLM plugin
+(:mod:`dense_rlhf.integrations.vllm_plugin`) add to the same reply. Started with
 ``--pooler-config '{"task":"token_classify","use_activation":false}'``, a vLLM server answers
 ``POST /pooling`` with ``"task": "token_classify"`` by applying a sequence classifier's head to every token: for
 a decoder reward model (``*ForSequenceClassification``), the score of every prefix, the input of
@@ -16,7 +17,7 @@ match the request). Every call has an ``a...`` twin for an asyncio event loop:
 - :meth:`ServedRewardModel.score_and_densify_text`: :func:`dense_rlhf.score_and_densify_text` with the forward on
   the server (the same rendering, tokenising and mapping onto the policy's tokens);
 - :meth:`ServedRewardModel.score_and_densify`: :func:`dense_rlhf.score_and_densify` on the reward model's ids;
-- :meth:`ServedRewardModel.prefix_scores`: the per-position scores themselves.
+- :meth:`ServedRewardModel.prefix_scores`, :meth:`ServedRewardModel.attention_rows`: the values themselves.
 
 ``dense_rlhf.integrations.verl.ServedPrefixRewardManager`` uses it inside verl's reward loop.
 """
@@ -32,6 +33,7 @@ import torch
 
 from dense_rlhf.align.render import Prompts
 from dense_rlhf.align.scoring import _finish_text, _prepare_text
+from dense_rlhf.integrations.vllm_abc import VERL_HF_OVERRIDES_KEY, _abc_rows, _ABCClient, abc_hf_overrides
 from dense_rlhf.integrations.vllm_messages import (
     _MAX_BACKOFF_S,
     _RETRIED_STATUS,
@@ -47,7 +49,7 @@ from dense_rlhf.integrations.vllm_messages import (
     _prefix_rows,
     _token_rows,
 )
-from dense_rlhf.ops import check_beta, prefix_rewards, sparse_rewards, uniform_rewards
+from dense_rlhf.ops import check_beta, dense_rewards, prefix_rewards, sparse_rewards, uniform_rewards
 
 try:
     import aiohttp
@@ -57,7 +59,14 @@ except ImportError as error:  # pragma: no cover - exercised only where aiohttp 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-__all__ = ["ServedRewardModel", "ServedRewardModelError", "POOLER_CONFIG", "VERL_POOLER_CONFIG_KEY"]
+__all__ = [
+    "ServedRewardModel",
+    "ServedRewardModelError",
+    "POOLER_CONFIG",
+    "VERL_POOLER_CONFIG_KEY",
+    "VERL_HF_OVERRIDES_KEY",
+    "abc_hf_overrides",
+]
 
 
 def _run(coroutine):
@@ -71,7 +80,7 @@ def _run(coroutine):
         return pool.submit(asyncio.run, coroutine).result()
 
 
-class ServedRewardModel:
+class ServedRewardModel(_ABCClient):
     """A reward model behind a vLLM server started with ``--pooler-config '{"task":"token_classify",
     "use_activation":false}'`` (:data:`POOLER_CONFIG`; in verl 0.9.x the key :data:`VERL_POOLER_CONFIG_KEY`).
 
@@ -200,7 +209,8 @@ class ServedRewardModel:
             return None
         return limit if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0 else None
 
-    async def _pool(self, session, rows: list[list[int]]) -> list[torch.Tensor]:
+    async def _pool(self, session, rows: list[list[int]], abc: bool = False) -> list:
+        """Per row, its score at every position; with ``abc``, ``(scores, attention weights)`` of an ABC reply."""
         model = await self._model_name(session)
         url = self.base_url + "/pooling"
         payload = {"model": model, "input": rows, "task": "token_classify", "use_activation": False}
@@ -208,7 +218,7 @@ class ServedRewardModel:
             reply = await self._request(session, "POST", "/pooling", payload)
         except _Permanent as error:
             raise await self._explain(session, error, url) from None
-        return _prefix_rows(reply, rows, url)
+        return _abc_rows(reply, rows, url, self.base_url) if abc else _prefix_rows(reply, rows, url)
 
     async def _explain(self, session, error: _Permanent, url: str) -> ServedRewardModelError:
         """A refused /pooling request, said in terms of what to change."""
@@ -294,15 +304,17 @@ class ServedRewardModel:
         if empty:
             raise ValueError(f"attention_mask has no token in rows {empty[:10]}")
         async with self._session() as session:
-            values = await self._pool(session, rows)
-        prefix = torch.zeros(attention.shape, dtype=torch.float32)
+            values = await (self._pool_abc(session, rows) if method == "abc" else self._pool(session, rows))
+        prefix, weights = torch.zeros(attention.shape), torch.zeros(attention.shape)
         for b, row in enumerate(values):
-            prefix[b, attention[b]] = row
+            prefix[b, attention[b]], weights[b, attention[b]] = row if method == "abc" else (row, 0.0)
         reward_index = torch.where(attention, torch.arange(attention.shape[1]), -1).amax(1)
         scores = prefix[torch.arange(len(rows)), reward_index]
         device = input_ids.device
         completion = completion.to(device)
-        if method == "prefix":
+        if method == "abc":
+            rewards = dense_rewards(weights.to(device), scores.to(device), completion, beta=beta, layout="row")
+        elif method == "prefix":
             rewards = prefix_rewards(prefix.to(device), completion, beta=beta, reward_index=reward_index.to(device))
         elif method == "sparse":
             rewards = sparse_rewards(scores.to(device), completion)
@@ -327,8 +339,9 @@ class ServedRewardModel:
                 so positions count from its first real token (with right padding, exactly the local forward's
                 positions; with left padding, equal for position-relative models such as rotary ones).
             completion_mask: [B, L] bool or 0/1, True on completion tokens (inside the attention mask).
-            method: "prefix" (default: :func:`dense_rlhf.prefix_rewards` of the served prefix scores), "sparse"
-                or "uniform". "abc" is refused: a served model exposes no attention.
+            method: "prefix" (default: :func:`dense_rlhf.prefix_rewards` of the served prefix scores), "sparse",
+                "uniform", or "abc" (:func:`dense_rlhf.dense_rewards` of the served attention rows; the server
+                must run an ABC architecture, checked by one probe request per client before any scoring).
             beta: in [0, 1], as in :func:`dense_rlhf.prefix_rewards`.
 
         Returns:
@@ -380,13 +393,16 @@ class ServedRewardModel:
                         "or shorten the prompts",
                     )
             todo = [b for b, row in enumerate(inputs.rows) if row is not None]
-            values = await self._pool(session, [inputs.rows[b]["input_ids"] for b in todo]) if todo else []
+            sent = [inputs.rows[b]["input_ids"] for b in todo]
+            pool = self._pool_abc if method == "abc" else self._pool
+            values = await pool(session, sent) if todo else []
         results = {}
         for b, row in zip(todo, values):
-            if not bool(torch.isfinite(row[-1])):
-                inputs.fail(b, f"the served reward model's score is {float(row[-1])}")
+            scores, row = row if method == "abc" else (row, row)  # ABC: the attention row is what gets mapped
+            if not bool(torch.isfinite(scores[-1])):
+                inputs.fail(b, f"the served reward model's score is {float(scores[-1])}")
                 continue
-            results[b] = (float(row[-1]), row)
+            results[b] = (float(scores[-1]), row)
         return _finish_text(batch, results, method)
 
     async def ascore_and_densify_text(
@@ -435,8 +451,8 @@ class ServedRewardModel:
         prompts) and tokenised by the same code as the local call (``dense_rlhf.align.render_and_tokenize``:
         control tokens spelled by a response stay text); the reward model's token ids go to the server, one request
         for the batch, unpadded; its score at every position comes back, and the changes of the score over the
-        response's tokens are mapped onto the policy's tokens as the local call maps them. ``method="abc"`` raises:
-        a served model exposes no attention.
+        response's tokens are mapped onto the policy's tokens as the local call maps them. ``method="abc"`` maps the
+        served attention row instead (the server must run an ABC architecture, as :meth:`score_and_densify` says).
 
         Args:
             rm_tokenizer: the served reward model's fast tokenizer (the one the server was started with).

@@ -20,7 +20,7 @@ VERL_POOLER_CONFIG_KEY = "reward.reward_model.rollout.engine_kwargs.vllm.pooler_
 """Where verl 0.9.x takes that value from for the reward-model server it starts."""
 TokenRows = Sequence[Sequence[int]] | Sequence[torch.Tensor] | torch.Tensor
 """A batch of token-id rows: lists of ints or 1-D integer tensors, or a [B, L] integer tensor."""
-METHODS = ("prefix", "sparse", "uniform")
+METHODS = ("prefix", "sparse", "uniform", "abc")
 _RETRIED_STATUS = {408, 429, 500, 502, 503, 504}  # 501 (Not Implemented) is permanent
 _MAX_BACKOFF_S = 30.0
 
@@ -98,8 +98,9 @@ def _token_rows(token_ids: TokenRows, argument: str = "token_ids") -> list[list[
     return rows
 
 
-def _prefix_rows(reply, rows: list[list[int]], url: str) -> list[torch.Tensor]:
-    """float32 [n_b] scores per row from a token_classify reply, checked against the request."""
+def _reply_values(reply, rows: list[list[int]], url: str) -> list[torch.Tensor]:
+    """float32 [n_b, C] values per row from a token_classify reply, checked against the request: one result per
+    row, each with one entry per token, numbers, the same C for every token."""
     data = reply.get("data") if isinstance(reply, dict) else None
     if not isinstance(data, list) or len(data) != len(rows):
         got = len(data) if isinstance(data, list) else type(data).__name__
@@ -130,27 +131,41 @@ def _prefix_rows(reply, rows: list[list[int]], url: str) -> list[torch.Tensor]:
             raise ServedRewardModelError(
                 f"POST {url} returned values for sequence {index} that are not numbers", url=url, status=200
             ) from None
-        if logits.dim() == 1:
-            logits = logits[:, None]
+        out[index] = logits[:, None] if logits.dim() == 1 else logits
+    return out
+
+
+def _is_abc_reply(values: torch.Tensor) -> bool:
+    """Whether a row's values are the ABC plugin's ``[score, attention weight, position]`` per token: three channels
+    whose third counts the tokens, which no classifier head's logits do."""
+    n = values.shape[0]
+    return (
+        values.dim() == 2 and values.shape[1] == 3 and torch.equal(values[:, 2], torch.arange(n, dtype=torch.float32))
+    )
+
+
+def _prefix_rows(reply, rows: list[list[int]], url: str) -> list[torch.Tensor]:
+    """float32 [n_b] scores per row from a token_classify reply, checked against the request: a one- or two-logit
+    head's logits, or the score channel of an ABC reply (:func:`_is_abc_reply`)."""
+    out = []
+    for index, logits in enumerate(_reply_values(reply, rows, url)):
+        if _is_abc_reply(logits):
+            out.append(logits[:, 0].contiguous())
+            continue
         if logits.dim() != 2 or logits.shape[1] not in (1, 2):
             raise ServedRewardModelError(
                 f"POST {url} returned {tuple(logits.shape[1:])} values per token for sequence {index}; a reward "
-                "model has one logit (the score) or two (logit[1] - logit[0])",
+                "model has one logit (the score) or two (logit[1] - logit[0]), and dense-rlhf's ABC architecture "
+                "three (score, attention weight, position)",
                 url=url,
                 status=200,
             )
-        out[index] = _score_of(logits, "the served logits")
+        out.append(_score_of(logits, "the served logits"))
     return out
 
 
 def _check_method(method) -> None:
-    if method == "abc":
-        raise ValueError(
-            "method='abc' needs the reward model's attention, which a served model does not expose; use "
-            "method='prefix' (or 'sparse', 'uniform') here, or run ABC with the reward model in-process "
-            "(dense_rlhf.score_and_densify or score_and_densify_text)"
-        )
-    if method not in METHODS:
+    if not isinstance(method, str) or method not in METHODS:
         raise ValueError(f"method must be one of {METHODS} for a served reward model, got {method!r}")
 
 
