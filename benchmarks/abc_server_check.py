@@ -13,6 +13,7 @@ Usage: ``python benchmarks/abc_server_check.py --vllm-python PY [--device cuda -
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import tempfile
 from pathlib import Path
@@ -28,6 +29,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--tolerance", type=float, default=None, help="largest row difference (default by dtype)")
+    p.add_argument("--vllm-args", default="", help='further server flags, e.g. "--tensor-parallel-size 2"')
     args = p.parse_args(argv)
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
@@ -60,6 +62,7 @@ def main(argv=None) -> int:
         flags += ["--enforce-eager", "--gpu-memory-utilization", "0.1", "--distributed-executor-backend", "uni"]
     else:
         flags += ["--gpu-memory-utilization", "0.2"]
+    flags += shlex.split(args.vllm_args)  # after the defaults: vLLM takes a flag's last value
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(Path(tmp) / "rm")
         with LocalVLLMServer(

@@ -590,12 +590,15 @@ def needs_vllm(test):
 
 # ABC served by the plugin (dense_rlhf.integrations.vllm_plugin): one server per family, each with its own tokenizer
 # and chat template, chunked prefill forced (64-token chunks; the longest request has about 300 tokens). Qwen2's serves
-# layer 0 through the hf_overrides key, the others the last layer.
+# layer 0 through the hf_overrides key, the others the last layer. transformers has no Qwen2ForRewardModel (it comes
+# with its checkpoints' remote code): its stand-in here is Qwen2ForSequenceClassification with that class's head, two
+# linear layers around a ReLU, saved under its name.
 ABC_ARGS = ("--enable-chunked-prefill", "--max-num-batched-tokens", "64")
 ABC_FAMILIES = {
     "llama": ("ABCLlamaForSequenceClassification", "byte_bpe", -1),
     "qwen2": ("ABCQwen2ForSequenceClassification", "sp_unigram", 0),
     "qwen3": ("ABCQwen3ForSequenceClassification", "wordpiece", -1),
+    "qwen2_rm": ("ABCQwen2ForRewardModel", "byte_bpe", -1),
 }
 
 
@@ -605,7 +608,7 @@ def abc_rm(family: str, tok):
     per-head q/k norms."""
     import transformers
 
-    torch.manual_seed({"llama": 1, "qwen2": 2, "qwen3": 3}[family])
+    torch.manual_seed({"llama": 1, "qwen2": 2, "qwen3": 3, "qwen2_rm": 4}[family])
     common = dict(
         vocab_size=len(tok),
         intermediate_size=128,
@@ -620,15 +623,17 @@ def abc_rm(family: str, tok):
         model = transformers.LlamaForSequenceClassification(
             transformers.LlamaConfig(hidden_size=128, head_dim=64, **common)
         )
-    elif family == "qwen2":
+    elif family in ("qwen2", "qwen2_rm"):
         model = transformers.Qwen2ForSequenceClassification(transformers.Qwen2Config(hidden_size=256, **common))
+        if family == "qwen2_rm":  # Qwen2ForRewardModel's head (vLLM's qwen2_rm.py, the checkpoints' remote code)
+            model.score = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.ReLU(), torch.nn.Linear(256, 1))
     else:
         model = transformers.Qwen3ForSequenceClassification(
             transformers.Qwen3Config(hidden_size=128, head_dim=64, **common)
         )
     model = model.eval()
     with torch.no_grad():  # a visible score, and attention rows far from uniform
-        model.score.weight.mul_(10.0)
+        (model.score[-1] if family == "qwen2_rm" else model.score).weight.mul_(10.0)
         for layer in model.model.layers:
             attention = layer.self_attn
             if family == "qwen3":  # its norms undo any scale of the projections
@@ -636,7 +641,7 @@ def abc_rm(family: str, tok):
             else:
                 attention.q_proj.weight.mul_(8.0 if family == "llama" else 4.0)
                 attention.k_proj.weight.mul_(4.0 if family == "llama" else 2.0)
-            if family == "qwen2":
+            if family.startswith("qwen2"):
                 attention.k_proj.bias.normal_()
     return model
 
@@ -656,6 +661,7 @@ def servers(tmp_path_factory):
     model.save_pretrained(root / "rm")
     tok.save_pretrained(root / "rm")
     entries = {}
+    only = os.environ.get("DENSE_RLHF_VLLM_ONLY")  # e.g. "llama": start only these servers (the others' tests skip)
     for flag, name in ((True, "token"), (False, "plain")):
         server = LocalVLLMServer(
             root / "rm", python=VLLM_PYTHON, token_classify=flag, args=VLLM_ARGS, log_path=root / f"vllm-{name}.log"
@@ -666,11 +672,17 @@ def servers(tmp_path_factory):
         family_model = abc_rm(family, family_tok)
         family_model.save_pretrained(root / family)
         family_tok.save_pretrained(root / family)
+        if family == "qwen2_rm":
+            config = json.loads((root / family / "config.json").read_text())
+            config["architectures"] = ["Qwen2ForRewardModel"]
+            (root / family / "config.json").write_text(json.dumps(config))
         overrides = {"architectures": [architecture], **({LAYER_KEY: layer} if layer != -1 else {})}
         args = (*VLLM_ARGS, *ABC_ARGS, "--hf-overrides", json.dumps(overrides))
         server = LocalVLLMServer(root / family, python=VLLM_PYTHON, args=args, log_path=root / f"vllm-{family}.log")
         family_model.abc_layer = layer
         entries[family] = (family_model, family_tok, server)
+    if only:
+        entries = {name: entry for name, entry in entries.items() if name in only.split(",")}
     try:
         for _, _, server in entries.values():
             server.start()
@@ -685,11 +697,17 @@ def servers(tmp_path_factory):
             server.stop()
 
 
+def pick(servers, name: str):
+    if name not in servers:
+        pytest.skip(f"the {name} server is not started (DENSE_RLHF_VLLM_ONLY)")
+    return servers[name]
+
+
 @pytest.fixture(scope="module")
 def served(servers):
     """(model, its tokenizer, token_classify server, plain server)."""
-    model, tok, token = servers["token"]
-    return model, tok, token, servers["plain"][2]
+    model, tok, token = pick(servers, "token")
+    return model, tok, token, pick(servers, "plain")[2]
 
 
 def local_prefix_scores(model, rows):
@@ -898,7 +916,7 @@ def local_attention_rows(model, ids, attention):
 def test_served_abc_equals_the_local_call(servers, family):
     """Scores, attention rows and rewards of the ABC server equal the in-process computation on the same weights, for
     a batch of very different lengths sent in 64-token chunks; prefix, sparse and uniform work on the same server."""
-    model, tok, server = servers[family]
+    model, tok, server = pick(servers, family)
     ids, attention, completion = long_batch(tok)
     client = ServedRewardModel(server.url, timeout=120)
     rows = client.attention_rows([ids[b][attention[b].bool()] for b in range(ids.shape[0])])
@@ -923,7 +941,7 @@ def test_served_abc_equals_the_local_call(servers, family):
 def test_served_abc_text_path_equals_the_local_call(servers, family):
     """The family's own tokenizer and chat template, a policy tokenizer of another family, responses ending in EOS,
     one spelling control tokens."""
-    model, _, server = servers[family]
+    model, _, server = pick(servers, family)
     rm_name = ABC_FAMILIES[family][1]
     rm_tok, policy, prompts, response_ids, mask = text_case(rm_name, "sp_bpe" if rm_name == "byte_bpe" else "byte_bpe")
     scores, rewards = ServedRewardModel(server.url).score_and_densify_text(
@@ -949,7 +967,7 @@ def test_served_abc_text_path_equals_the_local_call(servers, family):
 def test_served_abc_with_concurrent_clients(servers):
     """Several clients at once, each with its own batch, on one server (their requests share the engine's steps and
     chunks): each gets its own rows."""
-    model, tok, server = servers["llama"]
+    model, tok, server = pick(servers, "llama")
     batches = [long_batch(tok, seed) for seed in range(4)]
 
     async def main():
@@ -1231,7 +1249,7 @@ def test_the_served_abc_manager_through_the_reward_loop_worker_equals_the_local_
 
     from dense_rlhf.integrations import verl as dense_verl
 
-    model, _, server = servers["llama"]
+    model, _, server = pick(servers, "llama")
     config = served_verl_config(policy_dir, str(server.model_dir), manager="ServedABCRewardManager")
     worker = RewardLoopWorker(config, server.url.removeprefix("http://"))
     assert isinstance(worker.reward_manager, dense_verl.ServedABCRewardManager)
