@@ -51,9 +51,15 @@ __all__ = [
 ]
 
 
+# The submodules that importing the package loaded when its exports were not lazy: still reachable as attributes.
+_SUBMODULES = ("ops", "reference", "capture", "align", "_native", "_padding")
+
+
 def __getattr__(name: str):
     module = _EXPORTS.get(name)
     if module is None:
+        if name in _SUBMODULES:
+            return importlib.import_module(f"{__name__}.{name}")
         raise AttributeError(f"module 'dense_rlhf' has no attribute {name!r}")
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value

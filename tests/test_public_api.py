@@ -92,6 +92,7 @@ PUBLIC = {
     "dense_rlhf.integrations.vllm_abc": (["VERL_HF_OVERRIDES_KEY", "abc_hf_overrides"], None),
     "dense_rlhf.integrations.vllm_plugin": (["ARCHITECTURES", "CHECKED_VERSIONS", "LAYER_KEY", "register"], None),
     "dense_rlhf.integrations.vllm_plugin.attention": (["head_row_sums"], None),
+    "dense_rlhf.integrations.vllm_plugin.checks": (["Refused", "check_attention", "check_config"], None),
     "dense_rlhf.integrations.vllm_server": (["LocalVLLMServer", "CPU_ARGS", "free_port"], "aiohttp"),
 }
 

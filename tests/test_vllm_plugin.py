@@ -15,8 +15,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dense_rlhf.integrations.vllm_plugin import ARCHITECTURES, CHECKED_VERSIONS, _check_version
+from dense_rlhf.integrations.vllm_plugin import ARCHITECTURES, CHECKED_VERSIONS, LAYER_KEY, _check_version
 from dense_rlhf.integrations.vllm_plugin.attention import head_row_sums
+from dense_rlhf.integrations.vllm_plugin.checks import Refused, check_attention, check_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -109,3 +110,82 @@ def test_the_entry_point_is_declared_and_loads_nothing_heavy():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.split("\n")[:2] == ["[]", "True"]
     assert set(ARCHITECTURES) == {f"ABC{family}" for family in ARCHITECTURES.values()}
+
+
+def vllm_config(pipeline=1, **text):
+    """What the checks read of vLLM's config: the parallel sizes and the model's text config."""
+    from types import SimpleNamespace
+
+    config = SimpleNamespace(num_hidden_layers=4, **text)
+    config.get_text_config = lambda: config
+    return SimpleNamespace(
+        model_config=SimpleNamespace(hf_config=config),
+        parallel_config=SimpleNamespace(pipeline_parallel_size=pipeline),
+    )
+
+
+@pytest.mark.parametrize(
+    "settings, match",
+    [
+        (dict(pipeline=2), r"pipeline parallelism \(pipeline_parallel_size=2\)"),
+        (dict(dual_chunk_attention_config={"chunk_size": 8}), "dual-chunk attention"),
+        (dict(rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24]}), "mrope"),
+        (dict(layer_types=["full_attention"] * 3 + ["sliding_attention"], sliding_window=8), "sliding_attention in"),
+        (dict(sliding_window=4096), r"sliding-window attention \(sliding_window=4096\)"),
+        (dict(sliding_window=4096, use_sliding_window=True, layer_types=["full_attention"] * 4), "sliding-window"),
+        ({LAYER_KEY: 4}, r"dense_rlhf_abc_layer=4 must be an integer layer index in \[-4, 3\]"),
+        ({LAYER_KEY: "1"}, "must be an integer layer index"),
+        ({LAYER_KEY: True}, "must be an integer layer index"),
+    ],
+    ids=["pipeline", "dual-chunk", "mrope", "layer-types", "mistral-window", "qwen-window", "layer", "str", "bool"],
+)
+def test_variants_the_recomputation_does_not_cover_are_refused_naming_them(settings, match):
+    with pytest.raises(Refused, match=match) as error:
+        check_config(vllm_config(**settings), "ABCLlamaForSequenceClassification")
+    assert str(error.value).startswith("ABCLlamaForSequenceClassification")
+
+
+def test_configs_the_recomputation_covers_pass_with_their_layer():
+    assert check_config(vllm_config(), "A") == 3
+    assert check_config(vllm_config(**{LAYER_KEY: 0}), "A") == 0
+    assert check_config(vllm_config(**{LAYER_KEY: -2}), "A") == 2
+    # Qwen2/Qwen3 configs carry a window they do not use
+    assert check_config(
+        vllm_config(sliding_window=4096, use_sliding_window=False, layer_types=["full_attention"] * 4), "A"
+    )
+    assert check_config(vllm_config(rope_parameters={"rope_type": "llama3", "factor": 8.0}), "A") == 3
+
+
+def attention_module(**changes):
+    from types import SimpleNamespace
+
+    impl = SimpleNamespace(logits_soft_cap=None, sinks=None)
+    attn = SimpleNamespace(sliding_window=None, impl=impl, attn_type="decoder")
+    fields = dict(qkv_proj=1, q_size=1, kv_size=1, num_heads=1, num_kv_heads=1, head_dim=1, scaling=1.0)
+    module = SimpleNamespace(rotary_emb=SimpleNamespace(), attn=attn, **fields)
+    for key, value in changes.items():
+        target, name = (
+            (impl, key[5:])
+            if key.startswith("impl_")
+            else (attn, key[5:])
+            if key.startswith("attn_")
+            else (module, key)
+        )
+        setattr(target, name, value)
+    return module
+
+
+def test_the_built_attention_is_checked():
+    check_attention(attention_module(), "A", 3, "0.32.0")
+    with pytest.raises(Refused, match=r"sliding-window attention \(window 128 in layer 3\)"):
+        check_attention(attention_module(attn_sliding_window=128), "A", 3, "0.32.0")
+    with pytest.raises(Refused, match="logit soft-capping"):
+        check_attention(attention_module(impl_logits_soft_cap=30.0), "A", 3, "0.32.0")
+    with pytest.raises(Refused, match="attention sinks"):
+        check_attention(attention_module(impl_sinks=torch.zeros(2)), "A", 3, "0.32.0")
+    with pytest.raises(Refused, match=r"non-causal attention \(attn_type=AttentionType.ENCODER_ONLY\)"):
+        check_attention(attention_module(attn_attn_type="AttentionType.ENCODER_ONLY"), "A", 3, "0.32.0")
+    module = attention_module()
+    del module.qkv_proj
+    with pytest.raises(RuntimeError, match=r"in vLLM 9.9.9 has no \['qkv_proj'\]"):
+        check_attention(module, "A", 3, "9.9.9")

@@ -18,8 +18,6 @@ without the hook, or whose layers lack the attributes read here, is refused the 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import torch
 import vllm
 from vllm.model_executor.models.adapters import as_seq_cls_model
@@ -28,7 +26,7 @@ from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 from vllm.model_executor.models.qwen2_rm import Qwen2ForRewardModel
 from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
 
-from dense_rlhf.integrations.vllm_plugin import LAYER_KEY
+from dense_rlhf.integrations.vllm_plugin.checks import check_attention, check_config
 from dense_rlhf.integrations.vllm_plugin.pooler import ABCPooler, ChannelLayout
 
 __all__ = [
@@ -38,80 +36,6 @@ __all__ = [
     "ABCQwen2ForRewardModel",
 ]
 
-_ATTENTION_ATTRIBUTES = ("qkv_proj", "q_size", "kv_size", "num_heads", "num_kv_heads", "head_dim", "scaling")
-
-
-class _Refused(ValueError):
-    pass
-
-
-def _refuse(architecture: str, variant: str) -> None:
-    raise _Refused(
-        f"{architecture} (dense-rlhf's ABC plugin) does not support {variant}: the attention row it recomputes would "
-        "not be the one the model computes. Serve this model without the ABC architecture (prefix rewards need only "
-        "token_classify) or compute ABC in-process with dense_rlhf.score_and_densify"
-    )
-
-
-def _layer_index(config, architecture: str) -> int:
-    layers = config.num_hidden_layers
-    layer = getattr(config, LAYER_KEY, -1)
-    if isinstance(layer, bool) or not isinstance(layer, int) or not -layers <= layer < layers:
-        raise _Refused(
-            f"{architecture}: hf_overrides {LAYER_KEY}={layer!r} must be an integer layer index in "
-            f"[{-layers}, {layers - 1}] (the model has {layers} layers; -1, the default, is the last)"
-        )
-    return layer % layers
-
-
-def _check_config(vllm_config, architecture: str) -> int:
-    """Refuse what the config alone shows; the chosen layer's index."""
-    config = vllm_config.model_config.hf_config.get_text_config()
-    if vllm_config.parallel_config.pipeline_parallel_size > 1:
-        _refuse(
-            architecture,
-            f"pipeline parallelism (pipeline_parallel_size={vllm_config.parallel_config.pipeline_parallel_size})",
-        )
-    layer = _layer_index(config, architecture)
-    if getattr(config, "dual_chunk_attention_config", None):
-        _refuse(architecture, "dual-chunk attention (dual_chunk_attention_config)")
-    for key in ("rope_parameters", "rope_scaling"):
-        rope = getattr(config, key, None)
-        if isinstance(rope, Mapping) and ("mrope_section" in rope or "mrope" in str(rope.get("rope_type", ""))):
-            _refuse(architecture, f"multimodal rotary embeddings (mrope, {key}={dict(rope)})")
-    layer_types = getattr(config, "layer_types", None)
-    if layer_types and layer_types[layer] != "full_attention":
-        _refuse(architecture, f"{layer_types[layer]} in layer {layer} (layer_types)")
-    window = getattr(config, "sliding_window", None)
-    if window and getattr(config, "use_sliding_window", not layer_types):
-        _refuse(architecture, f"sliding-window attention (sliding_window={window})")
-    return layer
-
-
-def _check_attention(attention, architecture: str, layer: int) -> None:
-    """Refuse what only the built layer shows: a vLLM whose attention module differs from the one read here, or
-    an attention with a window, a soft cap or sinks."""
-    missing = [name for name in (*_ATTENTION_ATTRIBUTES, "rotary_emb", "attn") if not hasattr(attention, name)]
-    if missing:
-        raise RuntimeError(
-            f"{architecture}: layer {layer}'s attention ({type(attention).__name__}) in vLLM {vllm.__version__} has no "
-            f"{missing}; dense-rlhf's ABC plugin reads them to recompute the attention row (see "
-            "dense_rlhf.integrations.vllm_plugin.CHECKED_VERSIONS for the vLLM releases it was checked with)"
-        )
-    if "MRotary" in type(attention.rotary_emb).__name__ or "DualChunk" in type(attention.rotary_emb).__name__:
-        _refuse(architecture, f"{type(attention.rotary_emb).__name__}")
-    attn = attention.attn
-    if getattr(attn, "sliding_window", None):
-        _refuse(architecture, f"sliding-window attention (window {attn.sliding_window} in layer {layer})")
-    impl = getattr(attn, "impl", None)
-    if getattr(impl, "logits_soft_cap", None):
-        _refuse(architecture, f"logit soft-capping (logits_soft_cap={impl.logits_soft_cap})")
-    if getattr(impl, "sinks", None) is not None:
-        _refuse(architecture, "attention sinks")
-    attn_type = str(getattr(attn, "attn_type", "decoder"))
-    if attn_type.lower().rsplit(".", 1)[-1] != "decoder":
-        _refuse(architecture, f"non-causal attention (attn_type={attn_type})")
-
 
 class _ABCReward:
     """What the four architectures share: the checks at load, the hook, the pooler and the forward. Mixed in before
@@ -119,7 +43,7 @@ class _ABCReward:
 
     def __init__(self, *, vllm_config, prefix: str = "", **kwargs):
         architecture = type(self).__name__
-        layer = _check_config(vllm_config, architecture)
+        layer = check_config(vllm_config, architecture)
         super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
         model = self.model
         if not hasattr(model, "_set_aux_hidden_state_layers") or not hasattr(model, "layers"):
@@ -129,7 +53,7 @@ class _ABCReward:
                 "attention layer's input"
             )
         attention = model.layers[layer].self_attn
-        _check_attention(attention, architecture, layer)
+        check_attention(attention, architecture, layer, vllm.__version__)
         model._set_aux_hidden_state_layers((layer,))
         head = self.score[-1] if isinstance(self.score, torch.nn.Sequential) else self.score
         num_labels = getattr(head, "output_size", None) or getattr(head, "out_features", None)
