@@ -2,8 +2,9 @@
 #   make demo   the main job: train a small RLHF setup and compare sparse rewards with ABC
 #   make test   the test suite in a CPU environment, the README's and docs' code blocks, the CUDA kernel's source
 #               run on the CPU through an emulation, the packaging checks, the verl integration's tests in an
-#               environment with the pinned verl, the served reward model's tests against a real vLLM server (CPU
-#               build) started from a fourth environment, then a CUDA build check where nvcc is found
+#               environment with the pinned verl, the served reward model's tests against real vLLM servers (CPU
+#               build, with dense-rlhf's ABC plugin) started from a fourth environment, then a CUDA build check where
+#               nvcc is found
 # Both create a virtual environment in .venv with torch (CPU wheel by default) and install the package the
 # way the README's Install section says (the pip that venv ships, --no-build-isolation).
 # The installed commands write into ./dense-rlhf-results/<command>/; the targets that produce the repository's
@@ -142,8 +143,8 @@ $(VERL_VENV)/.built: pyproject.toml
 	  $$(sed -n 's/^verl = \[\(.*\)\]$$/\1/p' pyproject.toml | tr -d '",')
 	touch $@
 
-# The served reward model's tests against real vLLM servers (two, started at once, about two minutes on two cores);
-# SKIP_VLLM=1 skips them.
+# The served reward model's tests against real vLLM servers (six, started at once: plain and token_classify, and the
+# ABC plugin's architectures; about four minutes on two cores); SKIP_VLLM=1 skips them.
 test-vllm: $(VENV)/.built
 ifeq ($(SKIP_VLLM),1)
 	@echo "test-vllm: skipped (SKIP_VLLM=1)"

@@ -5,7 +5,7 @@ One reward model (random-init Llama-style sequence classifier with grouped-query
 vLLM's CPU backend: with the ``ABCLlamaForSequenceClassification`` architecture (``--hf-overrides``), whose reply
 carries the attention row beside the score, and plainly with the ``token_classify`` pooler (the score at every
 position). One batch of chat samples per round, laid out as verl's trainer hands them to its reward loop (the helpers
-of ``bench_served.py``), and four paths, interleaved in rounds:
+of ``bench_served.py``), and four paths, interleaved in rounds (each path first in turn, a pause before each call):
 
 * ``ABC server call`` / ``token_classify server call``: the client's ``attention_rows`` and ``prefix_scores`` on the
   reward model's token ids of the samples: one ``POST /pooling`` each, the cost of the extra row;
@@ -93,10 +93,12 @@ def measure(args, root: Path) -> tuple[list[dict], dict]:
             torch.cat(abc_client.prefix_scores(rows)), torch.cat(paths[TOKEN_CALL](data, rows)), atol=1e-4, rtol=0
         )
         times: dict[str, list[float]] = {name: [] for name in paths}
-        for data, rows in batches[1:]:
-            for name, fn in paths.items():
+        names = list(paths)
+        for k, (data, rows) in enumerate(batches[1:]):
+            for name in names[k % len(names) :] + names[: k % len(names)]:  # each path first in turn
+                time.sleep(args.pause)  # the servers share core 0: let the last engine go idle first
                 start = time.perf_counter()
-                fn(data, rows)
+                paths[name](data, rows)
                 times[name].append(time.perf_counter() - start)
         every = [row for _, batch_rows in batches[1:] for row in batch_rows]
         meta = {
@@ -128,7 +130,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
         f"engine), vLLM {meta['vllm']}. Reward model: Llama-style with grouped-query attention, "
         f"{meta['params'] / 1e6:.1f}M parameters, float32; a batch of {meta['batch']} chat samples, "
         f"{meta['rm_tokens_per_sample']} reward-model tokens per sample on average. Median over {meta['rounds']} "
-        "rounds, a new batch each round, paths interleaved; no prefix cache.",
+        "rounds, a new batch each round, paths interleaved (each first in turn, "
+        f"{meta['pause']:g} s of rest before each call: both engines run on core 0); no prefix cache.",
         "",
         "| path | median per batch (ms) | samples/s |",
         "|---|---|---|",
@@ -154,7 +157,8 @@ def main(argv=None) -> int:
         "--hidden", type=int, default=512, help="reward model width (heads of 64, a quarter as many kv heads)"
     )
     p.add_argument("--layers", type=int, default=6)
-    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--rounds", type=int, default=8)
+    p.add_argument("--pause", type=float, default=2.0, help="seconds of rest before each timed call")
     p.add_argument("--out", default="benchmarks/results/cpu")
     args = p.parse_args(argv)
     args.kv_heads = max(1, args.hidden // 256)
@@ -172,6 +176,7 @@ def main(argv=None) -> int:
         vllm=vllm,
         batch=args.batch,
         rounds=args.rounds,
+        pause=args.pause,
     )
     for r in rows:
         print(f"{r['path']}: {r['median_s'] * 1e3:.1f} ms per batch, {r['samples_per_s']:.1f} samples/s", flush=True)
