@@ -23,6 +23,16 @@ import torch
 LENGTHS = (1, 7, 64, 300, 700)
 
 
+def word_tokenizer(vocab_size: int):
+    """A tokenizer whose token i is the word ``t<i>`` (the check sends token ids; the server wants a tokenizer)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab_size)}, unk_token="t1"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="t0", unk_token="t1")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--vllm-python", required=True)
@@ -65,6 +75,7 @@ def main(argv=None) -> int:
     flags += shlex.split(args.vllm_args)  # after the defaults: vLLM takes a flag's last value
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(Path(tmp) / "rm")
+        word_tokenizer(config.vocab_size).save_pretrained(Path(tmp) / "rm")  # vLLM loads one; ids are sent
         with LocalVLLMServer(
             Path(tmp) / "rm", python=args.vllm_python, args=flags, log_path=Path(tmp) / "vllm.log"
         ) as server:
