@@ -594,6 +594,9 @@ def needs_vllm(test):
 # with its checkpoints' remote code): its stand-in here is Qwen2ForSequenceClassification with that class's head, two
 # linear layers around a ReLU, saved under its name.
 ABC_ARGS = ("--enable-chunked-prefill", "--max-num-batched-tokens", "64")
+# The Qwen2ForRewardModel server runs with tensor parallelism 2 (on the CPU backend): each rank holds 2 of the 4 query
+# heads and 1 of the 2 key-value heads, and its score head is split across the ranks too.
+TENSOR_PARALLEL = "qwen2_rm"
 ABC_FAMILIES = {
     "llama": ("ABCLlamaForSequenceClassification", "byte_bpe", -1),
     "qwen2": ("ABCQwen2ForSequenceClassification", "sp_unigram", 0),
@@ -678,7 +681,13 @@ def servers(tmp_path_factory):
             (root / family / "config.json").write_text(json.dumps(config))
         overrides = {"architectures": [architecture], **({LAYER_KEY: layer} if layer != -1 else {})}
         args = (*VLLM_ARGS, *ABC_ARGS, "--hf-overrides", json.dumps(overrides))
-        server = LocalVLLMServer(root / family, python=VLLM_PYTHON, args=args, log_path=root / f"vllm-{family}.log")
+        env = None
+        if family == TENSOR_PARALLEL and VLLM_ARGS is CPU_ARGS:  # two ranks, one per core, on vLLM's CPU backend
+            args += ("--tensor-parallel-size", "2", "--distributed-executor-backend", "mp")
+            env = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}
+        server = LocalVLLMServer(
+            root / family, python=VLLM_PYTHON, args=args, log_path=root / f"vllm-{family}.log", env=env
+        )
         family_model.abc_layer = layer
         entries[family] = (family_model, family_tok, server)
     if only:
