@@ -608,7 +608,7 @@ ABC_FAMILIES = {
 def abc_rm(family: str, tok):
     """A random tiny reward model of ``family`` with grouped-query attention (4 query heads, 2 key-value heads of
     64: vLLM's CPU attention takes head sizes of 32 and up), float32; Qwen2 with its q/k/v biases, Qwen3 with its
-    per-head q/k norms."""
+    per-head q/k norms and a two-logit head."""
     import transformers
 
     torch.manual_seed({"llama": 1, "qwen2": 2, "qwen3": 3, "qwen2_rm": 4}[family])
@@ -631,6 +631,7 @@ def abc_rm(family: str, tok):
         if family == "qwen2_rm":  # Qwen2ForRewardModel's head (vLLM's qwen2_rm.py, the checkpoints' remote code)
             model.score = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.ReLU(), torch.nn.Linear(256, 1))
     else:
+        common["num_labels"] = 2  # a two-logit head: the score is logit[1] - logit[0], on both sides
         model = transformers.Qwen3ForSequenceClassification(
             transformers.Qwen3Config(hidden_size=128, head_dim=64, **common)
         )
