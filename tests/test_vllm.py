@@ -333,6 +333,10 @@ def test_bad_arguments_are_refused_before_any_request():
         client.score_and_densify(ids, torch.tensor([[1, 0]]), mask)
     with pytest.raises(ValueError, match="completion_mask must have input_ids' shape"):
         client.score_and_densify(ids, mask, torch.tensor([1, 1]))
+    with pytest.raises(ValueError, match=r"completion_mask marks no completion token in rows \[1\]"):
+        client.score_and_densify(ids.repeat(2, 1), mask.repeat(2, 1), torch.tensor([[0, 1], [0, 0]]))
+    with pytest.raises(ValueError, match="completion_mask must hold only 0 and 1"):
+        client.score_and_densify(ids, mask, torch.tensor([[0, 2]]))
 
 
 def raw(body: bytes, code: int = 200, content_type: str = "application/json"):

@@ -110,6 +110,9 @@ def _check_batch(input_ids, attention_mask, completion_mask):
     outside = (completion & ~attention).any(1).nonzero().flatten().tolist()
     if outside:
         raise ValueError(f"completion_mask marks padding (attention_mask False) in rows {outside[:10]}")
+    empty = (~completion.any(1)).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"completion_mask marks no completion token in rows {empty[:10]}, so the score would be lost")
     return attention, completion
 
 
