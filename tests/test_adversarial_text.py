@@ -383,8 +383,9 @@ def _bad_call(**change):
     kwargs = dict(policy_tokenizer=policy, response_mask=mask)
     args = [rm, rm_tok, ["Review: ", "Review: "], ids]
     for key, value in change.items():
-        if key in ("rm_tokenizer", "response_ids"):
-            args[1 if key == "rm_tokenizer" else 3] = value(ids) if callable(value) else value
+        if key in ("rm_tokenizer", "prompts", "response_ids"):
+            position = {"rm_tokenizer": 1, "prompts": 2, "response_ids": 3}[key]
+            args[position] = value(ids) if callable(value) else value
         else:
             kwargs[key] = value
     handle = no_forward(rm)
@@ -407,6 +408,17 @@ def _bad_call(**change):
             ValueError,
             r"response_ids holds negative token ids .* rows \[0\]",
         ),
+        (
+            dict(response_ids=lambda ids: torch.where(ids == ids[1, 0], 2**32, ids)),
+            ValueError,
+            r"response_ids holds token ids of 2\*\*32 or more .* rows \[1\]",
+        ),
+        (dict(prompts=["Review: ", "Review \ud800"]), ValueError, r"prompts\[1\] holds text that is not valid Unicode"),
+        (
+            dict(prompts=[[{"role": "user", "content": "a"}], [{"role": "user", "content": "\udfff"}]]),
+            ValueError,
+            r"prompts\[1\] holds text that is not valid Unicode \(surrogates not allowed: '\\udfff'",
+        ),
         (dict(policy_tokenizer=None), TypeError, "policy_tokenizer is None"),
         (dict(rm_tokenizer=None), TypeError, "rm_tokenizer is None"),
         (dict(beta=2), ValueError, "beta"),
@@ -420,6 +432,9 @@ def _bad_call(**change):
         "max_length='10'",
         "max_length=True",
         "negative ids",
+        "ids beyond u32",
+        "surrogate in a prompt",
+        "surrogate in a message",
         "policy_tokenizer=None",
         "rm_tokenizer=None",
         "beta=2",

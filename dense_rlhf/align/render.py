@@ -40,6 +40,16 @@ def _check_prompts(prompts, batch: int) -> bool:
             )
     if len(kinds) > 1:
         raise TypeError("prompts mixes plain strings and chat message lists; use one kind per batch")
+    for b, prompt in enumerate(prompts):
+        texts = [prompt] if isinstance(prompt, str) else [v for m in prompt for v in m.values() if isinstance(v, str)]
+        for text in texts:
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as error:
+                raise ValueError(
+                    f"prompts[{b}] holds text that is not valid Unicode ({error.reason}: {text[error.start]!r} at "
+                    f"character {error.start}), which no tokenizer can encode"
+                ) from None
     return kinds == {"chat"}
 
 
