@@ -561,3 +561,26 @@ def test_trl_trainer_refuses_bad_reward_arguments_in_init(trl_parts, kwargs, err
     rm = classifier(gpt2_config(tok, num_labels=1))
     with pytest.raises(error, match=match):
         _trainer(tok, policy, rm, tmp_path, **kwargs)
+
+
+def test_trl_trainer_refuses_a_reward_model_without_pad_id_or_positions_in_init(trl_parts):
+    tok, policy, classifier, _, gpt2_config, tmp_path = trl_parts
+    no_pad = gpt2_config(tok, num_labels=1)
+    no_pad.pad_token_id = None
+    with pytest.raises(ValueError, match="reward_model.config.pad_token_id is None"):
+        _trainer(tok, policy, classifier(no_pad), tmp_path)
+    short = gpt2_config(tok, num_labels=1)
+    short.n_positions = 5  # max_completion_length=4 and one suffix token leave no prompt token
+    with pytest.raises(ValueError, match=r"args.max_completion_length=4 with 1 reward_suffix_ids leaves no room"):
+        _trainer(tok, policy, classifier(short), tmp_path, reward_suffix_ids=[tok.eos_token_id])
+
+
+def test_trl_trainer_refuses_prompts_too_long_for_the_reward_model_before_generating(trl_parts, monkeypatch):
+    tok, policy, classifier, _, gpt2_config, tmp_path = trl_parts
+    short = gpt2_config(tok, num_labels=1)
+    short.n_positions = 6  # room for a prompt of 2 tokens beside max_completion_length=4
+    trainer = _trainer(tok, policy, classifier(short), tmp_path)
+    monkeypatch.setattr(policy, "generate", lambda *a, **k: pytest.fail("the policy generated"))
+    assert len(trainer._tokenize_prompts(["w1 w2"])[0][0]) == 2
+    with pytest.raises(ValueError, match=r"prompts \[1\] of this batch have more than 2 tokens: .* 6 positions"):
+        trainer._generate(["w1 w2", "w1 w2 w3 w4"])
