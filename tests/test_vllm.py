@@ -378,13 +378,27 @@ class Streaming(Scripted):
         ({"data": [{"index": False, "data": [[0.0], [1.0]]}]}, r"bad index \(False\)"),
         ({"data": [{"index": 0, "data": [[0.0], [None]]}]}, r"not numbers \(NoneType\) for row 0"),
         ({"data": [{"index": 0, "data": [[0.0], [1.0, 2.0]]}]}, r"one logit \(the score\) or two"),
+        ({"data": [{"index": 0, "data": [[], []]}]}, r"one logit \(the score\) or two"),
+        ({"data": [{"index": 0, "data": [0.5, []]}]}, r"one logit \(the score\) or two"),
         ({"data": [{"index": 0, "data": [[0.0], [10**400]]}]}, r"beyond float32's range for row 0"),
         ({"data": [{"index": 0, "data": [[0.0], [1e300]]}]}, r"overflows float32 \(1e\+300\) for row 0"),
         ({"data": [{"index": 0, "data": [[0.0], [float("nan")]]}]}, r"not finite \(nan\) for row 0"),
         ({"data": [{"index": 0, "data": [[float("-inf")], [0.0]]}]}, r"not finite \(-inf\) for row 0"),
         ({"data": [{"index": 10**400, "data": [[0.0], [1.0]]}]}, r"bad index"),
     ],
-    ids=["bools", "bool-index", "null", "ragged", "huge-int", "1e300", "nan", "inf", "huge-index"],
+    ids=[
+        "bools",
+        "bool-index",
+        "null",
+        "ragged",
+        "empty-lists",
+        "number-and-list",
+        "huge-int",
+        "1e300",
+        "nan",
+        "inf",
+        "huge-index",
+    ],
 )
 def test_replies_with_values_that_are_not_float32_numbers_name_the_row(reply, match):
     with Scripted(raw(json.dumps(reply).encode())) as server:

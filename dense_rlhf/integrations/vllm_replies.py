@@ -143,8 +143,8 @@ def _row_logits(values, n: int, row: str, url: str) -> torch.Tensor:
             url=url,
             status=200,
         )
-    widths = {len(v) if type(v) is list else 0 for v in values}
-    if len(widths) != 1 or widths.pop() not in (0, 1, 2):
+    widths = {len(v) if type(v) is list else None for v in values}  # None: a bare number per token
+    if len(widths) != 1 or widths.pop() not in (None, 1, 2):
         raise ServedRewardModelError(
             f"POST {url} returned per-token values for {row} that are not one logit (the score) or two "
             "(logit[1] - logit[0]) for every token",
