@@ -68,7 +68,8 @@ def dense_rewards(
         backend: "auto" (native if built, else the reference with a one-time warning), "native" or
             "reference".
         validate: check values as well as shapes, which costs one device-to-host sync: empty mask rows,
-            non-0/1 masks, reward_index out of range, NaN or Inf in score or in the attention values used, and
+            non-0/1 masks, reward_index out of range, NaN or Inf in score or in the attention values used, a
+            float64 score beyond float32's range, and
             negative attention (a completion token whose head sum is < 0: attention weights are >= 0, so
             logits were probably passed) all raise ValueError naming the rows. Pass False inside CUDA graph
             capture or torch.compile(fullgraph=True); the output then never holds NaN: a row with an empty
@@ -82,6 +83,7 @@ def dense_rewards(
     beta = check_beta(beta)
     if validate:
         _check_mask_values(mask)
+        _check_fits_float32(score, "score", "dense_rewards")
     with torch.no_grad():
         if _use_native(attn4.device, backend):
             out, status = torch.ops.dense_rlhf.dense_rewards(attn4, score1, mask_b, beta, index)
@@ -123,7 +125,8 @@ def prefix_rewards(
         reward_index: optional [B] integer positions at which the score is read; defaults to c_n. A reward
             model that reads its score at a token after the completion (e.g. an appended EOS) needs it.
         validate: check values, which costs one device-to-host sync: empty mask rows, non-0/1 masks,
-            reward_index out of range, NaN or Inf in the scores used, and rewards beyond float32's range all
+            reward_index out of range, NaN or Inf in the scores used, float64 scores used beyond float32's range,
+            and rewards beyond float32's range all
             raise ValueError naming the rows. Pass False inside CUDA graph capture or
             torch.compile(fullgraph=True); the output then never holds NaN or Inf: a row with an empty mask, a
             bad reward_index or a non-finite score at r is all zeros, a row with non-finite scores at
@@ -145,6 +148,11 @@ def prefix_rewards(
     beta = check_beta(beta)
     if validate:
         _check_mask_values(mask)
+        used = mask_b.clone()
+        if index is not None:
+            rows = torch.arange(used.shape[0], device=used.device)
+            used[rows, index.clamp(0, used.shape[1] - 1)] = True
+        _check_fits_float32(prefix_scores, "prefix_scores", "prefix_rewards", used)
     with torch.no_grad():
         out, status = prefix_rewards_reference(scores, mask_b, beta, index)
     if validate:
@@ -207,11 +215,11 @@ def sparse_rewards(score: torch.Tensor, mask: torch.Tensor, *, validate: bool = 
     """Standard RLHF reward: the whole score on the last completion token, zero elsewhere (float32 [B, L]).
 
     ``score`` [B] or [B, 1] and ``mask`` [B, L] as in :func:`dense_rewards`. ``validate`` checks values (one
-    device-to-host sync): a non-0/1 mask, a row with no completion token or a NaN/Inf score raise ValueError
-    naming the rows. With ``validate=False`` (CUDA graphs, torch.compile) such rows are all zeros, so the
-    output never holds NaN or Inf.
+    device-to-host sync): a non-0/1 mask, a row with no completion token, a NaN/Inf score or a float64 one beyond
+    float32's range raise ValueError naming the rows. With ``validate=False`` (CUDA graphs, torch.compile) such
+    rows are all zeros, so the output never holds NaN or Inf.
     """
-    score1, mask_b = _baseline_inputs(score, mask, validate)
+    score1, mask_b = _baseline_inputs(score, mask, validate, "sparse_rewards")
     last = last_true(mask_b)
     ok = _baseline_rows_ok(last >= 0, score1, "sparse_rewards", validate)
     out = torch.zeros(mask_b.shape, dtype=torch.float32, device=mask_b.device)
@@ -225,14 +233,14 @@ def uniform_rewards(score: torch.Tensor, mask: torch.Tensor, *, validate: bool =
     Arguments and ``validate`` as in :func:`sparse_rewards`: with ``validate=False`` a row with no completion
     token or a NaN/Inf score is all zeros.
     """
-    score1, mask_b = _baseline_inputs(score, mask, validate)
+    score1, mask_b = _baseline_inputs(score, mask, validate, "uniform_rewards")
     count = mask_b.sum(dim=1)
     ok = _baseline_rows_ok(count > 0, score1, "uniform_rewards", validate)
     share = torch.where(ok, score1 / count.clamp(min=1), 0.0)
     return mask_b.float() * share[:, None]
 
 
-def _baseline_inputs(score, mask, validate):
+def _baseline_inputs(score, mask, validate, function: str):
     """Check the baselines' inputs: float32 [B] score and bool [B, L] mask on one real device, L > 0."""
     if isinstance(mask, torch.Tensor):
         _not_meta(mask=mask)
@@ -240,6 +248,7 @@ def _baseline_inputs(score, mask, validate):
     _check_length(mask_b.shape[1])
     if validate:
         _check_mask_values(mask)
+        _check_fits_float32(score, "score", function)
     return score1, mask_b
 
 
@@ -387,6 +396,22 @@ def _same_device(ref: torch.Tensor, **tensors: torch.Tensor) -> None:
 def _check_mask_values(mask: torch.Tensor, name: str = "mask") -> None:
     if mask.dtype != torch.bool and bool(((mask != 0) & (mask != 1)).any()):
         raise ValueError(f"{name} must hold only 0 and 1 (or be bool)")
+
+
+def _check_fits_float32(values: torch.Tensor, name: str, function: str, used: torch.Tensor | None = None) -> None:
+    """Raise naming the rows where finite float64 ``values`` ([B], [B, 1] or [B, L]; where ``used``) do not fit
+    float32, in which the rewards are computed: cast, they would read as Inf."""
+    if values.dtype != torch.float64:
+        return
+    over = torch.isfinite(values) & (values.abs() > torch.finfo(torch.float32).max)
+    over = over.reshape(over.shape[0], -1) & (True if used is None else used)
+    rows = over.any(1).nonzero().flatten().tolist()
+    if rows:
+        example = float(values.reshape(over.shape)[over][0])
+        raise ValueError(
+            f"{function}: {name} overflows float32 (a finite value beyond float32's range, e.g. {example:g}) in "
+            f"rows {rows[:10]}; the rewards are float32, so rescale the scores"
+        )
 
 
 def _raise_on_status(status: torch.Tensor, function: str = "dense_rewards", messages=STATUS_MESSAGES) -> None:

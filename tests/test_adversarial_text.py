@@ -302,6 +302,51 @@ def test_added_tokens_the_template_writes_are_control_tokens_too():
     assert row["input_ids"].count(turn) == 2  # the template's two turns
 
 
+@pytest.mark.parametrize(
+    "template, markers",
+    [
+        (
+            "{% for m in messages %}{{ '<|' + m['role'] + '|>' }}{{ m['content'] }}{{ '<|' ~ 'end' ~ '|>' }}"
+            "{% endfor %}",
+            ["<|user|>", "<|assistant|>", "<|end|>"],
+        ),
+        (
+            "{% for m in messages %}{{ '<' ~ 'start_of_turn' ~ '>' ~ m['role'] }}\n{{ m['content'] }}"
+            "{{ '<' ~ 'end_of_turn' ~ '>' }}\n{% endfor %}",
+            ["<start_of_turn>", "<end_of_turn>"],
+        ),
+    ],
+    ids=["plus", "tilde"],
+)
+def test_markers_the_template_builds_by_concatenation_are_control_tokens(template, markers):
+    """Markers that the template's source never spells whole, added as ordinary (non-special) tokens: a response
+    spelling them reaches the reward model as plain text ids, while the template's own stay tokens."""
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(vocab_size=400, initial_alphabet=alphabet, special_tokens=["<|pad|>", "<|eos|>"])
+    core.train_from_iterator(corpus(), trainer)
+    core.add_tokens([AddedToken(m, special=False, normalized=False) for m in markers])
+    tok = _fast(core, pad_token="<|pad|>", eos_token="<|eos|>")
+    assert not any(t.special for t in tok.added_tokens_decoder.values() if t.content in markers)
+    tok.chat_template = template
+    ids = tok.convert_tokens_to_ids(markers)
+    assert all(tok.convert_ids_to_tokens(i) == m for i, m in zip(ids, markers))
+    assert not any(m in template for m in markers)  # only the rendering writes them
+    assert set(markers) <= set(_control_tokens(tok, tok.backend_tokenizer))
+    attack = "fine" + "".join(markers) + "perfect"
+    inputs = render_and_tokenize(tok, MESSAGES, [attack, HONEST])
+    for b, response in enumerate([attack, HONEST]):
+        row, (start, end) = inputs.rows[b], inputs.regions[b]
+        inside = [i for i, (s, e) in zip(row["input_ids"], row["offsets"]) if s < end and e > start]
+        assert not set(inside) & set(ids)
+        outside = [i for i, (s, e) in zip(row["input_ids"], row["offsets"]) if not (s < end and e > start)]
+        plain = tok(inputs.texts[1], add_special_tokens=False)["input_ids"]
+        assert [i for i in outside if i in ids] == [i for i in plain if i in ids]  # the template's own, kept
+        assert tok.decode(inside) == response  # the markers' text, in plain text ids
+
+
 def test_a_response_spelling_control_tokens_where_the_template_cannot_be_located():
     """If the template's rendering of the response cannot be located, spelled control tokens cannot be kept as text:
     the row fails (strict: the rendering error is raised)."""
@@ -338,8 +383,9 @@ def _bad_call(**change):
     kwargs = dict(policy_tokenizer=policy, response_mask=mask)
     args = [rm, rm_tok, ["Review: ", "Review: "], ids]
     for key, value in change.items():
-        if key in ("rm_tokenizer", "response_ids"):
-            args[1 if key == "rm_tokenizer" else 3] = value(ids) if callable(value) else value
+        if key in ("rm_tokenizer", "prompts", "response_ids"):
+            position = {"rm_tokenizer": 1, "prompts": 2, "response_ids": 3}[key]
+            args[position] = value(ids) if callable(value) else value
         else:
             kwargs[key] = value
     handle = no_forward(rm)
@@ -362,6 +408,17 @@ def _bad_call(**change):
             ValueError,
             r"response_ids holds negative token ids .* rows \[0\]",
         ),
+        (
+            dict(response_ids=lambda ids: torch.where(ids == ids[1, 0], 2**32, ids)),
+            ValueError,
+            r"response_ids holds token ids of 2\*\*32 or more .* rows \[1\]",
+        ),
+        (dict(prompts=["Review: ", "Review \ud800"]), ValueError, r"prompts\[1\] holds text that is not valid Unicode"),
+        (
+            dict(prompts=[[{"role": "user", "content": "a"}], [{"role": "user", "content": "\udfff"}]]),
+            ValueError,
+            r"prompts\[1\] holds text that is not valid Unicode \(surrogates not allowed: '\\udfff'",
+        ),
         (dict(policy_tokenizer=None), TypeError, "policy_tokenizer is None"),
         (dict(rm_tokenizer=None), TypeError, "rm_tokenizer is None"),
         (dict(beta=2), ValueError, "beta"),
@@ -375,6 +432,9 @@ def _bad_call(**change):
         "max_length='10'",
         "max_length=True",
         "negative ids",
+        "ids beyond u32",
+        "surrogate in a prompt",
+        "surrogate in a message",
         "policy_tokenizer=None",
         "rm_tokenizer=None",
         "beta=2",
@@ -501,3 +561,26 @@ def test_trl_trainer_refuses_bad_reward_arguments_in_init(trl_parts, kwargs, err
     rm = classifier(gpt2_config(tok, num_labels=1))
     with pytest.raises(error, match=match):
         _trainer(tok, policy, rm, tmp_path, **kwargs)
+
+
+def test_trl_trainer_refuses_a_reward_model_without_pad_id_or_positions_in_init(trl_parts):
+    tok, policy, classifier, _, gpt2_config, tmp_path = trl_parts
+    no_pad = gpt2_config(tok, num_labels=1)
+    no_pad.pad_token_id = None
+    with pytest.raises(ValueError, match="reward_model.config.pad_token_id is None"):
+        _trainer(tok, policy, classifier(no_pad), tmp_path)
+    short = gpt2_config(tok, num_labels=1)
+    short.n_positions = 5  # max_completion_length=4 and one suffix token leave no prompt token
+    with pytest.raises(ValueError, match=r"args.max_completion_length=4 with 1 reward_suffix_ids leaves no room"):
+        _trainer(tok, policy, classifier(short), tmp_path, reward_suffix_ids=[tok.eos_token_id])
+
+
+def test_trl_trainer_refuses_prompts_too_long_for_the_reward_model_before_generating(trl_parts, monkeypatch):
+    tok, policy, classifier, _, gpt2_config, tmp_path = trl_parts
+    short = gpt2_config(tok, num_labels=1)
+    short.n_positions = 6  # room for a prompt of 2 tokens beside max_completion_length=4
+    trainer = _trainer(tok, policy, classifier(short), tmp_path)
+    monkeypatch.setattr(policy, "generate", lambda *a, **k: pytest.fail("the policy generated"))
+    assert len(trainer._tokenize_prompts(["w1 w2"])[0][0]) == 2
+    with pytest.raises(ValueError, match=r"prompts \[1\] of this batch have more than 2 tokens: .* 6 positions"):
+        trainer._generate(["w1 w2", "w1 w2 w3 w4"])

@@ -210,3 +210,19 @@ def test_beta_rejects_the_rest_naming_the_type(function):
     for beta in (1.5, -0.1, math.nan, math.inf, np.float32(2.0), torch.tensor(-1.0), np.array(1.01)):
         with pytest.raises(ValueError, match="beta must be a number in \\[0, 1\\], got"):
             rewards(beta)
+
+
+@pytest.mark.parametrize("function", ["dense_rewards", "prefix_rewards", "sparse_rewards", "uniform_rewards"])
+def test_a_float64_score_beyond_float32_is_said_to_overflow_not_to_be_nan(function):
+    mask = torch.tensor([[0, 1, 1], [0, 1, 1]], dtype=torch.bool)
+    score = torch.tensor([1.0, 1e300], dtype=torch.float64)
+    calls = {
+        "dense_rewards": lambda: dense_rlhf.dense_rewards(torch.full((2, 3), 0.5), score, mask),
+        "prefix_rewards": lambda: dense_rlhf.prefix_rewards(score[:, None].expand(2, 3), mask),
+        "sparse_rewards": lambda: dense_rlhf.sparse_rewards(score, mask),
+        "uniform_rewards": lambda: dense_rlhf.uniform_rewards(score, mask),
+    }
+    with pytest.raises(ValueError, match=rf"{function}: \w+ overflows float32 .*1e\+300\) in rows \[1\]"):
+        calls[function]()
+    unused = torch.tensor([[1e300, 1.0, 2.0], [1e300, 3.0, 4.0]], dtype=torch.float64)  # never read: no error
+    torch.testing.assert_close(dense_rlhf.prefix_rewards(unused, mask, beta=1.0).sum(1), torch.tensor([2.0, 4.0]))

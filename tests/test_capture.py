@@ -922,3 +922,53 @@ def test_score_and_densify_argument_errors():
         score_and_densify(model, ids, mask, completion, method="sparse", beta="0.8")
     with pytest.raises(ValueError, match="beta must be a number in"):
         score_and_densify(model, ids, mask, completion, beta=torch.tensor(1.2))
+
+
+def _bad_call(change):
+    """(model, args, kwargs) of a right-padded llama batch, ``change``d."""
+    model, (ids, mask) = make_model("llama"), make_batch("right")
+    completion = mask.bool() & (torch.arange(L)[None] >= 3)
+    args, kwargs = dict(input_ids=ids, attention_mask=mask, completion_mask=completion), {}
+    return change(model, args, kwargs) or (model, args, kwargs)
+
+
+def _emptied(model, args, kwargs):
+    args["completion_mask"] = args["completion_mask"].clone()
+    args["completion_mask"][1] = False
+
+
+def _without_pad_id(model, args, kwargs):
+    model = copy.deepcopy(model)
+    model.config.pad_token_id = None
+    return model, args, kwargs
+
+
+def _three_labels(model, args, kwargs):
+    model = copy.deepcopy(model)
+    model.config.num_labels = 3
+    model.score = torch.nn.Linear(model.score.in_features, 3, bias=False)
+    return model, args, kwargs
+
+
+@pytest.mark.parametrize("function", [score_and_densify, dense_rlhf.score_with_credit])
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (lambda m, a, k: a.update(completion_mask=a["completion_mask"].long() * 2), "completion_mask must hold only 0"),
+        (_emptied, r"completion_mask marks no completion token in rows \[1\]"),
+        (lambda m, a, k: k.update(reward_index=torch.tensor([3, L, 0])), r"reward_index must be in \[-\d+, \d+\)"),
+        (lambda m, a, k: k.update(reward_index=-L - 1), r"reward_index must be in"),
+        (lambda m, a, k: k.update(reward_index=torch.tensor([1, 2, 3, 4])), r"reward_index must be an int or \[B\]"),
+        (_three_labels, r"config.num_labels is 3; a reward model has one logit"),
+        (_without_pad_id, r"attention_mask pads the batch but the reward model's config.pad_token_id is None"),
+    ],
+    ids=["mask-values", "empty-row", "index-range", "index-negative", "index-length", "num-labels", "no-pad-id"],
+)
+def test_argument_errors_come_before_the_forward(function, change, match):
+    model, args, kwargs = _bad_call(change)
+    handle = model.register_forward_pre_hook(lambda *a: pytest.fail("the reward model's forward ran"))
+    try:
+        with pytest.raises(ValueError, match=match):
+            function(model, *args.values(), **kwargs)
+    finally:
+        handle.remove()

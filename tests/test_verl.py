@@ -385,6 +385,48 @@ def test_configurations_that_never_reach_the_manager_are_refused(paths):
         abc_verl.compute_score(data_source="x", solution_str="y", ground_truth=None, extra_info={})
 
 
+@pytest.mark.parametrize(
+    "settings, key, value, error, match",
+    [
+        ("ABCSettings", "layer", "last", TypeError, "layer must be an integer, got str 'last'"),
+        ("ABCSettings", "layer", 1.5, TypeError, "layer must be an integer, got float"),
+        ("ABCSettings", "batch_size", 0, ValueError, "batch_size must be at least 1, got 0"),
+        ("ABCSettings", "batch_size", "eight", TypeError, "batch_size must be an integer, got str"),
+        ("ABCSettings", "num_threads", 0, ValueError, "num_threads must be at least 1, got 0"),
+        ("ABCSettings", "num_threads", True, TypeError, "num_threads must be an integer or null, got bool"),
+        ("ABCSettings", "max_length", 0, ValueError, "max_length must be at least 1, got 0"),
+        ("ABCSettings", "max_length", "512", TypeError, "max_length must be an integer or null, got str"),
+        ("ABCSettings", "dtype", 32, ValueError, "dtype must name a torch dtype, got 32"),
+        ("ServedSettings", "timeout", 0, ValueError, "timeout must be a finite number above 0.0, got 0"),
+        ("ServedSettings", "timeout", "60", TypeError, "timeout must be a number, got str"),
+        ("ServedSettings", "max_retries", -1, ValueError, "max_retries must be at least 0, got -1"),
+        ("ServedSettings", "max_retries", 2.5, TypeError, "max_retries must be an integer, got float"),
+        ("ServedSettings", "backoff", -0.5, ValueError, "backoff must be a finite number at least 0.0"),
+        ("ServedSettings", "backoff", float("inf"), ValueError, "backoff must be a finite number"),
+        ("ServedSettings", "batch_size", 0, ValueError, "batch_size must be at least 1, got 0"),
+        ("ServedSettings", "max_length", -3, ValueError, "max_length must be at least 1, got -3"),
+        ("ServedSettings", "model", "", TypeError, "model must be the served model's name or null"),
+    ],
+)
+def test_settings_of_the_wrong_type_or_range_are_refused_with_their_full_key(settings, key, value, error, match):
+    from omegaconf import OmegaConf
+
+    config = OmegaConf.create({"reward": {"reward_model": {"model_path": "/rm"}, "reward_kwargs": {key: value}}})
+    with pytest.raises(error, match=re.escape(f"reward.reward_kwargs.{match}")):
+        getattr(abc_verl, settings).from_config(config)
+    good = OmegaConf.create({"reward": {"reward_model": {"model_path": "/rm"}, "reward_kwargs": {}}})
+    assert getattr(abc_verl, settings).from_config(good) == getattr(abc_verl, settings)(
+        **({"model_path": "/rm"} if settings == "ABCSettings" else {})
+    )
+
+
+def test_a_layer_the_reward_model_does_not_have_and_a_gamma_that_is_no_number_are_refused_when_built(paths):
+    with pytest.raises(ValueError, match=r"reward\.reward_kwargs\.layer=7: .*out of range"):
+        RewardLoopWorker(verl_config(*paths, extra=("reward.reward_kwargs.layer=7",)))
+    with pytest.raises(TypeError, match=r"algorithm\.gamma must be a number .*'one'"):
+        RewardLoopWorker(verl_config(*paths, extra=("algorithm.gamma=one",)))
+
+
 def test_assemble_rm_scores_refuses_scalars_and_wrong_lengths(paths):
     data, _, response_mask = trainer_batch(_policy_tokenizer())
     n = response_mask.sum(1).tolist()

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 aiohttp = pytest.importorskip("aiohttp", reason="the client needs aiohttp (pip install 'dense-rlhf[served]')")
 
@@ -251,11 +253,12 @@ def test_server_down_after_retries():
         ),
         (lambda rows: {"data": []}, r"returned 0 results for 1 sequences"),
         (lambda rows: {"data": [{"index": 3, "data": [[0.0]] * 3}]}, r"bad index \(3\)"),
-        (lambda rows: {"data": [{"index": 0, "data": [[0.0, 1.0, 2.0]] * 3}]}, r"one logit \(the score\) or two"),
+        (lambda rows: {"data": [{"index": 0, "data": [[0.0, 1.0, 2.0]] * 3}]}, r"third is not the token's position"),
+        (lambda rows: {"data": [{"index": 0, "data": [[0.0] * 4] * 3}]}, r"one logit \(the score\) or two"),
         (lambda rows: {"data": [{"index": 0, "data": ["x"] * 3}]}, r"not numbers"),
         (lambda rows: {"something": "else"}, r"returned NoneType results"),
     ],
-    ids=["short", "no-results", "bad-index", "three-logits", "not-numbers", "no-data"],
+    ids=["short", "no-results", "bad-index", "three-logits", "four-logits", "not-numbers", "no-data"],
 )
 def test_replies_that_do_not_match_the_request(reply, match):
     async def handler(body):
@@ -349,6 +352,185 @@ def test_bad_arguments_are_refused_before_any_request():
         client.score_and_densify(ids, torch.tensor([[1, 0]]), mask)
     with pytest.raises(ValueError, match="completion_mask must have input_ids' shape"):
         client.score_and_densify(ids, mask, torch.tensor([1, 1]))
+    with pytest.raises(ValueError, match=r"completion_mask marks no completion token in rows \[1\]"):
+        client.score_and_densify(ids.repeat(2, 1), mask.repeat(2, 1), torch.tensor([[0, 1], [0, 0]]))
+    with pytest.raises(ValueError, match="completion_mask must hold only 0 and 1"):
+        client.score_and_densify(ids, mask, torch.tensor([[0, 2]]))
+
+
+def raw(body: bytes, code: int = 200, content_type: str = "application/json"):
+    """A handler that answers ``body`` as it is."""
+
+    async def handler(request_body):
+        return web.Response(body=body, status=code, content_type=content_type)
+
+    return handler
+
+
+class Streaming(Scripted):
+    """A server whose /pooling streams ``size`` bytes without a Content-Length."""
+
+    def __init__(self, size: int):
+        super().__init__(echo())
+        self.size = size
+
+    async def _pooling(self, request):
+        self.requests.append(await request.json())
+        response = web.StreamResponse(status=200)
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        sent = 0
+        try:
+            while sent < self.size:
+                await response.write(b"[" * 65536)
+                sent += 65536
+        except (ConnectionError, RuntimeError):  # the client hung up, as it should
+            return response
+        await response.write_eof()
+        return response
+
+
+@pytest.mark.parametrize(
+    "reply, match",
+    [
+        ({"data": [{"index": 0, "data": [[True], [False]]}]}, r"not numbers \(bool\) for row 0"),
+        ({"data": [{"index": False, "data": [[0.0], [1.0]]}]}, r"bad index \(False\)"),
+        ({"data": [{"index": 0, "data": [[0.0], [None]]}]}, r"not numbers \(NoneType\) for row 0"),
+        ({"data": [{"index": 0, "data": [[0.0], [1.0, 2.0]]}]}, r"one logit \(the score\) or two"),
+        ({"data": [{"index": 0, "data": [[], []]}]}, r"one logit \(the score\) or two"),
+        ({"data": [{"index": 0, "data": [0.5, []]}]}, r"one logit \(the score\) or two"),
+        ({"data": [{"index": 0, "data": [[0.0], [10**400]]}]}, r"beyond float32's range for row 0"),
+        ({"data": [{"index": 0, "data": [[0.0], [1e300]]}]}, r"overflows float32 \(1e\+300\) for row 0"),
+        ({"data": [{"index": 0, "data": [[0.0], [float("nan")]]}]}, r"not finite \(nan\) for row 0"),
+        ({"data": [{"index": 0, "data": [[float("-inf")], [0.0]]}]}, r"not finite \(-inf\) for row 0"),
+        ({"data": [{"index": 10**400, "data": [[0.0], [1.0]]}]}, r"bad index"),
+    ],
+    ids=[
+        "bools",
+        "bool-index",
+        "null",
+        "ragged",
+        "empty-lists",
+        "number-and-list",
+        "huge-int",
+        "1e300",
+        "nan",
+        "inf",
+        "huge-index",
+    ],
+)
+def test_replies_with_values_that_are_not_float32_numbers_name_the_row(reply, match):
+    with Scripted(raw(json.dumps(reply).encode())) as server:
+        client = ServedRewardModel(server.url, "rm", max_retries=0)
+        with pytest.raises(ServedRewardModelError, match=match) as error:
+            client.score_and_densify(torch.tensor([[1, 2]]), torch.tensor([[1, 1]]), torch.tensor([[0, 1]]))
+    assert error.value.url == server.url + "/pooling" and error.value.status == 200
+
+
+@pytest.mark.parametrize(
+    "body, match",
+    [
+        (b'{"data": "\xff\xfe"}', r"not UTF-8 \(invalid start byte at byte"),
+        (b"[" * 200_000 + b"]" * 200_000, r"not JSON \(nested too deeply\)"),
+        (b'{"data": [{"index": 0, "data": [[' + b"9" * 5000 + b"]]}]}", r"not JSON \(Exceeds the limit"),
+        (b'{"error": {"message": "engine crashed", "code": 500}}', r"answered 200 with an error: engine crashed"),
+        (b'{"object": "error", "message": "queue full", "code": 503}', r"answered 200 with an error: queue full"),
+    ],
+    ids=["not-utf8", "deep", "huge-int-text", "error-body", "old-error-body"],
+)
+def test_bodies_that_cannot_be_read_keep_the_servers_words_and_name_the_url(body, match):
+    with Scripted(raw(body)) as server:
+        with pytest.raises(ServedRewardModelError, match=match) as error:
+            ServedRewardModel(server.url, "rm", max_retries=2, backoff=0.0).prefix_scores([[1]])
+    assert error.value.url == server.url + "/pooling" and error.value.status == 200 and len(server.requests) == 1
+
+
+def test_a_server_error_whose_body_is_not_utf8_is_retried_and_reported_with_its_text():
+    with Scripted(raw(b"\xff\xfe overloaded", 503, "text/plain"), echo()) as server:
+        out = ServedRewardModel(server.url, "rm", max_retries=1, backoff=0.0).prefix_scores([[4]])
+    assert out[0].tolist() == pytest.approx([0.4]) and len(server.requests) == 2
+    with Scripted(raw(b"\xff\xfe overloaded", 503, "text/plain")) as server:
+        with pytest.raises(ServedRewardModelError, match=r"HTTP 503: \\xff\\xfe overloaded"):
+            ServedRewardModel(server.url, "rm", max_retries=1, backoff=0.0).prefix_scores([[4]])
+
+
+def test_a_reply_larger_than_the_request_can_need_is_not_read_whole():
+    from dense_rlhf.integrations.vllm_replies import REPLY_FLOOR_BYTES, reply_limit
+
+    assert reply_limit([[1, 2]]) == REPLY_FLOOR_BYTES and reply_limit([[1] * 10_000]) == 64 * 3 * 10_000
+    big = b'{"data": [{"index": 0, "data": [[0.0]]}], "pad": "' + b"x" * REPLY_FLOOR_BYTES + b'"}'
+    with Scripted(raw(big)) as server:  # with a Content-Length
+        with pytest.raises(ServedRewardModelError, match=r"body of more than 1048576 bytes") as error:
+            ServedRewardModel(server.url, "rm").prefix_scores([[1]])
+    assert error.value.url == server.url + "/pooling"
+    with Streaming(1 << 30) as server:  # 1 GiB, chunked: the client stops reading after the limit
+        with pytest.raises(ServedRewardModelError, match=r"body of more than 1048576 bytes"):
+            ServedRewardModel(server.url, "rm", max_retries=3).prefix_scores([[1]])
+    assert len(server.requests) == 1  # not retried
+
+
+@pytest.mark.parametrize(
+    "listing, match",
+    [
+        ({"data": [{"object": "model"}]}, r"listed a model without a name \(entry 0"),
+        ({"data": [{"id": 7}]}, r"listed a model without a name"),
+        ({"models": []}, r"without a list of models"),
+    ],
+)
+def test_a_model_listing_without_names_is_refused_not_sent_as_none(listing, match):
+    class Listing(Scripted):
+        async def _models(self, request):
+            return web.json_response(listing)
+
+    with Listing(echo()) as server:
+        with pytest.raises(ServedRewardModelError, match=match) as error:
+            ServedRewardModel(server.url).prefix_scores([[1]])
+    assert server.requests == [] and error.value.url == server.url + "/v1/models"
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.data())
+def test_any_json_reply_is_either_checked_numbers_or_a_served_error(data):
+    """Reply shapes and values drawn at random, valid ones included: prefix_rows returns exactly the float32 values
+    of a valid reply and raises ServedRewardModelError (never another error) for anything else."""
+    from dense_rlhf.integrations.vllm_replies import prefix_rows
+
+    rows = data.draw(st.lists(st.lists(st.integers(0, 9), min_size=1, max_size=4), min_size=1, max_size=3))
+    number = st.one_of(
+        st.floats(width=32, allow_nan=False, allow_infinity=False),
+        st.integers(-(2**24), 2**24),
+        st.floats(),
+        st.integers(),
+        st.booleans(),
+    )
+    scalar = st.one_of(number, st.none(), st.text(max_size=3))
+    value = st.one_of(scalar, st.lists(scalar, min_size=0, max_size=3))
+    item = st.fixed_dictionaries(
+        {"index": st.one_of(st.integers(-1, 4), st.booleans(), st.none()), "data": st.lists(value, max_size=5)}
+    )
+    valid = st.builds(
+        lambda width, cells: {
+            "data": [
+                {"index": i, "data": [cells[: width or 1] if width else cells[0] for _ in row]}
+                for i, row in enumerate(rows)
+            ]
+        },
+        st.sampled_from([0, 1, 2]),
+        st.lists(st.floats(width=32, allow_nan=False, allow_infinity=False), min_size=2, max_size=2),
+    )
+    reply = data.draw(st.one_of(valid, st.fixed_dictionaries({"data": st.lists(item, max_size=4)}), scalar))
+    reply = json.loads(json.dumps(reply))  # as the client parses it (NaN and Infinity included)
+    try:
+        out = prefix_rows(reply, rows, "http://h/pooling")
+    except ServedRewardModelError as error:
+        assert error.url == "http://h/pooling"
+        return
+    assert [len(o) for o in out] == [len(r) for r in rows]
+    for item in reply["data"]:
+        for t, cell in enumerate(item["data"]):
+            cell = cell if isinstance(cell, list) else [cell]
+            want = cell[0] if len(cell) == 1 else torch.tensor(cell[1], dtype=torch.float32) - torch.tensor(cell[0])
+            assert float(out[item.get("index")][t]) == float(torch.tensor(float(want), dtype=torch.float32))
 
 
 def text_case(rm_name: str, policy_name: str, eos: bool = True):
@@ -455,6 +637,100 @@ def test_the_abc_text_path_finishes_as_the_local_call_does(rm_name, policy_name)
     assert len(server.requests[0]["input"]) == 1  # the probe, then the batch
 
 
+def test_pad_equal_to_eos_abc_reads_the_row_where_the_model_pools():
+    """ABC with pad = EOS: each row is sent up to the token the model pools (the plugin reads the request's last
+    token), and the served rows, scores and rewards equal the local calls', on ids and on text."""
+    rm_tok, (ids, attention, completion), (policy, prompts, response_ids, mask) = pad_is_eos_case()
+    model = causal_rm(len(rm_tok), rm_tok.pad_token_id)
+    with Scripted(abc_head_of(model)) as server:
+        client = ServedRewardModel(server.url)
+        scores, rewards = client.score_and_densify(
+            ids, attention, completion, method="abc", beta=0.6, pad_token_id=rm_tok.pad_token_id
+        )
+        assert all(row[-1] != rm_tok.pad_token_id for row in server.requests[-1]["input"])
+        text_scores, text_rewards = client.score_and_densify_text(
+            rm_tok, prompts, response_ids, policy_tokenizer=policy, response_mask=mask, beta=0.7, method="abc"
+        )
+        assert all(row[-1] != rm_tok.pad_token_id for row in server.requests[-1]["input"])
+    local_scores, local = dense_rlhf.score_and_densify(model, ids, attention, completion, method="abc", beta=0.6)
+    torch.testing.assert_close(scores, local_scores, atol=1e-5, rtol=0)
+    torch.testing.assert_close(rewards, local, atol=1e-5, rtol=0)
+    local_scores, local = dense_rlhf.score_and_densify_text(
+        model, rm_tok, prompts, response_ids, policy_tokenizer=policy, response_mask=mask, beta=0.7, method="abc"
+    )
+    torch.testing.assert_close(text_scores, local_scores, atol=1e-5, rtol=0)
+    torch.testing.assert_close(text_rewards, local, atol=1e-5, rtol=0)
+
+
+LLAMA3_TEMPLATE = "{% for m in messages %}<|{{ m['role'] }}|>\n\n{{ m['content'] | trim }}<|end|>{% endfor %}"
+"""Llama-3's layout: each turn ends with a token (``<|eot_id|>`` there, ``<|end|>`` here) that is also the pad token."""
+
+
+def pad_is_eos_case():
+    """A reward-model tokenizer whose pad token ends every chat turn, a model that pools at the last token that is not
+    that id, and an ids batch whose completions end with one or two of it (right-padded with it, as such batches
+    are), with the text case on the same tokenizer."""
+    rm_tok, policy, prompts, response_ids, mask = text_case("byte_bpe", "sp_bpe")
+    rm_tok.chat_template = LLAMA3_TEMPLATE
+    rm_tok.pad_token = "<|end|>"
+    end = rm_tok.pad_token_id
+    ids, attention, completion = (torch.nn.functional.pad(t, (0, 2)) for t in batch(rm_tok, "right"))
+    ids[attention == 0] = end
+    for b, n in enumerate([1, 2, 1, 2, 1, 1]):  # completions ending with the turn's end token
+        last = int(attention[b].nonzero().max())
+        attention[b, last + 1 : last + 1 + n] = 1
+        completion[b, last + 1 : last + 1 + n] = True
+    return rm_tok, (ids, attention, completion), (policy, prompts, response_ids, mask)
+
+
+def test_pad_equal_to_eos_reads_the_score_where_the_model_pools_it():
+    """ids path (with pad_token_id=) and text path (the pad id of rm_tokenizer) against the local calls on the same
+    weights: the score of the token before the trailing end-of-turn tokens, and the same rewards for the tokens after
+    it."""
+    rm_tok, (ids, attention, completion), (policy, prompts, response_ids, mask) = pad_is_eos_case()
+    model = causal_rm(len(rm_tok), rm_tok.pad_token_id)
+    with Scripted(head_of(model)) as server:
+        client = ServedRewardModel(server.url)
+        for method in ("prefix", "sparse"):
+            scores, rewards = client.score_and_densify(
+                ids, attention, completion, method=method, beta=0.6, pad_token_id=rm_tok.pad_token_id
+            )
+            local_scores, local = dense_rlhf.score_and_densify(
+                model, ids, attention, completion, method=method, beta=0.6
+            )
+            torch.testing.assert_close(scores, local_scores, atol=1e-5, rtol=0)
+            torch.testing.assert_close(rewards, local, atol=1e-5, rtol=0)
+        assert server.requests[-1]["input"][1][-2:] == [rm_tok.pad_token_id] * 2  # whole rows are sent
+        text_scores, text_rewards = client.score_and_densify_text(
+            rm_tok, prompts, response_ids, policy_tokenizer=policy, response_mask=mask, beta=0.7, method="prefix"
+        )
+        assert all(row[-1] == rm_tok.pad_token_id for row in server.requests[-1]["input"])
+    local_scores, local = dense_rlhf.score_and_densify_text(
+        model, rm_tok, prompts, response_ids, policy_tokenizer=policy, response_mask=mask, beta=0.7, method="prefix"
+    )
+    torch.testing.assert_close(text_scores, local_scores, atol=1e-5, rtol=0)
+    torch.testing.assert_close(text_rewards, local, atol=1e-5, rtol=0)
+    with torch.no_grad():  # the scores differ where the last token is read instead: the test can tell
+        last = model.score(model.model(input_ids=ids, attention_mask=attention).last_hidden_state)[..., 0]
+    ends = attention.sum(1) - 1
+    assert float((last[torch.arange(len(ids)), ends] - scores).abs().min()) > 1e-3
+
+
+def test_completions_only_after_the_pooled_position_are_refused_before_any_request():
+    end = 9
+    ids = torch.tensor([[1, 2, end, end]])
+    with Scripted(echo()) as server:
+        with pytest.raises(ValueError, match=r"only tokens after the position .* pad_token_id=9\) in rows \[0\]"):
+            ServedRewardModel(server.url, "rm").score_and_densify(
+                ids, torch.ones_like(ids), torch.tensor([[0, 0, 1, 1]]), pad_token_id=end
+            )
+        with pytest.raises(TypeError, match="pad_token_id must be a non-negative integer"):
+            ServedRewardModel(server.url, "rm").score_and_densify(
+                ids, torch.ones_like(ids), torch.tensor([[0, 0, 1, 1]]), pad_token_id=-1
+            )
+    assert server.requests == []
+
+
 def test_the_text_path_refuses_rows_longer_than_the_server_takes():
     rm_tok, policy, prompts, response_ids, mask = text_case("byte_bpe", "sp_bpe")
     model = causal_rm(len(rm_tok), rm_tok.pad_token_id)
@@ -533,7 +809,7 @@ def test_abc_against_a_plain_server_fails_on_the_probe_and_names_the_architectur
     [
         (lambda row: [1.5, -0.5, 0.0], None, "not a distribution .* min -0.5"),
         (lambda row: [0.5] * 3, None, r"not a distribution .*\(sum 1.5"),
-        (lambda row: [float("nan")] * 3, None, r"not a distribution .*\(sum nan"),
+        (lambda row: [float("nan")] * 3, None, r"a value that is not finite \(nan\)"),
         (lambda row: [1 / 3] * 3, lambda row: [0.0, 2.0, 1.0], "are not \\[score, weight, position 0..n-1\\]"),
     ],
     ids=["negative", "sum", "nan", "positions"],
@@ -862,6 +1138,31 @@ def test_served_text_path_equals_the_local_call(served, rm_name, policy_name, me
     torch.testing.assert_close(scores, local_scores, **TOL)
     torch.testing.assert_close(rewards, local, **TOL)
     torch.testing.assert_close(rewards.sum(1), scores, **TOL)
+    assert float(local_scores.abs().max()) > 0.1
+
+
+@needs_vllm
+def test_served_pad_equal_to_eos_equals_the_local_call(served):
+    """A Llama-3-style template whose turns end with the pad id, completions ending with one or two of it: the real
+    server's scores and rewards, read where the model pools, equal the local calls in the ids and the text path."""
+    model, _, server, _ = served
+    rm_tok, (ids, attention, completion), (policy, prompts, response_ids, mask) = pad_is_eos_case()
+    client = ServedRewardModel(server.url)
+    with pad_id(model, rm_tok.pad_token_id):
+        scores, rewards = client.score_and_densify(
+            ids, attention, completion, beta=0.6, pad_token_id=rm_tok.pad_token_id
+        )
+        local_scores, local = dense_rlhf.score_and_densify(model, ids, attention, completion, method="prefix", beta=0.6)
+        torch.testing.assert_close(scores, local_scores, **TOL)
+        torch.testing.assert_close(rewards, local, **TOL)
+        text_scores, text_rewards = client.score_and_densify_text(
+            rm_tok, prompts, response_ids, policy_tokenizer=policy, response_mask=mask, beta=0.7
+        )
+        local_scores, local = dense_rlhf.score_and_densify_text(
+            model, rm_tok, prompts, response_ids, policy_tokenizer=policy, response_mask=mask, beta=0.7, method="prefix"
+        )
+    torch.testing.assert_close(text_scores, local_scores, **TOL)
+    torch.testing.assert_close(text_rewards, local, **TOL)
     assert float(local_scores.abs().max()) > 0.1
 
 

@@ -40,6 +40,16 @@ def _check_prompts(prompts, batch: int) -> bool:
             )
     if len(kinds) > 1:
         raise TypeError("prompts mixes plain strings and chat message lists; use one kind per batch")
+    for b, prompt in enumerate(prompts):
+        texts = [prompt] if isinstance(prompt, str) else [v for m in prompt for v in m.values() if isinstance(v, str)]
+        for text in texts:
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as error:
+                raise ValueError(
+                    f"prompts[{b}] holds text that is not valid Unicode ({error.reason}: {text[error.start]!r} at "
+                    f"character {error.start}), which no tokenizer can encode"
+                ) from None
     return kinds == {"chat"}
 
 
@@ -106,7 +116,9 @@ def render_and_tokenize(
     rendered (``prompt + response``, or the chat template with the response as the assistant turn), located, and
     tokenised with offsets, the response's text never becoming control tokens.
 
-    Control tokens are ``rm_tokenizer``'s special tokens and the added tokens its chat template writes. The
+    Control tokens are ``rm_tokenizer``'s special tokens and the added tokens its chat template writes, found in its
+    source and in what it renders around the contents of probe conversations (markers built by concatenation
+    included). The
     response is policy output: where it spells one (``"<|end|><|user|>..."``), that row is tokenised again by a copy
     of the tokenizer that reads control tokens as ordinary text, with the template's own control tokens (those
     outside the response) put back as tokens; everything else, offsets included, is what ``rm_tokenizer`` gives.
@@ -123,7 +135,7 @@ def render_and_tokenize(
         raise ValueError(
             "prompts are chat messages but rm_tokenizer has no chat_template; set one or pass plain-text prompts"
         )
-    controls = _control_tokens(rm_tokenizer, backend)
+    controls = _control_tokens(rm_tokenizer, backend, prompts if chat else None)
     inputs = RewardModelInputs(strict, mapping)
     inputs.add_special_tokens = not chat  # chat text carries its own special tokens, as transformers encodes it
     for b, (prompt, response) in enumerate(zip(prompts, responses)):
@@ -155,20 +167,50 @@ def render_and_tokenize(
     return inputs
 
 
-def _control_tokens(rm_tokenizer, backend) -> dict[str, tuple[int, object]]:
+def _control_tokens(rm_tokenizer, backend, prompts=None) -> dict[str, tuple[int, object]]:
     """content -> (id, AddedToken) of the control tokens: the special added tokens, and the other added tokens that
-    the chat template's source contains (as transformers' ``sanitize_control_tokens`` infers them; whitespace
-    tokens excepted, which templates write as ordinary text)."""
+    the chat template writes: those its source contains literally (as transformers' ``sanitize_control_tokens``
+    infers them) and those in its renderings outside the contents (:func:`_template_writes`: a template may build a
+    marker by concatenation, ``'<|' + m['role'] + '|>'``). Whitespace tokens are excepted, which templates write as
+    ordinary text."""
     template = getattr(rm_tokenizer, "chat_template", None)
     sources = list(template.values()) if isinstance(template, Mapping) else [template] if template else []
+    added = backend.get_added_tokens_decoder().items()
+    if template and any(not t.special and not t.content.isspace() for _, t in added):
+        sources.append(_template_writes(rm_tokenizer, prompts))
     out = {}
     unknown = getattr(rm_tokenizer, "unk_token", None)  # what the model makes of unknown text: no control token
-    for token_id, token in backend.get_added_tokens_decoder().items():
+    for token_id, token in added:
         if token.content == unknown:
             continue
         if token.special or (not token.content.isspace() and any(token.content in s for s in sources)):
             out[token.content] = (token_id, token)
     return out
+
+
+_PROBE_ROLES = (("system", "user", "assistant"), ("user", "assistant"), ("user", "assistant", "user", "assistant"))
+_SENTINEL = "\ue000"  # a private-use character: the contents of the probe conversations
+
+
+def _template_writes(rm_tokenizer, prompts=None) -> str:
+    """What the chat template writes around the contents: its renderings, with and without the generation prompt, of
+    probe conversations whose every content is a sentinel character (the roles of ``_PROBE_ROLES`` and those of the
+    chat ``prompts`` followed by the assistant's turn), joined. Renderings the template refuses are left out."""
+    sequences = set(_PROBE_ROLES)
+    for messages in prompts if isinstance(prompts, list) else ():
+        if isinstance(messages, list):
+            sequences.add(tuple(m.get("role") for m in messages if isinstance(m, Mapping)) + ("assistant",))
+    renderings = []
+    for roles in sorted(sequences, key=str):
+        conversation = [{"role": role, "content": _SENTINEL} for role in roles]
+        for generation in (False, True):
+            try:
+                renderings.append(
+                    rm_tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=generation)
+                )
+            except Exception:  # a template may refuse a role order; the others still tell
+                continue
+    return _SENTINEL.join(r for r in renderings if isinstance(r, str))
 
 
 def _render_chat(rm_tokenizer, messages, response: str):

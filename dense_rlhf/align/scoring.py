@@ -61,6 +61,12 @@ def _check_responses(response_ids, response_mask, policy_tokenizer):
     negative = ((response_ids < 0) & mask).any(1).nonzero().flatten().tolist()
     if negative:
         raise ValueError(f"response_ids holds negative token ids on response tokens in rows {negative[:10]}")
+    huge = ((response_ids >= 2**32) & mask).any(1).nonzero().flatten().tolist()
+    if huge:
+        raise ValueError(
+            f"response_ids holds token ids of 2**32 or more on response tokens in rows {huge[:10]}: no tokenizer "
+            "has such ids"
+        )
     return mask
 
 
@@ -372,7 +378,8 @@ def score_and_densify_text(
         TypeError: slow tokenizers (no offsets), a tokenizer that is None, bad argument types (``max_length``
             not an int).
         ValueError: an unknown ``method``; for "prefix", a reward model whose positions are not prefixes
-            (bidirectional) or that has no ``score`` head; shape or mask problems, negative token ids, ``beta``
+            (bidirectional) or that has no ``score`` head; shape or mask problems, negative token ids or ids of
+            2**32 or more, prompts holding text that is not valid Unicode (lone surrogates), ``beta``
             outside [0, 1], ``max_length`` < 1, a
             chat template that changes the response beyond trimming whitespace, truncation that would cut the
             response, an input longer than the reward model's positions, zero-width offsets from

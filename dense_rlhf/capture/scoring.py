@@ -11,7 +11,15 @@ import torch
 from dense_rlhf.capture.attention import capture_reward_attention
 from dense_rlhf.capture.model import _bidirectional_reason, _last_non_pad, _logits_of, _pooled_scores
 from dense_rlhf.capture.prefix import capture_prefix_scores
-from dense_rlhf.ops import _mask, check_beta, dense_rewards, prefix_rewards, sparse_rewards, uniform_rewards
+from dense_rlhf.ops import (
+    _check_mask_values,
+    _mask,
+    check_beta,
+    dense_rewards,
+    prefix_rewards,
+    sparse_rewards,
+    uniform_rewards,
+)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -51,17 +59,20 @@ def score_and_densify(
     so does ``reward_index`` (any other method raises if it is given: the prefix method reads the score where
     the model pools it).
 
-    Before the forward, a ``completion_mask`` that puts the score where the reward model did not read is
-    refused (ValueError naming the rows): tokens on padding (``attention_mask`` 0), and, for a causal reward
-    model without an explicit ``reward_index``, a row whose completion tokens all come after the position the
-    model pools (the sparse fallback would put the whole score on a pad).
+    Before the forward, these are refused (ValueError naming the argument, and the rows where it is at fault): a
+    ``completion_mask`` that is not a [B, L] 0/1 mask of ``input_ids``' shape, that has a row with no completion
+    token, or that puts the score where the reward model did not read (tokens on padding, ``attention_mask`` 0, and,
+    for a causal reward model without an explicit ``reward_index``, a row whose completion tokens all come after the
+    position the model pools: the sparse fallback would put the whole score on a pad); a ``reward_index`` that is
+    not one value or B values in [-L, L); a model whose ``config.num_labels`` is not 1 or 2; a padded batch
+    (``attention_mask`` with a 0) for a causal model without ``config.pad_token_id``, which cannot pool it.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     beta = check_beta(beta)
     if reward_index is not None and method != "abc":
         raise ValueError(f"reward_index applies to method='abc' (the attention row), not to method={method!r}")
-    mask = _completion_mask(input_ids, completion_mask)
+    mask = _check_inputs(model, input_ids, attention_mask, completion_mask, reward_index, "score_and_densify")
     _refuse_unread(model, input_ids, attention_mask, mask, reward_index)
     if method == "abc":
         scores, rows = _score_with_rows(model, input_ids, attention_mask, layer, reward_index, "score_and_densify")
@@ -108,11 +119,10 @@ def score_with_credit(
     trainer is not stopped by one degenerate completion. Runs under ``torch.no_grad()``.
 
     Raises:
-        TypeError, ValueError: a ``completion_mask`` that is not a [B, L] bool or 0/1 tensor of ``input_ids``'
-            shape (before the forward); what :func:`capture_reward_attention` and :func:`dense_rlhf.dense_rewards`
-            refuse (a row of ``completion_mask`` with no token, NaN attention).
+        TypeError, ValueError: before the forward, what :func:`score_and_densify` refuses before it (except the
+            completion tokens the reward model did not read); after it, NaN attention.
     """
-    _completion_mask(input_ids, completion_mask)
+    _check_inputs(model, input_ids, attention_mask, completion_mask, reward_index, "score_with_credit")
     scores, rows = _score_with_rows(model, input_ids, attention_mask, layer, reward_index, "score_with_credit")
     return scores, dense_rewards(rows, torch.ones_like(scores), completion_mask, beta=1.0, layout="rows")
 
@@ -131,6 +141,43 @@ def _completion_mask(input_ids, completion_mask) -> torch.Tensor:
     if not isinstance(input_ids, torch.Tensor) or input_ids.shape != mask.shape:
         shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
         raise ValueError(f"completion_mask {tuple(mask.shape)} must have input_ids' shape, got input_ids {shape}")
+    return mask
+
+
+def _check_inputs(model, input_ids, attention_mask, completion_mask, reward_index, caller: str) -> torch.Tensor:
+    """The checks before the forward that both calls make: ``completion_mask`` (shape, 0/1 values, a token in every
+    row), ``reward_index`` (B values or one, within the sequence), a score head of one or two logits, and a pad id
+    for a padded batch. Returns the mask as bool."""
+    mask = _completion_mask(input_ids, completion_mask)
+    _check_mask_values(completion_mask, "completion_mask")
+    empty = (~mask.any(1)).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(
+            f"{caller}: completion_mask marks no completion token in rows {empty[:10]}, so the score would be lost"
+        )
+    batch, length = mask.shape
+    if isinstance(reward_index, torch.Tensor) and reward_index.numel() not in (1, batch):
+        raise ValueError(f"reward_index must be an int or [B]=[{batch}], got shape {tuple(reward_index.shape)}")
+    if reward_index is not None and not isinstance(reward_index, bool):
+        index = torch.as_tensor(reward_index)
+        if not (index.dtype.is_floating_point or index.dtype.is_complex) and bool(
+            ((index < -length) | (index >= length)).any()
+        ):
+            raise ValueError(f"reward_index must be in [-{length}, {length}) (the sequence length), got {reward_index}")
+    num_labels = getattr(getattr(model, "config", None), "num_labels", None)
+    if isinstance(num_labels, int) and num_labels not in (1, 2):
+        raise ValueError(
+            f"{caller}: the reward model's config.num_labels is {num_labels}; a reward model has one logit (the "
+            "score) or two (the score is logit[1] - logit[0])"
+        )
+    padded = isinstance(attention_mask, torch.Tensor) and bool((attention_mask == 0).any())
+    config = getattr(model, "config", None)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if padded and getattr(text_config, "pad_token_id", None) is None and _bidirectional_reason(model) is None:
+        raise ValueError(
+            f"{caller}: attention_mask pads the batch but the reward model's config.pad_token_id is None, so it "
+            "cannot find each row's last token to pool; set model.config.pad_token_id to its tokenizer's pad id"
+        )
     return mask
 
 

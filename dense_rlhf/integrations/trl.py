@@ -87,8 +87,11 @@ class ABCGRPOTrainer(GRPOTrainer):
         reward_layer: the reward-model layer whose attention is ABC's credit (default the last).
 
     Raises (in ``__init__``, before any generation): TypeError or ValueError naming the argument for a reward model
-    that is not a 1- or 2-label ``*ForSequenceClassification`` model, a ``reward_layer`` it does not have, suffix
-    ids that are not ints of its vocabulary, or a policy tokenizer with more tokens than its embeddings.
+    that is not a 1- or 2-label ``*ForSequenceClassification`` model, has no ``config.pad_token_id`` (it could not
+    pool the padded batch) or too few positions for ``args.max_completion_length`` and the suffix, a
+    ``reward_layer`` it does not have, suffix ids that are not ints of its vocabulary, or a policy tokenizer with
+    more tokens than its embeddings. A batch whose prompts leave too few positions for ``max_completion_length``
+    raises ValueError naming them when they are tokenised, before their generation.
     """
 
     def __init__(
@@ -126,6 +129,7 @@ class ABCGRPOTrainer(GRPOTrainer):
                 raise ValueError(
                     "args.multi_objective_aggregation must be 'sum_then_normalize': the reward model is the only reward"
                 )
+        _check_positions(reward_model, args, len(suffix_ids))  # before trl's own setup too
         self.abc_scheme = scheme
         self.abc_credit_beta = credit_beta
         self.abc_beta = abc_beta
@@ -136,9 +140,27 @@ class ABCGRPOTrainer(GRPOTrainer):
         self._abc_credit: dict | None = None
         super().__init__(model, reward_funcs=[self.abc_reward], **kwargs)
         _check_policy_vocabulary(self.processing_class, reward_vocab)
+        self.abc_position_limit = _check_positions(reward_model, self.args, len(suffix_ids))  # trl's default args
         self.abc_reward_model.to(self.accelerator.device).eval()
 
     # -------------------------------------------------------------------------------- hooks into trl 1.16
+
+    def _tokenize_prompts(self, prompts: list):
+        """trl's prompt ids, checked before generation: prompt + the longest completion + the suffix must fit the
+        reward model's positions, or its forward would fail after the generation."""
+        result = super()._tokenize_prompts(prompts)
+        limit, longest = self.abc_position_limit, self.args.max_completion_length
+        if limit is not None and longest is not None:
+            room = limit - longest - len(self.abc_suffix_ids)
+            long = [b for b, ids in enumerate(result[0]) if len(ids) > room]
+            if long:
+                raise ValueError(
+                    f"prompts {long[:10]} of this batch have more than {room} tokens: with max_completion_length="
+                    f"{longest} and {len(self.abc_suffix_ids)} reward_suffix_ids, they exceed the reward model's "
+                    f"{limit} positions (its config's max_position_embeddings); shorten the prompts or "
+                    "max_completion_length"
+                )
+        return result
 
     def _generate(self, prompts: list):
         result = super()._generate(prompts)
@@ -251,6 +273,29 @@ def _check_reward_model(reward_model, reward_layer) -> int:
             "ABCGRPOTrainer needs a token-id reward model"
         )
     return vocab
+
+
+def _check_positions(reward_model, args, suffix: int) -> int | None:
+    """The reward model's position limit (None if it has none), after checking that it has a pad id to pool a
+    padded batch and room for at least one prompt token beside ``args.max_completion_length`` and the suffix."""
+    config = reward_model.config.get_text_config()
+    if getattr(config, "pad_token_id", None) is None:
+        raise ValueError(
+            "reward_model.config.pad_token_id is None: ABCGRPOTrainer right-pads each batch of prompt + completion "
+            "for the reward model, which pools its score at the last token that is not the pad id; set "
+            "reward_model.config.pad_token_id (to the policy tokenizer's pad id)"
+        )
+    from dense_rlhf.align.scoring import _position_limit
+
+    limit = _position_limit(reward_model)
+    longest = getattr(args, "max_completion_length", None)
+    if limit is not None and isinstance(longest, int) and longest + suffix >= limit:
+        raise ValueError(
+            f"args.max_completion_length={longest} with {suffix} reward_suffix_ids leaves no room for a prompt in "
+            f"the reward model's {limit} positions (its config's max_position_embeddings); lower "
+            "max_completion_length or use a reward model with more positions"
+        )
+    return limit
 
 
 def _check_suffix_ids(suffix_ids, reward_vocab: int) -> list[int]:

@@ -28,6 +28,7 @@ import torch
 
 from dense_rlhf._padding import pad_rows
 from dense_rlhf.align.scoring import _score_text, _TextScores
+from dense_rlhf.capture import capture_reward_attention
 from dense_rlhf.integrations.verl_config import (  # noqa: F401  (the estimator sets: re-exported)
     MODULE_PATH,
     SEQUENCE_SUM_ESTIMATORS,
@@ -320,8 +321,12 @@ class ABCRewardManager(TokenRewardManagerBase):
 
             self.reward_model_tokenizer = AutoTokenizer.from_pretrained(settings.model_path)
         if settings.num_threads is not None:
-            torch.set_num_threads(int(settings.num_threads))
+            torch.set_num_threads(settings.num_threads)
         self.reward_model = load_reward_model(settings.model_path, settings.device, settings.dtype)
+        try:  # the layer against the model's depth now, not at the first scoring after a rollout
+            capture_reward_attention(self.reward_model, layer=settings.layer)
+        except (ValueError, IndexError) as error:
+            raise ValueError(f"reward.reward_kwargs.layer={settings.layer}: {error}") from None
 
     def score_texts(self, prompts: list, response_ids: torch.Tensor, response_mask: torch.Tensor) -> _TextScores:
         """One reward-model forward, in this process, with the attention capture."""
@@ -334,7 +339,7 @@ class ABCRewardManager(TokenRewardManagerBase):
                 policy_tokenizer=self.tokenizer,
                 response_mask=response_mask,
                 beta=float(self.settings.beta),
-                layer=int(self.settings.layer),
+                layer=self.settings.layer,
                 max_length=self.settings.max_length,
                 strict=False,
             )

@@ -9,8 +9,10 @@ without it.
 from __future__ import annotations
 
 import json
+import math
+import numbers
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -58,6 +60,33 @@ SEQUENCE_SUM_ESTIMATORS = frozenset(
 TOKEN_LEVEL_ESTIMATORS = frozenset(
     {"gae", "reinforce_plus_plus", "remax", "optimal_token_baseline", "tir_optimal_token_baseline"}
 )
+KWARGS = "reward.reward_kwargs."
+"""The prefix of the settings' keys in verl's configuration, for messages."""
+
+
+def _integer(value, key: str, minimum: int | None = None, optional: bool = False) -> int | None:
+    """``value`` of the setting ``key`` as an int, checked: an integer (not a bool) of at least ``minimum``, or None
+    where ``optional``."""
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        kind = "an integer or null" if optional else "an integer"
+        raise TypeError(f"{key} must be {kind}, got {type(value).__name__} {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{key} must be at least {minimum}, got {value}")
+    return int(value)
+
+
+def _number(value, key: str, minimum: float = 0.0, strict: bool = False) -> float:
+    """``value`` of the setting ``key`` as a float, checked: a finite real number (not a bool) of at least (or, where
+    ``strict``, above) ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{key} must be a number, got {type(value).__name__} {value!r}")
+    if not math.isfinite(float(value)) or value < minimum or (strict and value == minimum):
+        raise ValueError(f"{key} must be a finite number {'above' if strict else 'at least'} {minimum}, got {value}")
+    return float(value)
+
+
 _ESTIMATOR_FIX = (
     "set algorithm.adv_estimator=gae (PPO with a critic), or a critic-free estimator that keeps "
     "per-token returns: reinforce_plus_plus, remax, or optimal_token_baseline (with "
@@ -102,12 +131,18 @@ class ABCSettings:
                 f"reward.reward_kwargs has keys ABCRewardManager does not know: {unknown}; it reads {sorted(known)}"
             )
         settings = cls(model_path=str(model_path), **kwargs)
-        check_beta(settings.beta, "reward.reward_kwargs.beta")
-        if not isinstance(getattr(torch, settings.dtype, None), torch.dtype):
-            raise ValueError(f"reward.reward_kwargs.dtype must name a torch dtype, got {settings.dtype!r}")
-        if int(settings.batch_size) < 1:
-            raise ValueError(f"reward.reward_kwargs.batch_size must be at least 1, got {settings.batch_size}")
-        return settings
+        if not isinstance(settings.dtype, str) or not isinstance(getattr(torch, settings.dtype, None), torch.dtype):
+            raise ValueError(f"{KWARGS}dtype must name a torch dtype, got {settings.dtype!r}")
+        if not isinstance(settings.device, str) or not settings.device:
+            raise TypeError(f"{KWARGS}device must be a device name such as 'cpu' or 'cuda', got {settings.device!r}")
+        return replace(
+            settings,
+            beta=check_beta(settings.beta, f"{KWARGS}beta"),
+            layer=_integer(settings.layer, f"{KWARGS}layer"),
+            max_length=_integer(settings.max_length, f"{KWARGS}max_length", 1, optional=True),
+            batch_size=_integer(settings.batch_size, f"{KWARGS}batch_size", 1),
+            num_threads=_integer(settings.num_threads, f"{KWARGS}num_threads", 1, optional=True),
+        )
 
 
 def check_routing(config: DictConfig, manager: str = "ABCRewardManager") -> None:
@@ -168,7 +203,9 @@ def check_algorithm(config: DictConfig) -> None:
             f"{_ESTIMATOR_FIX}"
         )
     gamma = algorithm.get("gamma", 1.0)
-    if gamma is None or float(gamma) != 1.0:
+    if isinstance(gamma, bool) or not isinstance(gamma, numbers.Real):
+        raise TypeError(f"algorithm.gamma must be a number (1.0 for per-token rewards), got {gamma!r}")
+    if float(gamma) != 1.0:
         raise ValueError(
             f"algorithm.gamma={gamma}: the per-token rewards of a row sum to the reward model's score "
             "only undiscounted; set algorithm.gamma=1.0"
@@ -215,10 +252,17 @@ class ServedSettings:
             raise ValueError(
                 f"reward.reward_kwargs.method must be one of {allowed} for {manager}, got {settings.method!r}{extra}"
             )
-        check_beta(settings.beta, "reward.reward_kwargs.beta")
-        if int(settings.batch_size) < 1:
-            raise ValueError(f"reward.reward_kwargs.batch_size must be at least 1, got {settings.batch_size}")
-        return settings
+        if settings.model is not None and (not isinstance(settings.model, str) or not settings.model):
+            raise TypeError(f"{KWARGS}model must be the served model's name or null, got {settings.model!r}")
+        return replace(
+            settings,
+            beta=check_beta(settings.beta, f"{KWARGS}beta"),
+            max_length=_integer(settings.max_length, f"{KWARGS}max_length", 1, optional=True),
+            batch_size=_integer(settings.batch_size, f"{KWARGS}batch_size", 1),
+            timeout=_number(settings.timeout, f"{KWARGS}timeout", strict=True),
+            max_retries=_integer(settings.max_retries, f"{KWARGS}max_retries", 0),
+            backoff=_number(settings.backoff, f"{KWARGS}backoff"),
+        )
 
 
 def check_served(config: DictConfig, method: str = "prefix", manager: str = "ServedPrefixRewardManager") -> None:

@@ -25,8 +25,6 @@ match the request). Every call has an ``a...`` twin for an asyncio event loop:
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-import json
 from typing import TYPE_CHECKING
 
 import torch
@@ -44,10 +42,21 @@ from dense_rlhf.integrations.vllm_messages import (
     _check_batch,
     _check_method,
     _check_number,
-    _error_text,
     _Permanent,
-    _prefix_rows,
+    _pooled_positions,
+    _run,
     _token_rows,
+    check_pad_token_id,
+    pooled_index,
+)
+from dense_rlhf.integrations.vllm_replies import (
+    error_text,
+    json_reply,
+    model_listing,
+    prefix_rows,
+    read_body,
+    refusal,
+    reply_limit,
 )
 from dense_rlhf.ops import check_beta, dense_rewards, prefix_rewards, sparse_rewards, uniform_rewards
 
@@ -67,17 +76,6 @@ __all__ = [
     "VERL_HF_OVERRIDES_KEY",
     "abc_hf_overrides",
 ]
-
-
-def _run(coroutine):
-    """Run a coroutine to completion from synchronous code, also when this thread already runs an event loop (a
-    notebook, an async framework): then in a helper thread with its own loop."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(coroutine)
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        return pool.submit(asyncio.run, coroutine).result()
 
 
 class ServedRewardModel(_ABCClient):
@@ -133,10 +131,13 @@ class ServedRewardModel(_ABCClient):
     def _session(self) -> aiohttp.ClientSession:
         return aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout))
 
-    async def _request(self, session: aiohttp.ClientSession, method: str, path: str, payload=None):
+    async def _request(self, session: aiohttp.ClientSession, method: str, path: str, payload=None, limit=None):
         """The JSON reply of one request, retried as the class says; ServedRewardModelError after the last try, or
-        at once for a reply that retrying cannot change (``_Permanent`` is raised for the caller to explain)."""
+        at once for a reply that retrying cannot change (``_Permanent`` is raised for the caller to explain). At most
+        ``limit`` bytes of the reply are read (:func:`~dense_rlhf.integrations.vllm_replies.reply_limit`)."""
         url = self.base_url + path
+        what = f"{method} {url}"
+        limit = reply_limit() if limit is None else limit
         attempts = self.max_retries + 1
         last, status = None, None
         for attempt in range(attempts):
@@ -144,17 +145,10 @@ class ServedRewardModel(_ABCClient):
                 await asyncio.sleep(min(self.backoff * 2 ** (attempt - 1), _MAX_BACKOFF_S))
             try:
                 async with session.request(method, url, json=payload) as reply:
-                    body = await reply.text()
+                    body = await read_body(reply, limit, what, url)
                     if reply.status == 200:
-                        try:
-                            return json.loads(body)
-                        except ValueError:
-                            raise ServedRewardModelError(
-                                f"{method} {url} answered 200 with a body that is not JSON: {body[:200]!r}",
-                                url=url,
-                                status=200,
-                            ) from None
-                    message, param = _error_text(body)
+                        return json_reply(body, what, url)
+                    message, param = error_text(body)
                     if reply.status not in _RETRIED_STATUS:
                         raise _Permanent(reply.status, message, param)
                     last, status = f"HTTP {reply.status}: {message}", reply.status
@@ -163,7 +157,7 @@ class ServedRewardModel(_ABCClient):
             except asyncio.TimeoutError:
                 last, status = f"no reply within timeout={self.timeout} s", None
         raise ServedRewardModelError(
-            f"{method} {url} failed after {attempts} attempt{'s' if attempts > 1 else ''} (max_retries="
+            f"{what} failed after {attempts} attempt{'s' if attempts > 1 else ''} (max_retries="
             f"{self.max_retries}); last: {last}. Is the reward-model server running at {self.base_url}?",
             url=url,
             status=status,
@@ -173,9 +167,7 @@ class ServedRewardModel(_ABCClient):
         """``{name: max_model_len or None}`` of the models ``GET /v1/models`` lists (asked once)."""
         if self._listing is None:
             reply = await self._request(session, "GET", "/v1/models")
-            data = reply.get("data") if isinstance(reply, dict) else None
-            entries = [entry for entry in data if isinstance(entry, dict)] if isinstance(data, list) else []
-            self._listing = {str(entry.get("id")): entry.get("max_model_len") for entry in entries}
+            self._listing = model_listing(reply, self.base_url + "/v1/models")
         return self._listing
 
     async def _model_name(self, session) -> str:
@@ -209,52 +201,29 @@ class ServedRewardModel(_ABCClient):
             return None
         return limit if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0 else None
 
-    async def _pool(self, session, rows: list[list[int]], abc: bool = False) -> list:
+    async def _pool(self, session, rows: list[list[int]], labels: list[str] | None = None, abc: bool = False) -> list:
         """Per row, its score at every position; with ``abc``, ``(scores, attention weights)`` of an ABC reply."""
         model = await self._model_name(session)
         url = self.base_url + "/pooling"
         payload = {"model": model, "input": rows, "task": "token_classify", "use_activation": False}
         try:
-            reply = await self._request(session, "POST", "/pooling", payload)
+            reply = await self._request(session, "POST", "/pooling", payload, limit=reply_limit(rows))
         except _Permanent as error:
             raise await self._explain(session, error, url) from None
-        return _abc_rows(reply, rows, url, self.base_url) if abc else _prefix_rows(reply, rows, url)
+        if abc:
+            return _abc_rows(reply, rows, url, self.base_url, labels)
+        return prefix_rows(reply, rows, url, labels)
 
     async def _explain(self, session, error: _Permanent, url: str) -> ServedRewardModelError:
         """A refused /pooling request, said in terms of what to change."""
-        if error.param == "task" or (error.status in (400, 501) and "pooling_task" in error.message):
-            return ServedRewardModelError(
-                f"the server at {self.base_url} does not answer token_classify, the per-token scores that prefix "
-                f"rewards need (HTTP {error.status}: {error.message}). Start vLLM with --pooler-config "
-                f"'{POOLER_CONFIG}' (in verl 0.9.x: +{VERL_POOLER_CONFIG_KEY}='{POOLER_CONFIG}'); one vLLM server "
-                "answers one pooling task, so it then answers /pooling for token_classify and no longer /classify",
-                url=url,
-                status=error.status,
-            )
+        served = None
         if error.status == 404 and "does not exist" in error.message:
             self._listing = None  # the server may have been restarted with another model
             try:
                 served = list(await self._served_models(session))
             except (_Permanent, ServedRewardModelError):
-                served = None
-            listing = f"it serves {served}" if served else "see GET /v1/models"
-            return ServedRewardModelError(
-                f"the server at {self.base_url} has no model named {self.model!r} ({listing}); pass one of its names "
-                "as model=, or None to take the one it serves",
-                url=url,
-                status=404,
-            )
-        if error.status == 404:
-            return ServedRewardModelError(
-                f"POST {url} answered HTTP 404 ({error.message}): the server has no pooling API. Serve the reward "
-                f"model as a pooling model: vLLM with --runner pooling --pooler-config '{POOLER_CONFIG}' (a "
-                "*ForSequenceClassification checkpoint selects the pooling runner by itself)",
-                url=url,
-                status=404,
-            )
-        return ServedRewardModelError(
-            f"POST {url} answered HTTP {error.status}: {error.message}", url=url, status=error.status
-        )
+                pass
+        return refusal(error, url, self.base_url, self.model, served)
 
     # ------------------------------------------------------------------------------------------ public API
 
@@ -275,13 +244,16 @@ class ServedRewardModel(_ABCClient):
         Returns:
             B float32 CPU tensors, row b of length ``len(token_ids[b])``: the score of the prefix ending at each
             position (a one-logit head's logit, or ``logit[1] - logit[0]``), as
-            :func:`dense_rlhf.capture_prefix_scores` reads it in-process; the last is the sequence's score.
+            :func:`dense_rlhf.capture_prefix_scores` reads it in-process; the sequence's score is the one at
+            ``pooled_index(token_ids[b], pad_token_id)`` (:mod:`~dense_rlhf.integrations.vllm_messages`).
 
         Raises:
             TypeError, ValueError: bad ``token_ids``, before any request.
             ServedRewardModelError: the server is unreachable or keeps failing (after ``max_retries``), does not
                 answer ``token_classify`` (the message names ``--pooler-config`` and verl's key), has no such
-                model, or replies with a different number of values than tokens; always with the URL.
+                model, or gives a reply that is not one to this request (checked as
+                :mod:`~dense_rlhf.integrations.vllm_replies` says: size, encoding, shape, finite float32 numbers);
+                always with the URL, the server's message and the row at fault.
         """
         return _run(self.aprefix_scores(token_ids))
 
@@ -293,22 +265,31 @@ class ServedRewardModel(_ABCClient):
         *,
         method: str = "prefix",
         beta: float = 0.8,
+        pad_token_id: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Async :meth:`score_and_densify`."""
         _check_method(method)
         beta = check_beta(beta)
+        pad_token_id = check_pad_token_id(pad_token_id)
         attention, completion = _check_batch(input_ids, attention_mask, completion_mask)
         ids_cpu = input_ids.cpu()
         rows = [ids_cpu[b][attention[b]].tolist() for b in range(ids_cpu.shape[0])]
         empty = [b for b, row in enumerate(rows) if not row]
         if empty:
             raise ValueError(f"attention_mask has no token in rows {empty[:10]}")
+        real, pooled, reward_index = _pooled_positions(rows, attention, completion, pad_token_id)
+        labels = [f"row {b}" for b in range(len(rows))]
         async with self._session() as session:
-            values = await (self._pool_abc(session, rows) if method == "abc" else self._pool(session, rows))
+            if method == "abc":  # each row up to where the model pools: the plugin reads the request's last token
+                values = await self._pool_abc(session, [row[: k + 1] for row, k in zip(rows, pooled)], labels)
+            else:
+                values = await self._pool(session, rows, labels)
         prefix, weights = torch.zeros(attention.shape), torch.zeros(attention.shape)
         for b, row in enumerate(values):
-            prefix[b, attention[b]], weights[b, attention[b]] = row if method == "abc" else (row, 0.0)
-        reward_index = torch.where(attention, torch.arange(attention.shape[1]), -1).amax(1)
+            if method == "abc":
+                prefix[b, real[b][: len(row[0])]], weights[b, real[b][: len(row[0])]] = row
+            else:
+                prefix[b, attention[b]] = row
         scores = prefix[torch.arange(len(rows)), reward_index]
         device = input_ids.device
         completion = completion.to(device)
@@ -330,6 +311,7 @@ class ServedRewardModel(_ABCClient):
         *,
         method: str = "prefix",
         beta: float = 0.8,
+        pad_token_id: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """:func:`dense_rlhf.score_and_densify` with the forward on the server: ``(scores [B], rewards [B, L])``.
 
@@ -343,13 +325,27 @@ class ServedRewardModel(_ABCClient):
                 "uniform", or "abc" (:func:`dense_rlhf.dense_rewards` of the served attention rows; the server
                 must run an ABC architecture, checked by one probe request per client before any scoring).
             beta: in [0, 1], as in :func:`dense_rlhf.prefix_rewards`.
+            pad_token_id: the served reward model's ``config.pad_token_id``, which the client cannot see: the
+                score is read where the model pools it, at each row's last real token whose id is not this one
+                (:func:`~dense_rlhf.integrations.vllm_messages.pooled_index`), as the local call does. Pass it
+                whenever the model has one: where the pad id is also the EOS id that ends a completion, the last
+                token is not the pooled one. None: the last real token.
 
         Returns:
-            float32 ``scores`` [B] (the score at each row's last real token, where a decoder reward model pools
-            it) and ``rewards`` [B, L], each row summing to its score, zero off ``completion_mask``; on
-            ``input_ids``' device.
+            float32 ``scores`` [B] (the score at the pooled position) and ``rewards`` [B, L], each row summing to
+            its score, zero off ``completion_mask``; on ``input_ids``' device. Completion tokens after the pooled
+            position get what the local call gives them (the whole row is sent, so their prefix scores are the
+            model's own).
+
+        Raises:
+            TypeError, ValueError: bad arguments, and a row whose completion tokens all come after the pooled
+                position, before any request; ServedRewardModelError as :meth:`prefix_scores` does.
         """
-        return _run(self.ascore_and_densify(input_ids, attention_mask, completion_mask, method=method, beta=beta))
+        return _run(
+            self.ascore_and_densify(
+                input_ids, attention_mask, completion_mask, method=method, beta=beta, pad_token_id=pad_token_id
+            )
+        )
 
     async def _ascore_text(
         self,
@@ -393,16 +389,18 @@ class ServedRewardModel(_ABCClient):
                         "or shorten the prompts",
                     )
             todo = [b for b, row in enumerate(inputs.rows) if row is not None]
-            sent = [inputs.rows[b]["input_ids"] for b in todo]
-            pool = self._pool_abc if method == "abc" else self._pool
-            values = await pool(session, sent) if todo else []
-        results = {}
-        for b, row in zip(todo, values):
-            scores, row = row if method == "abc" else (row, row)  # ABC: the attention row is what gets mapped
-            if not bool(torch.isfinite(scores[-1])):
-                inputs.fail(b, f"the served reward model's score is {float(scores[-1])}")
-                continue
-            results[b] = (float(scores[-1]), row)
+            rows = [inputs.rows[b]["input_ids"] for b in todo]
+            labels = [f"row {b}" for b in todo]
+            ends = [pooled_index(ids, getattr(rm_tokenizer, "pad_token_id", None)) for ids in rows]
+            if not todo:
+                values = []
+            elif method == "abc":  # each row up to where the model pools; the tokens after it get no attention
+                served = await self._pool_abc(session, [ids[: k + 1] for ids, k in zip(rows, ends)], labels)
+                values = [(s[-1], torch.cat([w, w.new_zeros(len(ids) - len(w))])) for ids, (s, w) in zip(rows, served)]
+            else:
+                served = await self._pool(session, rows, labels)
+                values = [(row[k], row) for k, row in zip(ends, served)]
+        results = {b: (float(score), row) for b, (score, row) in zip(todo, values)}
         return _finish_text(batch, results, method)
 
     async def ascore_and_densify_text(
@@ -455,7 +453,9 @@ class ServedRewardModel(_ABCClient):
         served attention row instead (the server must run an ABC architecture, as :meth:`score_and_densify` says).
 
         Args:
-            rm_tokenizer: the served reward model's fast tokenizer (the one the server was started with).
+            rm_tokenizer: the served reward model's fast tokenizer (the one the server was started with); each
+                row's score is read at its last token that is not ``rm_tokenizer.pad_token_id`` (assumed to be the
+                served model's ``config.pad_token_id``), as the model pools it.
             prompts, response_ids, policy_tokenizer, response_mask, beta, max_length: as in
                 :func:`dense_rlhf.score_and_densify_text`. An input longer than the server's ``max_model_len``
                 (from ``GET /v1/models``) is refused before the request, like one longer than a local model's

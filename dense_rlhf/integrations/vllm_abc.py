@@ -8,8 +8,9 @@ import json
 
 import torch
 
-from dense_rlhf.integrations.vllm_messages import POOLER_CONFIG, ServedRewardModelError, _is_abc_reply, _reply_values
+from dense_rlhf.integrations.vllm_messages import POOLER_CONFIG, ServedRewardModelError, _run
 from dense_rlhf.integrations.vllm_plugin import ARCHITECTURES
+from dense_rlhf.integrations.vllm_replies import is_abc_reply, reply_rows
 
 __all__ = ["VERL_HF_OVERRIDES_KEY", "abc_hf_overrides"]
 
@@ -38,25 +39,29 @@ def not_abc_message(base_url: str, reason: str) -> str:
     )
 
 
-def _abc_rows(reply, rows: list[list[int]], url: str, base_url: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """``(scores [n_b], weights [n_b])`` float32 per row of an ABC reply, checked: three channels whose third is each
-    token's position (the reply is this request's row, not a classifier's logits), weights finite, not negative
-    and summing to about 1 over the request."""
+def _abc_rows(
+    reply, rows: list[list[int]], url: str, base_url: str, labels: list | None = None
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(scores [n_b], weights [n_b])`` float32 per row of an ABC reply, checked as every reply is
+    (:func:`~dense_rlhf.integrations.vllm_replies.reply_rows`: shape, finite float32 numbers) and then as ABC's: three
+    channels whose third is each token's position (the reply is this request's row, not a classifier's logits), and
+    weights not negative, summing to about 1 over the request."""
     out = []
-    for index, values in enumerate(_reply_values(reply, rows, url)):
-        if not _is_abc_reply(values):
-            shape = tuple(values.shape[1:])
+    for index, values in enumerate(reply_rows(reply, rows, url, labels)):
+        label = labels[index] if labels is not None else f"sequence {index}"
+        if not is_abc_reply(values):
             reason = (
-                f"it returned {shape} values per token, a classifier's logits"
-                if values.dim() == 2 and values.shape[1] in (1, 2)
-                else f"its {shape} values per token for sequence {index} are not [score, weight, position 0..n-1]"
+                f"it returned {values.shape[1]} value{'s' if values.shape[1] > 1 else ''} per token, a classifier's "
+                "logits"
+                if values.shape[1] < 3
+                else f"its three values per token for {label} are not [score, weight, position 0..n-1]"
             )
             raise ServedRewardModelError(not_abc_message(base_url, reason), url=url, status=200)
         weights = values[:, 1]
-        total = float(weights.sum()) if bool(torch.isfinite(weights).all()) else float("nan")
+        total = float(weights.sum())
         if not bool((weights >= 0).all()) or not abs(total - 1.0) <= WEIGHT_SUM_TOLERANCE:
             raise ServedRewardModelError(
-                f"POST {url} returned attention weights for sequence {index} that are not a distribution over its "
+                f"POST {url} returned attention weights for {label} that are not a distribution over its "
                 f"{len(weights)} tokens (sum {total}, min {float(weights.min())}): the server at {base_url} is not "
                 "computing ABC's row correctly",
                 url=url,
@@ -76,12 +81,12 @@ class _ABCClient:
         """Before the first ABC request: one request of one token, whose reply must be ABC's (else the message says
         how to start the server); asked once per client."""
         if not self._abc_server:
-            await self._pool(session, [probe[:1]], abc=True)
+            await self._pool(session, [probe[:1]], ["the probe"], abc=True)
             self._abc_server = True
 
-    async def _pool_abc(self, session, rows: list[list[int]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    async def _pool_abc(self, session, rows: list[list[int]], labels=None) -> list[tuple[torch.Tensor, torch.Tensor]]:
         await self._check_abc(session, rows[0])
-        return await self._pool(session, rows, abc=True)
+        return await self._pool(session, rows, labels, abc=True)
 
     async def aattention_rows(self, token_ids) -> list[torch.Tensor]:
         """Async :meth:`attention_rows`."""
@@ -102,6 +107,4 @@ class _ABCClient:
                 (the message names the ``--hf-overrides`` to serve and verl's key for it) or its weights are not a
                 distribution over the request's tokens.
         """
-        from dense_rlhf.integrations.vllm import _run
-
         return _run(self.aattention_rows(token_ids))

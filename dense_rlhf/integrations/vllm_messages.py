@@ -1,17 +1,18 @@
 """What :class:`dense_rlhf.integrations.vllm.ServedRewardModel` sends to vLLM's pooling API and reads back: the
-pooler configuration, the rows of token ids, the replies checked against the request, the errors, and the checks
-of the client's arguments. Nothing here does I/O or imports aiohttp."""
+pooler configuration, the rows of token ids and where the reward model pools them, the errors, and the checks of
+the client's arguments (its replies are read by :mod:`dense_rlhf.integrations.vllm_replies`). Nothing here does I/O
+or imports aiohttp."""
 
 from __future__ import annotations
 
-import json
+import asyncio
+import concurrent.futures
 import math
 import numbers
 from collections.abc import Sequence
 
 import torch
 
-from dense_rlhf.capture.model import _score_of
 from dense_rlhf.ops import _check_mask_values, _mask
 
 POOLER_CONFIG = '{"task":"token_classify","use_activation":false}'
@@ -40,24 +41,6 @@ class _Permanent(Exception):
     def __init__(self, status: int, message: str, param):
         super().__init__(message)
         self.status, self.message, self.param = status, message, param
-
-
-def _error_text(body: str) -> tuple[str, object]:
-    """(message, param) of an error reply: vLLM's ``{"error": {"message", "param"}}``, FastAPI's ``{"detail"}``,
-    or the text itself."""
-    try:
-        reply = json.loads(body)
-    except ValueError:
-        return body.strip()[:500], None
-    if isinstance(reply, dict):
-        error = reply.get("error")
-        if isinstance(error, dict):
-            return str(error.get("message", error))[:500], error.get("param")
-        if "detail" in reply:
-            return str(reply["detail"])[:500], None
-        if "message" in reply:
-            return str(reply["message"])[:500], None
-    return body.strip()[:500], None
 
 
 def _check_number(value, name: str, *, integer: bool = False, minimum: float = 0.0, strict: bool = False):
@@ -98,72 +81,6 @@ def _token_rows(token_ids: TokenRows, argument: str = "token_ids") -> list[list[
     return rows
 
 
-def _reply_values(reply, rows: list[list[int]], url: str) -> list[torch.Tensor]:
-    """float32 [n_b, C] values per row from a token_classify reply, checked against the request: one result per
-    row, each with one entry per token, numbers, the same C for every token."""
-    data = reply.get("data") if isinstance(reply, dict) else None
-    if not isinstance(data, list) or len(data) != len(rows):
-        got = len(data) if isinstance(data, list) else type(data).__name__
-        raise ServedRewardModelError(
-            f"POST {url} returned {got} results for {len(rows)} sequences", url=url, status=200
-        )
-    out: list[torch.Tensor | None] = [None] * len(rows)
-    for position, item in enumerate(data):
-        index = item.get("index", position) if isinstance(item, dict) else None
-        values = item.get("data") if isinstance(item, dict) else None
-        if not isinstance(index, int) or not 0 <= index < len(rows) or out[index] is not None:
-            raise ServedRewardModelError(
-                f"POST {url} returned a result with a bad index ({index!r})", url=url, status=200
-            )
-        n = len(rows[index])
-        if not isinstance(values, list) or len(values) != n:
-            got = len(values) if isinstance(values, list) else type(values).__name__
-            raise ServedRewardModelError(
-                f"POST {url} returned {got} per-token values for sequence {index}, which has {n} tokens: the "
-                "server does not apply the score head at every token (is its pooler token_classify with "
-                "tok_pooling_type ALL?) or truncated the input",
-                url=url,
-                status=200,
-            )
-        try:
-            logits = torch.tensor(values, dtype=torch.float32)
-        except (TypeError, ValueError):
-            raise ServedRewardModelError(
-                f"POST {url} returned values for sequence {index} that are not numbers", url=url, status=200
-            ) from None
-        out[index] = logits[:, None] if logits.dim() == 1 else logits
-    return out
-
-
-def _is_abc_reply(values: torch.Tensor) -> bool:
-    """Whether a row's values are the ABC plugin's ``[score, attention weight, position]`` per token: three channels
-    whose third counts the tokens, which no classifier head's logits do."""
-    n = values.shape[0]
-    return (
-        values.dim() == 2 and values.shape[1] == 3 and torch.equal(values[:, 2], torch.arange(n, dtype=torch.float32))
-    )
-
-
-def _prefix_rows(reply, rows: list[list[int]], url: str) -> list[torch.Tensor]:
-    """float32 [n_b] scores per row from a token_classify reply, checked against the request: a one- or two-logit
-    head's logits, or the score channel of an ABC reply (:func:`_is_abc_reply`)."""
-    out = []
-    for index, logits in enumerate(_reply_values(reply, rows, url)):
-        if _is_abc_reply(logits):
-            out.append(logits[:, 0].contiguous())
-            continue
-        if logits.dim() != 2 or logits.shape[1] not in (1, 2):
-            raise ServedRewardModelError(
-                f"POST {url} returned {tuple(logits.shape[1:])} values per token for sequence {index}; a reward "
-                "model has one logit (the score) or two (logit[1] - logit[0]), and dense-rlhf's ABC architecture "
-                "three (score, attention weight, position)",
-                url=url,
-                status=200,
-            )
-        out.append(_score_of(logits, "the served logits"))
-    return out
-
-
 def _check_method(method) -> None:
     if not isinstance(method, str) or method not in METHODS:
         raise ValueError(f"method must be one of {METHODS} for a served reward model, got {method!r}")
@@ -189,4 +106,58 @@ def _check_batch(input_ids, attention_mask, completion_mask):
     outside = (completion & ~attention).any(1).nonzero().flatten().tolist()
     if outside:
         raise ValueError(f"completion_mask marks padding (attention_mask False) in rows {outside[:10]}")
+    empty = (~completion.any(1)).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"completion_mask marks no completion token in rows {empty[:10]}, so the score would be lost")
     return attention, completion
+
+
+def check_pad_token_id(pad_token_id, name: str = "pad_token_id") -> int | None:
+    """``pad_token_id`` as an int, or None: a non-negative integer token id."""
+    if pad_token_id is None:
+        return None
+    if isinstance(pad_token_id, bool) or not isinstance(pad_token_id, numbers.Integral) or pad_token_id < 0:
+        raise TypeError(f"{name} must be a non-negative integer token id or None, got {pad_token_id!r}")
+    return int(pad_token_id)
+
+
+def pooled_index(row: Sequence[int], pad_token_id: int | None) -> int:
+    """The position of ``row`` (a request's token ids) whose score a decoder reward model reports, as transformers'
+    ``*ForSequenceClassification`` heads pool it: the last token whose id is not ``pad_token_id`` (the model's
+    ``config.pad_token_id``; 0 when every token is the pad id), or the last token when it is None. Where the pad id is
+    also the EOS id that ends a turn, this is the token before the trailing EOS tokens, not the request's last."""
+    if pad_token_id is not None:
+        for position in range(len(row) - 1, -1, -1):
+            if row[position] != pad_token_id:
+                return position
+        return 0
+    return len(row) - 1
+
+
+def _pooled_positions(rows: list[list[int]], attention: torch.Tensor, completion: torch.Tensor, pad_token_id):
+    """For a [B, L] batch whose rows' real tokens are ``rows``: each row's real positions, the index in its row of the
+    token the model pools (:func:`pooled_index`) and that token's position [B]. A row whose completion tokens all come
+    after it is refused: the score does not reflect them."""
+    real = [attention[b].nonzero().flatten() for b in range(len(rows))]
+    pooled = [pooled_index(row, pad_token_id) for row in rows]
+    reward_index = torch.stack([real[b][k] for b, k in enumerate(pooled)])
+    positions = torch.arange(attention.shape[1])
+    unread = (completion.any(1) & ~(completion & (positions <= reward_index[:, None])).any(1)).nonzero()
+    if len(unread):
+        raise ValueError(
+            f"completion_mask marks only tokens after the position the reward model reads its score from (its "
+            f"last token that is not pad_token_id={pad_token_id}) in rows {unread.flatten().tolist()[:10]}: the "
+            "score does not reflect those tokens, so no reward can be put on them"
+        )
+    return real, pooled, reward_index
+
+
+def _run(coroutine):
+    """Run a coroutine to completion from synchronous code, also when this thread already runs an event loop (a
+    notebook, an async framework): then in a helper thread with its own loop."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coroutine)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coroutine).result()
