@@ -1,6 +1,7 @@
 """What :class:`dense_rlhf.integrations.vllm.ServedRewardModel` reads from a server that runs dense-rlhf's ABC
 architecture (:mod:`dense_rlhf.integrations.vllm_plugin`): each token's ``[score, attention weight, position]``,
-checked before it is used, and the message that says how to start such a server. Nothing here does I/O."""
+checked before it is used, the message that says how to start such a server, and the client's calls for it (a mixin
+whose requests go through the client's own session and checks)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import json
 
 import torch
 
-from dense_rlhf.integrations.vllm_messages import POOLER_CONFIG, ServedRewardModelError, _run
+from dense_rlhf.integrations.vllm_messages import POOLER_CONFIG, ServedRewardModelError, TokenRows, _run, _token_rows
 from dense_rlhf.integrations.vllm_plugin import ARCHITECTURES
 from dense_rlhf.integrations.vllm_replies import is_abc_reply, reply_rows
 
@@ -88,15 +89,13 @@ class _ABCClient:
         await self._check_abc(session, rows[0])
         return await self._pool(session, rows, labels, abc=True)
 
-    async def aattention_rows(self, token_ids) -> list[torch.Tensor]:
+    async def aattention_rows(self, token_ids: TokenRows) -> list[torch.Tensor]:
         """Async :meth:`attention_rows`."""
-        from dense_rlhf.integrations.vllm_messages import _token_rows
-
         rows = _token_rows(token_ids)
         async with self._session() as session:
             return [weights for _, weights in await self._pool_abc(session, rows)]
 
-    def attention_rows(self, token_ids) -> list[torch.Tensor]:
+    def attention_rows(self, token_ids: TokenRows) -> list[torch.Tensor]:
         """ABC's attention row of each sequence from a server running dense-rlhf's ABC architecture: the layer's
         attention from the sequence's last token to each of its tokens, averaged over heads (float32 [n_b], summing
         to 1), as :func:`dense_rlhf.capture_reward_attention` captures it in-process. ``token_ids`` as in
