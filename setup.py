@@ -2,6 +2,8 @@
 
 Environment variables:
     DENSE_RLHF_CUDA      "1" forces the CUDA build (fails if it cannot), "0" disables it; unset: automatic.
+    DENSE_RLHF_NATIVE    "0" builds no extension at all (the reference backend runs the op); for an environment that
+                         needs only the Python side, such as a vLLM server's, which loads the ABC plugin.
     TORCH_CUDA_ARCH_LIST GPU architectures to compile for, e.g. "8.0;9.0" (needed where no GPU can be queried).
     MAX_JOBS             parallel compile jobs (ninja).
 """
@@ -61,6 +63,6 @@ def extension():
 
 # Metadata, dependencies, extras and the console script are in pyproject.toml; only the extension needs code.
 setup(
-    ext_modules=[extension()],
+    ext_modules=[] if os.environ.get("DENSE_RLHF_NATIVE", "").strip() == "0" else [extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension},
 )

@@ -84,7 +84,7 @@ def build(root: Path, args):
         intermediate_size=args.hidden * 2,
         num_hidden_layers=args.layers,
         num_attention_heads=args.hidden // 64,
-        num_key_value_heads=args.hidden // 64,
+        num_key_value_heads=getattr(args, "kv_heads", args.hidden // 64),
         max_position_embeddings=2048,
         num_labels=1,
         pad_token_id=rm_tok.pad_token_id,
@@ -160,9 +160,13 @@ def verl_config(policy_dir: Path, rm_dir: Path, batch: int, manager: str):
         f"+reward.reward_kwargs.batch_size={batch}",
         f"actor_rollout_ref.model.path={policy_dir}",
     ]
-    if manager == "ServedPrefixRewardManager":
+    if manager.startswith("Served"):
         overrides.append(
             "+reward.reward_model.rollout.engine_kwargs.vllm.pooler_config={task:token_classify,use_activation:false}"
+        )
+    if manager == "ServedABCRewardManager":
+        overrides.append(
+            "+reward.reward_model.rollout.engine_kwargs.vllm.hf_overrides={architectures:[ABCLlamaForSequenceClassification]}"
         )
     with initialize_config_dir(
         config_dir=os.path.join(os.path.dirname(verl.__file__), "trainer", "config"), version_base=None

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: build the CUDA extension, run the whole test suite, run compute-sanitizer memcheck
-# on a small CUDA case, run the served reward model's tests against vLLM on the GPU (where a Python with vLLM is
-# found), run the benchmark grid on the GPU, and put everything under $OUT (at most 8 files):
+# on a small CUDA case, run the served reward model's tests against vLLM on the GPU and the ABC plugin's rows against
+# transformers' eager attention in bf16 (where a Python with vLLM is found), run the benchmark grid on the GPU, and put everything under $OUT (at most 8 files):
 #   gpu_check.log       everything printed, build and test outcome first
 #   device.txt          GPU name, driver, torch and CUDA versions, nvcc, date
 #   dense_rewards.json, dense_rewards.md, dense_rewards.png   the benchmark (also in benchmarks/results/<gpu>/)
@@ -135,7 +135,7 @@ PY
 fi
 
 stage "served reward model: vLLM on the GPU"
-# tests/test_vllm.py with its two servers on the GPU (flags below instead of the CPU backend's): the served prefix
+# tests/test_vllm.py with its six servers on the GPU (flags below instead of the CPU backend's): the served prefix
 # scores and rewards against the same weights in-process (on the CPU here), and the errors. Tests that need verl skip.
 VLLM_PYTHON=${VLLM_PYTHON:-$PYTHON}
 served_rc=skipped
@@ -145,11 +145,37 @@ elif [ "$(left)" -lt 200 ]; then
   echo "SERVED: skipped, only $(left) s of the budget left"
 else
   served_start=$SECONDS
+  # vLLM loads the ABC plugin (the ABC servers of the tests, the stage below) by its entry point: the build stage
+  # installed this tree into PYTHON; another VLLM_PYTHON gets it here, without the native op
+  if [ "$(command -v "$VLLM_PYTHON")" != "$(command -v "$PYTHON")" ]; then
+    DENSE_RLHF_NATIVE=0 "$VLLM_PYTHON" -m pip install -q --no-build-isolation --no-deps --no-index -e . 2>&1 | tail -n 3
+  fi
   DENSE_RLHF_VLLM_PYTHON=$(command -v "$VLLM_PYTHON") \
     DENSE_RLHF_VLLM_ARGS="--dtype float32 --max-model-len 512 --enforce-eager --gpu-memory-utilization 0.1" \
     timeout 240 "$PYTHON" -m pytest -q -p no:cacheprovider -rs tests/test_vllm.py 2>&1 | tail -n 25
   served_rc=${PIPESTATUS[0]}
   echo "SERVED: rc=$served_rc ($((SECONDS - served_start)) s; 124 means the time limit)"
+fi
+
+stage "ABC plugin: vLLM on the GPU, bf16 rows against transformers' eager attention"
+# benchmarks/abc_server_check.py twice, CUDA graphs on: vLLM's default model runner, then the V1 runner
+# (VLLM_USE_V2_MODEL_RUNNER=0). vLLM loads the plugin by its entry point: the served stage installed it.
+abc_rc=skipped
+if ! "$VLLM_PYTHON" -c 'import vllm' >/dev/null 2>&1; then
+  echo "ABC PLUGIN: skipped, $VLLM_PYTHON cannot import vllm (set VLLM_PYTHON to a Python that has it)"
+elif [ "$(left)" -lt 200 ]; then
+  echo "ABC PLUGIN: skipped, only $(left) s of the budget left"
+else
+  abc_rc=0
+  for runner in default v1; do
+    runner_env=()
+    [ "$runner" = v1 ] && runner_env=(VLLM_USE_V2_MODEL_RUNNER=0)
+    env ${runner_env[@]+"${runner_env[@]}"} timeout 180 "$PYTHON" benchmarks/abc_server_check.py \
+      --vllm-python "$(command -v "$VLLM_PYTHON")" --device cuda --dtype bfloat16 2>&1 | tail -n 12
+    rc=${PIPESTATUS[0]}
+    echo "ABC PLUGIN ($runner model runner): rc=$rc (1: rows beyond the tolerance, 124: time limit)"
+    [ "$rc" -eq 0 ] || abc_rc=$rc
+  done
 fi
 
 stage "benchmark grid on the GPU"
@@ -174,5 +200,5 @@ else
 fi
 
 stage "summary"
-echo "BUILD rc=$build_rc kernel=$kernel_rc | TESTS rc=$test_rc | MEMCHECK rc=$memcheck_rc | SERVED rc=$served_rc | total $SECONDS s"
+echo "BUILD rc=$build_rc kernel=$kernel_rc | TESTS rc=$test_rc | MEMCHECK rc=$memcheck_rc | SERVED rc=$served_rc | ABC PLUGIN rc=$abc_rc | total $SECONDS s"
 ls -l "$OUT"

@@ -163,3 +163,13 @@ def served_url(rm):
 
     with Scripted(head_of(rm), models=["/path/to/reward-model"]) as server:
         yield server.url
+
+
+@pytest.fixture
+def abc_served_url(rm):
+    """The address of a stand-in for a vLLM server running dense-rlhf's ABC architecture: an aiohttp app in this
+    process that answers ``POST /pooling`` from ``rm`` as the plugin does (tests/test_vllm.py runs real vLLM)."""
+    from test_vllm import Scripted, abc_head_of
+
+    with Scripted(abc_head_of(rm), models=["/path/to/reward-model"]) as server:
+        yield server.url

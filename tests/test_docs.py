@@ -59,12 +59,13 @@ def test_every_block_runs_or_says_why_not(path):
 def test_the_readme_and_the_pages_have_blocks_that_run_and_few_that_do_not():
     """The README shows the usage, which runs; the other examples live on the pages under docs/, where they run too.
     Across the README and the pages, few blocks do not run (the commands that install, build environments, train for
-    minutes, or need GPUs and inference servers)."""
+    minutes, or need GPUs and inference servers: verl's three reward managers each have their command, which
+    tests compose with verl's own configuration)."""
     readme = list(fences((ROOT / "README.md").read_text()))
     assert sum(runs(words) for _, words, _ in readme) >= 1
     blocks = [block for path in documents() for block in fences(path.read_text())]
     assert sum(runs(words) for _, words, _ in blocks) >= 6
-    assert sum(not runs(words) for _, words, _ in blocks) <= 6
+    assert sum(not runs(words) for _, words, _ in blocks) <= 7
 
 
 def test_the_rule_itself():

@@ -150,6 +150,8 @@ def test_wheel_holds_the_built_op_the_subpackages_and_the_console_script(dist):
         "capture/__init__",
         "align/scoring",
         "integrations/verl_config",
+        "integrations/vllm_plugin/__init__",
+        "integrations/vllm_plugin/models",
         "rl/ppo",
         "study/demo",
         "bench/run",
@@ -157,6 +159,8 @@ def test_wheel_holds_the_built_op_the_subpackages_and_the_console_script(dist):
         assert f"dense_rlhf/{module}.py" in names
     assert "dense_rlhf/py.typed" in names  # PEP 561: type checkers read the package's hints
     assert "dense-rlhf = dense_rlhf.cli:main" in entry_points
+    # vLLM loads the ABC plugin from this group in every process it starts
+    assert "[vllm.general_plugins]\ndense_rlhf_abc = dense_rlhf.integrations.vllm_plugin:register" in entry_points
 
 
 def test_metadata_passes_twine_check(dist):

@@ -65,6 +65,7 @@ PUBLIC = {
             "ABCRewardManager",
             "ABCSettings",
             "SampleResult",
+            "ServedABCRewardManager",
             "ServedPrefixRewardManager",
             "ServedSettings",
             "TokenRewardManagerBase",
@@ -78,9 +79,20 @@ PUBLIC = {
     ),
     "dense_rlhf.integrations.verl_config": (VERL_CONFIG, None),
     "dense_rlhf.integrations.vllm": (
-        ["ServedRewardModel", "ServedRewardModelError", "POOLER_CONFIG", "VERL_POOLER_CONFIG_KEY"],
+        [
+            "ServedRewardModel",
+            "ServedRewardModelError",
+            "POOLER_CONFIG",
+            "VERL_POOLER_CONFIG_KEY",
+            "VERL_HF_OVERRIDES_KEY",
+            "abc_hf_overrides",
+        ],
         "aiohttp",
     ),
+    "dense_rlhf.integrations.vllm_abc": (["VERL_HF_OVERRIDES_KEY", "abc_hf_overrides"], None),
+    "dense_rlhf.integrations.vllm_plugin": (["ARCHITECTURES", "CHECKED_VERSIONS", "LAYER_KEY", "register"], None),
+    "dense_rlhf.integrations.vllm_plugin.attention": (["head_row_sums"], None),
+    "dense_rlhf.integrations.vllm_plugin.checks": (["Refused", "check_attention", "check_config"], None),
     "dense_rlhf.integrations.vllm_server": (["LocalVLLMServer", "CPU_ARGS", "free_port"], "aiohttp"),
 }
 

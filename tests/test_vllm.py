@@ -34,10 +34,13 @@ from aiohttp import web  # noqa: E402
 import dense_rlhf  # noqa: E402
 from dense_rlhf.integrations.vllm import (  # noqa: E402
     POOLER_CONFIG,
+    VERL_HF_OVERRIDES_KEY,
     VERL_POOLER_CONFIG_KEY,
     ServedRewardModel,
     ServedRewardModelError,
+    abc_hf_overrides,
 )
+from dense_rlhf.integrations.vllm_plugin import LAYER_KEY  # noqa: E402
 from dense_rlhf.integrations.vllm_server import CPU_ARGS, LocalVLLMServer, free_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -115,6 +118,23 @@ def head_of(model):
             with torch.no_grad(), dense_rlhf.capture_prefix_scores(model) as cap:
                 model(input_ids=torch.tensor([row]))
             data.append({"index": i, "data": [[v] for v in cap.prefix_scores[0].tolist()]})
+        return web.json_response({"data": data})
+
+    return handler
+
+
+def abc_head_of(model):
+    """A handler that answers as dense-rlhf's ABC plugin does, from ``model`` in this process: per token the score,
+    the head-averaged attention weight from the row's last token, and the position."""
+
+    async def handler(body):
+        data = []
+        for i, row in enumerate(body["input"]):
+            with torch.no_grad(), dense_rlhf.capture_prefix_scores(model) as cap:
+                with dense_rlhf.capture_reward_attention(model) as attention:
+                    model(input_ids=torch.tensor([row]))
+            values = zip(cap.prefix_scores[0].tolist(), attention.rows.mean(1)[0].tolist())
+            data.append({"index": i, "data": [[s, w, float(p)] for p, (s, w) in enumerate(values)]})
         return web.json_response({"data": data})
 
     return handler
@@ -233,11 +253,12 @@ def test_server_down_after_retries():
         ),
         (lambda rows: {"data": []}, r"returned 0 results for 1 sequences"),
         (lambda rows: {"data": [{"index": 3, "data": [[0.0]] * 3}]}, r"bad index \(3\)"),
-        (lambda rows: {"data": [{"index": 0, "data": [[0.0, 1.0, 2.0]] * 3}]}, r"one logit \(the score\) or two"),
+        (lambda rows: {"data": [{"index": 0, "data": [[0.0, 1.0, 2.0]] * 3}]}, r"third is not the token's position"),
+        (lambda rows: {"data": [{"index": 0, "data": [[0.0] * 4] * 3}]}, r"one logit \(the score\) or two"),
         (lambda rows: {"data": [{"index": 0, "data": ["x"] * 3}]}, r"not numbers"),
         (lambda rows: {"something": "else"}, r"returned NoneType results"),
     ],
-    ids=["short", "no-results", "bad-index", "three-logits", "not-numbers", "no-data"],
+    ids=["short", "no-results", "bad-index", "three-logits", "four-logits", "not-numbers", "no-data"],
 )
 def test_replies_that_do_not_match_the_request(reply, match):
     async def handler(body):
@@ -323,8 +344,6 @@ def test_bad_arguments_are_refused_before_any_request():
     with pytest.raises(TypeError, match="list of token-id lists"):
         client.prefix_scores("hello")
     ids, mask = torch.tensor([[1, 2]]), torch.tensor([[1, 1]])
-    with pytest.raises(ValueError, match="does not expose"):
-        client.score_and_densify(ids, mask, mask, method="abc")
     with pytest.raises(ValueError, match="method must be one of"):
         client.score_and_densify(ids, mask, mask, method="attention")
     with pytest.raises(ValueError, match=r"beta must be a number in \[0, 1\]"):
@@ -438,7 +457,7 @@ def test_a_server_error_whose_body_is_not_utf8_is_retried_and_reported_with_its_
 def test_a_reply_larger_than_the_request_can_need_is_not_read_whole():
     from dense_rlhf.integrations.vllm_replies import REPLY_FLOOR_BYTES, reply_limit
 
-    assert reply_limit([[1, 2]]) == REPLY_FLOOR_BYTES and reply_limit([[1] * 10_000]) == 64 * 2 * 10_000
+    assert reply_limit([[1, 2]]) == REPLY_FLOOR_BYTES and reply_limit([[1] * 10_000]) == 64 * 3 * 10_000
     big = b'{"data": [{"index": 0, "data": [[0.0]]}], "pad": "' + b"x" * REPLY_FLOOR_BYTES + b'"}'
     with Scripted(raw(big)) as server:  # with a Content-Length
         with pytest.raises(ServedRewardModelError, match=r"body of more than 1048576 bytes") as error:
@@ -600,6 +619,49 @@ def test_the_text_path_sends_the_local_calls_ids_and_finishes_as_it_does(rm_name
         assert sent[3].count(forged) == sent[0].count(forged)
 
 
+@pytest.mark.parametrize("rm_name, policy_name", [("byte_bpe", "sp_bpe"), ("wordpiece", "byte_bpe")])
+def test_the_abc_text_path_finishes_as_the_local_call_does(rm_name, policy_name):
+    """Against a stand-in that answers as the ABC plugin does from the same model in this process: the served ABC
+    text path is the local one, to float32 rounding."""
+    rm_tok, policy, prompts, response_ids, mask = text_case(rm_name, policy_name)
+    model = causal_rm(len(rm_tok), rm_tok.pad_token_id)
+    with Scripted(abc_head_of(model)) as server:
+        scores, rewards = ServedRewardModel(server.url).score_and_densify_text(
+            rm_tok, prompts, response_ids, policy_tokenizer=policy, response_mask=mask, beta=0.7, method="abc"
+        )
+    local_scores, local = dense_rlhf.score_and_densify_text(
+        model, rm_tok, prompts, response_ids, policy_tokenizer=policy, response_mask=mask, beta=0.7, method="abc"
+    )
+    torch.testing.assert_close(scores, local_scores, atol=1e-5, rtol=0)
+    torch.testing.assert_close(rewards, local, atol=1e-5, rtol=0)
+    assert len(server.requests[0]["input"]) == 1  # the probe, then the batch
+
+
+def test_pad_equal_to_eos_abc_reads_the_row_where_the_model_pools():
+    """ABC with pad = EOS: each row is sent up to the token the model pools (the plugin reads the request's last
+    token), and the served rows, scores and rewards equal the local calls', on ids and on text."""
+    rm_tok, (ids, attention, completion), (policy, prompts, response_ids, mask) = pad_is_eos_case()
+    model = causal_rm(len(rm_tok), rm_tok.pad_token_id)
+    with Scripted(abc_head_of(model)) as server:
+        client = ServedRewardModel(server.url)
+        scores, rewards = client.score_and_densify(
+            ids, attention, completion, method="abc", beta=0.6, pad_token_id=rm_tok.pad_token_id
+        )
+        assert all(row[-1] != rm_tok.pad_token_id for row in server.requests[-1]["input"])
+        text_scores, text_rewards = client.score_and_densify_text(
+            rm_tok, prompts, response_ids, policy_tokenizer=policy, response_mask=mask, beta=0.7, method="abc"
+        )
+        assert all(row[-1] != rm_tok.pad_token_id for row in server.requests[-1]["input"])
+    local_scores, local = dense_rlhf.score_and_densify(model, ids, attention, completion, method="abc", beta=0.6)
+    torch.testing.assert_close(scores, local_scores, atol=1e-5, rtol=0)
+    torch.testing.assert_close(rewards, local, atol=1e-5, rtol=0)
+    local_scores, local = dense_rlhf.score_and_densify_text(
+        model, rm_tok, prompts, response_ids, policy_tokenizer=policy, response_mask=mask, beta=0.7, method="abc"
+    )
+    torch.testing.assert_close(text_scores, local_scores, atol=1e-5, rtol=0)
+    torch.testing.assert_close(text_rewards, local, atol=1e-5, rtol=0)
+
+
 LLAMA3_TEMPLATE = "{% for m in messages %}<|{{ m['role'] }}|>\n\n{{ m['content'] | trim }}<|end|>{% endfor %}"
 """Llama-3's layout: each turn ends with a token (``<|eot_id|>`` there, ``<|end|>`` here) that is also the pad token."""
 
@@ -669,13 +731,11 @@ def test_completions_only_after_the_pooled_position_are_refused_before_any_reque
     assert server.requests == []
 
 
-def test_the_text_path_refuses_abc_and_rows_longer_than_the_server_takes():
+def test_the_text_path_refuses_rows_longer_than_the_server_takes():
     rm_tok, policy, prompts, response_ids, mask = text_case("byte_bpe", "sp_bpe")
     model = causal_rm(len(rm_tok), rm_tok.pad_token_id)
     with Scripted(head_of(model), max_model_len=14) as server:
         client = ServedRewardModel(server.url)
-        with pytest.raises(ValueError, match="does not expose"):
-            client.score_and_densify_text(rm_tok, prompts, response_ids, policy_tokenizer=policy, method="abc")
         with pytest.raises(
             ValueError,
             match=r"row \d+: the reward model's input has \d+ tokens but the server at .* "
@@ -701,6 +761,72 @@ def test_the_text_path_refuses_abc_and_rows_longer_than_the_server_takes():
     assert all(n <= 14 for n in lengths) and len(lengths) == len(prompts) - len(out.failed) and out.failed
     assert all("max_model_len" in reason for reason in out.failed.values())
     assert torch.all(out.rewards[sorted(out.failed)] == 0)
+
+
+def abc_echo(weights_of=lambda row: [1.0 / len(row)] * len(row), positions_of=lambda row: range(len(row))):
+    """A handler that answers as the ABC plugin does: per token [score t / 10, attention weight, position]."""
+
+    def values_of(row):
+        return [[t / 10, w, float(p)] for t, w, p in zip(row, weights_of(row), positions_of(row))]
+
+    return echo(values_of)
+
+
+def test_abc_probes_the_server_once_then_reads_scores_and_rows():
+    """One request of one token first (the probe, once per client), then the batch; the rewards are dense_rewards of
+    the served rows and scores, and prefix scores on the same server read the score channel."""
+    ids = torch.tensor([[4, 2, 7, 0], [5, 3, 0, 0]])
+    attention = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    completion = torch.tensor([[0, 1, 1, 0], [0, 1, 0, 0]], dtype=torch.bool)
+    ramp = lambda row: [(i + 1) / sum(range(1, len(row) + 1)) for i in range(len(row))]  # noqa: E731
+    with Scripted(abc_echo(ramp)) as server:
+        client = ServedRewardModel(server.url, "rm")
+        scores, rewards = client.score_and_densify(ids, attention, completion, method="abc", beta=0.6)
+        client.score_and_densify(ids, attention, completion, method="abc", beta=0.6)
+        rows = client.attention_rows([[1, 2, 3]])
+        prefix = client.prefix_scores([[1, 2, 3]])
+    assert [r["input"] for r in server.requests[:3]] == [[[4]], [[4, 2, 7], [5, 3]], [[4, 2, 7], [5, 3]]]
+    torch.testing.assert_close(scores, torch.tensor([0.7, 0.3]))
+    weights = torch.tensor([[1 / 6, 2 / 6, 3 / 6, 0], [1 / 3, 2 / 3, 0, 0]])
+    torch.testing.assert_close(rewards, dense_rlhf.dense_rewards(weights, scores, completion, beta=0.6, layout="row"))
+    torch.testing.assert_close(rows[0], torch.tensor([1 / 6, 2 / 6, 3 / 6]))
+    torch.testing.assert_close(prefix[0], torch.tensor([0.1, 0.2, 0.3]))
+
+
+def test_abc_against_a_plain_server_fails_on_the_probe_and_names_the_architecture():
+    ids, mask = torch.tensor([[3, 4, 5]]), torch.tensor([[1, 1, 1]])
+    with Scripted(echo()) as server:
+        with pytest.raises(ServedRewardModelError, match="does not run dense-rlhf's ABC architecture") as error:
+            ServedRewardModel(server.url, "rm").score_and_densify(ids, mask, mask, method="abc")
+    assert server.requests == [{"model": "rm", "input": [[3]], "task": "token_classify", "use_activation": False}]
+    assert f"--hf-overrides '{abc_hf_overrides()}'" in str(error.value) and VERL_HF_OVERRIDES_KEY in str(error.value)
+    with pytest.raises(ValueError, match="architecture must be one of"):
+        abc_hf_overrides("LlamaForSequenceClassification")
+
+
+@pytest.mark.parametrize(
+    "weights_of, positions_of, match",
+    [
+        (lambda row: [1.5, -0.5, 0.0], None, "not a distribution .* min -0.5"),
+        (lambda row: [0.5] * 3, None, r"not a distribution .*\(sum 1.5"),
+        (lambda row: [float("nan")] * 3, None, r"a value that is not finite \(nan\)"),
+        (lambda row: [1 / 3] * 3, lambda row: [0.0, 2.0, 1.0], "are not \\[score, weight, position 0..n-1\\]"),
+    ],
+    ids=["negative", "sum", "nan", "positions"],
+)
+def test_abc_replies_are_checked(weights_of, positions_of, match):
+    """A probe that passes, then a reply whose rows are not ABC's: refused with the server named."""
+
+    def later(row):
+        return weights_of(row) if len(row) > 1 else [1.0]
+
+    def where(row):
+        return positions_of(row) if len(row) > 1 and positions_of else range(len(row))
+
+    with Scripted(abc_echo(later, where)) as server:
+        with pytest.raises(ServedRewardModelError, match=match) as error:
+            ServedRewardModel(server.url, "rm").attention_rows([[1, 2, 3]])
+    assert server.url in str(error.value) and error.value.url == server.url + "/pooling"
 
 
 def test_the_server_launcher_builds_the_documented_command(tmp_path):
@@ -738,10 +864,72 @@ def needs_vllm(test):
     return pytest.mark.vllm(skip(test))
 
 
+# ABC served by the plugin (dense_rlhf.integrations.vllm_plugin): one server per family, each with its own tokenizer
+# and chat template, chunked prefill forced (64-token chunks; the longest request has about 300 tokens). Qwen2's serves
+# layer 0 through the hf_overrides key, the others the last layer. transformers has no Qwen2ForRewardModel (it comes
+# with its checkpoints' remote code): its stand-in here is Qwen2ForSequenceClassification with that class's head, two
+# linear layers around a ReLU, saved under its name.
+ABC_ARGS = ("--enable-chunked-prefill", "--max-num-batched-tokens", "64")
+# The Qwen2ForRewardModel server runs with tensor parallelism 2 (on the CPU backend): each rank holds 2 of the 4 query
+# heads and 1 of the 2 key-value heads, and its score head is split across the ranks too.
+TENSOR_PARALLEL = "qwen2_rm"
+ABC_FAMILIES = {
+    "llama": ("ABCLlamaForSequenceClassification", "byte_bpe", -1),
+    "qwen2": ("ABCQwen2ForSequenceClassification", "sp_unigram", 0),
+    "qwen3": ("ABCQwen3ForSequenceClassification", "wordpiece", -1),
+    "qwen2_rm": ("ABCQwen2ForRewardModel", "byte_bpe", -1),
+}
+
+
+def abc_rm(family: str, tok):
+    """A random tiny reward model of ``family`` with grouped-query attention (4 query heads, 2 key-value heads of
+    64: vLLM's CPU attention takes head sizes of 32 and up), float32; Qwen2 with its q/k/v biases, Qwen3 with its
+    per-head q/k norms and a two-logit head."""
+    import transformers
+
+    torch.manual_seed({"llama": 1, "qwen2": 2, "qwen3": 3, "qwen2_rm": 4}[family])
+    common = dict(
+        vocab_size=len(tok),
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        num_labels=1,
+        pad_token_id=tok.pad_token_id,
+    )
+    if family == "llama":
+        model = transformers.LlamaForSequenceClassification(
+            transformers.LlamaConfig(hidden_size=128, head_dim=64, **common)
+        )
+    elif family in ("qwen2", "qwen2_rm"):
+        model = transformers.Qwen2ForSequenceClassification(transformers.Qwen2Config(hidden_size=256, **common))
+        if family == "qwen2_rm":  # Qwen2ForRewardModel's head (vLLM's qwen2_rm.py, the checkpoints' remote code)
+            model.score = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.ReLU(), torch.nn.Linear(256, 1))
+    else:
+        common["num_labels"] = 2  # a two-logit head: the score is logit[1] - logit[0], on both sides
+        model = transformers.Qwen3ForSequenceClassification(
+            transformers.Qwen3Config(hidden_size=128, head_dim=64, **common)
+        )
+    model = model.eval()
+    with torch.no_grad():  # a visible score, and attention rows far from uniform
+        (model.score[-1] if family == "qwen2_rm" else model.score).weight.mul_(10.0)
+        for layer in model.model.layers:
+            attention = layer.self_attn
+            if family == "qwen3":  # its norms undo any scale of the projections
+                attention.q_norm.weight.mul_(3.0)
+            else:
+                attention.q_proj.weight.mul_(8.0 if family == "llama" else 4.0)
+                attention.k_proj.weight.mul_(4.0 if family == "llama" else 2.0)
+            if family.startswith("qwen2"):
+                attention.k_proj.bias.normal_()
+    return model
+
+
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    """(model, its tokenizer, token_classify server, plain server): both servers started at once, stopped after the
-    module."""
+def servers(tmp_path_factory):
+    """Every vLLM server of this module, started at once, stopped after the module: ``{"token": token_classify,
+    "plain": the default pooler, "llama"/"qwen2"/"qwen3": the ABC plugin's}``, each as (model, tokenizer, server)."""
     if VLLM_PYTHON is None:
         pytest.skip("no vLLM to serve with: make test-vllm sets DENSE_RLHF_VLLM_PYTHON")
     root = tmp_path_factory.mktemp("served")
@@ -752,22 +940,60 @@ def served(tmp_path_factory):
     model = causal_rm(vocab, tok.pad_token_id, hidden=128, heads=2)
     model.save_pretrained(root / "rm")
     tok.save_pretrained(root / "rm")
-    servers = [
-        LocalVLLMServer(
+    entries = {}
+    only = os.environ.get("DENSE_RLHF_VLLM_ONLY")  # e.g. "llama": start only these servers (the others' tests skip)
+    for flag, name in ((True, "token"), (False, "plain")):
+        server = LocalVLLMServer(
             root / "rm", python=VLLM_PYTHON, token_classify=flag, args=VLLM_ARGS, log_path=root / f"vllm-{name}.log"
         )
-        for flag, name in ((True, "token"), (False, "plain"))
-    ]
+        entries[name] = (model, tok, server)
+    for family, (architecture, tok_name, layer) in ABC_FAMILIES.items():
+        family_tok = {"byte_bpe": _rm_byte_bpe, "sp_unigram": _rm_unigram, "wordpiece": _rm_wordpiece}[tok_name]()
+        family_model = abc_rm(family, family_tok)
+        family_model.save_pretrained(root / family)
+        family_tok.save_pretrained(root / family)
+        if family == "qwen2_rm":
+            config = json.loads((root / family / "config.json").read_text())
+            config["architectures"] = ["Qwen2ForRewardModel"]
+            (root / family / "config.json").write_text(json.dumps(config))
+        overrides = {"architectures": [architecture], **({LAYER_KEY: layer} if layer != -1 else {})}
+        args = (*VLLM_ARGS, *ABC_ARGS, "--hf-overrides", json.dumps(overrides))
+        env = None
+        if family == TENSOR_PARALLEL and VLLM_ARGS is CPU_ARGS:  # two ranks, one per core, on vLLM's CPU backend
+            args += ("--tensor-parallel-size", "2", "--distributed-executor-backend", "mp")
+            env = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}
+        server = LocalVLLMServer(
+            root / family, python=VLLM_PYTHON, args=args, log_path=root / f"vllm-{family}.log", env=env
+        )
+        family_model.abc_layer = layer
+        entries[family] = (family_model, family_tok, server)
+    if only:
+        entries = {name: entry for name, entry in entries.items() if name in only.split(",")}
     try:
-        for server in servers:
+        for _, _, server in entries.values():
             server.start()
-        for server in servers:
+        for _, _, server in entries.values():
             server.wait()
-        print(f"\nvLLM servers answered after {servers[0].started_s:.0f} s and {servers[1].started_s:.0f} s")
-        yield model, tok, servers[0], servers[1]
+        print(
+            "\nvLLM servers answered after " + ", ".join(f"{k} {s.started_s:.0f} s" for k, (*_, s) in entries.items())
+        )
+        yield entries
     finally:
-        for server in servers:
+        for _, _, server in entries.values():
             server.stop()
+
+
+def pick(servers, name: str):
+    if name not in servers:
+        pytest.skip(f"the {name} server is not started (DENSE_RLHF_VLLM_ONLY)")
+    return servers[name]
+
+
+@pytest.fixture(scope="module")
+def served(servers):
+    """(model, its tokenizer, token_classify server, plain server)."""
+    model, tok, token = pick(servers, "token")
+    return model, tok, token, pick(servers, "plain")[2]
 
 
 def local_prefix_scores(model, rows):
@@ -962,6 +1188,119 @@ def test_served_text_path_async_batches_at_once(served):
         torch.testing.assert_close(rewards, local, **TOL)
 
 
+# ----------------------------------------------------------------------------------------- ABC served by the plugin
+
+
+def long_batch(tok, seed: int = 0):
+    """[B, L] right-padded reward-model ids of very different lengths (a one-token completion; the longest, 300
+    tokens, takes five 64-token chunks) and the masks."""
+    from test_align import corpus
+
+    stream = [
+        t
+        for text in corpus(seed=40 + seed, n=300)
+        for t in tok(text, add_special_tokens=False)["input_ids"]
+        if t != tok.pad_token_id
+    ]
+    shapes = [(1, 1), (5, 1), (12, 7), (20, 44), (60, 90), (100, 200)]  # (prompt, completion) lengths
+    width = max(p + c for p, c in shapes)
+    ids = torch.full((len(shapes), width), tok.pad_token_id, dtype=torch.long)
+    attention = torch.zeros(ids.shape, dtype=torch.long)
+    completion = torch.zeros(ids.shape, dtype=torch.bool)
+    start = 0
+    for b, (p, c) in enumerate(shapes):
+        assert start + p + c <= len(stream)
+        ids[b, : p + c] = torch.tensor(stream[start : start + p + c])
+        attention[b, : p + c], completion[b, p : p + c] = 1, True
+        start += p + c
+    return ids, attention, completion
+
+
+def local_attention_rows(model, ids, attention):
+    with torch.no_grad(), dense_rlhf.capture_reward_attention(model, layer=model.abc_layer) as cap:
+        model(input_ids=ids, attention_mask=attention)
+    return cap.rows.mean(1)
+
+
+@needs_vllm
+@pytest.mark.parametrize("family", ABC_FAMILIES)
+def test_served_abc_equals_the_local_call(servers, family):
+    """Scores, attention rows and rewards of the ABC server equal the in-process computation on the same weights, for
+    a batch of very different lengths sent in 64-token chunks; prefix, sparse and uniform work on the same server."""
+    model, tok, server = pick(servers, family)
+    ids, attention, completion = long_batch(tok)
+    client = ServedRewardModel(server.url, timeout=120)
+    rows = client.attention_rows([ids[b][attention[b].bool()] for b in range(ids.shape[0])])
+    local_rows = local_attention_rows(model, ids, attention)
+    for b, row in enumerate(rows):
+        torch.testing.assert_close(row, local_rows[b][attention[b].bool()], **TOL)
+        assert abs(float(row.sum()) - 1) < 1e-5
+    assert float((local_rows[-1] * attention[-1].sum() - 1).abs().max()) > 1  # far from uniform
+    for method in ("abc", "prefix", "sparse", "uniform"):
+        scores, rewards = client.score_and_densify(ids, attention, completion, method=method, beta=0.7)
+        layer = {"layer": model.abc_layer} if method == "abc" else {}
+        local_scores, local = dense_rlhf.score_and_densify(
+            model, ids, attention, completion, method=method, beta=0.7, **layer
+        )
+        torch.testing.assert_close(scores, local_scores, **TOL)
+        torch.testing.assert_close(rewards, local, **TOL)
+    assert float(local_scores.abs().max()) > 0.1
+
+
+@needs_vllm
+@pytest.mark.parametrize("family", ABC_FAMILIES)
+def test_served_abc_text_path_equals_the_local_call(servers, family):
+    """The family's own tokenizer and chat template, a policy tokenizer of another family, responses ending in EOS,
+    one spelling control tokens."""
+    model, _, server = pick(servers, family)
+    rm_name = ABC_FAMILIES[family][1]
+    rm_tok, policy, prompts, response_ids, mask = text_case(rm_name, "sp_bpe" if rm_name == "byte_bpe" else "byte_bpe")
+    scores, rewards = ServedRewardModel(server.url).score_and_densify_text(
+        rm_tok, prompts, response_ids, policy_tokenizer=policy, response_mask=mask, beta=0.7, method="abc"
+    )
+    local_scores, local = dense_rlhf.score_and_densify_text(
+        model,
+        rm_tok,
+        prompts,
+        response_ids,
+        policy_tokenizer=policy,
+        response_mask=mask,
+        beta=0.7,
+        method="abc",
+        layer=model.abc_layer,
+    )
+    torch.testing.assert_close(scores, local_scores, **TOL)
+    torch.testing.assert_close(rewards, local, **TOL)
+    torch.testing.assert_close(rewards.sum(1), scores, **TOL)
+
+
+@needs_vllm
+def test_served_abc_with_concurrent_clients(servers):
+    """Several clients at once, each with its own batch, on one server (their requests share the engine's steps and
+    chunks): each gets its own rows."""
+    model, tok, server = pick(servers, "llama")
+    batches = [long_batch(tok, seed) for seed in range(4)]
+
+    async def main():
+        clients = [ServedRewardModel(server.url, timeout=120) for _ in batches]
+        return await asyncio.gather(*(c.ascore_and_densify(*b, method="abc") for c, b in zip(clients, batches)))
+
+    for (scores, rewards), b in zip(asyncio.run(main()), batches):
+        local_scores, local = dense_rlhf.score_and_densify(model, *b, method="abc")
+        torch.testing.assert_close(scores, local_scores, **TOL)
+        torch.testing.assert_close(rewards, local, **TOL)
+
+
+@needs_vllm
+def test_abc_on_a_plain_token_classify_server_says_how_to_serve_it(served):
+    _, tok, server, _ = served
+    ids, attention, completion = batch(tok, "right")
+    with pytest.raises(ServedRewardModelError, match="does not run dense-rlhf's ABC architecture") as error:
+        ServedRewardModel(server.url).score_and_densify(ids, attention, completion, method="abc")
+    message = str(error.value)
+    assert abc_hf_overrides() in message and VERL_HF_OVERRIDES_KEY in message and server.url in message
+
+
 # ----------------------------------------------------------------------------------------- verl's reward loop
 
 
@@ -978,21 +1317,22 @@ def needs_verl(test):
 RM_PATH_IN_DOCS = "/path/to/reward-model"
 
 
-def served_documented_overrides() -> list[str]:
-    """The Hydra overrides of the documentation's command for ServedPrefixRewardManager (docs/verl.md), as the shell
-    passes them."""
+def served_documented_overrides(manager: str = "ServedPrefixRewardManager") -> list[str]:
+    """The Hydra overrides of the documentation's command for ``manager`` (docs/verl.md), as the shell passes them."""
     text = (ROOT / "docs" / "verl.md").read_text()
-    block = next(b for b in re.findall(r"```bash\n(.*?)```", text, re.S) if "=ServedPrefixRewardManager" in b)
+    block = next(b for b in re.findall(r"```bash\n(.*?)```", text, re.S) if f"={manager}" in b)
     words = shlex.split(block.replace("\\\n", " "), comments=True)
     return [w for w in words if re.match(r"\+?reward\.", w)]
 
 
-def served_verl_config(policy_dir: str, rm_dir: str, extra: tuple[str, ...] = ()):
-    """verl's own PPO trainer configuration (its Hydra files) with the documented overrides for the served manager."""
+def served_verl_config(
+    policy_dir: str, rm_dir: str, extra: tuple[str, ...] = (), manager: str = "ServedPrefixRewardManager"
+):
+    """verl's own PPO trainer configuration (its Hydra files) with the documented overrides for a served manager."""
     import verl
     from hydra import compose, initialize_config_dir
 
-    overrides = [o.replace(RM_PATH_IN_DOCS, rm_dir) for o in served_documented_overrides()]
+    overrides = [o.replace(RM_PATH_IN_DOCS, rm_dir) for o in served_documented_overrides(manager)]
     overrides += [f"actor_rollout_ref.model.path={policy_dir}", *extra]
     with initialize_config_dir(
         config_dir=os.path.join(os.path.dirname(verl.__file__), "trainer", "config"), version_base=None
@@ -1042,7 +1382,7 @@ def test_the_manager_refuses_what_cannot_work(policy_dir, tmp_path):
         )
     with pytest.raises(ValueError, match="rollout.name=vllm"):
         dense_verl.check_served(served_verl_config(policy_dir, rm, ("reward.reward_model.rollout.name=sglang",)))
-    with pytest.raises(ValueError, match="exposes no attention: ABC runs in ABCRewardManager"):
+    with pytest.raises(ValueError, match="ABC from the server is ServedABCRewardManager's"):
         dense_verl.ServedSettings.from_config(served_verl_config(policy_dir, rm, ("+reward.reward_kwargs.method=abc",)))
     with pytest.raises(ValueError, match="does not know: \\['layer'\\]"):
         dense_verl.ServedSettings.from_config(served_verl_config(policy_dir, rm, ("+reward.reward_kwargs.layer=0",)))
@@ -1183,6 +1523,65 @@ def test_the_verl_manager_pointed_at_a_server_without_token_classify_says_how_to
         match=f"--pooler-config '{re.escape(POOLER_CONFIG)}'.*{re.escape(VERL_POOLER_CONFIG_KEY)}",
     ):
         asyncio.run(worker.compute_score_batch(data))
+
+
+@needs_verl
+def test_the_documented_abc_configuration_selects_the_plugin_architecture(policy_dir, tmp_path):
+    from verl.trainer.ppo.reward import resolve_reward_manager_cls
+    from verl.utils.config import omega_conf_to_dataclass
+
+    from dense_rlhf.integrations import verl as dense_verl
+
+    config = served_verl_config(policy_dir, str(tmp_path), manager="ServedABCRewardManager")
+    assert resolve_reward_manager_cls(config) is dense_verl.ServedABCRewardManager
+    dense_verl.check_routing(config)
+    dense_verl.check_served(config, "abc")
+    assert dense_verl.ServedSettings.from_config(config, "ServedABCRewardManager", "abc").method == "abc"
+    # what verl's vLLM server turns into --hf-overrides (engine_kwargs.vllm replaces verl's own hf_overrides)
+    engine = omega_conf_to_dataclass(config.reward.reward_model).rollout.engine_kwargs["vllm"]
+    assert json.loads(json.dumps(engine["hf_overrides"])) == json.loads(abc_hf_overrides())
+    without = served_verl_config(
+        policy_dir,
+        str(tmp_path),
+        ("~reward.reward_model.rollout.engine_kwargs.vllm.hf_overrides",),
+        manager="ServedABCRewardManager",
+    )
+    with pytest.raises(ValueError, match=f"ServedABCRewardManager needs .*{re.escape(VERL_HF_OVERRIDES_KEY)}"):
+        dense_verl.check_served(without, "abc", "ServedABCRewardManager")
+    dense_verl.check_served(without, "prefix")  # prefix differences need no plugin
+
+
+@needs_vllm
+@needs_verl
+def test_the_served_abc_manager_through_the_reward_loop_worker_equals_the_local_call(servers, policy_dir):
+    """verl's RewardLoopWorker with the documented ABC configuration, against the ABC server: rm_scores equal
+    score_and_densify_text(method="abc") in-process on the same weights."""
+    from verl.experimental.reward_loop import RewardLoopWorker
+
+    from dense_rlhf.integrations import verl as dense_verl
+
+    model, _, server = pick(servers, "llama")
+    config = served_verl_config(policy_dir, str(server.model_dir), manager="ServedABCRewardManager")
+    worker = RewardLoopWorker(config, server.url.removeprefix("http://"))
+    assert isinstance(worker.reward_manager, dense_verl.ServedABCRewardManager)
+    from test_align import RESPONSES
+
+    messages = [[{"role": "user", "content": p}] for p in ["Review:", "Say something.", "Rate it", "Go"]]
+    data, response_mask = verl_batch(worker.input_tokenizer, messages, [" " + r for r in RESPONSES] + [" fine"])
+    rm_scores, outputs = worker_rm_scores(worker, data)
+    scores, expected = dense_rlhf.score_and_densify_text(
+        model,
+        worker.reward_model_tokenizer,
+        messages,
+        data.batch["responses"],
+        policy_tokenizer=worker.input_tokenizer,
+        response_mask=response_mask,
+        beta=worker.reward_manager.settings.beta,
+        method="abc",
+    )
+    torch.testing.assert_close(rm_scores, expected, **TOL)
+    torch.testing.assert_close(torch.tensor([o["reward_extra_info"]["abc_score"] for o in outputs]), scores, **TOL)
+    assert [o["reward_extra_info"]["abc_fallback"] for o in outputs] == [0] * len(outputs)
 
 
 @needs_vllm

@@ -6,8 +6,9 @@ call its ``run_single`` on one sample at a time and hand the per-sample results 
 runs the reward model itself inside those workers and returns ABC rewards on the policy's response tokens
 through :func:`dense_rlhf.score_and_densify_text` (the reward model may have its own tokenizer and chat
 template). ``ServedPrefixRewardManager`` instead scores through the reward-model server verl starts itself (vLLM
-with the ``token_classify`` pooler) and returns prefix-difference rewards, with no reward model in the workers; it
-shares :class:`TokenRewardManagerBase` (routing, refusals, micro-batches, per-sample fault isolation). The
+with the ``token_classify`` pooler) and returns prefix-difference rewards, with no reward model in the workers;
+``ServedABCRewardManager`` does the same with ABC rewards from a server running dense-rlhf's vLLM plugin. They
+share :class:`TokenRewardManagerBase` (routing, refusals, micro-batches, per-sample fault isolation). The
 configurations that route verl to them, and what they cost, are in docs/verl.md;
 :func:`check_routing` and :func:`check_served` say why each part is needed; they and the settings the managers
 read live in :mod:`dense_rlhf.integrations.verl_config` (which needs no verl) and are importable from here too.
@@ -55,6 +56,7 @@ __all__ = [
     "ABCRewardManager",
     "ABCSettings",
     "SampleResult",
+    "ServedABCRewardManager",
     "ServedPrefixRewardManager",
     "ServedSettings",
     "TokenRewardManagerBase",
@@ -358,6 +360,7 @@ class ServedPrefixRewardManager(TokenRewardManagerBase):
     """
 
     extra_prefix = "prefix"
+    default_method = "prefix"
 
     def __init__(
         self,
@@ -367,8 +370,9 @@ class ServedPrefixRewardManager(TokenRewardManagerBase):
         reward_router_address: str | None = None,
         reward_model_tokenizer: PreTrainedTokenizerBase | None = None,
     ):
-        settings = ServedSettings.from_config(config)
-        check_served(config)
+        manager = type(self).__name__
+        settings = ServedSettings.from_config(config, manager, self.default_method)
+        check_served(config, settings.method, manager)
         super().__init__(
             config,
             tokenizer,
@@ -378,7 +382,7 @@ class ServedPrefixRewardManager(TokenRewardManagerBase):
         )
         if not reward_router_address:
             raise ValueError(
-                "ServedPrefixRewardManager got no reward_router_address: verl passes its reward-model "
+                f"{manager} got no reward_router_address: verl passes its reward-model "
                 "router's address to the manager when reward.reward_model.enable=True"
             )
         self.settings = settings
@@ -409,3 +413,17 @@ class ServedPrefixRewardManager(TokenRewardManagerBase):
                 strict=False,
             )
         )
+
+
+@register("served_abc")
+class ServedABCRewardManager(ServedPrefixRewardManager):
+    """verl reward manager: ABC rewards on the policy's response tokens from the reward-model server verl already
+    runs, with the ABC architecture of dense-rlhf's vLLM plugin selected (``hf_overrides``; docs/verl.md): the
+    attention row and the score come back with each micro-batch's one request and are mapped onto the policy's
+    tokens as :class:`ABCRewardManager` maps its in-process rows; no weights in the workers. Everything else is
+    :class:`ServedPrefixRewardManager`'s; ``reward.reward_kwargs.method`` may also be "prefix", "sparse" or
+    "uniform" (the same server answers them). ``reward_extra_info`` is ``{"abc_score": s, "abc_fallback": 0 or 1}``.
+    """
+
+    extra_prefix = "abc"
+    default_method = "abc"

@@ -17,7 +17,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from dense_rlhf.integrations.vllm_abc import VERL_HF_OVERRIDES_KEY, abc_hf_overrides
 from dense_rlhf.integrations.vllm_messages import POOLER_CONFIG, VERL_POOLER_CONFIG_KEY
+from dense_rlhf.integrations.vllm_plugin import ARCHITECTURES
 from dense_rlhf.ops import check_beta
 
 if TYPE_CHECKING:
@@ -212,12 +214,14 @@ def check_algorithm(config: DictConfig) -> None:
 
 @dataclass(frozen=True)
 class ServedSettings:
-    """What :class:`ServedPrefixRewardManager` reads from ``reward.reward_kwargs``.
+    """What :class:`ServedPrefixRewardManager` and :class:`ServedABCRewardManager` read from ``reward.reward_kwargs``.
 
-    method: "prefix" (prefix-difference rewards; default), "sparse" or "uniform". beta, max_length: as in
-    :func:`dense_rlhf.score_and_densify_text`. batch_size: most samples per request to the server. timeout,
-    max_retries, backoff: the HTTP client's (:class:`dense_rlhf.integrations.vllm.ServedRewardModel`); verl's own
-    reward loop retries up to 16 times for its scalar. model: the served model's name; None asks the server.
+    method: "prefix" (prefix-difference rewards; ServedPrefixRewardManager's default), "abc" (ServedABCRewardManager's
+    default: the server must run an ABC architecture of dense-rlhf's vLLM plugin), "sparse" or "uniform". beta,
+    max_length: as in :func:`dense_rlhf.score_and_densify_text`. batch_size: most samples per request to the server.
+    timeout, max_retries, backoff: the HTTP client's (:class:`dense_rlhf.integrations.vllm.ServedRewardModel`);
+    verl's own reward loop retries up to 16 times for its scalar. model: the served model's name; None asks the
+    server.
     """
 
     method: str = "prefix"
@@ -230,24 +234,23 @@ class ServedSettings:
     model: str | None = None
 
     @classmethod
-    def from_config(cls, config: DictConfig) -> ServedSettings:
-        kwargs = dict(config.reward.get("reward_kwargs") or {})
+    def from_config(
+        cls, config: DictConfig, manager: str = "ServedPrefixRewardManager", method: str = "prefix"
+    ) -> ServedSettings:
+        """The settings of ``manager`` (its name, for the messages), whose default method is ``method``."""
+        kwargs = {"method": method, **dict(config.reward.get("reward_kwargs") or {})}
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(kwargs) - known)
         if unknown:
             raise ValueError(
-                f"reward.reward_kwargs has keys ServedPrefixRewardManager does not know: {unknown}; "
-                f"it reads {sorted(known)}"
+                f"reward.reward_kwargs has keys {manager} does not know: {unknown}; it reads {sorted(known)}"
             )
         settings = cls(**kwargs)
-        if settings.method not in ("prefix", "sparse", "uniform"):
-            extra = (
-                " (a served reward model exposes no attention: ABC runs in ABCRewardManager)"
-                if settings.method == "abc"
-                else ""
-            )
+        allowed = ("abc", "prefix", "sparse", "uniform") if method == "abc" else ("prefix", "sparse", "uniform")
+        if settings.method not in allowed:
+            extra = " (ABC from the server is ServedABCRewardManager's)" if settings.method == "abc" else ""
             raise ValueError(
-                f"reward.reward_kwargs.method must be 'prefix', 'sparse' or 'uniform', got {settings.method!r}{extra}"
+                f"reward.reward_kwargs.method must be one of {allowed} for {manager}, got {settings.method!r}{extra}"
             )
         if settings.model is not None and (not isinstance(settings.model, str) or not settings.model):
             raise TypeError(f"{KWARGS}model must be the served model's name or null, got {settings.model!r}")
@@ -262,10 +265,11 @@ class ServedSettings:
         )
 
 
-def check_served(config: DictConfig) -> None:
+def check_served(config: DictConfig, method: str = "prefix", manager: str = "ServedPrefixRewardManager") -> None:
     """Raise ValueError unless verl 0.9.x starts its reward-model server with vLLM and the ``token_classify`` pooler
     (``reward.reward_model.rollout.name=vllm`` and ``+reward.reward_model.rollout.engine_kwargs.vllm.pooler_config``,
-    which verl passes to vLLM as ``--pooler-config``)."""
+    which verl passes to vLLM as ``--pooler-config``) and, for ``method="abc"``, with an ABC architecture
+    (``+reward.reward_model.rollout.engine_kwargs.vllm.hf_overrides``, passed as ``--hf-overrides``)."""
     rollout = config.reward.reward_model.get("rollout") or {}
     problems = []
     if rollout.get("name") != "vllm":
@@ -273,20 +277,33 @@ def check_served(config: DictConfig) -> None:
             f"reward.reward_model.rollout.name=vllm (got {rollout.get('name')!r}: prefix scores come from "
             "vLLM's token_classify pooling)"
         )
-    pooler = ((rollout.get("engine_kwargs") or {}).get("vllm") or {}).get("pooler_config")
-    if isinstance(pooler, str):
-        try:
-            pooler = json.loads(pooler)
-        except ValueError:
-            pooler = None
+    engine = (rollout.get("engine_kwargs") or {}).get("vllm") or {}
+    pooler = _json_value(engine.get("pooler_config"))
     task = pooler.get("task") if isinstance(pooler, Mapping) else None
     if task != "token_classify":
         problems.append(
             f"+{VERL_POOLER_CONFIG_KEY}='{POOLER_CONFIG}' (got {pooler!r}; without it vLLM's server "
             "answers /classify with one score per sample and refuses the per-token scores)"
         )
+    if method == "abc":
+        overrides = _json_value(engine.get("hf_overrides"))
+        architectures = overrides.get("architectures") if isinstance(overrides, Mapping) else None
+        if not architectures or not set(architectures) <= set(ARCHITECTURES):
+            problems.append(
+                f"+{VERL_HF_OVERRIDES_KEY}='{abc_hf_overrides()}', or another ABC architecture of "
+                f"{sorted(ARCHITECTURES)} (got {overrides!r}; the attention row comes from dense-rlhf's vLLM plugin)"
+            )
     if problems:
         raise ValueError(
-            "ServedPrefixRewardManager needs verl's reward-model server to give per-token scores; set "
-            + "; ".join(problems)
+            f"{manager} needs verl's reward-model server to give per-token scores; set " + "; ".join(problems)
         )
+
+
+def _json_value(value):
+    """A value verl passes to vLLM as JSON: given as a mapping, or as its JSON text."""
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except ValueError:
+            return None
+    return value

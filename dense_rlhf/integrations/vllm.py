@@ -1,7 +1,8 @@
-"""Prefix-difference rewards from a reward model served by vLLM, through its pooling API.
+"""ABC and prefix-difference rewards from a reward model served by vLLM, through its pooling API.
 
-ABC needs the reward model's attention, which no inference server exposes; prefix-difference rewards need only
-the score head's output at every position, and vLLM serves exactly that. Started with
+Prefix-difference rewards need only the score head's output at every position, and vLLM serves exactly that; ABC
+also needs the attention row, which the ABC architectures of dense-rlhf's vLLM plugin
+(:mod:`dense_rlhf.integrations.vllm_plugin`) add to the same reply. Started with
 ``--pooler-config '{"task":"token_classify","use_activation":false}'``, a vLLM server answers
 ``POST /pooling`` with ``"task": "token_classify"`` by applying a sequence classifier's head to every token: for
 a decoder reward model (``*ForSequenceClassification``), the score of every prefix, the input of
@@ -16,7 +17,7 @@ match the request). Every call has an ``a...`` twin for an asyncio event loop:
 - :meth:`ServedRewardModel.score_and_densify_text`: :func:`dense_rlhf.score_and_densify_text` with the forward on
   the server (the same rendering, tokenising and mapping onto the policy's tokens);
 - :meth:`ServedRewardModel.score_and_densify`: :func:`dense_rlhf.score_and_densify` on the reward model's ids;
-- :meth:`ServedRewardModel.prefix_scores`: the per-position scores themselves.
+- :meth:`ServedRewardModel.prefix_scores`, :meth:`ServedRewardModel.attention_rows`: the values themselves.
 
 ``dense_rlhf.integrations.verl.ServedPrefixRewardManager`` uses it inside verl's reward loop.
 """
@@ -24,13 +25,13 @@ match the request). Every call has an ``a...`` twin for an asyncio event loop:
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 from typing import TYPE_CHECKING
 
 import torch
 
 from dense_rlhf.align.render import Prompts
 from dense_rlhf.align.scoring import _finish_text, _prepare_text
+from dense_rlhf.integrations.vllm_abc import VERL_HF_OVERRIDES_KEY, _abc_rows, _ABCClient, abc_hf_overrides
 from dense_rlhf.integrations.vllm_messages import (
     _MAX_BACKOFF_S,
     _RETRIED_STATUS,
@@ -42,6 +43,8 @@ from dense_rlhf.integrations.vllm_messages import (
     _check_method,
     _check_number,
     _Permanent,
+    _pooled_positions,
+    _run,
     _token_rows,
     check_pad_token_id,
     pooled_index,
@@ -55,7 +58,7 @@ from dense_rlhf.integrations.vllm_replies import (
     refusal,
     reply_limit,
 )
-from dense_rlhf.ops import check_beta, prefix_rewards, sparse_rewards, uniform_rewards
+from dense_rlhf.ops import check_beta, dense_rewards, prefix_rewards, sparse_rewards, uniform_rewards
 
 try:
     import aiohttp
@@ -65,21 +68,17 @@ except ImportError as error:  # pragma: no cover - exercised only where aiohttp 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-__all__ = ["ServedRewardModel", "ServedRewardModelError", "POOLER_CONFIG", "VERL_POOLER_CONFIG_KEY"]
+__all__ = [
+    "ServedRewardModel",
+    "ServedRewardModelError",
+    "POOLER_CONFIG",
+    "VERL_POOLER_CONFIG_KEY",
+    "VERL_HF_OVERRIDES_KEY",
+    "abc_hf_overrides",
+]
 
 
-def _run(coroutine):
-    """Run a coroutine to completion from synchronous code, also when this thread already runs an event loop (a
-    notebook, an async framework): then in a helper thread with its own loop."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(coroutine)
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        return pool.submit(asyncio.run, coroutine).result()
-
-
-class ServedRewardModel:
+class ServedRewardModel(_ABCClient):
     """A reward model behind a vLLM server started with ``--pooler-config '{"task":"token_classify",
     "use_activation":false}'`` (:data:`POOLER_CONFIG`; in verl 0.9.x the key :data:`VERL_POOLER_CONFIG_KEY`).
 
@@ -202,7 +201,8 @@ class ServedRewardModel:
             return None
         return limit if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0 else None
 
-    async def _pool(self, session, rows: list[list[int]], labels: list[str] | None = None) -> list[torch.Tensor]:
+    async def _pool(self, session, rows: list[list[int]], labels: list[str] | None = None, abc: bool = False) -> list:
+        """Per row, its score at every position; with ``abc``, ``(scores, attention weights)`` of an ABC reply."""
         model = await self._model_name(session)
         url = self.base_url + "/pooling"
         payload = {"model": model, "input": rows, "task": "token_classify", "use_activation": False}
@@ -210,6 +210,8 @@ class ServedRewardModel:
             reply = await self._request(session, "POST", "/pooling", payload, limit=reply_limit(rows))
         except _Permanent as error:
             raise await self._explain(session, error, url) from None
+        if abc:
+            return _abc_rows(reply, rows, url, self.base_url, labels)
         return prefix_rows(reply, rows, url, labels)
 
     async def _explain(self, session, error: _Permanent, url: str) -> ServedRewardModelError:
@@ -275,25 +277,25 @@ class ServedRewardModel:
         empty = [b for b, row in enumerate(rows) if not row]
         if empty:
             raise ValueError(f"attention_mask has no token in rows {empty[:10]}")
-        real = [attention[b].nonzero().flatten() for b in range(len(rows))]
-        reward_index = torch.stack([real[b][pooled_index(row, pad_token_id)] for b, row in enumerate(rows)])
-        positions = torch.arange(attention.shape[1])
-        unread = (completion.any(1) & ~(completion & (positions <= reward_index[:, None])).any(1)).nonzero()
-        if len(unread):
-            raise ValueError(
-                f"completion_mask marks only tokens after the position the reward model reads its score from (its "
-                f"last token that is not pad_token_id={pad_token_id}) in rows {unread.flatten().tolist()[:10]}: the "
-                "score does not reflect those tokens, so no reward can be put on them"
-            )
+        real, pooled, reward_index = _pooled_positions(rows, attention, completion, pad_token_id)
+        labels = [f"row {b}" for b in range(len(rows))]
         async with self._session() as session:
-            values = await self._pool(session, rows, [f"row {b}" for b in range(len(rows))])
-        prefix = torch.zeros(attention.shape, dtype=torch.float32)
+            if method == "abc":  # each row up to where the model pools: the plugin reads the request's last token
+                values = await self._pool_abc(session, [row[: k + 1] for row, k in zip(rows, pooled)], labels)
+            else:
+                values = await self._pool(session, rows, labels)
+        prefix, weights = torch.zeros(attention.shape), torch.zeros(attention.shape)
         for b, row in enumerate(values):
-            prefix[b, attention[b]] = row
+            if method == "abc":
+                prefix[b, real[b][: len(row[0])]], weights[b, real[b][: len(row[0])]] = row
+            else:
+                prefix[b, attention[b]] = row
         scores = prefix[torch.arange(len(rows)), reward_index]
         device = input_ids.device
         completion = completion.to(device)
-        if method == "prefix":
+        if method == "abc":
+            rewards = dense_rewards(weights.to(device), scores.to(device), completion, beta=beta, layout="row")
+        elif method == "prefix":
             rewards = prefix_rewards(prefix.to(device), completion, beta=beta, reward_index=reward_index.to(device))
         elif method == "sparse":
             rewards = sparse_rewards(scores.to(device), completion)
@@ -319,8 +321,9 @@ class ServedRewardModel:
                 so positions count from its first real token (with right padding, exactly the local forward's
                 positions; with left padding, equal for position-relative models such as rotary ones).
             completion_mask: [B, L] bool or 0/1, True on completion tokens (inside the attention mask).
-            method: "prefix" (default: :func:`dense_rlhf.prefix_rewards` of the served prefix scores), "sparse"
-                or "uniform". "abc" is refused: a served model exposes no attention.
+            method: "prefix" (default: :func:`dense_rlhf.prefix_rewards` of the served prefix scores), "sparse",
+                "uniform", or "abc" (:func:`dense_rlhf.dense_rewards` of the served attention rows; the server
+                must run an ABC architecture, checked by one probe request per client before any scoring).
             beta: in [0, 1], as in :func:`dense_rlhf.prefix_rewards`.
             pad_token_id: the served reward model's ``config.pad_token_id``, which the client cannot see: the
                 score is read where the model pools it, at each row's last real token whose id is not this one
@@ -387,9 +390,17 @@ class ServedRewardModel:
                     )
             todo = [b for b, row in enumerate(inputs.rows) if row is not None]
             rows = [inputs.rows[b]["input_ids"] for b in todo]
-            values = await self._pool(session, rows, [f"row {b}" for b in todo]) if todo else []
-        pad = getattr(rm_tokenizer, "pad_token_id", None)
-        results = {b: (float(row[pooled_index(ids, pad)]), row) for b, ids, row in zip(todo, rows, values)}
+            labels = [f"row {b}" for b in todo]
+            ends = [pooled_index(ids, getattr(rm_tokenizer, "pad_token_id", None)) for ids in rows]
+            if not todo:
+                values = []
+            elif method == "abc":  # each row up to where the model pools; the tokens after it get no attention
+                served = await self._pool_abc(session, [ids[: k + 1] for ids, k in zip(rows, ends)], labels)
+                values = [(s[-1], torch.cat([w, w.new_zeros(len(ids) - len(w))])) for ids, (s, w) in zip(rows, served)]
+            else:
+                served = await self._pool(session, rows, labels)
+                values = [(row[k], row) for k, row in zip(ends, served)]
+        results = {b: (float(score), row) for b, (score, row) in zip(todo, values)}
         return _finish_text(batch, results, method)
 
     async def ascore_and_densify_text(
@@ -438,8 +449,8 @@ class ServedRewardModel:
         prompts) and tokenised by the same code as the local call (``dense_rlhf.align.render_and_tokenize``:
         control tokens spelled by a response stay text); the reward model's token ids go to the server, one request
         for the batch, unpadded; its score at every position comes back, and the changes of the score over the
-        response's tokens are mapped onto the policy's tokens as the local call maps them. ``method="abc"`` raises:
-        a served model exposes no attention.
+        response's tokens are mapped onto the policy's tokens as the local call maps them. ``method="abc"`` maps the
+        served attention row instead (the server must run an ABC architecture, as :meth:`score_and_densify` says).
 
         Args:
             rm_tokenizer: the served reward model's fast tokenizer (the one the server was started with); each

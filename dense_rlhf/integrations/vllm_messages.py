@@ -5,6 +5,8 @@ or imports aiohttp."""
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import math
 import numbers
 from collections.abc import Sequence
@@ -19,7 +21,7 @@ VERL_POOLER_CONFIG_KEY = "reward.reward_model.rollout.engine_kwargs.vllm.pooler_
 """Where verl 0.9.x takes that value from for the reward-model server it starts."""
 TokenRows = Sequence[Sequence[int]] | Sequence[torch.Tensor] | torch.Tensor
 """A batch of token-id rows: lists of ints or 1-D integer tensors, or a [B, L] integer tensor."""
-METHODS = ("prefix", "sparse", "uniform")
+METHODS = ("prefix", "sparse", "uniform", "abc")
 _RETRIED_STATUS = {408, 429, 500, 502, 503, 504}  # 501 (Not Implemented) is permanent
 _MAX_BACKOFF_S = 30.0
 
@@ -80,13 +82,7 @@ def _token_rows(token_ids: TokenRows, argument: str = "token_ids") -> list[list[
 
 
 def _check_method(method) -> None:
-    if method == "abc":
-        raise ValueError(
-            "method='abc' needs the reward model's attention, which a served model does not expose; use "
-            "method='prefix' (or 'sparse', 'uniform') here, or run ABC with the reward model in-process "
-            "(dense_rlhf.score_and_densify or score_and_densify_text)"
-        )
-    if method not in METHODS:
+    if not isinstance(method, str) or method not in METHODS:
         raise ValueError(f"method must be one of {METHODS} for a served reward model, got {method!r}")
 
 
@@ -136,3 +132,32 @@ def pooled_index(row: Sequence[int], pad_token_id: int | None) -> int:
                 return position
         return 0
     return len(row) - 1
+
+
+def _pooled_positions(rows: list[list[int]], attention: torch.Tensor, completion: torch.Tensor, pad_token_id):
+    """For a [B, L] batch whose rows' real tokens are ``rows``: each row's real positions, the index in its row of the
+    token the model pools (:func:`pooled_index`) and that token's position [B]. A row whose completion tokens all come
+    after it is refused: the score does not reflect them."""
+    real = [attention[b].nonzero().flatten() for b in range(len(rows))]
+    pooled = [pooled_index(row, pad_token_id) for row in rows]
+    reward_index = torch.stack([real[b][k] for b, k in enumerate(pooled)])
+    positions = torch.arange(attention.shape[1])
+    unread = (completion.any(1) & ~(completion & (positions <= reward_index[:, None])).any(1)).nonzero()
+    if len(unread):
+        raise ValueError(
+            f"completion_mask marks only tokens after the position the reward model reads its score from (its "
+            f"last token that is not pad_token_id={pad_token_id}) in rows {unread.flatten().tolist()[:10]}: the "
+            "score does not reflect those tokens, so no reward can be put on them"
+        )
+    return real, pooled, reward_index
+
+
+def _run(coroutine):
+    """Run a coroutine to completion from synchronous code, also when this thread already runs an event loop (a
+    notebook, an async framework): then in a helper thread with its own loop."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coroutine)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coroutine).result()

@@ -16,15 +16,16 @@ from dense_rlhf.integrations.vllm_messages import POOLER_CONFIG, VERL_POOLER_CON
 REPLY_FLOOR_BYTES = 1 << 20
 """The least a reply may hold (1 MiB): room for a model listing or an error body, whatever the request."""
 REPLY_BYTES_PER_VALUE = 64
-"""Bytes of JSON allowed per value a ``token_classify`` reply should hold (tokens x 2 logits, the most a reward
-model's head gives): a float's JSON text with its separators takes at most about 30."""
+"""Bytes of JSON allowed per value a ``token_classify`` reply should hold (tokens x 3: the ABC plugin's three
+channels, more than a reward model's one or two logits): a float's JSON text with its separators takes at most about
+30."""
 _FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
 def reply_limit(rows: list[list[int]] | None = None) -> int:
     """The most bytes read of a reply: :data:`REPLY_BYTES_PER_VALUE` for each value the reply to ``rows`` should
-    hold (2 per token), at least :data:`REPLY_FLOOR_BYTES`."""
-    values = 2 * sum(len(row) for row in rows) if rows else 0
+    hold (3 per token), at least :data:`REPLY_FLOOR_BYTES`."""
+    values = 3 * sum(len(row) for row in rows) if rows else 0
     return max(REPLY_FLOOR_BYTES, REPLY_BYTES_PER_VALUE * values)
 
 
@@ -128,8 +129,9 @@ def model_listing(reply, url: str) -> dict:
 
 
 def _row_logits(values, n: int, row: str, url: str) -> torch.Tensor:
-    """[n, C] float32 logits of one row's reply values: n numbers, or n lists of C = 1 or 2 numbers (JSON numbers
-    only: no booleans, strings or nulls), each finite and within float32's range."""
+    """[n, C] float32 logits of one row's reply values: n numbers, or n lists of C = 1 or 2 numbers, or 3 (the ABC
+    plugin's reply, :func:`is_abc_reply`) (JSON numbers only: no booleans, strings or nulls), each finite and within
+    float32's range."""
 
     def bad(what: str) -> ServedRewardModelError:
         return ServedRewardModelError(f"POST {url} returned {what} for {row}", url=url, status=200)
@@ -144,10 +146,10 @@ def _row_logits(values, n: int, row: str, url: str) -> torch.Tensor:
             status=200,
         )
     widths = {len(v) if type(v) is list else None for v in values}  # None: a bare number per token
-    if len(widths) != 1 or widths.pop() not in (None, 1, 2):
+    if len(widths) != 1 or widths.pop() not in (None, 1, 2, 3):
         raise ServedRewardModelError(
             f"POST {url} returned per-token values for {row} that are not one logit (the score) or two "
-            "(logit[1] - logit[0]) for every token",
+            "(logit[1] - logit[0]) for every token, nor dense-rlhf's ABC reply (score, attention weight, position)",
             url=url,
             status=200,
         )
@@ -167,9 +169,10 @@ def _row_logits(values, n: int, row: str, url: str) -> torch.Tensor:
     return wide.float().reshape(n, -1)
 
 
-def prefix_rows(reply, rows: list[list[int]], url: str, labels: list | None = None) -> list[torch.Tensor]:
-    """float32 [n_b] scores per row from a token_classify reply, checked against the request. ``labels``: how the
-    messages name request row i (default ``sequence i``)."""
+def reply_rows(reply, rows: list[list[int]], url: str, labels: list | None = None) -> list[torch.Tensor]:
+    """float32 [n_b, C] values per row of a token_classify reply, checked against the request (one result per row,
+    each as :func:`_row_logits` checks it). ``labels``: how the messages name request row i (default
+    ``sequence i``)."""
     data = reply.get("data") if isinstance(reply, dict) else None
     if not isinstance(data, list) or len(data) != len(rows):
         got = len(data) if isinstance(data, list) else type(data).__name__
@@ -184,8 +187,33 @@ def prefix_rows(reply, rows: list[list[int]], url: str, labels: list | None = No
                 f"POST {url} returned a result with a bad index ({str(index)[:50]})", url=url, status=200
             )
         label = labels[index] if labels is not None else f"sequence {index}"
-        logits = _row_logits(item.get("data"), len(rows[index]), label, url)
-        out[index] = _score_of(logits, "the served logits")
+        out[index] = _row_logits(item.get("data"), len(rows[index]), label, url)
+    return out
+
+
+def is_abc_reply(values: torch.Tensor) -> bool:
+    """Whether a row's [n, C] values are the ABC plugin's ``[score, attention weight, position]`` per token: three
+    channels whose third counts the tokens 0..n-1, which no classifier head's logits do."""
+    return values.shape[1] == 3 and torch.equal(values[:, 2], torch.arange(len(values), dtype=torch.float32))
+
+
+def prefix_rows(reply, rows: list[list[int]], url: str, labels: list | None = None) -> list[torch.Tensor]:
+    """float32 [n_b] scores per row from a token_classify reply, checked against the request (:func:`reply_rows`):
+    a one- or two-logit head's (``logit[1] - logit[0]``), or the score channel of an ABC reply."""
+    out = []
+    for index, values in enumerate(reply_rows(reply, rows, url, labels)):
+        if values.shape[1] == 3:
+            if not is_abc_reply(values):
+                label = labels[index] if labels is not None else f"sequence {index}"
+                raise ServedRewardModelError(
+                    f"POST {url} returned three values per token for {label} whose third is not the token's "
+                    "position: a three-label head, which a reward model is not, or a reply to another request",
+                    url=url,
+                    status=200,
+                )
+            out.append(values[:, 0].contiguous())
+        else:
+            out.append(_score_of(values, "the served logits"))
     return out
 
 
