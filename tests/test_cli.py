@@ -126,7 +126,7 @@ def test_the_help_is_the_fields_docs(command, capsys):
         "experiment": [
             f"--lr FLOAT {options.field_docs(PPOConfig)['lr']} (default: ours 0.0003, paper 0.0003)",
             "--seeds INT PPO seeds per method (default 5)",
-            "--study {methods,length,oracle,frontier}",
+            "--study {methods,length,oracle,frontier,rows}",
             "--rm-layers INT the reward model's layers; ABC reads the last one",
         ],
         "grpo-study": [

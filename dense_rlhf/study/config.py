@@ -1,7 +1,7 @@
-"""The study's settings and ``dense-rlhf experiment``'s options, in one module that the command
-(``experiment``) and each of its studies (``length``, ``oracle``, ``frontier``) import: the SFT/reward-model setup
-(``SETUP``), our PPO (``PPO``) and the paper's (``PAPER_PPO``), the parsed options (``ExperimentOptions``) and
-the PPO settings they select (``ppo_settings``)."""
+"""The study's settings and ``dense-rlhf experiment``'s options, in one module that the command (``experiment``)
+and each of its studies (``length``, ``oracle``, ``frontier``, ``free_rows``) import: the SFT/reward-model setup
+(``SETUP``), our PPO (``PPO``) and the paper's (``PAPER_PPO``), the parsed options (``ExperimentOptions``) and the
+PPO settings they select (``ppo_settings``)."""
 
 from __future__ import annotations
 
@@ -50,11 +50,13 @@ MULTI = ("oracle", "frontier")  # the studies that run several --ppo settings
 class ExperimentOptions:
     """``dense-rlhf experiment``'s options (besides ``PPO_OPTIONS`` and ``--rm-layers``)."""
 
-    study: Literal["methods", "length", "oracle", "frontier"] = "methods"
+    study: Literal["methods", "length", "oracle", "frontier", "rows"] = "methods"
     """methods: every reward method at one completion length; length: the completion-length sweep (sparse, ABC
     0.8, prefix 0.8, uniform by default); oracle: the true credit as a reward method beside sparse, ABC 0.8, prefix
     0.8 and uniform, in each --ppo setting; frontier: final score against final KL over --kl-coefs (sparse, ABC
-    0.8, prefix 0.8 and the oracle in ABC's shape by default), in each --ppo setting"""
+    0.8, prefix 0.8 and the oracle in ABC's shape by default), in each --ppo setting; rows: label-free
+    alternatives to ABC's attention row from the same forward, screened with the credit diagnostics (1-layer and
+    2-layer reward models)"""
     seeds: int = 5
     """PPO seeds per method"""
     ppo: str | None = None
@@ -80,7 +82,7 @@ class ExperimentOptions:
     out: str = default_out("experiment")
     """output folder (`make experiment` writes the repository's committed results, experiments/results)"""
     name: str | None = None
-    """output file stem (default experiment, length_study, oracle_study or frontier)"""
+    """output file stem (default experiment, length_study, oracle_study, frontier or free_rows)"""
     threads: int = 1
     """torch threads of the main process (SFT/RM training); runs always use 1 each"""
     quick: bool = False

@@ -5,8 +5,9 @@ runs PPO for every (method, seed), and writes ``<name>.json`` (every curve), ``<
 ``<name>.png`` (mean curves with seed bands) under ``--out``. Everything follows from ``--seed``.
 ``--study length`` runs the completion-length sweep instead (``dense_rlhf.study.length``), ``--study oracle`` the
 oracle-credit methods in our PPO settings and the paper's (``dense_rlhf.study.oracle``), ``--study frontier``
-the final score against the final KL over several KL strengths (``dense_rlhf.study.frontier``). ``--ppo paper`` runs PPO
-the paper's way (``config.PAPER_PPO``).
+the final score against the final KL over several KL strengths (``dense_rlhf.study.frontier``), ``--study rows``
+label-free alternatives to ABC's row screened with the credit diagnostics (``dense_rlhf.study.free_rows``).
+``--ppo paper`` runs PPO the paper's way (``config.PAPER_PPO``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from dense_rlhf.study import frontier, length, oracle, report, runs
+from dense_rlhf.study import free_rows, frontier, length, oracle, report, runs
 from dense_rlhf.study import methods as M
 from dense_rlhf.study.config import SETUP, parse_args, ppo_settings
 from dense_rlhf.study.diagnostics import credit_report
@@ -43,6 +44,9 @@ def main(argv: list[str]) -> int:
     if args.study == "frontier":
         args.name = args.name or "frontier"
         return frontier.main(args, argv, setup, settings)
+    if args.study == "rows":
+        args.name = args.name or "free_rows"
+        return free_rows.main(args, argv, setup)
     (base,) = settings.values()
     if args.study == "length":
         args.name = args.name or "length_study"

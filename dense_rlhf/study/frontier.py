@@ -28,6 +28,7 @@ interrupted study leaves the settings it finished. The file is removed once ever
 from __future__ import annotations
 
 import json
+import textwrap
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -288,7 +289,7 @@ def plot(sections: list[dict], methods: list[str], path: Path, title: str) -> No
             ax.axvspan(*sec["span"], color="0.9", label="KLs every method spans")
         ax.set_xlabel("final KL (nats per completion)")
         ax.set_ylabel("final true score (±1 std over seeds)")
-        ax.set_title(_setting_line(sec).replace(": ", ":\n", 1), fontsize=8)
+        ax.set_title("\n".join(textwrap.wrap(_setting_line(sec), 90)), fontsize=8)
         ax.legend(fontsize=7)
         own = sec["ppo"]["kl_coef"]
         strength = min(sec["kl_strengths"], key=lambda c: abs(c - own))
