@@ -1,4 +1,4 @@
-"""The label-free candidate rows of ``dense_rlhf.study.free_rows`` against references computed another way: ABC's
+"""The label-free candidate rows of ``dense_rlhf.study.candidate_rows`` against references computed another way: ABC's
 row from the capture, the value and output norms from the layers' own modules, and the direct score, which with the
 MLP switched off adds up with the residual path to the reward model's score exactly."""
 
@@ -10,7 +10,7 @@ import torch  # noqa: E402
 from transformers import GPT2Config, GPT2ForSequenceClassification  # noqa: E402
 
 from dense_rlhf.capture import capture_reward_attention  # noqa: E402
-from dense_rlhf.study.free_rows import CANDIDATES, candidate_rows  # noqa: E402
+from dense_rlhf.study.candidate_rows import CANDIDATES, candidate_rows  # noqa: E402
 
 
 def _rm(layers: int, seed: int = 0) -> GPT2ForSequenceClassification:
@@ -96,3 +96,31 @@ def test_direct_score_adds_up_to_the_score_without_the_mlp():
 
     rest = through(residual + rm.transformer.h[0].attn.c_proj.bias) + (ln.bias * head).sum()
     assert torch.allclose(rows["direct-score"].sum(1) + rest, score, atol=1e-4)
+
+
+def test_norm_method_hands_ppo_abcs_formula_with_the_norm_row():
+    """``norm-0.8``: per completion token beta * score * (its share of the row over the completion), the rest of
+    the score on the last token, written out by hand from the candidate row."""
+    import random
+
+    from dense_rlhf.rl.ppo import PolicyWithValue, rollout
+    from dense_rlhf.study import methods as M
+    from dense_rlhf.study import sentiment_task as task
+    from dense_rlhf.study.models import SetupConfig, new_policy, new_reward_model
+
+    torch.manual_seed(0)
+    codec = task.Codec()
+    cfg = SetupConfig(n_embd=32, rm_n_embd=32, n_layer=1, rm_n_layer=1, n_head=2, rm_n_head=2)
+    lm, rm = new_policy(codec, cfg).eval(), new_reward_model(codec, cfg).eval()
+    prompts = codec.encode(task.sample_prompts(random.Random(3), 6))
+    ro = rollout(PolicyWithValue(lm, codec.special_ids), lm, prompts, 10, torch.Generator().manual_seed(3), 1.0)
+    rewards, stats = M.make_score_fn("norm-0.8", rm, codec)(ro)
+    ids, _ = M.rm_inputs(codec, ro.seq)
+    score, rows = candidate_rows(rm, ids)
+    p = task.PROMPT_LEN
+    share = rows["summed-output-norm"][:, p : p + 10]
+    expected = 0.8 * score[:, None] * share / share.sum(1, keepdim=True)
+    expected[:, -1] += 0.2 * score
+    torch.testing.assert_close(rewards, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(rewards.sum(1), score, atol=1e-5, rtol=1e-5)
+    assert stats["rm_score"] == pytest.approx(score.mean().item())
