@@ -86,7 +86,7 @@ def test_every_setting_is_written_once_with_a_one_line_doc():
 
     from dense_rlhf.rl.grpo import GRPOConfig
     from dense_rlhf.rl.ppo import PPOConfig
-    from dense_rlhf.study import demo, experiment, grpo_study, options
+    from dense_rlhf.study import config, demo, grpo_study, options
     from dense_rlhf.study.models import SetupConfig
     from dense_rlhf.study.runs import Run
 
@@ -94,7 +94,7 @@ def test_every_setting_is_written_once_with_a_one_line_doc():
         PPOConfig,
         GRPOConfig,
         SetupConfig,
-        experiment.ExperimentOptions,
+        config.ExperimentOptions,
         grpo_study.GRPOStudyOptions,
         demo.DemoOptions,
         Run,
@@ -126,7 +126,7 @@ def test_the_help_is_the_fields_docs(command, capsys):
         "experiment": [
             f"--lr FLOAT {options.field_docs(PPOConfig)['lr']} (default: ours 0.0003, paper 0.0003)",
             "--seeds INT PPO seeds per method (default 5)",
-            "--study {methods,length,oracle}",
+            "--study {methods,length,oracle,frontier,rows}",
             "--rm-layers INT the reward model's layers; ABC reads the last one",
         ],
         "grpo-study": [
@@ -141,9 +141,9 @@ def test_the_help_is_the_fields_docs(command, capsys):
 
 def test_options_set_the_fields_they_name():
     pytest.importorskip("transformers")
-    from dense_rlhf.study import demo, experiment, grpo_study
+    from dense_rlhf.study import config, demo, experiment, grpo_study
 
-    assert experiment.parse_args([]) == experiment.ExperimentOptions()
+    assert experiment.parse_args([]) == config.ExperimentOptions()
     args = experiment.parse_args(
         ["--study", "length", "--rm-layers", "2", "--whiten-rewards", "--lr", "1e-3", "--quick", "--lam", "0.9"]
     )

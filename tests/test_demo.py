@@ -132,6 +132,56 @@ def test_demo_quick_then_tiny_experiment(tmp_path, monkeypatch, capsys):
     text = (res / "oracle_study.md").read_text()
     assert "Share of the oracle's speed-up" in text and (res / "oracle_study.png").stat().st_size > 0
 
+    # the frontier's whole pipeline: two KL strengths per setting, resumed from its partial file
+    argv = [
+        "experiment",
+        "--study",
+        "frontier",
+        "--quick",
+        "--steps",
+        "2",
+        "--seeds",
+        "1",
+        "--kl-coefs",
+        "0.05,0.2",
+        "--methods",
+        "sparse,abc-0.8",
+        "--workers",
+        "1",
+        "--out",
+        str(res),
+    ]
+    assert cli.main(argv) == 0
+    assert list(cache.glob("setup-*")) == setups and not (res / "frontier.partial.jsonl").exists()
+    data = json.loads((res / "frontier.json").read_text())
+    assert [s["setting"] for s in data["sections"]] == ["paper", "ours"]  # the order they ran in, slowest first
+    for sec in data["sections"]:
+        assert len(sec["runs"]) == 4 and {len(p) for p in sec["points"].values()} == {2}
+        assert {r["curves"]["kl_coef"][0] for r in sec["runs"]} == {0.05, 0.2}
+    assert (
+        data["meta"]["missing"] is None
+        and "At matched KL" in (res / "frontier.md").read_text()
+        or all(s["span"] is None for s in data["sections"])
+    )
+    ours = data["sections"][1]
+    first = ours["runs"][0]
+    with (res / "frontier.partial.jsonl").open("w") as f:  # an interrupted study: one run already done ...
+        key = json.dumps(
+            [
+                first["method"],
+                first["seed"],
+                data["meta"]["setup"],
+                ours["ppo"] | {"kl_coef": 0.05},
+                [["setting", "ours"], ["kl", 0.05]],
+            ],
+            sort_keys=True,
+        )
+        f.write(json.dumps({"key": key, "result": first | {"seconds": -1.0}}) + "\n")
+    assert cli.main(argv) == 0  # ... is not run again
+    again = json.loads((res / "frontier.json").read_text())
+    assert [r["seconds"] for r in again["sections"][1]["runs"]].count(-1.0) == 1
+    assert (res / "frontier.png").stat().st_size > 0
+
 
 def test_credit_shading_never_looks_like_the_sign_colours():
     """The shading of ABC's share must not be read as the green or red of the true credit's sign, also where

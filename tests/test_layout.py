@@ -62,3 +62,42 @@ def test_modules_keep_to_one_concern():
         for path in (ROOT / "dense_rlhf").rglob("*.py")
     }
     assert sizes and all(size <= 480 for size in sizes.values()), {p: n for p, n in sizes.items() if n > 480}
+
+
+def _package_imports(path: Path) -> set[str]:
+    """The dense_rlhf modules that a module imports anywhere in its source (deferred imports included)."""
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("dense_rlhf"):
+            found.add(node.module)
+            found.update(f"{node.module}.{a.name}" for a in node.names)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("dense_rlhf"))
+    return found
+
+
+def test_the_package_has_no_import_circle():
+    """Each module reads top-down: no chain of imports (deferred ones included) leads back to where it started."""
+    modules = {
+        ".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p
+        for p in (ROOT / "dense_rlhf").rglob("*.py")
+    }
+    graph = {m: sorted(x for x in _package_imports(p) if x in modules and x != m) for m, p in modules.items()}
+    # a package's __init__ that only re-exports its modules is not a step of a circle through them
+    graph = {m: [x for x in deps if not m.startswith(x + ".")] for m, deps in graph.items()}
+    state: dict[str, int] = {}
+
+    def visit(m: str, path: list[str]) -> None:
+        state[m] = 1
+        for x in graph[m]:
+            if state.get(x) == 1:
+                raise AssertionError("import circle: " + " -> ".join(path[path.index(x) :] + [x]))
+            if x not in state:
+                visit(x, path + [x])
+        state[m] = 2
+
+    for m in graph:
+        if m not in state:
+            visit(m, [m])

@@ -125,7 +125,7 @@ def test_rm_scale_is_the_least_squares_slope_on_the_hidden_score():
 
 
 def test_default_command_line_keeps_the_studys_ppo_exactly():
-    from dense_rlhf.study.experiment import PPO, parse_args, ppo_settings
+    from dense_rlhf.study.config import PPO, parse_args, ppo_settings
 
     assert ppo_settings(parse_args([])) == {"ours": PPO}
     got = ppo_settings(parse_args(["--steps", "7", "--kl-coef", "0.2", "--lr", "1e-3", "--batch-size", "8"]))
@@ -133,7 +133,7 @@ def test_default_command_line_keeps_the_studys_ppo_exactly():
 
 
 def test_paper_settings_on_the_command_line():
-    from dense_rlhf.study.experiment import PAPER_PPO, PPO, parse_args, ppo_settings
+    from dense_rlhf.study.config import PAPER_PPO, PPO, parse_args, ppo_settings
 
     paper = ppo_settings(parse_args(["--ppo", "paper"]))["paper"]
     assert paper == PAPER_PPO

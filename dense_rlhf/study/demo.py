@@ -24,8 +24,8 @@ from dense_rlhf.rl.common import Policy, generate
 from dense_rlhf.study import methods as M
 from dense_rlhf.study import options, report
 from dense_rlhf.study import sentiment_task as task
+from dense_rlhf.study.config import PPO, SETUP
 from dense_rlhf.study.credit_view import examples_from, html_page, rich_lines
-from dense_rlhf.study.experiment import PPO, SETUP
 from dense_rlhf.study.library_log import library_output_to
 from dense_rlhf.study.models import QUICK_SETUP, cache_root, load_or_train
 from dense_rlhf.study.runs import Run, run_one

@@ -24,20 +24,17 @@ import json
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
 from dense_rlhf.rl.ppo import PPOConfig
 from dense_rlhf.study import methods as M
 from dense_rlhf.study import report, runs, stats
+from dense_rlhf.study.config import ExperimentOptions
 from dense_rlhf.study.diagnostics import credit_report
 from dense_rlhf.study.library_log import quiet_transformers
 from dense_rlhf.study.models import SetupConfig, load_or_train
 from dense_rlhf.study.plots import pyplot, save
-
-if TYPE_CHECKING:
-    from dense_rlhf.study.experiment import ExperimentOptions
 
 LENGTHS = (10, 20, 40, 80)
 METHODS = ("sparse", "abc-0.8", "prefix-0.8", "uniform")

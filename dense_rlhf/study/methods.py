@@ -21,6 +21,12 @@ on the task's text, see ``models.load_or_train_chat_rm``), through ``dense_rlhf.
 - ``bpe-abc-0.8``: ABC through alignment: its last-layer row from its final ``<|end|>``, projected onto the
   policy's word tokens by byte overlap, beta 0.8.
 
+A label-free row from the same forward (``ROW_METHODS``, ``candidate_rows``):
+
+- ``norm-<beta>``: ABC's formula with ABC's row replaced by the norm of each token's summed contribution to the
+  scoring token's attention output, ``|sum_h alpha_h,t v_h,t W_O^h|`` (Kobayashi et al., 2020), the best unsigned
+  candidate of ``--study rows`` for the 1-layer reward model.
+
 Oracles (``ORACLE_METHODS``): the task's true per-token credit c_t (``sentiment_task.credits_of``, the signed
 leave-one-out effect of each token on the hidden score), delivered the way ABC delivers its credit, each row
 still summing to the reward model's score r_C (``oracle_rewards``):
@@ -49,6 +55,7 @@ from dense_rlhf.ops import dense_rewards, prefix_rewards, sparse_rewards, unifor
 from dense_rlhf.rl.grpo import GroupRollout
 from dense_rlhf.rl.ppo import Rollout, RolloutHook
 from dense_rlhf.study import sentiment_task as task
+from dense_rlhf.study.candidate_rows import candidate_rows
 
 METHODS = ["sparse", "abc-0.5", "abc-0.8", "abc-1.0", "prefix-0.8", "prefix-1.0", "uniform", "abcd"]
 LABELS = {
@@ -64,14 +71,16 @@ LABELS = {
 ABCD_BETA = 0.8
 ALIGNED_METHODS = ["bpe-sparse", "bpe-abc-0.8"]
 ORACLE_METHODS = ["oracle-0.8", "oracle-abs-0.8"]
+ROW_METHODS = ["norm-0.8"]
 RM_SCALE_TEXTS, RM_SCALE_SEED = 2048, 7  # the grammar texts rm_scale fits on
-ALL_METHODS = METHODS + ALIGNED_METHODS + ORACLE_METHODS
+ALL_METHODS = METHODS + ALIGNED_METHODS + ORACLE_METHODS + ROW_METHODS
 LABELS.update(
     {
         "bpe-sparse": "sparse, BPE chat RM",
         "bpe-abc-0.8": "ABC through alignment, BPE chat RM",
         "oracle-0.8": "oracle: true credit in RM units, beta=0.8",
         "oracle-abs-0.8": "oracle in ABC's shape (shares by absolute true credit), beta=0.8",
+        "norm-0.8": "ABC with attention x output norm (Kobayashi), beta=0.8",
     }
 )
 
@@ -175,6 +184,8 @@ def token_rewards(
         full = uniform_rewards(score, rm_mask)
     elif method.startswith("abc-"):
         full = dense_rewards(rm_rows, score, rm_mask, beta=float(method[4:]), layout="rows")
+    elif method.startswith("norm-"):  # rm_rows: the candidate's one row per sequence [B, L]
+        full = dense_rewards(rm_rows, score, rm_mask, beta=float(method[5:]), layout="row")
     elif method.startswith("prefix-"):
         full = prefix_rewards(prefix_scores, rm_mask, beta=float(method[7:]), reward_index=reward_index)
     elif method == "abcd":
@@ -243,7 +254,11 @@ def make_score_fn(method: str, rm, codec: task.Codec, chat_rm=None):
 
     def score_fn(ro: Rollout):
         ids, mask = rm_inputs(codec, ro.seq)
-        score, rows, prefix, index = rm_forward(rm, ids, prefix=method.startswith("prefix-"))
+        if method.startswith("norm-"):
+            score, cands = candidate_rows(rm, ids)
+            rows, prefix, index = cands["summed-output-norm"], None, None
+        else:
+            score, rows, prefix, index = rm_forward(rm, ids, prefix=method.startswith("prefix-"))
         n_new = ro.seq.shape[1] - task.PROMPT_LEN
         if oracle and not scale:
             scale.append(1.0 if oracle_spec(method)[1] else rm_scale(rm, codec, n_new))

@@ -7,7 +7,7 @@ true credit in the reward model's units (beta times the reward model's scale tim
 score on the last token), and ``oracle-abs-0.8``, ABC's shape with a perfect attention row (shares proportional to
 |true credit|, every token with the score's sign). They run beside sparse, ABC 0.8, prefix differences 0.8 and
 uniform, from the same cached SFT policy and reward model and with the same seeds, for every PPO setting of
-``--ppo`` (default ``ours,paper``: ``experiment.PPO`` and ``experiment.PAPER_PPO``) and every GAE lambda of
+``--ppo`` (default ``ours,paper``: ``config.PPO`` and ``config.PAPER_PPO``) and every GAE lambda of
 ``--lam`` (default: 0.95 and 0.8 in ours, the paper's 0.95 in the paper's, whose runs cost about six times as much
 CPU).
 
@@ -31,17 +31,14 @@ import json
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from dense_rlhf.rl.ppo import PPOConfig
 from dense_rlhf.study import methods as M
 from dense_rlhf.study import report, runs, stats
+from dense_rlhf.study.config import ExperimentOptions
 from dense_rlhf.study.diagnostics import credit_report
 from dense_rlhf.study.models import SetupConfig, load_or_train
 from dense_rlhf.study.plots import pyplot, save, score_curves
-
-if TYPE_CHECKING:
-    from dense_rlhf.study.experiment import ExperimentOptions
 
 METHODS = ("sparse", "abc-0.8", "prefix-0.8", "uniform", "oracle-0.8", "oracle-abs-0.8")
 LAMS = {"ours": (0.95, 0.8), "paper": (0.95,)}  # GAE lambdas per setting unless --lam names them
