@@ -1,6 +1,8 @@
 """The frontier study's statistics (``dense_rlhf.study.frontier``): interpolation along a method's points, the
 KLs every method spans, and the score and steps at matched KL, against values worked out by hand."""
 
+import json
+
 import pytest
 
 pytest.importorskip("transformers")
@@ -68,3 +70,39 @@ def test_no_overlap_no_matched_kl():
         "abc-0.8": [{"kl_mean": 2.0, "score_mean": 1.0, "score_std": 0.0, "mean_curve": [1.0]}],
     }
     assert frontier.common_span(pts) is None and frontier.matched(pts, 0.0) == []
+
+
+def test_a_finished_study_is_extended_not_repeated(tmp_path):
+    from dataclasses import asdict, replace
+
+    from dense_rlhf.rl.ppo import PPOConfig
+    from dense_rlhf.study import runs
+    from dense_rlhf.study.models import SetupConfig
+
+    setup, settings = SetupConfig(), {"ours": PPOConfig()}
+    jobs = [
+        runs.Run(m, s, setup, replace(settings["ours"], kl_coef=c), tags=(("setting", "ours"), ("kl", c)))
+        for c in (0.05, 0.1)
+        for m in ("sparse", "abc-0.8")
+        for s in (0, 1, 2)
+    ]
+    earlier = [_run(m, c, s, [0.0], [0.0]) for c in (0.05, 0.1) for m in ("sparse", "abc-0.8") for s in (0, 1)]
+    earlier.append(_run("sparse", 0.2, 0, [0.0], [0.0]))  # a strength this command does not ask for
+    path = tmp_path / "frontier.json"
+
+    def write(setup_dict, setting_dict):
+        meta = {"setup": setup_dict, "settings": {"ours": setting_dict}}
+        path.write_text(json.dumps({"meta": meta, "sections": [{"setting": "ours", "runs": earlier}]}))
+
+    write(asdict(setup), asdict(settings["ours"]))
+    done = frontier._earlier_results(path, jobs, setup, settings)
+    keys = {frontier._key(j): j for j in jobs}
+    assert len(done) == 8 and all(k in keys for k in done)
+    assert {(keys[k].method, keys[k].seed) for k in done} == {(m, s) for m in ("sparse", "abc-0.8") for s in (0, 1)}
+    assert all(done[k]["method"] == keys[k].method and done[k]["seed"] == keys[k].seed for k in done)
+    # runs of another setup or other PPO settings are not this study's
+    write(asdict(replace(setup, sft_steps=setup.sft_steps + 1)), asdict(settings["ours"]))
+    assert frontier._earlier_results(path, jobs, setup, settings) == {}
+    write(asdict(setup), asdict(replace(settings["ours"], lam=0.5)))
+    assert frontier._earlier_results(path, jobs, setup, settings) == {}
+    assert frontier._earlier_results(tmp_path / "absent.json", jobs, setup, settings) == {}

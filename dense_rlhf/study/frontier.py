@@ -20,9 +20,10 @@ Per setting (``analyse``):
 
 Runs are ordered slowest first through one pool of single-threaded workers. Each finished run is appended to
 ``<name>.partial.jsonl`` under ``--out``: the same command later resumes from it (runs with the same method, seed,
-setup and PPO settings are not run again), and the outputs are rewritten as each setting completes, so that an
-interrupted study leaves the settings it finished. The file is removed once every run is in ``<name>.json``
-(every curve), beside ``<name>.md`` (tables) and ``<name>.png`` (the frontiers and the learning curves).
+setup and PPO settings are not run again, nor those already in a finished ``<name>.json``), and the outputs are
+rewritten as each setting completes, so that an interrupted study leaves the settings it finished. The file is
+removed once every run is in ``<name>.json`` (every curve), beside ``<name>.md`` (tables) and ``<name>.png`` (the
+frontiers and the learning curves).
 """
 
 from __future__ import annotations
@@ -326,6 +327,28 @@ def _key(run: runs.Run) -> str:
     return json.dumps([run.method, run.seed, asdict(run.setup), asdict(run.config), list(run.tags)], sort_keys=True)
 
 
+def _earlier_results(path: Path, jobs: list[runs.Run], setup: SetupConfig, settings: dict[str, PPOConfig]) -> dict:
+    """The runs of a finished study of the same name that this one asks for again, by key: those of ``path``
+    (``<name>.json``) whose setup and PPO setting equal this command's, matched on method, seed, setting and KL
+    strength, so that more seeds or strengths add runs to a finished study instead of repeating it."""
+    if not path.exists():
+        return {}
+    data = json.loads(path.read_text())
+    if data["meta"]["setup"] != asdict(setup):
+        return {}
+    by_tags = {(j.method, j.seed, dict(j.tags)["setting"], dict(j.tags)["kl"]): _key(j) for j in jobs}
+    done = {}
+    for section in data["sections"]:
+        name = section["setting"]
+        if name not in settings or data["meta"]["settings"].get(name) != asdict(settings[name]):
+            continue
+        for res in section["runs"]:
+            key = by_tags.get((res["method"], res["seed"], res["setting"], res["kl"]))
+            if key is not None:
+                done[key] = res
+    return done
+
+
 def main(args: ExperimentOptions, argv: list[str], setup: SetupConfig, settings: dict[str, PPOConfig]) -> int:
     """Run the study from ``dense-rlhf experiment``'s parsed arguments, its setup and its PPO settings by name."""
     t0 = time.time()
@@ -359,7 +382,7 @@ def main(args: ExperimentOptions, argv: list[str], setup: SetupConfig, settings:
         for m in methods
         for s in seeds
     ]
-    done: dict[str, dict] = {}
+    done = _earlier_results(out / f"{args.name}.json", jobs, setup, settings)
     if partial.exists():
         wanted = {_key(j) for j in jobs}
         for line in partial.read_text().splitlines():
@@ -369,8 +392,8 @@ def main(args: ExperimentOptions, argv: list[str], setup: SetupConfig, settings:
     todo = [j for j in jobs if _key(j) not in done]
     plan = ", ".join(f"{name} at KL strengths {'/'.join(f'{c:g}' for c in coefs[name])}" for name in order)
     print(
-        f"[2/2] {len(jobs)} PPO runs ({plan}; {len(methods)} methods x {len(seeds)} seeds; {len(done)} from "
-        f"{partial.name}; {args.workers} workers)",
+        f"[2/2] {len(jobs)} PPO runs ({plan}; {len(methods)} methods x {len(seeds)} seeds; {len(done)} done "
+        f"earlier, read from {args.name}.json and {partial.name}; {args.workers} workers)",
         flush=True,
     )
     out.mkdir(parents=True, exist_ok=True)
