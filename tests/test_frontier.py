@@ -106,3 +106,16 @@ def test_a_finished_study_is_extended_not_repeated(tmp_path):
     write(asdict(setup), asdict(replace(settings["ours"], lam=0.5)))
     assert frontier._earlier_results(path, jobs, setup, settings) == {}
     assert frontier._earlier_results(tmp_path / "absent.json", jobs, setup, settings) == {}
+
+
+def test_a_study_s_methods_are_checked_before_any_run():
+    from dense_rlhf.study import methods
+
+    assert methods.against_sparse(None, ("sparse", "abc-0.8"), "frontier") == ["sparse", "abc-0.8"]
+    assert methods.against_sparse(" sparse, norm-0.8 ,", (), "frontier") == ["sparse", "norm-0.8"]
+    with pytest.raises(SystemExit, match="unknown method 'abc-9x' for --study oracle"):
+        methods.against_sparse("sparse,abc-9x", (), "oracle")
+    with pytest.raises(SystemExit, match="unknown method 'bpe-abc-0.8'"):  # scores text, not the policy's tokens
+        methods.against_sparse("sparse,bpe-abc-0.8", (), "length")
+    with pytest.raises(SystemExit, match="the length study compares against sparse"):
+        methods.against_sparse("abc-0.8", (), "length")

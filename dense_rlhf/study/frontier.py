@@ -352,15 +352,7 @@ def _earlier_results(path: Path, jobs: list[runs.Run], setup: SetupConfig, setti
 def main(args: ExperimentOptions, argv: list[str], setup: SetupConfig, settings: dict[str, PPOConfig]) -> int:
     """Run the study from ``dense-rlhf experiment``'s parsed arguments, its setup and its PPO settings by name."""
     t0 = time.time()
-    methods = [m.strip() for m in (args.methods or ",".join(METHODS)).split(",") if m.strip()]
-    for m in methods:
-        if m not in M.ALL_METHODS or m in M.ALIGNED_METHODS:
-            raise SystemExit(
-                f"unknown method {m!r} for --study frontier; choose from "
-                f"{[m for m in M.ALL_METHODS if m not in M.ALIGNED_METHODS]}"
-            )
-    if "sparse" not in methods:
-        raise SystemExit("the frontier compares against sparse: include it in --methods")
+    methods = M.against_sparse(args.methods, METHODS, "frontier")
     given = [float(x) for x in args.kl_coefs.split(",") if x.strip()] if args.kl_coefs else None
     coefs = {name: sorted(given or KL_COEFS.get(name, (settings[name].kl_coef,))) for name in settings}
     if args.lam:

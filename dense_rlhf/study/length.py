@@ -220,9 +220,7 @@ def main(args: ExperimentOptions, argv: list[str], setup: SetupConfig, ppo: PPOC
     """Run the study from ``dense-rlhf experiment``'s parsed arguments and its base setup and PPO settings."""
     t0 = time.time()
     lengths = sorted((int(x) for x in args.lengths.split(",") if x.strip()), reverse=True)
-    methods = [m.strip() for m in (args.methods or ",".join(METHODS)).split(",") if m.strip()]
-    if "sparse" not in methods:
-        raise SystemExit("the length study compares against sparse: include it in --methods")
+    methods = M.against_sparse(args.methods, METHODS, "length")
     lams = [float(x) for x in (args.lam or str(LAM)).split(",") if x.strip()]
     if len(lams) != 1:
         raise SystemExit("the length study runs one GAE lambda (--lam)")

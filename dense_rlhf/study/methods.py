@@ -234,6 +234,21 @@ def rollout_hook(method: str) -> RolloutHook | None:
     return capture_policy_attention if method == "abcd" else None
 
 
+def against_sparse(given: str | None, default, study: str) -> list[str]:
+    """A study's ``--methods`` (comma-separated; ``default`` when not given), refused unless each is a method on the
+    policy's own tokens and sparse, the baseline the study measures against, is among them."""
+    methods = [m.strip() for m in (given or ",".join(default)).split(",") if m.strip()]
+    for m in methods:
+        if m not in ALL_METHODS or m in ALIGNED_METHODS:
+            raise SystemExit(
+                f"unknown method {m!r} for --study {study}; choose from "
+                f"{[m for m in ALL_METHODS if m not in ALIGNED_METHODS]}"
+            )
+    if "sparse" not in methods:
+        raise SystemExit(f"the {study} study compares against sparse: include it in --methods")
+    return methods
+
+
 def make_score_fn(method: str, rm, codec: task.Codec, chat_rm=None):
     """The ``score_fn`` for ``ppo.train``: per-token rewards of one method, plus the step's metrics.
     ``chat_rm`` (tokenizer, model) is the reward model of ``ALIGNED_METHODS``."""

@@ -295,15 +295,7 @@ def write_outputs(sections: list[dict], credit: dict, info: dict, meta: dict, ou
 def main(args: ExperimentOptions, argv: list[str], setup: SetupConfig, settings: dict[str, PPOConfig]) -> int:
     """Run the study from ``dense-rlhf experiment``'s parsed arguments, its setup and its PPO settings by name."""
     t0 = time.time()
-    methods = [m.strip() for m in (args.methods or ",".join(METHODS)).split(",") if m.strip()]
-    for m in methods:
-        if m not in M.ALL_METHODS or m in M.ALIGNED_METHODS:
-            raise SystemExit(
-                f"unknown method {m!r} for --study oracle; choose from "
-                f"{[m for m in M.ALL_METHODS if m not in M.ALIGNED_METHODS]}"
-            )
-    if "sparse" not in methods:
-        raise SystemExit("the oracle study compares against sparse: include it in --methods")
+    methods = M.against_sparse(args.methods, METHODS, "oracle")
     given = [float(x) for x in args.lam.split(",") if x.strip()] if args.lam else None
     lams = {name: given or list(LAMS.get(name, (0.95,))) for name in settings}
     cache = str(args.cache_dir) if args.cache_dir else None
