@@ -22,6 +22,17 @@ def test_native_cpu_op_is_built_where_required():
     assert torch._C._dispatch_has_kernel_for_dispatch_key("dense_rlhf::dense_rewards", "CPU")
 
 
+@needs_native
+def test_importing_the_package_registers_the_op():
+    """``import dense_rlhf`` alone makes ``torch.ops.dense_rlhf.dense_rewards`` callable (the README's promise)."""
+    import subprocess
+    import sys
+
+    code = "import torch, dense_rlhf; print(callable(torch.ops.dense_rlhf.dense_rewards))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True"
+
+
 def test_cuda_kernel_is_registered_where_required():
     """The CUDA build environment of CI sets DENSE_RLHF_REQUIRE_CUDA_KERNEL=1 (no GPU needed to check it)."""
     if os.environ.get("DENSE_RLHF_REQUIRE_CUDA_KERNEL") != "1":
