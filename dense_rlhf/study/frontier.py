@@ -198,14 +198,24 @@ def _setting_line(sec: dict) -> str:
     )
 
 
+def _earlier_note(meta: dict) -> str:
+    earlier = meta.get("earlier_runs", 0)
+    if not earlier:
+        return ""
+    return (
+        f", for the runs it ran; {earlier} runs came from earlier runs of the same study, read from its results "
+        "(see `experiments/README.md`)"
+    )
+
+
 def markdown(sections: list[dict], meta: dict) -> str:
     methods = meta["methods"]
     lines = [
         f"# {meta['title']}",
         "",
         f"Command: `{meta['command']}`; wall time {meta['wall_seconds'] / 60:.1f} min ({meta['workers']} workers, one "
-        f"torch thread each); the PPO runs' own wall times sum to {meta['run_seconds'] / 60:.1f} min, their CPU time "
-        f"to {meta['run_cpu_seconds'] / 60:.1f} min. Every curve is in `{meta['name']}.json`.",
+        f"torch thread each{_earlier_note(meta)}); the PPO runs' own wall times sum to {meta['run_seconds'] / 60:.1f} "
+        f"min, their CPU time to {meta['run_cpu_seconds'] / 60:.1f} min. Every curve is in `{meta['name']}.json`.",
         "",
     ]
     if meta.get("missing"):
@@ -382,6 +392,7 @@ def main(args: ExperimentOptions, argv: list[str], setup: SetupConfig, settings:
             if entry["key"] in wanted:
                 done[entry["key"]] = entry["result"]
     todo = [j for j in jobs if _key(j) not in done]
+    earlier = len(done)
     plan = ", ".join(f"{name} at KL strengths {'/'.join(f'{c:g}' for c in coefs[name])}" for name in order)
     print(
         f"[2/2] {len(jobs)} PPO runs ({plan}; {len(methods)} methods x {len(seeds)} seeds; {len(done)} done "
@@ -407,6 +418,7 @@ def main(args: ExperimentOptions, argv: list[str], setup: SetupConfig, settings:
             "seeds": seeds,
             "workers": args.workers,
             "wall_seconds": time.time() - t0,
+            "earlier_runs": earlier,
             "run_seconds": sum(r["seconds"] for r in results),
             "run_cpu_seconds": sum(r["cpu_seconds"] for r in results),
             "setup": asdict(setup),
